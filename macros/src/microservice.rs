@@ -1,0 +1,497 @@
+//! `#[microservice]`: the remote stub, the argument struct, the handler and
+//! the registration generated from one ordinary function.
+//!
+//! For `fn add(a: i64, b: i64) -> i64` in module `m`, the expansion puts in `m`:
+//! - `add`: an `async fn` with the same arguments that calls the service and
+//!   returns `Result<i64, wharf::Error>` (or `Result<T, wharf::CallError<E>>`
+//!   for a function returning `Result<T, E>`);
+//! - a module `add` (types and values live in separate namespaces, so a module
+//!   and a function may share the name) with `local`, `call`, `request`,
+//!   `Args` and `SPEC`;
+//! - hidden items (`__wharf_add_*`) holding the original body, the handler and
+//!   the spec, plus an `inventory` registration for workers.
+//!
+//! Everything that mentions the user's types is defined in `m` itself, so the
+//! types resolve exactly as the user wrote them; the `add` module only
+//! re-exports.
+
+use crate::options::{self, Options};
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::{
+    spanned::Spanned, Attribute, FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments,
+    ReturnType, Type, Visibility,
+};
+
+/// Default call timeout when the attribute gives none.
+const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+
+pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let options = options::parse(attr)?;
+    let func: ItemFn = match syn::parse2(item.clone()) {
+        Ok(func) => func,
+        Err(_) => {
+            return Err(syn::Error::new_spanned(
+                item,
+                "#[microservice] goes on a free `fn` or `async fn` (not on a struct, impl block or trait)",
+            ))
+        }
+    };
+    let shape = Shape::read(&func)?;
+    Ok(generate(&func, &shape, &options))
+}
+
+/// One argument: its plain name (patterns are rejected) and type.
+struct Arg {
+    name: Ident,
+    ty: Type,
+}
+
+/// What the signature says, validated.
+struct Shape {
+    args: Vec<Arg>,
+    /// The function's return type as written (`()` when omitted).
+    ret: Type,
+    /// `Some((T, E))` when the function returns `Result<T, E>`.
+    fallible: Option<(Type, Type)>,
+}
+
+impl Shape {
+    fn read(func: &ItemFn) -> syn::Result<Shape> {
+        let sig = &func.sig;
+        if let Some(token) = &sig.constness {
+            return Err(unsupported(token.span(), "a `const fn`"));
+        }
+        if let Some(token) = &sig.unsafety {
+            return Err(unsupported(token.span(), "an `unsafe fn`"));
+        }
+        if let Some(abi) = &sig.abi {
+            return Err(unsupported(abi.span(), "an `extern` function"));
+        }
+        if let Some(variadic) = &sig.variadic {
+            return Err(unsupported(variadic.span(), "a variadic function"));
+        }
+        if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+            return Err(syn::Error::new(
+                sig.generics.span(),
+                "generic functions cannot be microservices: a call on the wire has one concrete signature; \
+                 write a non-generic function for each type you serve",
+            ));
+        }
+        let mut args = Vec::new();
+        for input in &sig.inputs {
+            match input {
+                FnArg::Receiver(receiver) => {
+                    return Err(syn::Error::new(
+                        receiver.span(),
+                        "`self` is not supported: a microservice is a free function; \
+                         pass the state it needs as an argument",
+                    ))
+                }
+                FnArg::Typed(typed) => {
+                    let name = match &*typed.pat {
+                        Pat::Ident(ident) if ident.by_ref.is_none() && ident.subpat.is_none() => {
+                            ident.ident.clone()
+                        }
+                        other => {
+                            return Err(syn::Error::new(
+                                other.span(),
+                                "patterns are not supported in argument position: \
+                                 bind a plain name (`point: Point`) and destructure it in the body",
+                            ))
+                        }
+                    };
+                    check_wire_type(&typed.ty, "argument")?;
+                    args.push(Arg {
+                        name,
+                        ty: (*typed.ty).clone(),
+                    });
+                }
+            }
+        }
+        let ret: Type = match &sig.output {
+            ReturnType::Default => syn::parse_quote!(()),
+            ReturnType::Type(_, ty) => {
+                check_wire_type(ty, "return")?;
+                (**ty).clone()
+            }
+        };
+        let fallible = result_parts(&ret);
+        Ok(Shape {
+            args,
+            ret,
+            fallible,
+        })
+    }
+}
+
+fn unsupported(span: Span, what: &str) -> syn::Error {
+    syn::Error::new(
+        span,
+        format!("{what} cannot be a microservice: use a plain `fn` or `async fn`"),
+    )
+}
+
+/// Rejects types that cannot cross the wire as owned, serializable values:
+/// references, lifetimes, `impl Trait`, trait objects, pointers, fn pointers.
+fn check_wire_type(ty: &Type, position: &str) -> syn::Result<()> {
+    let fail = |span: Span, why: &str| Err(syn::Error::new(span, format!("{position} type {why}")));
+    match ty {
+        Type::Reference(reference) => fail(
+            reference.span(),
+            "is a reference: values cross the wire owned; take `String` instead of `&str`, `Vec<T>` instead of `&[T]`, `T` instead of `&T`",
+        ),
+        Type::ImplTrait(imp) => fail(
+            imp.span(),
+            "is `impl Trait`: the wire needs one concrete, serializable type",
+        ),
+        Type::TraitObject(obj) => fail(
+            obj.span(),
+            "is a trait object: the wire needs a concrete, serializable type",
+        ),
+        Type::Ptr(ptr) => fail(ptr.span(), "is a raw pointer, which cannot be serialized"),
+        Type::BareFn(bare) => fail(
+            bare.span(),
+            "is a function pointer, which cannot be serialized",
+        ),
+        Type::Infer(infer) => fail(infer.span(), "must be written out, not inferred"),
+        Type::Macro(mac) => fail(
+            mac.span(),
+            "is a macro invocation; write the type out so its signature can be hashed",
+        ),
+        Type::Paren(inner) => check_wire_type(&inner.elem, position),
+        Type::Group(inner) => check_wire_type(&inner.elem, position),
+        Type::Array(array) => check_wire_type(&array.elem, position),
+        Type::Slice(slice) => fail(
+            slice.span(),
+            "is an unsized slice; use `Vec<T>`",
+        ),
+        Type::Tuple(tuple) => tuple
+            .elems
+            .iter()
+            .try_for_each(|elem| check_wire_type(elem, position)),
+        Type::Path(path) => {
+            if let Some(qself) = &path.qself {
+                check_wire_type(&qself.ty, position)?;
+            }
+            for segment in &path.path.segments {
+                if let PathArguments::AngleBracketed(generic) = &segment.arguments {
+                    for arg in &generic.args {
+                        match arg {
+                            GenericArgument::Type(inner) => check_wire_type(inner, position)?,
+                            GenericArgument::Lifetime(lifetime) => {
+                                return fail(
+                                    lifetime.span(),
+                                    "borrows (it has a lifetime): values cross the wire owned",
+                                )
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `Result<T, E>` written with two type arguments marks a fallible function.
+fn result_parts(ty: &Type) -> Option<(Type, Type)> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(generic) = &last.arguments else {
+        return None;
+    };
+    let mut types = generic.args.iter().filter_map(|arg| match arg {
+        GenericArgument::Type(ty) => Some(ty.clone()),
+        _ => None,
+    });
+    let (ok, err) = (types.next()?, types.next()?);
+    types.next().is_none().then_some((ok, err))
+}
+
+/// Where each of the user's own attributes goes.
+#[derive(Default)]
+struct SortedAttrs {
+    /// `#[cfg]`: on every generated item.
+    cfg: Vec<Attribute>,
+    /// Docs and `#[deprecated]`: on the public stub.
+    stub: Vec<Attribute>,
+    /// `#[allow]`: on the stub and on the body.
+    allow: Vec<Attribute>,
+    /// Everything else (`#[tracing::instrument]`, `#[inline]`, other lints):
+    /// on the function that runs the body.
+    body: Vec<Attribute>,
+}
+
+fn sort_attrs(attrs: &[Attribute], fn_name: &str) -> SortedAttrs {
+    let mut sorted = SortedAttrs::default();
+    for attr in attrs {
+        let path = attr.path();
+        if path.is_ident("cfg") {
+            sorted.cfg.push(attr.clone());
+        } else if path.is_ident("doc") || path.is_ident("deprecated") {
+            sorted.stub.push(attr.clone());
+        } else if path.is_ident("allow") {
+            sorted.allow.push(attr.clone());
+        } else if path
+            .segments
+            .last()
+            .is_some_and(|s| s.ident == "instrument")
+        {
+            sorted.body.push(name_instrument_span(attr, fn_name));
+        } else {
+            sorted.body.push(attr.clone());
+        }
+    }
+    sorted
+}
+
+/// The body runs in a renamed function, so a `#[tracing::instrument]` placed
+/// below `#[microservice]` is given the function's own name for its span.
+fn name_instrument_span(attr: &Attribute, fn_name: &str) -> Attribute {
+    let path = attr.path();
+    let (args, named) = match &attr.meta {
+        syn::Meta::Path(_) => (TokenStream::new(), false),
+        syn::Meta::List(list) => {
+            let named = list
+                .tokens
+                .clone()
+                .into_iter()
+                .any(|token| matches!(&token, proc_macro2::TokenTree::Ident(i) if i == "name"));
+            (list.tokens.clone(), named)
+        }
+        syn::Meta::NameValue(_) => return attr.clone(),
+    };
+    if named {
+        return attr.clone();
+    }
+    let sep = if args.is_empty() { quote!() } else { quote!(,) };
+    syn::parse_quote!(#[#path(name = #fn_name #sep #args)])
+}
+
+/// Visibility for the re-exports inside the `add` module: the same reach the
+/// original function had, expressed from one module deeper.
+fn reexport_vis(vis: &Visibility) -> TokenStream {
+    match vis {
+        Visibility::Public(_) => quote!(pub),
+        Visibility::Inherited => quote!(pub(super)),
+        Visibility::Restricted(restricted) => {
+            let path = &restricted.path;
+            let first = path.segments.first().map(|s| s.ident.to_string());
+            match first.as_deref() {
+                Some("crate") => quote!(#vis),
+                Some("self") if path.segments.len() == 1 => quote!(pub(super)),
+                Some("self") => {
+                    let rest = path.segments.iter().skip(1);
+                    quote!(pub(in super #(:: #rest)*))
+                }
+                Some("super") => quote!(pub(in super :: #path)),
+                _ => quote!(#vis),
+            }
+        }
+    }
+}
+
+/// Signature text with whitespace removed, e.g. `add(a:i64,b:i64)->i64`.
+fn signature_text(name: &str, shape: &Shape) -> String {
+    let compact = |tokens: &dyn ToTokens| -> String {
+        tokens
+            .to_token_stream()
+            .to_string()
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect()
+    };
+    let args: Vec<String> = shape
+        .args
+        .iter()
+        .map(|arg| format!("{}:{}", arg.name, compact(&arg.ty)))
+        .collect();
+    format!("{name}({})->{}", args.join(","), compact(&shape.ret))
+}
+
+fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
+    let vis = &func.vis;
+    let ident = &func.sig.ident;
+    let ident_text = ident.to_string();
+    let wire_name = options.name.clone().unwrap_or_else(|| ident_text.clone());
+    let attrs = sort_attrs(&func.attrs, &ident_text);
+    let SortedAttrs {
+        cfg,
+        stub: stub_attrs,
+        allow,
+        body: body_attrs,
+    } = &attrs;
+
+    let local = format_ident!("__wharf_{}_local", ident);
+    let args_struct = format_ident!("__wharf_{}_Args", ident);
+    let spec = format_ident!("__WHARF_{}_SPEC", ident);
+    let handler = format_ident!("__wharf_{}_handler", ident);
+    let call = format_ident!("__wharf_{}_call", ident);
+    let request = format_ident!("__wharf_{}_request", ident);
+    let client = Ident::new("__wharf_client", Span::call_site());
+    let incoming = Ident::new("__wharf_incoming", Span::call_site());
+
+    let names: Vec<&Ident> = shape.args.iter().map(|arg| &arg.name).collect();
+    let types: Vec<&Type> = shape.args.iter().map(|arg| &arg.ty).collect();
+    let name_strings: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let type_strings: Vec<String> = types
+        .iter()
+        .map(|ty| ty.to_token_stream().to_string().replace(' ', ""))
+        .collect();
+
+    let ret = &shape.ret;
+    let (returns, stub_output, error_text) = match &shape.fallible {
+        Some((ok, err)) => (
+            quote!(::wharf::__private::Fallible<#ok, #err>),
+            quote!(::core::result::Result<#ok, ::wharf::CallError<#err>>),
+            {
+                let text = err.to_token_stream().to_string().replace(' ', "");
+                quote!(::core::option::Option::Some(#text))
+            },
+        ),
+        None => (
+            quote!(::wharf::__private::Plain<#ret>),
+            quote!(::core::result::Result<#ret, ::wharf::Error>),
+            quote!(::core::option::Option::None),
+        ),
+    };
+    let returns_text = ret.to_token_stream().to_string().replace(' ', "");
+
+    let signature = signature_text(&wire_name, shape);
+    let sig_hash = format!("{:016x}", options::fnv1a64(&signature));
+    let service = match &options.service {
+        Some(service) => quote!(#service),
+        None => quote!(::core::env!("CARGO_CRATE_NAME")),
+    };
+    let timeout_ms = options.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    let is_async = func.sig.asyncness.is_some();
+
+    // The original function, renamed, with its own signature and body.
+    let mut local_sig = func.sig.clone();
+    local_sig.ident = local.clone();
+    let block = &func.block;
+
+    // Handler: decode, run (off the async threads when sync), encode.
+    let run = if is_async {
+        quote!(#local(#(#names),*).await)
+    } else {
+        quote!(#incoming.blocking(move || #local(#(#names),*)).await?)
+    };
+    let reply = if shape.fallible.is_some() {
+        quote! {
+            match __wharf_out {
+                ::core::result::Result::Ok(value) => #incoming.reply(&value),
+                ::core::result::Result::Err(error) => {
+                    #[allow(unused_imports)]
+                    use ::wharf::__private::describe::{ViaDebug, ViaDisplay, ViaName};
+                    let message = (&&&::wharf::__private::describe::Describe(&error)).describe();
+                    #incoming.application_error(&error, message)
+                }
+            }
+        }
+    } else {
+        quote!(#incoming.reply(&__wharf_out))
+    };
+
+    let reexport = reexport_vis(vis);
+    let module_doc = format!(
+        "Remote-call plumbing of [`{ident_text}`](fn@{ident_text}), served on `<prefix>.<service>.{wire_name}`: \
+         `local(..)` runs the body in this process, `call(&client, ..)` calls through an explicit client, \
+         `request(..)` sets per-call options; `Args` is the wire form of the arguments and `SPEC` the description."
+    );
+    let hidden = quote!(#[doc(hidden)] #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, clippy::too_many_arguments)]);
+    let new_args = quote!(#args_struct { #(#names),* });
+    let span = ident.span();
+    let stub_sig = quote_spanned! {span=>
+        #vis async fn #ident(#(#names: #types),*) -> #stub_output
+    };
+
+    quote! {
+        #(#cfg)*
+        #(#stub_attrs)*
+        #(#allow)*
+        #[allow(clippy::too_many_arguments)]
+        #stub_sig {
+            ::wharf::__private::call_global::<#args_struct, #returns>(&#spec, #new_args).await
+        }
+
+        #(#cfg)*
+        #(#allow)*
+        #(#body_attrs)*
+        #[doc(hidden)]
+        #vis #local_sig #block
+
+        #(#cfg)*
+        #hidden
+        #[derive(::wharf::__private::serde::Serialize, ::wharf::__private::serde::Deserialize)]
+        #[serde(crate = "::wharf::__private::serde", deny_unknown_fields)]
+        #vis struct #args_struct { #(pub #names: #types),* }
+
+        #(#cfg)*
+        #hidden
+        #vis static #spec: ::wharf::FnSpec = ::wharf::FnSpec {
+            service: #service,
+            name: #wire_name,
+            sig: #sig_hash,
+            signature: #signature,
+            args: &[#(::wharf::ArgSpec { name: #name_strings, ty: #type_strings }),*],
+            returns: #returns_text,
+            error: #error_text,
+            timeout_ms: #timeout_ms,
+            blocking: !#is_async,
+            version: ::core::env!("CARGO_PKG_VERSION"),
+            path: ::core::concat!(::core::module_path!(), "::", #ident_text),
+            subject: ::wharf::__private::SubjectCache::new(),
+        };
+
+        #(#cfg)*
+        #hidden
+        fn #handler(#incoming: ::wharf::__private::Incoming) -> ::wharf::__private::HandlerFuture {
+            ::std::boxed::Box::pin(async move {
+                let #args_struct { #(#names),* } = #incoming.decode::<#args_struct>()?;
+                let __wharf_out = #run;
+                #reply
+            })
+        }
+
+        #(#cfg)*
+        const _: () = {
+            ::wharf::__private::inventory::submit! {
+                ::wharf::__private::Registration::new(&#spec, #handler)
+            }
+        };
+
+        #(#cfg)*
+        #hidden
+        #vis async fn #call(#client: &::wharf::Client, #(#names: #types),*) -> #stub_output {
+            ::wharf::__private::call::<#args_struct, #returns>(#client, &#spec, #new_args).await
+        }
+
+        #(#cfg)*
+        #hidden
+        #vis fn #request(#(#names: #types),*) -> ::wharf::Request<#args_struct, #returns> {
+            ::wharf::Request::new(&#spec, #new_args)
+        }
+
+        #(#cfg)*
+        #[doc = #module_doc]
+        #vis mod #ident {
+            #[doc(inline)]
+            #reexport use super::#local as local;
+            #[doc(inline)]
+            #reexport use super::#call as call;
+            #[doc(inline)]
+            #reexport use super::#request as request;
+            #[doc(inline)]
+            #reexport use super::#args_struct as Args;
+            #[doc(inline)]
+            #reexport use super::#spec as SPEC;
+        }
+    }
+}

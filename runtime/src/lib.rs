@@ -1,0 +1,280 @@
+//! wharf turns ordinary Rust functions into horizontally scaled
+//! microservices over NATS.
+//!
+//! ```no_run
+//! #[wharf::microservice]
+//! async fn add(a: i64, b: i64) -> i64 {
+//!     a + b
+//! }
+//!
+//! #[wharf::main]
+//! async fn main() -> Result<(), wharf::Error> {
+//!     wharf::init().await?; // starts nats-server and workers unless NATS_URL is set
+//!     assert_eq!(add(2, 3).await?, 5); // a NATS request on `wharf.<crate>.add`
+//!     assert_eq!(add::local(2, 3).await, 5); // the body, in this process
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Every call to `add` is a NATS request on its own subject, answered by a
+//! worker process in a queue group. The wire contract (subjects, codecs,
+//! headers, error codes) is in `docs/protocol.md`.
+
+mod children;
+mod client;
+pub mod codec;
+mod embedded;
+mod error;
+mod spec;
+pub mod worker;
+
+pub use client::{global as client, Client, Fallible, Plain, Reply, Request, Returns};
+pub use codec::Codec;
+pub use embedded::nats_server_binary;
+pub use error::{CallError, Error, ErrorKind};
+pub use spec::{registered, ArgSpec, FnSpec};
+pub use wharf_macros::{main, microservice};
+pub use worker::{RunningWorker, Worker};
+
+use std::time::Duration;
+
+/// Header names of the wire contract.
+pub mod headers {
+    /// Codec of the payload; absent means postcard.
+    pub const CONTENT_TYPE: &str = "Content-Type";
+    /// Absolute deadline of the call, unix milliseconds.
+    pub const DEADLINE: &str = "Wharf-Deadline";
+    /// Unique per logical call, kept across retries.
+    pub const CALL_ID: &str = "Wharf-Call-Id";
+    /// Attempt number of a retried call, from 1.
+    pub const ATTEMPT: &str = "Wharf-Attempt";
+    /// Signature hash the caller was built against.
+    pub const SIG: &str = "Wharf-Sig";
+    /// Transaction id of a stateful call.
+    pub const TXN: &str = "Wharf-Txn";
+    /// `instance`: ask the worker to name itself in [`INSTANCE`].
+    pub const REPORT: &str = "Wharf-Report";
+    /// Reply header: `<instance id> <pid> <host>` of the serving worker.
+    pub const INSTANCE: &str = "Wharf-Instance";
+    /// ADR-32 error text.
+    pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+    /// ADR-32 error code.
+    pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+}
+
+/// How [`init_with`] sets wharf up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    nats_url: Option<String>,
+    workers: usize,
+    drain_grace: Duration,
+}
+
+impl Config {
+    /// Reads `NATS_URL` (absent: local mode) and `WHARF_WORKERS` (local
+    /// mode's worker count, default 2).
+    pub fn from_env() -> Result<Config, Error> {
+        let nats_url = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty());
+        let workers = match std::env::var("WHARF_WORKERS") {
+            Ok(text) => text.trim().parse().map_err(|_| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "WHARF_WORKERS must be a whole number of worker processes, got `{text}`"
+                    ),
+                )
+            })?,
+            Err(_) => 2,
+        };
+        Ok(Config {
+            nats_url,
+            workers,
+            drain_grace: Duration::from_secs(10),
+        })
+    }
+
+    /// Connects to this NATS server instead of starting one.
+    pub fn nats_url(mut self, url: impl Into<String>) -> Config {
+        self.nats_url = Some(url.into());
+        self
+    }
+
+    /// How many worker processes local mode starts.
+    pub fn workers(mut self, workers: usize) -> Config {
+        self.workers = workers;
+        self
+    }
+}
+
+/// Sets wharf up for this process, once, as `ray.init()` does:
+///
+/// - with `NATS_URL` set, connects to that server;
+/// - without it (local mode), starts nats-server (JetStream on, free port,
+///   temporary store) and `WHARF_WORKERS` (default 2) worker subprocesses of
+///   this executable, and returns once every function answers. They are all
+///   stopped when the program exits, panics, or gets Ctrl-C or SIGTERM.
+///
+/// In a worker process (`WHARF_ROLE=worker`, or first argument `worker`)
+/// this serves every microservice until SIGTERM and then exits the process:
+/// it does not return.
+pub async fn init() -> Result<Client, Error> {
+    init_with(Config::from_env()?).await
+}
+
+/// [`init`] with explicit settings.
+pub async fn init_with(config: Config) -> Result<Client, Error> {
+    if is_worker_role() {
+        let code = worker_process(config.drain_grace).await;
+        std::process::exit(code);
+    }
+    if let Ok(client) = client::global() {
+        return Ok(client.clone());
+    }
+    let client = match &config.nats_url {
+        Some(url) => Client::connect(url).await?,
+        None => {
+            let url = embedded::start_nats_server().await?;
+            children::stop_on_signals();
+            let client = Client::connect(&url).await?;
+            if registered().next().is_some() && config.workers > 0 {
+                embedded::spawn_workers(&client, config.workers).await?;
+            }
+            client
+        }
+    };
+    Ok(client::set_global(client).clone())
+}
+
+/// Stops what local mode started (workers drain first, then the server).
+/// Runs by itself at exit; call it to stop earlier.
+pub async fn shutdown() {
+    let _ = tokio::task::spawn_blocking(|| children::stop_all(Duration::from_secs(5))).await;
+}
+
+/// Pids of the worker processes local mode started.
+pub fn local_workers() -> Vec<u32> {
+    children::pids(children::Role::Worker)
+}
+
+/// Whether this process was started to serve: `WHARF_ROLE=worker`, or
+/// `worker` as its first argument.
+pub fn is_worker_role() -> bool {
+    std::env::var("WHARF_ROLE").is_ok_and(|role| role == "worker")
+        || std::env::args().nth(1).is_some_and(|arg| arg == "worker")
+}
+
+/// The worker role's whole life: connect, serve, drain on SIGTERM/SIGINT.
+/// Returns the process exit code.
+async fn worker_process(grace: Duration) -> i32 {
+    let Some(url) = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty()) else {
+        eprintln!("wharf worker: NATS_URL is not set; a worker serves through the NATS server its callers use, e.g. NATS_URL=nats://127.0.0.1:4222");
+        return 2;
+    };
+    match serve_until_signal(&url, grace).await {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("wharf worker: {error}");
+            1
+        }
+    }
+}
+
+async fn serve_until_signal(url: &str, grace: Duration) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let started = std::time::Instant::now();
+    let client = Client::connect(url).await?;
+    let worker = Worker::new(&client).start().await?;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGINT: {e}")))?;
+    if let Ok(subject) = std::env::var("WHARF_READY_SUBJECT") {
+        let note = format!("{} {}", std::process::id(), worker.instance());
+        let _ = client.nats().publish(subject, note.into()).await;
+        let _ = client.nats().flush().await;
+    }
+    let functions: Vec<String> = registered()
+        .map(|s| format!("{}.{}", s.service, s.name))
+        .collect();
+    eprintln!(
+        "wharf worker {} ready in {} ms: {}",
+        std::process::id(),
+        started.elapsed().as_millis(),
+        functions.join(", ")
+    );
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    worker.drain(grace).await;
+    Ok(())
+}
+
+/// Support for the generated code. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::client::{call, call_global, Fallible, Plain};
+    pub use crate::spec::{Registration, SubjectCache};
+    pub use crate::worker::{HandlerFuture, Incoming};
+    pub use inventory;
+    pub use serde;
+
+    /// In the worker role, serves every microservice and exits the process.
+    pub fn serve_if_worker() {
+        if crate::is_worker_role() {
+            let code = block_on(crate::worker_process(std::time::Duration::from_secs(10)));
+            std::process::exit(code);
+        }
+    }
+
+    /// Runs `future` on a new multi-threaded tokio runtime (`#[wharf::main]`).
+    pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("cannot start the tokio runtime")
+            .block_on(future)
+    }
+
+    /// Text for an application error: its `Display` if it has one, else its
+    /// `Debug`, else its type name. Chosen at compile time by autoref.
+    pub mod describe {
+        use std::fmt::{Debug, Display};
+
+        /// Wraps the error being described.
+        pub struct Describe<'a, T>(pub &'a T);
+
+        /// Preferred: `Display`.
+        pub trait ViaDisplay {
+            /// The text.
+            fn describe(&self) -> String;
+        }
+        impl<T: Display> ViaDisplay for &&Describe<'_, T> {
+            fn describe(&self) -> String {
+                self.0.to_string()
+            }
+        }
+
+        /// Then `Debug`.
+        pub trait ViaDebug {
+            /// The text.
+            fn describe(&self) -> String;
+        }
+        impl<T: Debug> ViaDebug for &Describe<'_, T> {
+            fn describe(&self) -> String {
+                format!("{:?}", self.0)
+            }
+        }
+
+        /// Last resort: the type's name.
+        pub trait ViaName {
+            /// The text.
+            fn describe(&self) -> String;
+        }
+        impl<T> ViaName for Describe<'_, T> {
+            fn describe(&self) -> String {
+                format!("an error of type {}", std::any::type_name::<T>())
+            }
+        }
+    }
+}

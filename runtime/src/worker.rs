@@ -1,0 +1,570 @@
+//! The serving side: a [`Worker`] registers one ADR-32 endpoint per
+//! microservice linked into the binary and answers calls.
+//!
+//! Each request runs in its own task, at most `concurrency` at a time; a
+//! panicking handler is answered with code 500 and the worker keeps serving;
+//! sync functions run on the blocking pool.
+
+use crate::codec::{ApplicationErrorBody, Codec, ErrorBody};
+use crate::spec::{registrations, Registration};
+use crate::{headers, Client, Error, ErrorKind, FnSpec};
+use async_nats::service::{self, ServiceExt};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// Calls one worker runs at once unless `WHARF_CONCURRENCY` or
+/// [`Worker::concurrency`] says otherwise.
+pub const DEFAULT_CONCURRENCY: usize = 1024;
+
+/// The future a generated handler returns.
+#[doc(hidden)]
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, Fault>> + Send>>;
+
+/// A call as a handler sees it: the payload, its codec and the function.
+#[doc(hidden)]
+pub struct Incoming {
+    codec: Codec,
+    payload: Bytes,
+    spec: &'static FnSpec,
+}
+
+impl Incoming {
+    /// Decodes the arguments; failure is a 400 naming the function.
+    pub fn decode<A: DeserializeOwned>(&self) -> Result<A, Fault> {
+        self.codec.decode_args(&self.payload).map_err(|e| {
+            Fault::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "cannot decode the arguments of `{}.{}` ({}) as {:?}: {e}",
+                    self.spec.service, self.spec.name, self.spec.signature, self.codec
+                ),
+            )
+        })
+    }
+
+    /// Encodes a successful return value.
+    pub fn reply<T: Serialize>(&self, value: &T) -> Result<Bytes, Fault> {
+        self.codec.encode(value).map_err(|e| {
+            Fault::new(
+                ErrorKind::Panicked,
+                format!(
+                    "`{}.{}` returned a value that cannot be encoded: {e}",
+                    self.spec.service, self.spec.name
+                ),
+            )
+        })
+    }
+
+    /// Encodes the function's own error as a 422 reply.
+    pub fn application_error<E: Serialize>(
+        &self,
+        error: &E,
+        message: String,
+    ) -> Result<Bytes, Fault> {
+        let body = ApplicationErrorBody {
+            kind: ErrorKind::Application.as_str().to_owned(),
+            message,
+            error,
+        };
+        let encoded = self.reply(&body)?;
+        Err(Fault {
+            kind: ErrorKind::Application,
+            message: body.message,
+            body: Some(encoded),
+        })
+    }
+
+    /// Runs a sync function on the blocking pool, off the async threads.
+    pub async fn blocking<T, F>(&self, f: F) -> Result<T, Fault>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        tokio::task::spawn_blocking(f).await.map_err(|e| {
+            let message = if e.is_panic() {
+                panic_message(e.into_panic().as_ref())
+            } else {
+                "the blocking task was cancelled".to_owned()
+            };
+            Fault::panicked(self.spec, &message)
+        })
+    }
+}
+
+/// A failed call as the worker answers it: status, message and, for
+/// application errors, the already-encoded body.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Fault {
+    kind: ErrorKind,
+    message: String,
+    body: Option<Bytes>,
+}
+
+impl Fault {
+    fn new(kind: ErrorKind, message: String) -> Fault {
+        Fault {
+            kind,
+            message,
+            body: None,
+        }
+    }
+
+    fn panicked(spec: &FnSpec, message: &str) -> Fault {
+        Fault::new(
+            ErrorKind::Panicked,
+            format!(
+                "`{}.{}` panicked: {message}; the worker keeps serving",
+                spec.service, spec.name
+            ),
+        )
+    }
+}
+
+impl From<Error> for Fault {
+    fn from(error: Error) -> Self {
+        Fault::new(error.kind(), error.message().to_owned())
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    }
+}
+
+/// Builds and starts a worker for every microservice linked into this
+/// binary.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), wharf::Error> {
+/// let client = wharf::Client::connect("nats://127.0.0.1:4222").await?;
+/// let worker = wharf::Worker::new(&client).concurrency(64).start().await?;
+/// // ... serve until asked to stop, then finish what is in flight:
+/// worker.drain(std::time::Duration::from_secs(10)).await;
+/// # Ok(()) }
+/// ```
+pub struct Worker {
+    client: Client,
+    concurrency: usize,
+}
+
+impl Worker {
+    /// A worker serving through `client`.
+    pub fn new(client: &Client) -> Worker {
+        let concurrency = std::env::var("WHARF_CONCURRENCY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(DEFAULT_CONCURRENCY);
+        Worker {
+            client: client.clone(),
+            concurrency,
+        }
+    }
+
+    /// How many calls run at once; more wait in the subscription's buffer.
+    pub fn concurrency(mut self, concurrency: usize) -> Worker {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Registers every endpoint and starts serving. Returns once the server
+    /// has every subscription, so calls made afterwards find this worker.
+    pub async fn start(self) -> Result<RunningWorker, Error> {
+        let by_subject = check_unique_subjects(self.client.prefix())?;
+        let mut by_service: BTreeMap<&'static str, Vec<&'static Registration>> = BTreeMap::new();
+        for registration in by_subject.into_values() {
+            by_service
+                .entry(registration.spec.service)
+                .or_default()
+                .push(registration);
+        }
+
+        let instance = nuid::next().as_str().to_owned();
+        let identity = format!("{instance} {} {}", std::process::id(), hostname());
+        let shared = Arc::new(Shared {
+            permits: Arc::new(Semaphore::new(self.concurrency)),
+            concurrency: self.concurrency,
+            identity,
+            served: AtomicU64::new(0),
+        });
+        let mut services = Vec::new();
+        let mut tasks = JoinSet::new();
+        for (service_name, regs) in by_service {
+            let service = start_service(&self.client, service_name, &regs, &shared, &instance)
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Connection,
+                        format!("cannot register service `{service_name}` on NATS: {e}"),
+                    )
+                })?;
+            let group = service.group(format!("{}.{service_name}", self.client.prefix()));
+            for registration in regs {
+                let spec = registration.spec;
+                let endpoint = group
+                    .endpoint_builder()
+                    .name(spec.name)
+                    .metadata(endpoint_metadata(spec))
+                    .add(spec.name)
+                    .await
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorKind::Connection,
+                            format!("cannot subscribe `{service_name}.{}`: {e}", spec.name),
+                        )
+                    })?;
+                tasks.spawn(serve_endpoint(endpoint, registration, shared.clone()));
+            }
+            services.push(service);
+        }
+        // The subscriptions exist on the server only after a round trip.
+        self.client.nats().flush().await.map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot confirm subscriptions with NATS: {e}"),
+            )
+        })?;
+        Ok(RunningWorker {
+            instance,
+            services,
+            tasks,
+            shared,
+        })
+    }
+}
+
+/// Every registration keyed by its subject; two functions on one subject
+/// are an error that names both.
+fn check_unique_subjects(prefix: &str) -> Result<BTreeMap<String, &'static Registration>, Error> {
+    let mut by_subject: BTreeMap<String, &'static Registration> = BTreeMap::new();
+    for registration in registrations() {
+        let subject = registration.spec.subject(prefix).to_string();
+        if let Some(previous) = by_subject.get(&subject) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "two functions serve `{subject}`: `{}` and `{}`; give one another name with #[microservice(name = \"...\")] or another service with #[microservice(service = \"...\")]",
+                    previous.spec.path, registration.spec.path
+                ),
+            ));
+        }
+        by_subject.insert(subject, registration);
+    }
+    Ok(by_subject)
+}
+
+async fn start_service(
+    client: &Client,
+    name: &str,
+    regs: &[&'static Registration],
+    shared: &Arc<Shared>,
+    instance: &str,
+) -> Result<service::Service, async_nats::Error> {
+    let version = regs.first().map_or("0.0.0", |r| r.spec.version);
+    let metadata = HashMap::from([
+        ("wharf.instance".to_owned(), instance.to_owned()),
+        ("wharf.pid".to_owned(), std::process::id().to_string()),
+        ("wharf.host".to_owned(), hostname()),
+        (
+            "wharf.runtime".to_owned(),
+            env!("CARGO_PKG_VERSION").to_owned(),
+        ),
+    ]);
+    let stats = shared.clone();
+    client
+        .nats()
+        .service_builder()
+        .description(format!("wharf service {name}"))
+        .metadata(metadata)
+        .stats_handler(move |_endpoint, _stats| {
+            serde_json::json!({
+                "in_flight": stats.in_flight(),
+                "backlog": 0,
+                "concurrency": stats.concurrency,
+                "served": stats.served.load(Ordering::Relaxed),
+            })
+        })
+        .start(name, version)
+        .await
+}
+
+/// ADR-32 endpoint metadata: what a foreign client needs to call it.
+fn endpoint_metadata(spec: &FnSpec) -> HashMap<String, String> {
+    let args: Vec<String> = spec
+        .args
+        .iter()
+        .map(|a| format!("{}: {}", a.name, a.ty))
+        .collect();
+    let mut metadata = HashMap::from([
+        ("wharf.sig".to_owned(), spec.sig.to_owned()),
+        ("wharf.signature".to_owned(), spec.signature.to_owned()),
+        ("wharf.args".to_owned(), args.join(", ")),
+        ("wharf.returns".to_owned(), spec.returns.to_owned()),
+        ("wharf.timeout_ms".to_owned(), spec.timeout_ms.to_string()),
+        (
+            "wharf.kind".to_owned(),
+            if spec.blocking { "sync" } else { "async" }.to_owned(),
+        ),
+    ]);
+    if let Some(error) = spec.error {
+        metadata.insert("wharf.error".to_owned(), error.to_owned());
+    }
+    metadata
+}
+
+struct Shared {
+    permits: Arc<Semaphore>,
+    concurrency: usize,
+    /// `Wharf-Instance` value: `<instance id> <pid> <host>`.
+    identity: String,
+    served: AtomicU64,
+}
+
+impl Shared {
+    fn in_flight(&self) -> usize {
+        self.concurrency - self.permits.available_permits()
+    }
+}
+
+async fn serve_endpoint(
+    mut endpoint: service::endpoint::Endpoint,
+    registration: &'static Registration,
+    shared: Arc<Shared>,
+) {
+    while let Some(request) = endpoint.next().await {
+        // At the limit the loop waits here, leaving further requests in the
+        // subscription's buffer instead of starting unbounded work.
+        let Ok(permit) = shared.permits.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            handle(request, registration, &shared).await;
+            shared.served.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(request: service::Request, registration: &'static Registration, shared: &Shared) {
+    let spec = registration.spec;
+    let headers = request.message.headers.as_ref();
+    let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+
+    let codec = match Codec::from_content_type(header(headers::CONTENT_TYPE)) {
+        Ok(codec) => codec,
+        // The caller's codec is unknown; JSON is what a human can read.
+        Err(error) => return respond_fault(&request, Codec::Json, error.into()).await,
+    };
+    if let Err(fault) = admit(spec, header(headers::SIG), header(headers::DEADLINE)) {
+        return respond_fault(&request, codec, fault).await;
+    }
+    let report_instance = header(headers::REPORT) == Some("instance");
+
+    let incoming = Incoming {
+        codec,
+        payload: request.message.payload.clone(),
+        spec,
+    };
+    let outcome = AssertUnwindSafe((registration.handler)(incoming))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(Fault::panicked(spec, &panic_message(panic.as_ref()))));
+    match outcome {
+        Ok(body) => {
+            let mut reply_headers = HeaderMap::new();
+            if codec != Codec::Postcard {
+                reply_headers.insert(headers::CONTENT_TYPE, codec.content_type());
+            }
+            if report_instance {
+                reply_headers.insert(headers::INSTANCE, shared.identity.as_str());
+            }
+            // A failed publish means the connection is gone; the caller
+            // times out and nothing here can do better.
+            let _ = request.respond_with_headers(Ok(body), reply_headers).await;
+        }
+        Err(fault) => respond_fault(&request, codec, fault).await,
+    }
+}
+
+/// Checks what must hold before a call runs: matching signature, deadline
+/// not yet passed.
+fn admit(spec: &FnSpec, sig: Option<&str>, deadline: Option<&str>) -> Result<(), Fault> {
+    if let Some(sig) = sig {
+        if sig != spec.sig {
+            return Err(Fault::new(
+                ErrorKind::SignatureMismatch,
+                format!(
+                    "signature mismatch on `{}.{}`: the caller was built against signature {sig}, this worker serves {} ({}); rebuild caller and worker from the same source",
+                    spec.service, spec.name, spec.sig, spec.signature
+                ),
+            ));
+        }
+    }
+    if let Some(deadline) = deadline {
+        let deadline: u64 = deadline.trim().parse().map_err(|_| {
+            Fault::new(
+                ErrorKind::BadRequest,
+                format!("header Wharf-Deadline must be unix milliseconds, got `{deadline}`"),
+            )
+        })?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        if now > deadline {
+            return Err(Fault::new(
+                ErrorKind::DeadlineExceeded,
+                format!(
+                    "the deadline of this call to `{}.{}` passed {} ms before it could run",
+                    spec.service,
+                    spec.name,
+                    now - deadline
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn respond_fault(request: &service::Request, codec: Codec, fault: Fault) {
+    let body = match fault.body {
+        Some(body) => body,
+        None => codec
+            .encode(&ErrorBody {
+                kind: fault.kind.as_str().to_owned(),
+                message: fault.message.clone(),
+            })
+            .unwrap_or_default(),
+    };
+    let mut reply_headers = HeaderMap::new();
+    // ADR-32 status headers; a header value is one line.
+    let status_line: String = fault
+        .message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    reply_headers.insert(headers::SERVICE_ERROR, status_line);
+    reply_headers.insert(
+        headers::SERVICE_ERROR_CODE,
+        fault.kind.code().unwrap_or(500).to_string(),
+    );
+    if codec != Codec::Postcard {
+        reply_headers.insert(headers::CONTENT_TYPE, codec.content_type());
+    }
+    let _ = request.respond_with_headers(Ok(body), reply_headers).await;
+}
+
+/// A started worker. Dropping it leaves the endpoints serving until the
+/// connection closes; [`RunningWorker::drain`] stops it cleanly.
+pub struct RunningWorker {
+    instance: String,
+    services: Vec<service::Service>,
+    tasks: JoinSet<()>,
+    shared: Arc<Shared>,
+}
+
+impl RunningWorker {
+    /// This worker's instance id (also in each service's metadata as
+    /// `wharf.instance`).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Calls running right now.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight()
+    }
+
+    /// Stops taking calls, lets the ones already received finish (at most
+    /// `grace`), then returns.
+    pub async fn drain(mut self, grace: Duration) {
+        for service in self.services.drain(..) {
+            let _ = service.stop().await;
+        }
+        let finish = async {
+            // Each endpoint loop ends once its buffered requests are
+            // dispatched; then every permit returns when its call completes.
+            while self.tasks.join_next().await.is_some() {}
+            let _ = self
+                .shared
+                .permits
+                .acquire_many(self.shared.concurrency as u32)
+                .await;
+        };
+        let _ = tokio::time::timeout(grace, finish).await;
+    }
+}
+
+/// This machine's host name, for instance identities.
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static SPEC: FnSpec = FnSpec {
+        service: "math",
+        name: "add",
+        sig: "00000000000000aa",
+        signature: "add(a:i64,b:i64)->i64",
+        args: &[],
+        returns: "i64",
+        error: None,
+        timeout_ms: 1000,
+        blocking: false,
+        version: "0.1.0",
+        path: "math::add",
+        subject: crate::spec::SubjectCache::new(),
+    };
+
+    #[test]
+    fn admit_checks_signature_and_deadline() {
+        assert!(admit(&SPEC, Some("00000000000000aa"), None).is_ok());
+        let mismatch = admit(&SPEC, Some("00000000000000bb"), None).unwrap_err();
+        assert_eq!(mismatch.kind, ErrorKind::SignatureMismatch);
+        assert!(mismatch.message.contains("00000000000000bb"));
+        assert!(mismatch.message.contains("00000000000000aa"));
+        let late = admit(&SPEC, None, Some("1000")).unwrap_err();
+        assert_eq!(late.kind, ErrorKind::DeadlineExceeded);
+        let garbled = admit(&SPEC, None, Some("soon")).unwrap_err();
+        assert_eq!(garbled.kind, ErrorKind::BadRequest);
+        let far = (SystemTime::now() + Duration::from_secs(60))
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            .to_string();
+        assert!(admit(&SPEC, None, Some(&far)).is_ok());
+    }
+
+    #[test]
+    fn panic_messages() {
+        assert_eq!(panic_message(&"boom"), "boom");
+        assert_eq!(panic_message(&String::from("bang")), "bang");
+        assert_eq!(panic_message(&7u8), "a non-string panic payload");
+    }
+}
