@@ -24,6 +24,13 @@ pub fn microservice(attr: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn main(attr: TokenStream, item: TokenStream) -> TokenStream {
     main_attr::expand(attr.into(), item.into())
-        .unwrap_or_else(syn::Error::into_compile_error)
+        .unwrap_or_else(|error| {
+            // A stand-in `main`, so the attribute's error is the only one shown.
+            let mut tokens = error.into_compile_error();
+            tokens.extend(quote::quote!(
+                fn main() {}
+            ));
+            tokens
+        })
         .into()
 }

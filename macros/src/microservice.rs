@@ -72,8 +72,8 @@ impl Shape {
             return Err(unsupported(variadic.span(), "a variadic function"));
         }
         if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-            return Err(syn::Error::new(
-                sig.generics.span(),
+            return Err(syn::Error::new_spanned(
+                &sig.generics,
                 "generic functions cannot be microservices: a call on the wire has one concrete signature; \
                  write a non-generic function for each type you serve",
             ));
@@ -82,8 +82,8 @@ impl Shape {
         for input in &sig.inputs {
             match input {
                 FnArg::Receiver(receiver) => {
-                    return Err(syn::Error::new(
-                        receiver.span(),
+                    return Err(syn::Error::new_spanned(
+                        receiver,
                         "`self` is not supported: a microservice is a free function; \
                          pass the state it needs as an argument",
                     ))
@@ -94,8 +94,8 @@ impl Shape {
                             ident.ident.clone()
                         }
                         other => {
-                            return Err(syn::Error::new(
-                                other.span(),
+                            return Err(syn::Error::new_spanned(
+                                other,
                                 "patterns are not supported in argument position: \
                                  bind a plain name (`point: Point`) and destructure it in the body",
                             ))
@@ -135,35 +135,41 @@ fn unsupported(span: Span, what: &str) -> syn::Error {
 /// Rejects types that cannot cross the wire as owned, serializable values:
 /// references, lifetimes, `impl Trait`, trait objects, pointers, fn pointers.
 fn check_wire_type(ty: &Type, position: &str) -> syn::Result<()> {
-    let fail = |span: Span, why: &str| Err(syn::Error::new(span, format!("{position} type {why}")));
+    // `new_spanned` marks the whole offending type, not just its first token.
+    let fail = |tokens: &dyn ToTokens, why: &str| {
+        Err(syn::Error::new_spanned(
+            tokens.to_token_stream(),
+            format!("{position} type {why}"),
+        ))
+    };
     match ty {
         Type::Reference(reference) => fail(
-            reference.span(),
+            reference,
             "is a reference: values cross the wire owned; take `String` instead of `&str`, `Vec<T>` instead of `&[T]`, `T` instead of `&T`",
         ),
         Type::ImplTrait(imp) => fail(
-            imp.span(),
+            imp,
             "is `impl Trait`: the wire needs one concrete, serializable type",
         ),
         Type::TraitObject(obj) => fail(
-            obj.span(),
+            obj,
             "is a trait object: the wire needs a concrete, serializable type",
         ),
-        Type::Ptr(ptr) => fail(ptr.span(), "is a raw pointer, which cannot be serialized"),
+        Type::Ptr(ptr) => fail(ptr, "is a raw pointer, which cannot be serialized"),
         Type::BareFn(bare) => fail(
-            bare.span(),
+            bare,
             "is a function pointer, which cannot be serialized",
         ),
-        Type::Infer(infer) => fail(infer.span(), "must be written out, not inferred"),
+        Type::Infer(infer) => fail(infer, "must be written out, not inferred"),
         Type::Macro(mac) => fail(
-            mac.span(),
+            mac,
             "is a macro invocation; write the type out so its signature can be hashed",
         ),
         Type::Paren(inner) => check_wire_type(&inner.elem, position),
         Type::Group(inner) => check_wire_type(&inner.elem, position),
         Type::Array(array) => check_wire_type(&array.elem, position),
         Type::Slice(slice) => fail(
-            slice.span(),
+            slice,
             "is an unsized slice; use `Vec<T>`",
         ),
         Type::Tuple(tuple) => tuple
@@ -181,7 +187,7 @@ fn check_wire_type(ty: &Type, position: &str) -> syn::Result<()> {
                             GenericArgument::Type(inner) => check_wire_type(inner, position)?,
                             GenericArgument::Lifetime(lifetime) => {
                                 return fail(
-                                    lifetime.span(),
+                                    lifetime,
                                     "borrows (it has a lifetime): values cross the wire owned",
                                 )
                             }

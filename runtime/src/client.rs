@@ -266,6 +266,7 @@ fn remote_failure(codec: Codec, message: &Message) -> Option<(u16, Error)> {
 ///
 /// ```no_run
 /// # #[wharf::microservice] async fn add(a: i64, b: i64) -> i64 { a + b }
+/// # fn main() {}
 /// # async fn run() -> Result<(), wharf::Error> {
 /// use std::time::Duration;
 /// let sum = add::request(2, 3).timeout(Duration::from_millis(200)).await?;

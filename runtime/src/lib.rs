@@ -26,6 +26,7 @@ pub mod codec;
 mod embedded;
 mod error;
 mod spec;
+pub mod testing;
 pub mod worker;
 
 pub use client::{global as client, Client, Fallible, Plain, Reply, Request, Returns};

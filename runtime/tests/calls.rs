@@ -1,0 +1,367 @@
+//! Calls through a real nats-server and an in-process worker: the call
+//! path, the wire contract and every bad input the core must survive.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use wharf::testing::NatsServer;
+use wharf::{CallError, Client, Codec, ErrorKind, Worker};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MathError {
+    DivisionByZero,
+}
+
+impl std::fmt::Display for MathError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("division by zero")
+    }
+}
+
+#[wharf::microservice(service = "calls")]
+pub async fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[wharf::microservice(service = "calls")]
+pub async fn greet(name: String) -> String {
+    format!("Hello, {name}!")
+}
+
+#[wharf::microservice(service = "calls")]
+pub fn divide(a: f64, b: f64) -> Result<f64, MathError> {
+    if b == 0.0 {
+        Err(MathError::DivisionByZero)
+    } else {
+        Ok(a / b)
+    }
+}
+
+#[wharf::microservice(service = "calls")]
+pub async fn explode(reason: String) -> u8 {
+    panic!("exploded: {reason}")
+}
+
+#[wharf::microservice(service = "calls")]
+pub fn explode_sync(reason: String) -> u8 {
+    panic!("sync exploded: {reason}")
+}
+
+/// Succeeds only off the async worker threads: `block_on` panics on them.
+#[wharf::microservice(service = "calls")]
+pub fn on_blocking_pool() -> bool {
+    tokio::runtime::Handle::current().block_on(async { true })
+}
+
+#[wharf::microservice(service = "calls", name = "renamed_on_wire")]
+pub async fn local_name(x: u32) -> u32 {
+    x * 2
+}
+
+#[wharf::microservice(service = "calls")]
+pub async fn nothing() {}
+
+#[wharf::microservice(service = "calls", timeout = "200ms")]
+pub async fn slow(ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+/// A server, a client and a worker serving every function above.
+async fn setup() -> (NatsServer, Client, wharf::RunningWorker) {
+    let server = NatsServer::start().expect("nats-server starts");
+    let client = Client::connect(&server.url()).await.expect("connects");
+    let worker = Worker::new(&client).start().await.expect("worker starts");
+    (server, client, worker)
+}
+
+async fn raw_request(
+    client: &Client,
+    subject: &str,
+    headers: &[(&str, &str)],
+    payload: impl Into<Bytes>,
+) -> async_nats::Message {
+    let mut map = async_nats::HeaderMap::new();
+    for (name, value) in headers {
+        map.insert(*name, *value);
+    }
+    client
+        .nats()
+        .request_with_headers(subject.to_owned(), map, payload.into())
+        .await
+        .expect("a reply")
+}
+
+fn header<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    message.headers.as_ref()?.get(name).map(|v| v.as_str())
+}
+
+#[tokio::test]
+async fn calls_return_values_and_application_errors() {
+    let (_server, client, _worker) = setup().await;
+    assert_eq!(add::call(&client, 2, 3).await.unwrap(), 5);
+    assert_eq!(
+        greet::call(&client, "Ada".into()).await.unwrap(),
+        "Hello, Ada!"
+    );
+    assert_eq!(divide::call(&client, 1.0, 4.0).await.unwrap(), 0.25);
+    let error = divide::call(&client, 1.0, 0.0).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Application);
+    assert_eq!(error, CallError::Application(MathError::DivisionByZero));
+    nothing::call(&client).await.unwrap();
+    assert_eq!(local_name::call(&client, 21).await.unwrap(), 42);
+    assert_eq!(add::local(2, 3).await, 5);
+    assert_eq!(divide::local(1.0, 0.0), Err(MathError::DivisionByZero));
+}
+
+#[tokio::test]
+async fn request_builder_options_and_instance_report() {
+    let (_server, client, worker) = setup().await;
+    let reply = add::request(40, 2)
+        .client(&client)
+        .timeout(Duration::from_secs(2))
+        .send_detailed()
+        .await
+        .unwrap();
+    assert_eq!(reply.value, 42);
+    assert_eq!(reply.pid(), Some(std::process::id()));
+    assert!(reply.instance.unwrap().starts_with(worker.instance()));
+    // JSON end to end through the typed API.
+    let sum = add::request(1, 1)
+        .client(&client)
+        .codec(Codec::Json)
+        .await
+        .unwrap();
+    assert_eq!(sum, 2);
+    let error = divide::request(1.0, 0.0)
+        .client(&client)
+        .codec(Codec::Json)
+        .await
+        .unwrap_err();
+    assert_eq!(error, CallError::Application(MathError::DivisionByZero));
+}
+
+#[tokio::test]
+async fn sync_functions_run_off_the_async_threads() {
+    let (_server, client, _worker) = setup().await;
+    assert!(on_blocking_pool::call(&client).await.unwrap());
+}
+
+#[tokio::test]
+async fn json_by_name_by_position_and_json_errors() {
+    let (_server, client, _worker) = setup().await;
+    let json = [("Content-Type", "application/json")];
+    let reply = raw_request(&client, "wharf.calls.add", &json, r#"{"a": 2, "b": 40}"#).await;
+    assert_eq!(&reply.payload[..], b"42");
+    assert_eq!(header(&reply, "Content-Type"), Some("application/json"));
+    let reply = raw_request(&client, "wharf.calls.greet", &json, r#"["Bob"]"#).await;
+    assert_eq!(&reply.payload[..], br#""Hello, Bob!""#);
+    let reply = raw_request(&client, "wharf.calls.nothing", &json, "").await;
+    assert_eq!(&reply.payload[..], b"null");
+
+    let reply = raw_request(&client, "wharf.calls.divide", &json, r#"{"a":1,"b":0}"#).await;
+    assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("422"));
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(body["kind"], "application");
+    assert_eq!(body["message"], "division by zero");
+    assert_eq!(body["error"], "DivisionByZero");
+
+    let reply = raw_request(&client, "wharf.calls.add", &json, r#"{"a":1,"c":2}"#).await;
+    assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("400"));
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(body["kind"], "bad_request");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("calls.add") && message.contains("unknown field `c`"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn undecodable_arguments_get_400_and_the_worker_keeps_serving() {
+    let (_server, client, _worker) = setup().await;
+    let reply = raw_request(&client, "wharf.calls.add", &[], vec![0xff_u8; 3]).await;
+    assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("400"));
+    let text = header(&reply, "Nats-Service-Error").unwrap();
+    assert!(text.contains("calls.add"), "{text}");
+    assert!(text.contains("add(a:i64,b:i64)->i64"), "{text}");
+    let reply = raw_request(
+        &client,
+        "wharf.calls.add",
+        &[("Content-Type", "text/csv")],
+        "1,2",
+    )
+    .await;
+    assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("400"));
+    assert!(header(&reply, "Nats-Service-Error")
+        .unwrap()
+        .contains("text/csv"));
+    assert_eq!(add::call(&client, 1, 1).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn panics_get_500_and_the_worker_keeps_serving() {
+    let (_server, client, _worker) = setup().await;
+    for _ in 0..3 {
+        let error = explode::call(&client, "on purpose".into())
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Panicked);
+        assert!(error.message().contains("exploded: on purpose"), "{error}");
+        let error = explode_sync::call(&client, "too".into()).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Panicked);
+        assert!(error.message().contains("sync exploded: too"), "{error}");
+    }
+    assert_eq!(add::call(&client, 2, 2).await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn no_worker_is_no_responders_naming_the_subject() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let error = add::call(&client, 1, 2).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NoResponders);
+    assert!(error.message().contains("wharf.calls.add"), "{error}");
+    assert!(error.message().contains("no worker serves"), "{error}");
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_an_error_naming_the_url() {
+    let error = Client::connect("nats://127.0.0.1:1").await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Connection);
+    assert!(error.message().contains("nats://127.0.0.1:1"), "{error}");
+}
+
+#[tokio::test]
+async fn oversized_payloads_are_refused_before_sending() {
+    let server = NatsServer::start_with_config("max_payload: 4096").unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = Worker::new(&client).start().await.unwrap();
+    let error = greet::call(&client, "x".repeat(8192)).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::PayloadTooLarge);
+    assert!(error.message().contains("wharf.calls.greet"), "{error}");
+    assert!(error.message().contains("4096"), "{error}");
+    assert_eq!(greet::call(&client, "y".into()).await.unwrap(), "Hello, y!");
+}
+
+/// A caller built against another signature of `calls.add`.
+static OLD_ADD: wharf::FnSpec = wharf::FnSpec {
+    service: "calls",
+    name: "add",
+    sig: "0123456789abcdef",
+    signature: "add(a:i32,b:i32)->i32",
+    args: &[],
+    returns: "i32",
+    error: None,
+    timeout_ms: 5_000,
+    blocking: false,
+    version: "0.0.1",
+    path: "old::add",
+    subject: wharf::__private::SubjectCache::new(),
+};
+
+#[tokio::test]
+async fn another_signature_gets_409_naming_both_hashes() {
+    let (_server, client, _worker) = setup().await;
+    let error = wharf::Request::<(i32, i32), wharf::Plain<i32>>::new(&OLD_ADD, (1, 2))
+        .client(&client)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::SignatureMismatch);
+    assert!(error.message().contains("0123456789abcdef"), "{error}");
+    assert!(error.message().contains(add::SPEC.sig), "{error}");
+}
+
+#[tokio::test]
+async fn a_passed_deadline_gets_504_and_slow_calls_time_out() {
+    let (_server, client, _worker) = setup().await;
+    let reply = raw_request(
+        &client,
+        "wharf.calls.add",
+        &[("Wharf-Deadline", "1000")],
+        Codec::Postcard.encode(&(1i64, 2i64)).unwrap(),
+    )
+    .await;
+    assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("504"));
+    let error = slow::call(&client, 2_000).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Timeout);
+    assert!(error.message().contains("wharf.calls.slow"), "{error}");
+    assert_eq!(slow::call(&client, 1).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn discovery_through_the_micro_protocol() {
+    let (_server, client, worker) = setup().await;
+    let reply = client
+        .nats()
+        .request("$SRV.INFO.calls", Bytes::new())
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(info["name"], "calls");
+    assert_eq!(info["metadata"]["wharf.instance"], worker.instance());
+    let endpoints = info["endpoints"].as_array().unwrap();
+    let add_info = endpoints
+        .iter()
+        .find(|e| e["name"] == "add")
+        .expect("add is listed");
+    assert_eq!(add_info["subject"], "wharf.calls.add");
+    assert_eq!(add_info["metadata"]["wharf.sig"], add::SPEC.sig);
+    assert_eq!(add_info["metadata"]["wharf.args"], "a: i64, b: i64");
+    assert_eq!(add_info["metadata"]["wharf.returns"], "i64");
+    let divide_info = endpoints.iter().find(|e| e["name"] == "divide").unwrap();
+    assert_eq!(divide_info["metadata"]["wharf.kind"], "sync");
+    assert_eq!(divide_info["metadata"]["wharf.error"], "MathError");
+
+    add::call(&client, 1, 1).await.unwrap();
+    let reply = client
+        .nats()
+        .request("$SRV.STATS.calls", Bytes::new())
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let add_stats = stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "add")
+        .unwrap();
+    assert_eq!(add_stats["num_requests"], 1);
+    assert_eq!(add_stats["data"]["in_flight"], 0);
+    assert!(add_stats["data"]["concurrency"].as_u64().unwrap() > 0);
+
+    let reply = client
+        .nats()
+        .request("$SRV.PING.calls", Bytes::new())
+        .await
+        .unwrap();
+    let ping: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
+}
+
+#[tokio::test]
+async fn calls_before_init_say_how_to_fix_it() {
+    let error = add(1, 2).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Config);
+    assert!(error.message().contains("wharf::init()"), "{error}");
+}
+
+#[tokio::test]
+async fn drain_finishes_calls_in_flight() {
+    let (_server, client, worker) = setup().await;
+    let long = tokio::spawn({
+        let client = client.clone();
+        async move {
+            slow::request(150)
+                .client(&client)
+                .timeout(Duration::from_secs(5))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(worker.in_flight(), 1);
+    worker.drain(Duration::from_secs(5)).await;
+    assert_eq!(long.await.unwrap().unwrap(), 150);
+    let error = add::call(&client, 1, 1).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NoResponders);
+}

@@ -1,0 +1,2 @@
+#[wharf::main(workers = 2)]
+async fn main() {}

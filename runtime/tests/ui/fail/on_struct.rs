@@ -1,0 +1,3 @@
+#[wharf::microservice]
+struct NotAFunction;
+fn main() {}

@@ -1,0 +1,5 @@
+#[wharf::microservice]
+async fn shout(text: &str) -> String {
+    text.to_uppercase()
+}
+fn main() {}

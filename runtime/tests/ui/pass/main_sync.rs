@@ -1,0 +1,4 @@
+#[wharf::main]
+fn main() {
+    assert!(!wharf::is_worker_role());
+}
