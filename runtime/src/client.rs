@@ -107,7 +107,7 @@ impl Client {
         let mut headers = HeaderMap::new();
         headers.insert(headers::SIG, spec.sig);
         headers.insert(headers::DEADLINE, deadline_ms(timeout).to_string());
-        headers.insert(headers::CALL_ID, nuid::next().as_str());
+        headers.insert(headers::CALL_ID, call_id());
         if options.codec != Codec::Postcard {
             headers.insert(headers::CONTENT_TYPE, options.codec.content_type());
         }
@@ -141,6 +141,15 @@ impl Client {
                 ),
             })
     }
+}
+
+/// A new call id. Each thread keeps its own generator: the global one in
+/// `nuid` sits behind a mutex that every concurrent call would contend on.
+fn call_id() -> String {
+    thread_local! {
+        static NUID: std::cell::RefCell<nuid::NUID> = std::cell::RefCell::new(nuid::NUID::new());
+    }
+    NUID.with(|n| n.borrow_mut().next().as_str().to_owned())
 }
 
 /// Absolute deadline, unix milliseconds, `timeout` from now.

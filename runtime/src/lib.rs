@@ -39,28 +39,31 @@ pub use worker::{RunningWorker, Worker};
 
 use std::time::Duration;
 
-/// Header names of the wire contract.
+/// Header names of the wire contract, as async-nats header names (built
+/// without allocating, so the call path can use them freely).
 pub mod headers {
+    use async_nats::HeaderName;
+
     /// Codec of the payload; absent means postcard.
-    pub const CONTENT_TYPE: &str = "Content-Type";
+    pub const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
     /// Absolute deadline of the call, unix milliseconds.
-    pub const DEADLINE: &str = "Wharf-Deadline";
+    pub const DEADLINE: HeaderName = HeaderName::from_static("Wharf-Deadline");
     /// Unique per logical call, kept across retries.
-    pub const CALL_ID: &str = "Wharf-Call-Id";
+    pub const CALL_ID: HeaderName = HeaderName::from_static("Wharf-Call-Id");
     /// Attempt number of a retried call, from 1.
-    pub const ATTEMPT: &str = "Wharf-Attempt";
+    pub const ATTEMPT: HeaderName = HeaderName::from_static("Wharf-Attempt");
     /// Signature hash the caller was built against.
-    pub const SIG: &str = "Wharf-Sig";
+    pub const SIG: HeaderName = HeaderName::from_static("Wharf-Sig");
     /// Transaction id of a stateful call.
-    pub const TXN: &str = "Wharf-Txn";
+    pub const TXN: HeaderName = HeaderName::from_static("Wharf-Txn");
     /// `instance`: ask the worker to name itself in [`INSTANCE`].
-    pub const REPORT: &str = "Wharf-Report";
+    pub const REPORT: HeaderName = HeaderName::from_static("Wharf-Report");
     /// Reply header: `<instance id> <pid> <host>` of the serving worker.
-    pub const INSTANCE: &str = "Wharf-Instance";
+    pub const INSTANCE: HeaderName = HeaderName::from_static("Wharf-Instance");
     /// ADR-32 error text.
-    pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+    pub const SERVICE_ERROR: HeaderName = HeaderName::from_static("Nats-Service-Error");
     /// ADR-32 error code.
-    pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+    pub const SERVICE_ERROR_CODE: HeaderName = HeaderName::from_static("Nats-Service-Error-Code");
 }
 
 /// How [`init_with`] sets wharf up.

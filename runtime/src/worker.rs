@@ -366,7 +366,8 @@ async fn serve_endpoint(
 async fn handle(request: service::Request, registration: &'static Registration, shared: &Shared) {
     let spec = registration.spec;
     let headers = request.message.headers.as_ref();
-    let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+    let header =
+        |name: async_nats::HeaderName| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
 
     let codec = match Codec::from_content_type(header(headers::CONTENT_TYPE)) {
         Ok(codec) => codec,

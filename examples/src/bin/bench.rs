@@ -1,0 +1,408 @@
+//! wharf against raw async-nats request-reply, in one run.
+//!
+//! `cargo run --release -p wharf-examples --bin bench` starts a nats-server,
+//! one raw responder process and one wharf worker process, then measures in
+//! interleaved rounds: serial latency (p50/p99) and calls/s at 16 and 256
+//! calls in flight. Both sides move the same postcard payload, `(i64, i64)`
+//! in and `i64` out. It also measures a wharf worker's start-to-ready time
+//! and its idle RSS. `--quick` runs a short smoke version.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wharf::testing::NatsServer;
+
+/// The function under test: the same work the raw responder does.
+#[wharf::microservice(service = "bench")]
+pub async fn add(a: i64, b: i64) -> i64 {
+    a.wrapping_add(b)
+}
+
+const RAW_SUBJECT: &str = "raw.bench.add";
+
+struct Plan {
+    rounds: usize,
+    serial_calls: usize,
+    parallel_calls: usize,
+    spawn_samples: usize,
+}
+
+#[wharf::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let (quick, focus) = match args.next().as_deref() {
+        Some("raw-worker") => return raw_worker().await,
+        Some("--quick") => (true, false),
+        Some("--focus") => (false, true),
+        None => (false, false),
+        Some(other) => {
+            return Err(
+                format!("unknown argument `{other}`; use --quick, --focus or nothing").into(),
+            )
+        }
+    };
+    let plan = if quick {
+        Plan {
+            rounds: 1,
+            serial_calls: 200,
+            parallel_calls: 2_000,
+            spawn_samples: 2,
+        }
+    } else {
+        Plan {
+            rounds: 5,
+            serial_calls: 5_000,
+            parallel_calls: 60_000,
+            spawn_samples: 10,
+        }
+    };
+
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let nats = async_nats::connect(&url).await?;
+    let client = wharf::Client::connect(&url).await?;
+
+    let mut raw = spawn_worker(&url, &["raw-worker"], &[])?;
+    let mut worker = spawn_worker(&url, &[], &[("WHARF_ROLE", "worker")])?;
+    wait_until_served(&nats, &client).await?;
+
+    let mut results: Vec<(&str, &str, Vec<f64>)> = Vec::new();
+    let mut record = |metric: &'static str, side: &'static str, value: f64| match results
+        .iter_mut()
+        .find(|(m, s, _)| *m == metric && *s == side)
+    {
+        Some((_, _, values)) => values.push(value),
+        None => results.push((metric, side, vec![value])),
+    };
+
+    for round in 0..plan.rounds {
+        eprintln!("round {} of {}", round + 1, plan.rounds);
+        if !focus {
+            let (p50, p99) = serial(plan.serial_calls, || raw_call(&nats)).await?;
+            record("serial p50 (µs)", "raw", p50);
+            record("serial p99 (µs)", "raw", p99);
+            let (p50, p99) = serial(plan.serial_calls, || wharf_call(&client)).await?;
+            record("serial p50 (µs)", "wharf", p50);
+            record("serial p99 (µs)", "wharf", p99);
+        }
+        let loads: &[(&'static str, usize)] = if focus {
+            &[("calls/s, 256 in flight", 256)]
+        } else {
+            &[
+                ("calls/s, 16 in flight", 16),
+                ("calls/s, 256 in flight", 256),
+            ]
+        };
+        for &(metric, in_flight) in loads {
+            let cpu_before = cpu_ticks(&[server.pid(), raw.id(), std::process::id()]);
+            let rate = throughput(plan.parallel_calls, in_flight, {
+                let nats = nats.clone();
+                move || {
+                    let nats = nats.clone();
+                    async move { raw_call(&nats).await }
+                }
+            })
+            .await?;
+            record(metric, "raw", rate);
+            let cpu = cpu_per_call(
+                cpu_before,
+                &[server.pid(), raw.id(), std::process::id()],
+                plan.parallel_calls,
+            );
+            record_cpu(&mut record, in_flight, "raw", cpu);
+            let cpu_before = cpu_ticks(&[server.pid(), worker.id(), std::process::id()]);
+            let rate = throughput(plan.parallel_calls, in_flight, {
+                let client = client.clone();
+                move || {
+                    let client = client.clone();
+                    async move { wharf_call(&client).await }
+                }
+            })
+            .await?;
+            record(metric, "wharf", rate);
+            let cpu = cpu_per_call(
+                cpu_before,
+                &[server.pid(), worker.id(), std::process::id()],
+                plan.parallel_calls,
+            );
+            record_cpu(&mut record, in_flight, "wharf", cpu);
+        }
+    }
+
+    let busy_rss = rss_kib(worker.id());
+    stop(&mut raw);
+    stop(&mut worker);
+
+    // A fresh worker: time from spawn to serving, then its idle RSS.
+    let mut ready_ms = Vec::new();
+    let mut idle_rss = Vec::new();
+    for _ in 0..plan.spawn_samples {
+        let subject = format!("_BENCH.ready.{}", nats.new_inbox());
+        let mut ready = nats.subscribe(subject.clone()).await?;
+        nats.flush().await?;
+        let started = Instant::now();
+        let mut fresh = spawn_worker(
+            &url,
+            &[],
+            &[("WHARF_ROLE", "worker"), ("WHARF_READY_SUBJECT", &subject)],
+        )?;
+        tokio::time::timeout(Duration::from_secs(10), ready.next())
+            .await
+            .map_err(|_| "a fresh worker did not report ready within 10 s")?;
+        ready_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        idle_rss.push(rss_kib(fresh.id()) as f64 / 1024.0);
+        stop(&mut fresh);
+    }
+
+    println!("| metric | raw async-nats | wharf | wharf / raw |");
+    println!("| --- | ---: | ---: | ---: |");
+    let metrics: Vec<&str> = results
+        .iter()
+        .filter(|(_, side, _)| *side == "raw")
+        .map(|(m, _, _)| *m)
+        .collect();
+    for metric in metrics {
+        let of = |side: &str| {
+            results
+                .iter()
+                .find(|(m, s, _)| *m == metric && *s == side)
+                .map_or(f64::NAN, |(_, _, values)| median(values))
+        };
+        let (r, w) = (of("raw"), of("wharf"));
+        println!("| {metric} | {r:.1} | {w:.1} | {:.3} |", w / r);
+    }
+    println!();
+    println!("| worker | median | max |");
+    println!("| --- | ---: | ---: |");
+    println!(
+        "| start to ready (ms) | {:.1} | {:.1} |",
+        median(&ready_ms),
+        ready_ms.iter().cloned().fold(0.0, f64::max)
+    );
+    println!(
+        "| idle RSS (MiB) | {:.1} | {:.1} |",
+        median(&idle_rss),
+        idle_rss.iter().cloned().fold(0.0, f64::max)
+    );
+    println!(
+        "| RSS after the load runs (MiB) | {:.1} | |",
+        busy_rss as f64 / 1024.0
+    );
+    println!();
+    println!(
+        "rounds: {}, serial calls per round: {}, calls per throughput run: {}, medians over rounds",
+        plan.rounds, plan.serial_calls, plan.parallel_calls
+    );
+    Ok(())
+}
+
+/// One raw request: postcard `(i64, i64)` out, postcard `i64` back.
+async fn raw_call(
+    nats: &async_nats::Client,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let payload = postcard::to_allocvec(&(20i64, 22i64))?;
+    let reply = nats.request(RAW_SUBJECT, payload.into()).await?;
+    let sum: i64 = postcard::from_bytes(&reply.payload)?;
+    check(sum)
+}
+
+async fn wharf_call(
+    client: &wharf::Client,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let sum = add::call(client, 20, 22).await?;
+    check(sum)
+}
+
+fn check(sum: i64) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if sum == 42 {
+        Ok(())
+    } else {
+        Err(format!("wrong sum {sum}").into())
+    }
+}
+
+type CallResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Serial latency: p50 and p99 in microseconds.
+async fn serial<F, Fut>(calls: usize, mut call: F) -> Result<(f64, f64), Box<dyn std::error::Error>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = CallResult>,
+{
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let start = Instant::now();
+        call().await.map_err(|e| e.to_string())?;
+        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Ok((at(0.50), at(0.99)))
+}
+
+/// Calls per second with `in_flight` callers sharing `calls` calls.
+async fn throughput<F, Fut>(
+    calls: usize,
+    in_flight: usize,
+    call: F,
+) -> Result<f64, Box<dyn std::error::Error>>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = CallResult> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(in_flight);
+    for _ in 0..in_flight {
+        let next = next.clone();
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < calls {
+                call().await?;
+            }
+            CallResult::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await?.map_err(|e| e.to_string())?;
+    }
+    Ok(calls as f64 / start.elapsed().as_secs_f64())
+}
+
+/// CPU time (user + system, clock ticks) of each pid, from /proc.
+fn cpu_ticks(pids: &[u32]) -> Vec<u64> {
+    pids.iter()
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // Fields after the parenthesised command name; utime and
+                    // stime are the 12th and 13th of them.
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    let fields: Vec<&str> = rest.split_whitespace().collect();
+                    Some(
+                        fields.get(11)?.parse::<u64>().ok()?
+                            + fields.get(12)?.parse::<u64>().ok()?,
+                    )
+                })
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// CPU microseconds per call of each pid since `before`.
+fn cpu_per_call(before: Vec<u64>, pids: &[u32], calls: usize) -> [f64; 3] {
+    let after = cpu_ticks(pids);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut out = [0.0; 3];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = (after[i].saturating_sub(before[i])) as f64 / hz * 1e6 / calls as f64;
+    }
+    out
+}
+
+fn record_cpu(
+    record: &mut impl FnMut(&'static str, &'static str, f64),
+    in_flight: usize,
+    side: &'static str,
+    cpu: [f64; 3],
+) {
+    let names: [&'static str; 3] = if in_flight == 16 {
+        [
+            "CPU µs/call, server, 16 in flight",
+            "CPU µs/call, worker, 16 in flight",
+            "CPU µs/call, caller, 16 in flight",
+        ]
+    } else {
+        [
+            "CPU µs/call, server, 256 in flight",
+            "CPU µs/call, worker, 256 in flight",
+            "CPU µs/call, caller, 256 in flight",
+        ]
+    };
+    for (name, value) in names.into_iter().zip(cpu) {
+        record(name, side, value);
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+fn spawn_worker(url: &str, args: &[&str], env: &[(&str, &str)]) -> std::io::Result<Child> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .args(args)
+        .env("NATS_URL", url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.spawn()
+}
+
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn wait_until_served(
+    nats: &async_nats::Client,
+    client: &wharf::Client,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        if raw_call(nats).await.is_ok() && wharf_call(client).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            return Err("the workers did not answer within 15 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Resident set size of `pid` in KiB, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The baseline: a plain async-nats queue subscriber doing the same decode,
+/// add and encode, one task per request like the wharf worker.
+async fn raw_worker() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::var("NATS_URL")?;
+    let nats = async_nats::connect(&url).await?;
+    let mut requests = nats.queue_subscribe(RAW_SUBJECT, "q".into()).await?;
+    nats.flush().await?;
+    while let Some(message) = requests.next().await {
+        let nats = nats.clone();
+        tokio::spawn(async move {
+            let Some(reply) = message.reply else { return };
+            let Ok((a, b)) = postcard::from_bytes::<(i64, i64)>(&message.payload) else {
+                return;
+            };
+            let Ok(body) = postcard::to_allocvec(&a.wrapping_add(b)) else {
+                return;
+            };
+            let _ = nats.publish(reply, Bytes::from(body)).await;
+        });
+    }
+    Ok(())
+}
