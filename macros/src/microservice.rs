@@ -370,7 +370,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
     let returns_text = ret.to_token_stream().to_string().replace(' ', "");
 
     let signature = signature_text(&wire_name, shape);
-    let sig_hash = format!("{:016x}", options::fnv1a64(&signature));
+    let sig_hash = options::fnv1a64(&signature);
     let service = match &options.service {
         Some(service) => quote!(#service),
         None => quote!(::core::env!("CARGO_CRATE_NAME")),

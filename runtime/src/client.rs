@@ -1,7 +1,9 @@
 //! The caller's side: a [`Client`] and the request path every generated stub
 //! goes through.
 
-use crate::codec::{ApplicationErrorBody, Codec, ErrorBody};
+use crate::codec::{
+    self, ApplicationErrorBody, Codec, Envelope, ErrorBody, ENVELOPE_VERSION, FLAG_REPORT_INSTANCE,
+};
 use crate::headers;
 use crate::{Error, ErrorKind, FnSpec};
 use async_nats::{HeaderMap, Message, RequestErrorKind};
@@ -94,30 +96,72 @@ impl Client {
         &self.inner.url
     }
 
-    /// Sends one encoded call and returns the raw reply message. Error
-    /// replies are returned as messages too; [`Returns`] interprets them.
-    async fn invoke(
+    /// Encodes one call: for postcard the envelope and the arguments in
+    /// one buffer and no headers; for JSON the arguments and `Wharf-*`
+    /// headers. Synchronous, so `args` is not held across an await.
+    fn prepare<A: Serialize>(
         &self,
         spec: &'static FnSpec,
-        payload: bytes::Bytes,
+        args: &A,
         options: &CallOptions,
-    ) -> Result<Message, Error> {
-        let subject = spec.subject(&self.inner.prefix);
+    ) -> Result<Prepared, Error> {
         let timeout = options.timeout.unwrap_or_else(|| spec.timeout());
-        let mut headers = HeaderMap::new();
-        headers.insert(headers::SIG, spec.sig);
-        headers.insert(headers::DEADLINE, deadline_ms(timeout).to_string());
-        headers.insert(headers::CALL_ID, call_id());
-        if options.codec != Codec::Postcard {
-            headers.insert(headers::CONTENT_TYPE, options.codec.content_type());
-        }
-        if options.report_instance {
-            headers.insert(headers::REPORT, "instance");
-        }
-        let request = async_nats::Request::new()
-            .payload(payload)
-            .headers(headers)
-            .timeout(Some(timeout));
+        let deadline = deadline_ms(timeout);
+        let encode_error = |e: String| {
+            Error::new(
+                ErrorKind::Codec,
+                format!("cannot encode the arguments of `{}`: {e}", spec.path),
+            )
+        };
+        let id = call_id();
+        let request = async_nats::Request::new().timeout(Some(timeout));
+        let request = match options.codec {
+            Codec::Postcard => {
+                let envelope = Envelope {
+                    version: ENVELOPE_VERSION,
+                    sig: spec.sig,
+                    deadline_ms: deadline,
+                    call_id: id.as_str(),
+                    attempt: 1,
+                    flags: if options.report_instance {
+                        FLAG_REPORT_INSTANCE
+                    } else {
+                        0
+                    },
+                };
+                let buffer = postcard::to_extend(&envelope, Vec::with_capacity(64))
+                    .and_then(|buffer| postcard::to_extend(args, buffer))
+                    .map_err(|e| encode_error(e.to_string()))?;
+                request.payload(buffer.into())
+            }
+            Codec::Json => {
+                let mut headers = HeaderMap::new();
+                headers.insert(headers::CONTENT_TYPE, codec::JSON);
+                headers.insert(headers::SIG, spec.sig_hex());
+                headers.insert(headers::DEADLINE, deadline.to_string());
+                headers.insert(headers::CALL_ID, id.as_str());
+                if options.report_instance {
+                    headers.insert(headers::REPORT, "instance");
+                }
+                let payload = Codec::Json.encode(args).map_err(encode_error)?;
+                request.payload(payload).headers(headers)
+            }
+        };
+        Ok(Prepared {
+            subject: spec.subject(&self.inner.prefix),
+            request,
+            timeout,
+        })
+    }
+
+    /// Sends a prepared call and returns the raw reply message. Error
+    /// replies are returned as messages too; [`Returns`] interprets them.
+    async fn send(&self, spec: &'static FnSpec, prepared: Prepared) -> Result<Message, Error> {
+        let Prepared {
+            subject,
+            request,
+            timeout,
+        } = prepared;
         self.inner
             .nats
             .send_request(subject.clone(), request)
@@ -143,13 +187,20 @@ impl Client {
     }
 }
 
+/// An encoded call, ready to send.
+struct Prepared {
+    subject: async_nats::Subject,
+    request: async_nats::Request,
+    timeout: Duration,
+}
+
 /// A new call id. Each thread keeps its own generator: the global one in
 /// `nuid` sits behind a mutex that every concurrent call would contend on.
-fn call_id() -> String {
+fn call_id() -> nuid::NUIDStr {
     thread_local! {
         static NUID: std::cell::RefCell<nuid::NUID> = std::cell::RefCell::new(nuid::NUID::new());
     }
-    NUID.with(|n| n.borrow_mut().next().as_str().to_owned())
+    NUID.with(|n| n.borrow_mut().next())
 }
 
 /// Absolute deadline, unix milliseconds, `timeout` from now.
@@ -337,8 +388,8 @@ impl<A: Serialize, R: Returns> Request<A, R> {
             None => global()?.clone(),
         };
         self.options.report_instance = report_instance;
-        let payload = encode_args(self.spec, &self.args, &self.options)?;
-        let message = client.invoke(self.spec, payload, &self.options).await?;
+        let prepared = client.prepare(self.spec, &self.args, &self.options)?;
+        let message = client.send(self.spec, prepared).await?;
         let value = R::decode(self.spec, self.options.codec, &message)?;
         let instance = message
             .headers
@@ -364,19 +415,6 @@ where
     }
 }
 
-fn encode_args<A: Serialize>(
-    spec: &FnSpec,
-    args: &A,
-    options: &CallOptions,
-) -> Result<bytes::Bytes, Error> {
-    options.codec.encode(args).map_err(|e| {
-        Error::new(
-            ErrorKind::Codec,
-            format!("cannot encode the arguments of `{}`: {e}", spec.path),
-        )
-    })
-}
-
 /// Calls `spec` through `client` with default options (generated stubs).
 #[doc(hidden)]
 pub async fn call<A: Serialize, R: Returns>(
@@ -385,8 +423,8 @@ pub async fn call<A: Serialize, R: Returns>(
     args: A,
 ) -> Result<R::Value, R::Err> {
     let options = CallOptions::default();
-    let payload = encode_args(spec, &args, &options)?;
-    let message = client.invoke(spec, payload, &options).await?;
+    let prepared = client.prepare(spec, &args, &options)?;
+    let message = client.send(spec, prepared).await?;
     R::decode(spec, options.codec, &message)
 }
 

@@ -104,6 +104,60 @@ impl Codec {
     }
 }
 
+/// Version byte that opens every postcard request.
+pub const ENVELOPE_VERSION: u8 = 1;
+
+/// Envelope flag: the caller asks the worker to name itself in the reply's
+/// `Wharf-Instance` header.
+pub const FLAG_REPORT_INSTANCE: u8 = 1;
+
+/// Call metadata in front of the arguments of every postcard request.
+///
+/// JSON requests carry the same fields as `Wharf-*` headers. Postcard
+/// requests carry them here instead, because a request with any NATS
+/// header costs about a fifth of the throughput (docs/BENCHMARKS.md) and
+/// postcard is the fast path. Encoded with postcard, so the request payload
+/// is `postcard(Envelope) ++ postcard(arguments)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope<'a> {
+    /// [`ENVELOPE_VERSION`].
+    pub version: u8,
+    /// Signature hash the caller was built against; 0 skips the check.
+    pub sig: u64,
+    /// Absolute deadline, unix milliseconds; 0 means none.
+    pub deadline_ms: u64,
+    /// Unique per logical call, kept across retries; may be empty.
+    #[serde(borrow)]
+    pub call_id: &'a str,
+    /// Attempt number from 1; 0 when not counted.
+    pub attempt: u32,
+    /// Bit set of `FLAG_*`.
+    pub flags: u8,
+}
+
+impl<'a> Envelope<'a> {
+    /// Splits a postcard request into its envelope and the argument bytes.
+    pub fn split(payload: &'a [u8]) -> Result<(Envelope<'a>, usize), String> {
+        match payload.first() {
+            Some(&ENVELOPE_VERSION) => {}
+            Some(other) => {
+                return Err(format!(
+                    "unsupported envelope version {other}: a postcard request starts with the wharf envelope, version {ENVELOPE_VERSION} (see docs/protocol.md)"
+                ))
+            }
+            None => {
+                return Err(
+                    "empty postcard request: it must start with the wharf envelope (see docs/protocol.md)"
+                        .to_owned(),
+                )
+            }
+        }
+        let (envelope, rest) = postcard::take_from_bytes::<Envelope<'a>>(payload)
+            .map_err(|e| format!("malformed wharf envelope: {e}"))?;
+        Ok((envelope, payload.len() - rest.len()))
+    }
+}
+
 /// The body of an error reply: `{kind, message}` in the request's codec.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {
@@ -183,6 +237,40 @@ mod tests {
         struct NoArgs {}
         assert_eq!(Codec::Json.decode_args::<NoArgs>(b"").unwrap(), NoArgs {});
         assert!(Codec::Postcard.decode_args::<Args>(b"").is_err());
+    }
+
+    #[test]
+    fn envelope_then_arguments() {
+        let envelope = Envelope {
+            version: ENVELOPE_VERSION,
+            sig: 0xdead_beef,
+            deadline_ms: 1_700_000_000_000,
+            call_id: "abc",
+            attempt: 1,
+            flags: FLAG_REPORT_INSTANCE,
+        };
+        let mut bytes = postcard::to_allocvec(&envelope).unwrap();
+        bytes.extend_from_slice(&Codec::Postcard.encode(&(2i64, "x")).unwrap());
+        let (read, at) = Envelope::split(&bytes).unwrap();
+        assert_eq!(read, envelope);
+        assert_eq!(
+            Codec::Postcard.decode::<Args>(&bytes[at..]).unwrap(),
+            Args {
+                a: 2,
+                b: "x".into()
+            }
+        );
+        // The smallest envelope a foreign client can send: no checks at all.
+        let (minimal, at) = Envelope::split(&[1, 0, 0, 0, 0, 0, 42]).unwrap();
+        assert_eq!(
+            (minimal.sig, minimal.deadline_ms, minimal.call_id, at),
+            (0, 0, "", 6)
+        );
+        assert!(Envelope::split(&[]).unwrap_err().contains("envelope"));
+        assert!(Envelope::split(&[9, 0]).unwrap_err().contains("version 9"));
+        assert!(Envelope::split(&[1, 0xff])
+            .unwrap_err()
+            .contains("malformed"));
     }
 
     #[test]

@@ -22,8 +22,9 @@ pub struct FnSpec {
     pub service: &'static str,
     /// Function name on the wire (the attribute's `name`, default the ident).
     pub name: &'static str,
-    /// Signature hash, 16 hex digits, sent as `Wharf-Sig`.
-    pub sig: &'static str,
+    /// Signature hash (FNV-1a 64 of [`FnSpec::signature`]), sent in the
+    /// envelope or as `Wharf-Sig` in 16 hex digits.
+    pub sig: u64,
     /// The signature the hash is taken over, e.g. `add(a:i64,b:i64)->i64`.
     pub signature: &'static str,
     /// Arguments in declaration order.
@@ -63,6 +64,12 @@ impl FnSpec {
 
     fn format_subject(&self, prefix: &str) -> Subject {
         Subject::from(format!("{prefix}.{}.{}", self.service, self.name))
+    }
+
+    /// The signature hash as 16 hex digits, as `Wharf-Sig` and discovery
+    /// metadata show it.
+    pub fn sig_hex(&self) -> String {
+        format!("{:016x}", self.sig)
     }
 
     /// The default call timeout.

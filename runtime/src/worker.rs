@@ -5,7 +5,7 @@
 //! panicking handler is answered with code 500 and the worker keeps serving;
 //! sync functions run on the blocking pool.
 
-use crate::codec::{ApplicationErrorBody, Codec, ErrorBody};
+use crate::codec::{ApplicationErrorBody, Codec, Envelope, ErrorBody, FLAG_REPORT_INSTANCE};
 use crate::spec::{registrations, Registration};
 use crate::{headers, Client, Error, ErrorKind, FnSpec};
 use async_nats::service::{self, ServiceExt};
@@ -313,7 +313,7 @@ fn endpoint_metadata(spec: &FnSpec) -> HashMap<String, String> {
         .map(|a| format!("{}: {}", a.name, a.ty))
         .collect();
     let mut metadata = HashMap::from([
-        ("wharf.sig".to_owned(), spec.sig.to_owned()),
+        ("wharf.sig".to_owned(), spec.sig_hex()),
         ("wharf.signature".to_owned(), spec.signature.to_owned()),
         ("wharf.args".to_owned(), args.join(", ")),
         ("wharf.returns".to_owned(), spec.returns.to_owned()),
@@ -363,25 +363,81 @@ async fn serve_endpoint(
     }
 }
 
-async fn handle(request: service::Request, registration: &'static Registration, shared: &Shared) {
-    let spec = registration.spec;
-    let headers = request.message.headers.as_ref();
+/// What a request says about itself, from the envelope (postcard) or the
+/// `Wharf-*` headers (JSON).
+#[derive(Debug, Default, PartialEq)]
+struct CallMeta {
+    sig: Option<u64>,
+    deadline_ms: Option<u64>,
+    report_instance: bool,
+}
+
+/// Reads the codec, the call metadata and the argument bytes of a request.
+fn read_request(message: &async_nats::Message) -> Result<(Codec, CallMeta, Bytes), (Codec, Fault)> {
+    let headers = message.headers.as_ref();
     let header =
         |name: async_nats::HeaderName| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+    // An unknown codec cannot be answered in kind; JSON is what a human reads.
+    let codec = Codec::from_content_type(header(headers::CONTENT_TYPE))
+        .map_err(|e| (Codec::Json, Fault::from(e)))?;
+    match codec {
+        Codec::Postcard => {
+            let (envelope, at) = Envelope::split(&message.payload)
+                .map_err(|e| (codec, Fault::new(ErrorKind::BadRequest, e)))?;
+            let meta = CallMeta {
+                sig: (envelope.sig != 0).then_some(envelope.sig),
+                deadline_ms: (envelope.deadline_ms != 0).then_some(envelope.deadline_ms),
+                report_instance: envelope.flags & FLAG_REPORT_INSTANCE != 0,
+            };
+            Ok((codec, meta, message.payload.slice(at..)))
+        }
+        Codec::Json => {
+            let bad = |what: &str, value: &str| {
+                (
+                    codec,
+                    Fault::new(
+                        ErrorKind::BadRequest,
+                        format!("header {what}, got `{value}`"),
+                    ),
+                )
+            };
+            let sig = match header(headers::SIG) {
+                Some(text) => Some(
+                    u64::from_str_radix(text.trim(), 16)
+                        .map_err(|_| bad("Wharf-Sig must be 16 hex digits", text))?,
+                ),
+                None => None,
+            };
+            let deadline_ms = match header(headers::DEADLINE) {
+                Some(text) => Some(
+                    text.trim()
+                        .parse()
+                        .map_err(|_| bad("Wharf-Deadline must be unix milliseconds", text))?,
+                ),
+                None => None,
+            };
+            let meta = CallMeta {
+                sig,
+                deadline_ms,
+                report_instance: header(headers::REPORT) == Some("instance"),
+            };
+            Ok((codec, meta, message.payload.clone()))
+        }
+    }
+}
 
-    let codec = match Codec::from_content_type(header(headers::CONTENT_TYPE)) {
-        Ok(codec) => codec,
-        // The caller's codec is unknown; JSON is what a human can read.
-        Err(error) => return respond_fault(&request, Codec::Json, error.into()).await,
+async fn handle(request: service::Request, registration: &'static Registration, shared: &Shared) {
+    let spec = registration.spec;
+    let (codec, meta, args) = match read_request(&request.message) {
+        Ok(parts) => parts,
+        Err((codec, fault)) => return respond_fault(&request, codec, fault).await,
     };
-    if let Err(fault) = admit(spec, header(headers::SIG), header(headers::DEADLINE)) {
+    if let Err(fault) = admit(spec, &meta) {
         return respond_fault(&request, codec, fault).await;
     }
-    let report_instance = header(headers::REPORT) == Some("instance");
-
     let incoming = Incoming {
         codec,
-        payload: request.message.payload.clone(),
+        payload: args,
         spec,
     };
     let outcome = AssertUnwindSafe((registration.handler)(incoming))
@@ -394,7 +450,7 @@ async fn handle(request: service::Request, registration: &'static Registration, 
             if codec != Codec::Postcard {
                 reply_headers.insert(headers::CONTENT_TYPE, codec.content_type());
             }
-            if report_instance {
+            if meta.report_instance {
                 reply_headers.insert(headers::INSTANCE, shared.identity.as_str());
             }
             // A failed publish means the connection is gone; the caller
@@ -407,25 +463,19 @@ async fn handle(request: service::Request, registration: &'static Registration, 
 
 /// Checks what must hold before a call runs: matching signature, deadline
 /// not yet passed.
-fn admit(spec: &FnSpec, sig: Option<&str>, deadline: Option<&str>) -> Result<(), Fault> {
-    if let Some(sig) = sig {
+fn admit(spec: &FnSpec, meta: &CallMeta) -> Result<(), Fault> {
+    if let Some(sig) = meta.sig {
         if sig != spec.sig {
             return Err(Fault::new(
                 ErrorKind::SignatureMismatch,
                 format!(
-                    "signature mismatch on `{}.{}`: the caller was built against signature {sig}, this worker serves {} ({}); rebuild caller and worker from the same source",
+                    "signature mismatch on `{}.{}`: the caller was built against signature {sig:016x}, this worker serves {:016x} ({}); rebuild caller and worker from the same source",
                     spec.service, spec.name, spec.sig, spec.signature
                 ),
             ));
         }
     }
-    if let Some(deadline) = deadline {
-        let deadline: u64 = deadline.trim().parse().map_err(|_| {
-            Fault::new(
-                ErrorKind::BadRequest,
-                format!("header Wharf-Deadline must be unix milliseconds, got `{deadline}`"),
-            )
-        })?;
+    if let Some(deadline) = meta.deadline_ms {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -531,7 +581,7 @@ mod tests {
     static SPEC: FnSpec = FnSpec {
         service: "math",
         name: "add",
-        sig: "00000000000000aa",
+        sig: 0xaa,
         signature: "add(a:i64,b:i64)->i64",
         args: &[],
         returns: "i64",
@@ -543,23 +593,28 @@ mod tests {
         subject: crate::spec::SubjectCache::new(),
     };
 
+    fn meta(sig: Option<u64>, deadline_ms: Option<u64>) -> CallMeta {
+        CallMeta {
+            sig,
+            deadline_ms,
+            report_instance: false,
+        }
+    }
+
     #[test]
     fn admit_checks_signature_and_deadline() {
-        assert!(admit(&SPEC, Some("00000000000000aa"), None).is_ok());
-        let mismatch = admit(&SPEC, Some("00000000000000bb"), None).unwrap_err();
+        assert!(admit(&SPEC, &meta(Some(0xaa), None)).is_ok());
+        let mismatch = admit(&SPEC, &meta(Some(0xbb), None)).unwrap_err();
         assert_eq!(mismatch.kind, ErrorKind::SignatureMismatch);
         assert!(mismatch.message.contains("00000000000000bb"));
         assert!(mismatch.message.contains("00000000000000aa"));
-        let late = admit(&SPEC, None, Some("1000")).unwrap_err();
+        let late = admit(&SPEC, &meta(None, Some(1000))).unwrap_err();
         assert_eq!(late.kind, ErrorKind::DeadlineExceeded);
-        let garbled = admit(&SPEC, None, Some("soon")).unwrap_err();
-        assert_eq!(garbled.kind, ErrorKind::BadRequest);
         let far = (SystemTime::now() + Duration::from_secs(60))
             .duration_since(UNIX_EPOCH)
             .unwrap()
-            .as_millis()
-            .to_string();
-        assert!(admit(&SPEC, None, Some(&far)).is_ok());
+            .as_millis() as u64;
+        assert!(admit(&SPEC, &meta(None, Some(far))).is_ok());
     }
 
     #[test]

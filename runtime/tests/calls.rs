@@ -92,6 +92,21 @@ async fn raw_request(
         .expect("a reply")
 }
 
+/// A postcard request as a foreign client writes it: envelope, then args.
+fn postcard_request(sig: u64, deadline_ms: u64, args: &[u8]) -> Vec<u8> {
+    let envelope = wharf::codec::Envelope {
+        version: wharf::codec::ENVELOPE_VERSION,
+        sig,
+        deadline_ms,
+        call_id: "test-call",
+        attempt: 1,
+        flags: 0,
+    };
+    let mut bytes = postcard::to_allocvec(&envelope).unwrap();
+    bytes.extend_from_slice(args);
+    bytes
+}
+
 fn header<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {
     message.headers.as_ref()?.get(name).map(|v| v.as_str())
 }
@@ -152,6 +167,7 @@ async fn json_by_name_by_position_and_json_errors() {
     let (_server, client, _worker) = setup().await;
     let json = [("Content-Type", "application/json")];
     let reply = raw_request(&client, "wharf.calls.add", &json, r#"{"a": 2, "b": 40}"#).await;
+    assert_eq!(header(&reply, "Nats-Service-Error-Code"), None);
     assert_eq!(&reply.payload[..], b"42");
     assert_eq!(header(&reply, "Content-Type"), Some("application/json"));
     let reply = raw_request(&client, "wharf.calls.greet", &json, r#"["Bob"]"#).await;
@@ -180,11 +196,23 @@ async fn json_by_name_by_position_and_json_errors() {
 #[tokio::test]
 async fn undecodable_arguments_get_400_and_the_worker_keeps_serving() {
     let (_server, client, _worker) = setup().await;
-    let reply = raw_request(&client, "wharf.calls.add", &[], vec![0xff_u8; 3]).await;
+    let garbage = postcard_request(add::SPEC.sig, 0, &[0xff; 3]);
+    let reply = raw_request(&client, "wharf.calls.add", &[], garbage).await;
     assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("400"));
     let text = header(&reply, "Nats-Service-Error").unwrap();
     assert!(text.contains("calls.add"), "{text}");
     assert!(text.contains("add(a:i64,b:i64)->i64"), "{text}");
+    let body: wharf::codec::ErrorBody = postcard::from_bytes(&reply.payload).unwrap();
+    assert_eq!(body.kind, "bad_request");
+
+    // Arguments without the envelope.
+    let bare = Codec::Postcard.encode(&(1i64, 2i64)).unwrap();
+    let reply = raw_request(&client, "wharf.calls.add", &[], bare).await;
+    assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("400"));
+    assert!(header(&reply, "Nats-Service-Error")
+        .unwrap()
+        .contains("envelope"));
+
     let reply = raw_request(
         &client,
         "wharf.calls.add",
@@ -196,6 +224,14 @@ async fn undecodable_arguments_get_400_and_the_worker_keeps_serving() {
     assert!(header(&reply, "Nats-Service-Error")
         .unwrap()
         .contains("text/csv"));
+
+    let json = [("Content-Type", "application/json"), ("Wharf-Sig", "zz")];
+    let reply = raw_request(&client, "wharf.calls.add", &json, "[1,2]").await;
+    assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("400"));
+    assert!(header(&reply, "Nats-Service-Error")
+        .unwrap()
+        .contains("Wharf-Sig"));
+
     assert_eq!(add::call(&client, 1, 1).await.unwrap(), 2);
 }
 
@@ -248,7 +284,7 @@ async fn oversized_payloads_are_refused_before_sending() {
 static OLD_ADD: wharf::FnSpec = wharf::FnSpec {
     service: "calls",
     name: "add",
-    sig: "0123456789abcdef",
+    sig: 0x0123_4567_89ab_cdef,
     signature: "add(a:i32,b:i32)->i32",
     args: &[],
     returns: "i32",
@@ -269,20 +305,36 @@ async fn another_signature_gets_409_naming_both_hashes() {
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::SignatureMismatch);
     assert!(error.message().contains("0123456789abcdef"), "{error}");
-    assert!(error.message().contains(add::SPEC.sig), "{error}");
+    assert!(error.message().contains(&add::SPEC.sig_hex()), "{error}");
 }
 
 #[tokio::test]
 async fn a_passed_deadline_gets_504_and_slow_calls_time_out() {
     let (_server, client, _worker) = setup().await;
+    let args = Codec::Postcard.encode(&(1i64, 2i64)).unwrap();
     let reply = raw_request(
         &client,
         "wharf.calls.add",
-        &[("Wharf-Deadline", "1000")],
-        Codec::Postcard.encode(&(1i64, 2i64)).unwrap(),
+        &[],
+        postcard_request(0, 1000, &args),
     )
     .await;
     assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("504"));
+    let json = [
+        ("Content-Type", "application/json"),
+        ("Wharf-Deadline", "1000"),
+    ];
+    let reply = raw_request(&client, "wharf.calls.add", &json, "[1,2]").await;
+    assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("504"));
+    // A foreign client may skip signature and deadline (zeros).
+    let reply = raw_request(
+        &client,
+        "wharf.calls.add",
+        &[],
+        postcard_request(0, 0, &args),
+    )
+    .await;
+    assert_eq!(postcard::from_bytes::<i64>(&reply.payload).unwrap(), 3);
     let error = slow::call(&client, 2_000).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Timeout);
     assert!(error.message().contains("wharf.calls.slow"), "{error}");
@@ -306,7 +358,7 @@ async fn discovery_through_the_micro_protocol() {
         .find(|e| e["name"] == "add")
         .expect("add is listed");
     assert_eq!(add_info["subject"], "wharf.calls.add");
-    assert_eq!(add_info["metadata"]["wharf.sig"], add::SPEC.sig);
+    assert_eq!(add_info["metadata"]["wharf.sig"], add::SPEC.sig_hex());
     assert_eq!(add_info["metadata"]["wharf.args"], "a: i64, b: i64");
     assert_eq!(add_info["metadata"]["wharf.returns"], "i64");
     let divide_info = endpoints.iter().find(|e| e["name"] == "divide").unwrap();
