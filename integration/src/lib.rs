@@ -1,1 +1,262 @@
-//! x
+//! Integration and fault tests for wharf, and what they share.
+//!
+//! The library half defines microservices (so the `svc` binary calls
+//! functions defined in another crate, as users do) and the helpers the
+//! tests in `tests/` use: worker processes, process inspection and the
+//! locally built NATS image.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The function's own error type, to check it survives the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum InventoryError {
+    /// Not enough items in stock.
+    OutOfStock {
+        /// What was left.
+        left: u32,
+    },
+}
+
+impl std::fmt::Display for InventoryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InventoryError::OutOfStock { left } => write!(f, "out of stock: {left} left"),
+        }
+    }
+}
+
+impl std::error::Error for InventoryError {}
+
+/// Adds two numbers.
+#[wharf::microservice(service = "itest")]
+pub async fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+/// Which process serves: lets tests see the load spread.
+#[wharf::microservice(service = "itest")]
+pub async fn whoami() -> u32 {
+    std::process::id()
+}
+
+/// Sleeps, then answers: a call that is in flight for a while.
+#[wharf::microservice(service = "itest", timeout = "30s")]
+pub async fn sleep_ms(ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+/// Takes items from a stock of 10; a sync function with its own error.
+#[wharf::microservice(service = "itest")]
+pub fn take(count: u32) -> Result<u32, InventoryError> {
+    if count <= 10 {
+        Ok(10 - count)
+    } else {
+        Err(InventoryError::OutOfStock { left: 10 })
+    }
+}
+
+/// Path of the `svc` binary. Cargo builds it with this crate's tests, next
+/// to the `deps/` folder the test executables run from.
+pub fn svc_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in <target>/<profile>/deps");
+    profile_dir.join("svc")
+}
+
+/// A worker process of the `svc` binary, killed when dropped so that a
+/// failing test leaves no process behind.
+pub struct WorkerProcess(Child);
+
+impl WorkerProcess {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// Waits for it to exit (after a signal) and returns its status.
+    pub async fn exit_status(mut self) -> std::process::ExitStatus {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.0.try_wait().expect("waitpid") {
+                return status;
+            }
+            assert!(
+                Instant::now() < until,
+                "worker {} did not exit within 20 s",
+                self.pid()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A worker process of the `svc` binary serving through `url`.
+pub fn spawn_worker(url: &str) -> WorkerProcess {
+    let child = Command::new(svc_binary())
+        .arg("worker")
+        .env("NATS_URL", url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the svc binary starts");
+    WorkerProcess(child)
+}
+
+/// Waits until `count` distinct processes answer `whoami` through `client`.
+pub async fn wait_for_workers(client: &wharf::Client, count: usize) -> Vec<u32> {
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < count {
+        assert!(
+            Instant::now() < until,
+            "only {} of {count} workers answered within 20 s",
+            seen.len()
+        );
+        match whoami::call(client).await {
+            Ok(pid) => {
+                seen.insert(pid);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    seen.into_iter().collect()
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid this test started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Waits until none of `pids` is alive; false if some still are at `within`.
+pub fn wait_gone(pids: &[u32], within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if pids.iter().all(|pid| !alive(*pid)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Whether tests that need Docker may skip when it is missing. Under CI or
+/// with `WHARF_REQUIRE_DOCKER` set, a missing Docker is a failure.
+pub fn docker_required() -> bool {
+    std::env::var_os("CI").is_some() || std::env::var_os("WHARF_REQUIRE_DOCKER").is_some()
+}
+
+/// Whether a Docker engine answers.
+pub fn docker_available() -> bool {
+    Command::new("docker")
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Name and tag of the local NATS image.
+pub const NATS_IMAGE: (&str, &str) = ("wharf-nats", "local");
+
+/// Builds the local NATS image (`FROM scratch` plus the static nats-server
+/// binary, from `broker-config/docker/nats.Dockerfile`).
+/// Returns `None`, after printing a visible skip line, when Docker is
+/// missing and not required; panics when it is required.
+pub fn nats_image() -> Option<(&'static str, &'static str)> {
+    if !docker_available() {
+        assert!(
+            !docker_required(),
+            "Docker is required here (CI or WHARF_REQUIRE_DOCKER is set) but `docker info` fails: start the Docker engine"
+        );
+        eprintln!(
+            "SKIP: Docker is not available; set WHARF_REQUIRE_DOCKER=1 to make this a failure"
+        );
+        return None;
+    }
+    // Built once per test process; Docker's layer cache makes a rebuild of
+    // an unchanged binary quick, and a changed binary is never missed.
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| build_nats_image(&format!("{}:{}", NATS_IMAGE.0, NATS_IMAGE.1)));
+    Some(NATS_IMAGE)
+}
+
+/// The nats-server executable itself: an image `FROM scratch` cannot run a
+/// wrapper script (such as a pyenv shim) or a dynamically linked build.
+fn static_nats_server() -> PathBuf {
+    let found = wharf::nats_server_binary().expect("nats-server is installed");
+    let is_elf = |path: &Path| {
+        std::fs::read(path)
+            .map(|bytes| bytes.starts_with(b"\x7fELF"))
+            .unwrap_or(false)
+    };
+    let real = std::fs::canonicalize(&found).unwrap_or(found.clone());
+    if is_elf(&real) {
+        return real;
+    }
+    // A pyenv shim: ask pyenv where the binary is.
+    let resolved = Command::new("pyenv")
+        .args(["which", "nats-server"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    match resolved {
+        Some(path) if is_elf(&path) => path,
+        _ => panic!(
+            "{} is not the nats-server binary itself (a wrapper script?); set WHARF_NATS_SERVER to the static binary",
+            found.display()
+        ),
+    }
+}
+
+fn build_nats_image(tag: &str) {
+    let binary = static_nats_server();
+    let context = std::env::temp_dir().join(format!("wharf-nats-image-{}", std::process::id()));
+    std::fs::create_dir_all(&context).expect("build context");
+    std::fs::copy(&binary, context.join("nats-server")).expect("copy nats-server");
+    let dockerfile =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker-config/docker/nats.Dockerfile");
+    let status = Command::new("docker")
+        .args(["build", "-q", "-t", tag, "-f"])
+        .arg(&dockerfile)
+        .arg(&context)
+        .stdout(Stdio::null())
+        .status()
+        .expect("docker build runs");
+    let _ = std::fs::remove_dir_all(&context);
+    assert!(status.success(), "docker build of {tag} failed");
+}

@@ -33,8 +33,9 @@ struct Inner {
 }
 
 impl Client {
-    /// Connects to the NATS server at `url`. The subject prefix comes from
-    /// `WHARF_PREFIX` (default `wharf`).
+    /// Connects to the NATS server at `url`, or to any of a cluster's
+    /// servers given comma-separated (`nats://a:4222,nats://b:4222`). The
+    /// subject prefix comes from `WHARF_PREFIX` (default `wharf`).
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), wharf::Error> {
@@ -42,9 +43,14 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn connect(url: &str) -> Result<Client, Error> {
+        let servers: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
         let nats = async_nats::ConnectOptions::new()
             .name("wharf")
-            .connect(url)
+            .connect(servers.as_slice())
             .await
             .map_err(|e| {
                 Error::new(
@@ -198,7 +204,9 @@ struct Prepared {
 /// `nuid` sits behind a mutex that every concurrent call would contend on.
 fn call_id() -> nuid::NUIDStr {
     thread_local! {
-        static NUID: std::cell::RefCell<nuid::NUID> = std::cell::RefCell::new(nuid::NUID::new());
+        // `NUID::new` is a placeholder state; the first `next` seeds it from
+        // the OS random source, so threads never share a sequence.
+        static NUID: std::cell::RefCell<nuid::NUID> = const { std::cell::RefCell::new(nuid::NUID::new()) };
     }
     NUID.with(|n| n.borrow_mut().next())
 }

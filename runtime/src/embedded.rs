@@ -60,17 +60,34 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// A free TCP port on the loopback interface.
-fn free_port() -> Result<u16, Error> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Process,
-                format!("no free port on 127.0.0.1: {e}"),
-            )
-        })
+/// A nats-server with JetStream on a loopback port of its own choosing
+/// (`-p -1`, so no other process can take the port between choosing and
+/// binding), its store under `dir`, reporting its port in a file in `dir`.
+pub(crate) fn nats_command(binary: &Path, dir: &Path) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
+        .arg(dir.join("jetstream"))
+        .arg("--ports_file_dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
+/// The port of `listener` (`nats`, `monitoring`) that server `pid` wrote
+/// into its ports file in `dir`, once it has.
+pub(crate) fn reported_port(dir: &Path, pid: u32, listener: &str) -> Option<u16> {
+    let text = std::fs::read_to_string(dir.join(format!("nats-server_{pid}.ports"))).ok()?;
+    let ports: std::collections::HashMap<String, Vec<String>> = serde_json::from_str(&text).ok()?;
+    ports
+        .get(listener)?
+        .first()?
+        .rsplit(':')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Starts nats-server with JetStream on a free loopback port and a temporary
@@ -90,68 +107,39 @@ pub(crate) async fn start_nats_server() -> Result<String, Error> {
         )
     })?;
     let log = scratch.join("nats-server.log");
-    // A port can be taken between probing and binding; try a few.
-    let mut last_error = None;
-    for _ in 0..3 {
-        let port = free_port()?;
-        let mut command = Command::new(&binary);
-        command
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(scratch.join("jetstream"))
-            .arg("-l")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let pid = children::spawn(command, Role::Server, Some(scratch.clone()))
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Process,
-                    format!("cannot start `{}`: {e}", binary.display()),
-                )
-            })?;
-        match wait_listening(port, pid).await {
-            Ok(()) => return Ok(format!("nats://127.0.0.1:{port}")),
-            Err(error) => last_error = Some(error),
-        }
-    }
-    let tail = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-    Err(Error::new(
-        ErrorKind::Process,
-        format!(
-            "nats-server did not start: {}; last log lines: {}",
-            last_error.map(|e| e.to_string()).unwrap_or_default(),
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        ),
-    ))
-}
-
-async fn wait_listening(port: u16, pid: u32) -> Result<(), Error> {
+    let mut command = nats_command(&binary, &scratch);
+    command.arg("-l").arg(&log);
+    let pid = children::spawn(command, Role::Server, Some(scratch.clone()))
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Process,
+                format!("cannot start `{}`: {e}", binary.display()),
+            )
+        })?;
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
+        if let Some(port) = reported_port(&scratch, pid, "nats") {
+            return Ok(format!("nats://127.0.0.1:{port}"));
         }
-        if let Some((exited, status)) = children::exited(Role::Server) {
-            if exited == pid {
-                return Err(Error::new(
-                    ErrorKind::Process,
-                    format!("nats-server (pid {pid}) exited: {status}"),
-                ));
+        let failure = match children::exited(Role::Server) {
+            Some((exited, status)) if exited == pid => format!("it exited ({status})"),
+            _ if Instant::now() > until => "it reported no port within 10 s".to_owned(),
+            _ => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
             }
-        }
-        if Instant::now() > until {
-            return Err(Error::new(
-                ErrorKind::Process,
-                format!("nats-server (pid {pid}) is not listening on port {port} after 10 s"),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        return Err(Error::new(
+            ErrorKind::Process,
+            format!(
+                "nats-server `{}` did not start: {failure}; last log lines: {}",
+                binary.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ),
+        ));
     }
 }
 
@@ -183,6 +171,7 @@ pub(crate) async fn spawn_workers(client: &Client, count: usize) -> Result<Vec<u
             .env("NATS_URL", client.url())
             .env("WHARF_PREFIX", client.prefix())
             .env("WHARF_READY_SUBJECT", &ready_subject)
+            .env("WHARF_PARENT_PID", std::process::id().to_string())
             .stdin(Stdio::null());
         let pid = children::spawn(command, Role::Worker, None)
             .await

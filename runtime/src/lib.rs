@@ -160,6 +160,11 @@ pub fn local_workers() -> Vec<u32> {
     children::pids(children::Role::Worker)
 }
 
+/// Pid of the nats-server local mode started, if it started one.
+pub fn local_server() -> Option<u32> {
+    children::pids(children::Role::Server).first().copied()
+}
+
 /// Whether this process was started to serve: `WHARF_ROLE=worker`, or
 /// `worker` as its first argument.
 pub fn is_worker_role() -> bool {
@@ -210,8 +215,26 @@ async fn serve_until_signal(url: &str, grace: Duration) -> Result<(), Error> {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+    if parent_is_gone() {
+        // Local mode, and the program that started this worker has died
+        // (this SIGTERM is its parent-death signal): its nats-server is
+        // going too, so there is no caller left to finish calls for.
+        return Ok(());
+    }
     worker.drain(grace).await;
     Ok(())
+}
+
+/// Whether this worker was started by a local-mode program that has since
+/// exited (it is then reparented, so its parent pid changes).
+fn parent_is_gone() -> bool {
+    let Some(parent) = std::env::var("WHARF_PARENT_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    std::os::unix::process::parent_id() != parent
 }
 
 /// Support for the generated code. Not a public API.

@@ -11,7 +11,7 @@
 
 use crate::{Error, ErrorKind};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// A nats-server child process owned by a test.
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 pub struct NatsServer {
     child: Child,
     port: u16,
+    monitoring: u16,
     dir: PathBuf,
 }
 
@@ -36,10 +37,6 @@ impl NatsServer {
         let dir = std::env::temp_dir().join(format!("wharf-test-nats-{}", nuid::next().as_str()));
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::new(ErrorKind::Process, format!("cannot create {dir:?}: {e}")))?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| Error::new(ErrorKind::Process, format!("no free port: {e}")))?;
         let config_file = dir.join("server.conf");
         std::fs::write(&config_file, config).map_err(|e| {
             Error::new(
@@ -47,34 +44,45 @@ impl NatsServer {
                 format!("cannot write {config_file:?}: {e}"),
             )
         })?;
-        let child = Command::new(&binary)
-            .arg("-c")
-            .arg(&config_file)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.join("jetstream"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let mut command = crate::embedded::nats_command(&binary, &dir);
+        command.arg("-c").arg(&config_file).args(["-m", "-1"]);
+        let child = command
             .spawn()
             .map_err(|e| Error::new(ErrorKind::Process, format!("cannot start {binary:?}: {e}")))?;
-        let mut server = NatsServer { child, port, dir };
+        let mut server = NatsServer {
+            child,
+            port: 0,
+            monitoring: 0,
+            dir,
+        };
         let until = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            let pid = server.child.id();
+            let ports = (
+                crate::embedded::reported_port(&server.dir, pid, "nats"),
+                crate::embedded::reported_port(&server.dir, pid, "monitoring"),
+            );
+            if let (Some(port), Some(monitoring)) = ports {
+                server.port = port;
+                server.monitoring = monitoring;
+                return Ok(server);
+            }
             if let Ok(Some(status)) = server.child.try_wait() {
                 return Err(Error::new(
                     ErrorKind::Process,
-                    format!("nats-server exited before listening: {status}"),
+                    format!(
+                        "nats-server exited before listening: {status} (check the configuration)"
+                    ),
                 ));
             }
             if Instant::now() > until {
                 return Err(Error::new(
                     ErrorKind::Process,
-                    format!("nats-server is not listening on {port} after 10 s"),
+                    "nats-server reported no port within 10 s",
                 ));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(server)
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -90,6 +98,59 @@ impl NatsServer {
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port
+    }
+}
+
+impl NatsServer {
+    /// Client connections the server holds right now (its `/varz`).
+    pub fn connections(&self) -> Result<u64, Error> {
+        let varz = self.monitor("/varz")?;
+        varz["connections"]
+            .as_u64()
+            .ok_or_else(|| Error::new(ErrorKind::Other, "`connections` missing from /varz"))
+    }
+
+    /// Waits until the server holds exactly `count` client connections, so
+    /// a test knows a killed process is gone from the server's view too
+    /// (its subscriptions with it), not only from the operating system's.
+    pub async fn wait_for_connections(&self, count: u64) -> Result<(), Error> {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.connections()?;
+            if now == count {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("the server holds {now} connections, not {count}, after 10 s"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// GETs a monitoring endpoint and parses its JSON.
+    fn monitor(&self, path: &str) -> Result<serde_json::Value, Error> {
+        use std::io::{Read, Write};
+        let fail = |e: std::io::Error| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("monitoring endpoint {path}: {e}"),
+            )
+        };
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", self.monitoring)).map_err(fail)?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(fail)?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).map_err(fail)?;
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str(body)
+            .map_err(|e| Error::new(ErrorKind::Codec, format!("monitoring endpoint {path}: {e}")))
     }
 }
 

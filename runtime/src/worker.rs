@@ -242,6 +242,7 @@ impl Worker {
             )
         })?;
         Ok(RunningWorker {
+            nats: self.client.nats().clone(),
             instance,
             services,
             tasks,
@@ -526,6 +527,7 @@ async fn respond_fault(request: &service::Request, codec: Codec, fault: Fault) {
 /// A started worker. Dropping it leaves the endpoints serving until the
 /// connection closes; [`RunningWorker::drain`] stops it cleanly.
 pub struct RunningWorker {
+    nats: async_nats::Client,
     instance: String,
     services: Vec<service::Service>,
     tasks: JoinSet<()>,
@@ -560,7 +562,31 @@ impl RunningWorker {
                 .acquire_many(self.shared.concurrency as u32)
                 .await;
         };
-        let _ = tokio::time::timeout(grace, finish).await;
+        tokio::select! {
+            _ = tokio::time::timeout(grace, finish) => {}
+            _ = connection_lost(&self.nats) => return,
+        }
+        // The last replies may still sit in the client's write buffer; a
+        // process that exits right after draining must not drop them.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.flush()).await;
+    }
+}
+
+/// Resolves once the connection has been down for a second: replies could
+/// not be delivered, so a drain stops waiting for them.
+async fn connection_lost(nats: &async_nats::Client) {
+    let mut down_since = None;
+    loop {
+        if nats.connection_state() == async_nats::connection::State::Connected {
+            down_since = None;
+        } else if down_since
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed()
+            >= Duration::from_secs(1)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -7,8 +7,10 @@ use std::time::Duration;
 use wharf::testing::NatsServer;
 use wharf::{CallError, Client, Codec, ErrorKind, Worker};
 
+/// `divide`'s own error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum MathError {
+    /// The divisor was zero.
     DivisionByZero,
 }
 
@@ -18,16 +20,19 @@ impl std::fmt::Display for MathError {
     }
 }
 
+/// Adds.
 #[wharf::microservice(service = "calls")]
 pub async fn add(a: i64, b: i64) -> i64 {
     a + b
 }
 
+/// Greets.
 #[wharf::microservice(service = "calls")]
 pub async fn greet(name: String) -> String {
     format!("Hello, {name}!")
 }
 
+/// Divides; a sync function with its own error.
 #[wharf::microservice(service = "calls")]
 pub fn divide(a: f64, b: f64) -> Result<f64, MathError> {
     if b == 0.0 {
@@ -37,11 +42,13 @@ pub fn divide(a: f64, b: f64) -> Result<f64, MathError> {
     }
 }
 
+/// Panics.
 #[wharf::microservice(service = "calls")]
 pub async fn explode(reason: String) -> u8 {
     panic!("exploded: {reason}")
 }
 
+/// Panics on the blocking pool.
 #[wharf::microservice(service = "calls")]
 pub fn explode_sync(reason: String) -> u8 {
     panic!("sync exploded: {reason}")
@@ -53,14 +60,17 @@ pub fn on_blocking_pool() -> bool {
     tokio::runtime::Handle::current().block_on(async { true })
 }
 
+/// Served under another name.
 #[wharf::microservice(service = "calls", name = "renamed_on_wire")]
 pub async fn local_name(x: u32) -> u32 {
     x * 2
 }
 
+/// Takes and returns nothing.
 #[wharf::microservice(service = "calls")]
 pub async fn nothing() {}
 
+/// Sleeps `ms`; its calls time out after 200 ms.
 #[wharf::microservice(service = "calls", timeout = "200ms")]
 pub async fn slow(ms: u64) -> u64 {
     tokio::time::sleep(Duration::from_millis(ms)).await;

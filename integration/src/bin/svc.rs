@@ -1,0 +1,35 @@
+//! A program whose microservices live in a library crate
+//! (`wharf_integration`), as a user's often do.
+//!
+//! - `svc worker`: serve, against `NATS_URL`.
+//! - `svc`: `wharf::init()` (local mode unless `NATS_URL` is set), call each
+//!   function, print the results and the pids of the processes it started.
+//! - `svc panic`: the same, then panic.
+//! - `svc wait`: the same, then wait for a signal.
+
+use wharf_integration::{add, take, whoami, InventoryError};
+
+#[wharf::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    wharf::init().await?;
+    println!("workers {:?}", wharf::local_workers());
+    println!("server {:?}", wharf::local_server());
+    println!("add {}", add(2, 3).await?);
+    println!("whoami {}", whoami().await?);
+    println!("take {}", take(3).await?);
+    match take(11).await {
+        Err(wharf::CallError::Application(InventoryError::OutOfStock { left })) => {
+            println!("out of stock, {left} left")
+        }
+        other => return Err(format!("expected OutOfStock, got {other:?}").into()),
+    }
+    println!("ready");
+    match mode.as_str() {
+        "panic" => panic!("svc panics on purpose"),
+        "wait" => loop {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        },
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,114 @@
+//! Local mode end to end: `wharf::init()` starts nats-server and worker
+//! processes, and none of them outlives the program, however it ends.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use wharf_integration::{alive, signal, svc_binary, wait_gone};
+
+/// Starts `svc <mode>` in local mode and reads its output up to `ready`;
+/// returns the child, the pids it started, and the lines it printed.
+fn start_svc(mode: &str) -> (Child, Vec<u32>, Vec<String>) {
+    let mut child = Command::new(svc_binary())
+        .arg(mode)
+        .env_remove("NATS_URL")
+        .env("WHARF_WORKERS", "2")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("svc starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        let done = line == "ready";
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("ready"),
+        "svc output: {lines:?}"
+    );
+    let mut pids = Vec::new();
+    for line in &lines {
+        if let Some(list) = line.strip_prefix("workers ") {
+            pids.extend(
+                list.trim_matches(|c| c == '[' || c == ']')
+                    .split(", ")
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        if let Some(server) = line.strip_prefix("server Some(") {
+            pids.push(server.trim_end_matches(')').parse().unwrap());
+        }
+    }
+    assert_eq!(pids.len(), 3, "two workers and a server: {lines:?}");
+    assert!(pids.iter().all(|pid| alive(*pid)), "all started: {pids:?}");
+    (child, pids, lines)
+}
+
+#[test]
+fn calls_work_and_a_normal_exit_stops_everything() {
+    let (mut child, pids, lines) = start_svc("");
+    assert!(lines.contains(&"add 5".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"take 7".to_owned()), "{lines:?}");
+    assert!(
+        lines.contains(&"out of stock, 10 left".to_owned()),
+        "{lines:?}"
+    );
+    let served_by: u32 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("whoami "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        pids.contains(&served_by),
+        "a worker served whoami, not the caller"
+    );
+    assert!(child.wait().unwrap().success());
+    assert!(
+        wait_gone(&pids, Duration::from_secs(5)),
+        "orphans: {pids:?}"
+    );
+}
+
+#[test]
+fn a_panic_stops_everything() {
+    let (mut child, pids, _) = start_svc("panic");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(101), "a panic in main exits with 101");
+    assert!(
+        wait_gone(&pids, Duration::from_secs(5)),
+        "orphans: {pids:?}"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_everything() {
+    let (mut child, pids, _) = start_svc("wait");
+    signal(child.id(), libc::SIGINT);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        wait_gone(&pids, Duration::from_secs(5)),
+        "orphans: {pids:?}"
+    );
+}
+
+#[test]
+fn sigkill_of_the_program_still_stops_everything() {
+    let (mut child, pids, _) = start_svc("wait");
+    signal(child.id(), libc::SIGKILL);
+    child.wait().unwrap();
+    // No exit hook runs on SIGKILL: the kernel's parent-death signal does it.
+    assert!(
+        wait_gone(&pids, Duration::from_secs(5)),
+        "orphans: {pids:?}"
+    );
+}

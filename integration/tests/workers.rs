@@ -1,0 +1,77 @@
+//! Worker processes against a real nats-server: load spreads over the queue
+//! group, a killed worker leaves the others serving, a drained worker
+//! finishes its calls.
+
+use std::time::Duration;
+use wharf::testing::NatsServer;
+use wharf::{Client, ErrorKind};
+use wharf_integration::{
+    add, sleep_ms, spawn_worker, take, wait_for_workers, whoami, InventoryError,
+};
+
+#[tokio::test]
+async fn calls_spread_over_worker_processes() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let workers: Vec<_> = (0..3).map(|_| spawn_worker(&server.url())).collect();
+    let pids = wait_for_workers(&client, 3).await;
+    let mut served = std::collections::BTreeMap::<u32, usize>::new();
+    for _ in 0..300 {
+        *served
+            .entry(whoami::call(&client).await.unwrap())
+            .or_default() += 1;
+    }
+    assert_eq!(served.len(), 3, "every worker served: {served:?}");
+    assert!(served.keys().all(|pid| pids.contains(pid)));
+    assert_eq!(add::call(&client, 40, 2).await.unwrap(), 42);
+    assert_eq!(
+        take::call(&client, 12).await.unwrap_err(),
+        wharf::CallError::Application(InventoryError::OutOfStock { left: 10 })
+    );
+    drop(workers);
+}
+
+#[tokio::test]
+async fn a_killed_worker_leaves_the_others_serving() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let mut first = spawn_worker(&server.url());
+    let mut second = spawn_worker(&server.url());
+    wait_for_workers(&client, 2).await;
+    first.kill(); // SIGKILL
+                  // Calls already routed to a worker when it dies are the subject of
+                  // retries; here the server has seen it go (test client + one worker).
+    server.wait_for_connections(2).await.unwrap();
+    for i in 0..200 {
+        assert_eq!(add::call(&client, i, 1).await.unwrap(), i + 1);
+    }
+    second.kill();
+    server.wait_for_connections(1).await.unwrap();
+    let error = add::call(&client, 1, 1).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NoResponders);
+}
+
+#[tokio::test]
+async fn sigterm_drains_calls_in_flight() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let worker = spawn_worker(&server.url());
+    wait_for_workers(&client, 1).await;
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { sleep_ms::call(&client, 300).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    wharf_integration::signal(worker.pid(), libc::SIGTERM);
+    for call in calls {
+        assert_eq!(
+            call.await.unwrap().unwrap(),
+            300,
+            "no call in flight is lost"
+        );
+    }
+    let status = worker.exit_status().await;
+    assert!(status.success(), "a drained worker exits cleanly: {status}");
+}
