@@ -1,0 +1,57 @@
+//! A Python client (nats-py), written from docs/protocol.md alone,
+//! discovers and calls a wharf service served by a worker process.
+
+use std::process::Command;
+use wharf::testing::NatsServer;
+use wharf::Client;
+use wharf_integration::{add, spawn_worker, wait_for_workers};
+
+#[tokio::test]
+async fn nats_py_calls_a_wharf_service() {
+    let has_nats_py = Command::new("python3")
+        .args(["-c", "import nats"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_nats_py {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 with nats-py is required under CI: pip install nats-py"
+        );
+        eprintln!("SKIP: python3 with nats-py is not installed (pip install nats-py)");
+        return;
+    }
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = spawn_worker(&server.url());
+    wait_for_workers(&client, 1).await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/foreign_client.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(server.url())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the Python client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    assert_eq!(
+        seen["endpoints"],
+        serde_json::json!(["add", "sleep_ms", "take", "whoami"])
+    );
+    assert_eq!(seen["add_sig"], add::SPEC.sig_hex());
+    assert_eq!(seen["add_args"], "a: i64, b: i64");
+    assert_eq!(seen["by_name"], 42);
+    assert_eq!(seen["by_position"], 3);
+    assert_eq!(seen["app_error"]["code"], "422");
+    assert_eq!(seen["app_error"]["body"]["kind"], "application");
+    assert_eq!(seen["app_error"]["body"]["error"]["OutOfStock"]["left"], 10);
+    assert_eq!(seen["bad_request"]["code"], "400");
+    assert_eq!(seen["bad_request"]["body"]["kind"], "bad_request");
+    assert_eq!(seen["mismatch"]["code"], "409");
+    assert_eq!(seen["postcard"], serde_json::json!([10]));
+}
