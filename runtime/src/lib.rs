@@ -25,6 +25,7 @@ mod client;
 pub mod codec;
 mod embedded;
 mod error;
+mod micro;
 mod spec;
 pub mod testing;
 pub mod worker;

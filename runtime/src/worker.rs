@@ -6,9 +6,9 @@
 //! sync functions run on the blocking pool.
 
 use crate::codec::{ApplicationErrorBody, Codec, Envelope, ErrorBody, FLAG_REPORT_INSTANCE};
+use crate::micro;
 use crate::spec::{registrations, Registration};
 use crate::{headers, Client, Error, ErrorKind, FnSpec};
-use async_nats::service::{self, ServiceExt};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
@@ -17,11 +17,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 
 /// Calls one worker runs at once unless `WHARF_CONCURRENCY` or
 /// [`Worker::concurrency`] says otherwise.
@@ -198,53 +197,75 @@ impl Worker {
 
         let instance = nuid::next().as_str().to_owned();
         let identity = format!("{instance} {} {}", std::process::id(), hostname());
+        let nats = self.client.nats().clone();
         let shared = Arc::new(Shared {
+            nats: nats.clone(),
             permits: Arc::new(Semaphore::new(self.concurrency)),
             concurrency: self.concurrency,
             identity,
-            served: AtomicU64::new(0),
         });
-        let mut services = Vec::new();
+        let (stop, stopped) = watch::channel(false);
+        let mut discovery = Vec::new();
         let mut tasks = JoinSet::new();
         for (service_name, regs) in by_service {
-            let service = start_service(&self.client, service_name, &regs, &shared, &instance)
-                .await
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Connection,
-                        format!("cannot register service `{service_name}` on NATS: {e}"),
-                    )
-                })?;
-            let group = service.group(format!("{}.{service_name}", self.client.prefix()));
+            let mut endpoints = Vec::new();
             for registration in regs {
                 let spec = registration.spec;
-                let endpoint = group
-                    .endpoint_builder()
-                    .name(spec.name)
-                    .metadata(endpoint_metadata(spec))
-                    .add(spec.name)
+                let subject = spec.subject(self.client.prefix());
+                let subscriber = nats
+                    .queue_subscribe(subject.clone(), micro::QUEUE_GROUP.into())
                     .await
                     .map_err(|e| {
                         Error::new(
                             ErrorKind::Connection,
-                            format!("cannot subscribe `{service_name}.{}`: {e}", spec.name),
+                            format!("cannot subscribe `{subject}`: {e}"),
                         )
                     })?;
-                tasks.spawn(serve_endpoint(endpoint, registration, shared.clone()));
+                let stats = Arc::new(micro::EndpointStats::default());
+                endpoints.push(micro::EndpointInfo {
+                    name: spec.name.to_owned(),
+                    subject: subject.to_string(),
+                    metadata: endpoint_metadata(spec),
+                    stats: stats.clone(),
+                });
+                let endpoint = Endpoint {
+                    registration,
+                    stats,
+                    shared: shared.clone(),
+                };
+                tasks.spawn(endpoint.serve(subscriber, stopped.clone()));
             }
-            services.push(service);
+            let info = micro::ServiceInfo {
+                name: service_name.to_owned(),
+                id: nuid::next().as_str().to_owned(),
+                version: regs_version(&endpoints, service_name),
+                description: format!("wharf service {service_name}"),
+                metadata: service_metadata(&instance),
+                endpoints,
+                started: SystemTime::now(),
+            };
+            let stats_shared = shared.clone();
+            let data = move || {
+                serde_json::json!({
+                    "in_flight": stats_shared.in_flight(),
+                    "backlog": 0,
+                    "concurrency": stats_shared.concurrency,
+                })
+            };
+            discovery.push(micro::answer_discovery(&nats, Arc::new(info), data).await?);
         }
         // The subscriptions exist on the server only after a round trip.
-        self.client.nats().flush().await.map_err(|e| {
+        nats.flush().await.map_err(|e| {
             Error::new(
                 ErrorKind::Connection,
                 format!("cannot confirm subscriptions with NATS: {e}"),
             )
         })?;
         Ok(RunningWorker {
-            nats: self.client.nats().clone(),
+            nats,
             instance,
-            services,
+            stop,
+            discovery,
             tasks,
             shared,
         })
@@ -271,15 +292,9 @@ fn check_unique_subjects(prefix: &str) -> Result<BTreeMap<String, &'static Regis
     Ok(by_subject)
 }
 
-async fn start_service(
-    client: &Client,
-    name: &str,
-    regs: &[&'static Registration],
-    shared: &Arc<Shared>,
-    instance: &str,
-) -> Result<service::Service, async_nats::Error> {
-    let version = regs.first().map_or("0.0.0", |r| r.spec.version);
-    let metadata = HashMap::from([
+/// Service metadata: which worker instance this is.
+fn service_metadata(instance: &str) -> HashMap<String, String> {
+    HashMap::from([
         ("wharf.instance".to_owned(), instance.to_owned()),
         ("wharf.pid".to_owned(), std::process::id().to_string()),
         ("wharf.host".to_owned(), hostname()),
@@ -287,23 +302,15 @@ async fn start_service(
             "wharf.runtime".to_owned(),
             env!("CARGO_PKG_VERSION").to_owned(),
         ),
-    ]);
-    let stats = shared.clone();
-    client
-        .nats()
-        .service_builder()
-        .description(format!("wharf service {name}"))
-        .metadata(metadata)
-        .stats_handler(move |_endpoint, _stats| {
-            serde_json::json!({
-                "in_flight": stats.in_flight(),
-                "backlog": 0,
-                "concurrency": stats.concurrency,
-                "served": stats.served.load(Ordering::Relaxed),
-            })
-        })
-        .start(name, version)
-        .await
+    ])
+}
+
+/// The service's version: that of the crate defining its functions.
+fn regs_version(endpoints: &[micro::EndpointInfo], service: &str) -> String {
+    registrations()
+        .find(|r| r.spec.service == service && endpoints.iter().any(|e| e.name == r.spec.name))
+        .map_or("0.0.0", |r| r.spec.version)
+        .to_owned()
 }
 
 /// ADR-32 endpoint metadata: what a foreign client needs to call it.
@@ -331,11 +338,11 @@ fn endpoint_metadata(spec: &FnSpec) -> HashMap<String, String> {
 }
 
 struct Shared {
+    nats: async_nats::Client,
     permits: Arc<Semaphore>,
     concurrency: usize,
     /// `Wharf-Instance` value: `<instance id> <pid> <host>`.
     identity: String,
-    served: AtomicU64,
 }
 
 impl Shared {
@@ -344,23 +351,128 @@ impl Shared {
     }
 }
 
-async fn serve_endpoint(
-    mut endpoint: service::endpoint::Endpoint,
+/// One function served by this worker.
+struct Endpoint {
     registration: &'static Registration,
+    stats: Arc<micro::EndpointStats>,
     shared: Arc<Shared>,
-) {
-    while let Some(request) = endpoint.next().await {
-        // At the limit the loop waits here, leaving further requests in the
-        // subscription's buffer instead of starting unbounded work.
-        let Ok(permit) = shared.permits.clone().acquire_owned().await else {
+}
+
+impl Endpoint {
+    /// Takes calls from `subscriber` until `stop` turns true, then
+    /// unsubscribes and still runs every call already delivered.
+    async fn serve(self, mut subscriber: async_nats::Subscriber, mut stop: watch::Receiver<bool>) {
+        let endpoint = Arc::new(self);
+        let mut stopping = false;
+        loop {
+            let message = if stopping {
+                subscriber.next().await
+            } else {
+                tokio::select! {
+                    message = subscriber.next() => message,
+                    _ = stop.changed() => {
+                        stopping = true;
+                        let _ = subscriber.unsubscribe().await;
+                        continue;
+                    }
+                }
+            };
+            let Some(message) = message else { return };
+            // At the limit the loop waits here, leaving further requests in
+            // the subscription's buffer instead of starting unbounded work.
+            let Ok(permit) = endpoint.shared.permits.clone().acquire_owned().await else {
+                return;
+            };
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                endpoint.handle(message).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn handle(&self, message: async_nats::Message) {
+        let started = Instant::now();
+        let spec = self.registration.spec;
+        let Some(reply) = message.reply.clone() else {
+            // A publish, not a request: nobody waits for an answer.
             return;
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            handle(request, registration, &shared).await;
-            shared.served.fetch_add(1, Ordering::Relaxed);
-            drop(permit);
-        });
+        let (codec, meta, args) = match read_request(&message) {
+            Ok(parts) => parts,
+            Err((codec, fault)) => return self.respond_fault(reply, codec, fault, started).await,
+        };
+        if let Err(fault) = admit(spec, &meta) {
+            return self.respond_fault(reply, codec, fault, started).await;
+        }
+        let incoming = Incoming {
+            codec,
+            payload: args,
+            spec,
+        };
+        let outcome = AssertUnwindSafe((self.registration.handler)(incoming))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(Fault::panicked(spec, &panic_message(panic.as_ref()))));
+        match outcome {
+            Ok(body) => {
+                let nats = &self.shared.nats;
+                // A failed publish means the connection is gone; the caller
+                // times out and nothing here can do better.
+                let _ = if codec == Codec::Postcard && !meta.report_instance {
+                    nats.publish(reply, body).await
+                } else {
+                    let mut headers = HeaderMap::new();
+                    if codec != Codec::Postcard {
+                        headers.insert(headers::CONTENT_TYPE, codec.content_type());
+                    }
+                    if meta.report_instance {
+                        headers.insert(headers::INSTANCE, self.shared.identity.as_str());
+                    }
+                    nats.publish_with_headers(reply, headers, body).await
+                };
+                self.stats.record(started.elapsed(), None);
+            }
+            Err(fault) => self.respond_fault(reply, codec, fault, started).await,
+        }
+    }
+
+    async fn respond_fault(
+        &self,
+        reply: async_nats::Subject,
+        codec: Codec,
+        fault: Fault,
+        started: Instant,
+    ) {
+        let code = fault.kind.code().unwrap_or(500);
+        let body = match fault.body {
+            Some(body) => body,
+            None => codec
+                .encode(&ErrorBody {
+                    kind: fault.kind.as_str().to_owned(),
+                    message: fault.message.clone(),
+                })
+                .unwrap_or_default(),
+        };
+        let mut headers = HeaderMap::new();
+        // ADR-32 status headers; a header value is one line.
+        let status_line: String = fault
+            .message
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        headers.insert(headers::SERVICE_ERROR, status_line.as_str());
+        headers.insert(headers::SERVICE_ERROR_CODE, code.to_string());
+        if codec != Codec::Postcard {
+            headers.insert(headers::CONTENT_TYPE, codec.content_type());
+        }
+        let _ = self
+            .shared
+            .nats
+            .publish_with_headers(reply, headers, body)
+            .await;
+        self.stats
+            .record(started.elapsed(), Some((code, status_line.as_str())));
     }
 }
 
@@ -427,41 +539,6 @@ fn read_request(message: &async_nats::Message) -> Result<(Codec, CallMeta, Bytes
     }
 }
 
-async fn handle(request: service::Request, registration: &'static Registration, shared: &Shared) {
-    let spec = registration.spec;
-    let (codec, meta, args) = match read_request(&request.message) {
-        Ok(parts) => parts,
-        Err((codec, fault)) => return respond_fault(&request, codec, fault).await,
-    };
-    if let Err(fault) = admit(spec, &meta) {
-        return respond_fault(&request, codec, fault).await;
-    }
-    let incoming = Incoming {
-        codec,
-        payload: args,
-        spec,
-    };
-    let outcome = AssertUnwindSafe((registration.handler)(incoming))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|panic| Err(Fault::panicked(spec, &panic_message(panic.as_ref()))));
-    match outcome {
-        Ok(body) => {
-            let mut reply_headers = HeaderMap::new();
-            if codec != Codec::Postcard {
-                reply_headers.insert(headers::CONTENT_TYPE, codec.content_type());
-            }
-            if meta.report_instance {
-                reply_headers.insert(headers::INSTANCE, shared.identity.as_str());
-            }
-            // A failed publish means the connection is gone; the caller
-            // times out and nothing here can do better.
-            let _ = request.respond_with_headers(Ok(body), reply_headers).await;
-        }
-        Err(fault) => respond_fault(&request, codec, fault).await,
-    }
-}
-
 /// Checks what must hold before a call runs: matching signature, deadline
 /// not yet passed.
 fn admit(spec: &FnSpec, meta: &CallMeta) -> Result<(), Fault> {
@@ -496,40 +573,13 @@ fn admit(spec: &FnSpec, meta: &CallMeta) -> Result<(), Fault> {
     Ok(())
 }
 
-async fn respond_fault(request: &service::Request, codec: Codec, fault: Fault) {
-    let body = match fault.body {
-        Some(body) => body,
-        None => codec
-            .encode(&ErrorBody {
-                kind: fault.kind.as_str().to_owned(),
-                message: fault.message.clone(),
-            })
-            .unwrap_or_default(),
-    };
-    let mut reply_headers = HeaderMap::new();
-    // ADR-32 status headers; a header value is one line.
-    let status_line: String = fault
-        .message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    reply_headers.insert(headers::SERVICE_ERROR, status_line);
-    reply_headers.insert(
-        headers::SERVICE_ERROR_CODE,
-        fault.kind.code().unwrap_or(500).to_string(),
-    );
-    if codec != Codec::Postcard {
-        reply_headers.insert(headers::CONTENT_TYPE, codec.content_type());
-    }
-    let _ = request.respond_with_headers(Ok(body), reply_headers).await;
-}
-
 /// A started worker. Dropping it leaves the endpoints serving until the
 /// connection closes; [`RunningWorker::drain`] stops it cleanly.
 pub struct RunningWorker {
     nats: async_nats::Client,
     instance: String,
-    services: Vec<service::Service>,
+    stop: watch::Sender<bool>,
+    discovery: Vec<JoinHandle<()>>,
     tasks: JoinSet<()>,
     shared: Arc<Shared>,
 }
@@ -549,8 +599,9 @@ impl RunningWorker {
     /// Stops taking calls, lets the ones already received finish (at most
     /// `grace`), then returns.
     pub async fn drain(mut self, grace: Duration) {
-        for service in self.services.drain(..) {
-            let _ = service.stop().await;
+        let _ = self.stop.send(true);
+        for task in self.discovery.drain(..) {
+            task.abort();
         }
         let finish = async {
             // Each endpoint loop ends once its buffered requests are

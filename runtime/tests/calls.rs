@@ -389,8 +389,26 @@ async fn discovery_through_the_micro_protocol() {
         .find(|e| e["name"] == "add")
         .unwrap();
     assert_eq!(add_stats["num_requests"], 1);
+    assert_eq!(add_stats["num_errors"], 0);
     assert_eq!(add_stats["data"]["in_flight"], 0);
     assert!(add_stats["data"]["concurrency"].as_u64().unwrap() > 0);
+
+    // Error replies count as errors, with the last one kept.
+    divide::call(&client, 1.0, 0.0).await.unwrap_err();
+    let reply = client
+        .nats()
+        .request("$SRV.STATS.calls", Bytes::new())
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let divide_stats = stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "divide")
+        .unwrap();
+    assert_eq!(divide_stats["num_errors"], 1);
+    assert_eq!(divide_stats["last_error"]["code"], 422);
 
     let reply = client
         .nats()
