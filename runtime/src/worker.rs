@@ -364,13 +364,17 @@ impl Endpoint {
     async fn serve(self, mut subscriber: async_nats::Subscriber, mut stop: watch::Receiver<bool>) {
         let endpoint = Arc::new(self);
         let mut stopping = false;
+        // Made once, not per message: this loop is the hot path.
+        let stop_signal = stop.changed();
+        tokio::pin!(stop_signal);
         loop {
             let message = if stopping {
                 subscriber.next().await
             } else {
                 tokio::select! {
+                    biased;
                     message = subscriber.next() => message,
-                    _ = stop.changed() => {
+                    _ = &mut stop_signal => {
                         stopping = true;
                         let _ = subscriber.unsubscribe().await;
                         continue;

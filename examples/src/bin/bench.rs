@@ -53,7 +53,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     } else {
         Plan {
-            rounds: 5,
+            rounds: 7,
             serial_calls: 5_000,
             parallel_calls: 60_000,
             spawn_samples: 10,
@@ -80,13 +80,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     for round in 0..plan.rounds {
         eprintln!("round {} of {}", round + 1, plan.rounds);
+        // Alternate which side goes first, so neither always runs on a
+        // system still busy with the other's load.
+        let sides = if round % 2 == 0 {
+            [Side::Raw, Side::Wharf]
+        } else {
+            [Side::Wharf, Side::Raw]
+        };
         if !focus {
-            let (p50, p99) = serial(plan.serial_calls, || raw_call(&nats)).await?;
-            record("serial p50 (µs)", "raw", p50);
-            record("serial p99 (µs)", "raw", p99);
-            let (p50, p99) = serial(plan.serial_calls, || wharf_call(&client)).await?;
-            record("serial p50 (µs)", "wharf", p50);
-            record("serial p99 (µs)", "wharf", p99);
+            for side in sides {
+                let (p50, p99) = serial(plan.serial_calls, || side.call(&nats, &client)).await?;
+                record("serial p50 (µs)", side.name(), p50);
+                record("serial p99 (µs)", side.name(), p99);
+            }
         }
         let loads: &[(&'static str, usize)] = if focus {
             &[("calls/s, 256 in flight", 256)]
@@ -97,38 +103,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ]
         };
         for &(metric, in_flight) in loads {
-            let cpu_before = cpu_ticks(&[server.pid(), raw.id(), std::process::id()]);
-            let rate = throughput(plan.parallel_calls, in_flight, {
-                let nats = nats.clone();
-                move || {
-                    let nats = nats.clone();
-                    async move { raw_call(&nats).await }
-                }
-            })
-            .await?;
-            record(metric, "raw", rate);
-            let cpu = cpu_per_call(
-                cpu_before,
-                &[server.pid(), raw.id(), std::process::id()],
-                plan.parallel_calls,
-            );
-            record_cpu(&mut record, in_flight, "raw", cpu);
-            let cpu_before = cpu_ticks(&[server.pid(), worker.id(), std::process::id()]);
-            let rate = throughput(plan.parallel_calls, in_flight, {
-                let client = client.clone();
-                move || {
-                    let client = client.clone();
-                    async move { wharf_call(&client).await }
-                }
-            })
-            .await?;
-            record(metric, "wharf", rate);
-            let cpu = cpu_per_call(
-                cpu_before,
-                &[server.pid(), worker.id(), std::process::id()],
-                plan.parallel_calls,
-            );
-            record_cpu(&mut record, in_flight, "wharf", cpu);
+            for side in sides {
+                let pids = [
+                    server.pid(),
+                    match side {
+                        Side::Raw => raw.id(),
+                        Side::Wharf => worker.id(),
+                    },
+                    std::process::id(),
+                ];
+                let cpu_before = cpu_ticks(&pids);
+                let rate = throughput(plan.parallel_calls, in_flight, {
+                    let (nats, client) = (nats.clone(), client.clone());
+                    move || {
+                        let (nats, client) = (nats.clone(), client.clone());
+                        async move { side.call(&nats, &client).await }
+                    }
+                })
+                .await?;
+                record(metric, side.name(), rate);
+                let cpu = cpu_per_call(cpu_before, &pids, plan.parallel_calls);
+                record_cpu(&mut record, in_flight, side.name(), cpu);
+            }
         }
     }
 
@@ -158,8 +154,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stop(&mut fresh);
     }
 
-    println!("| metric | raw async-nats | wharf | wharf / raw |");
-    println!("| --- | ---: | ---: | ---: |");
+    println!("| metric | raw async-nats | wharf | wharf / raw | per-round ratio, min to max |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
     let metrics: Vec<&str> = results
         .iter()
         .filter(|(_, side, _)| *side == "raw")
@@ -170,10 +166,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             results
                 .iter()
                 .find(|(m, s, _)| *m == metric && *s == side)
-                .map_or(f64::NAN, |(_, _, values)| median(values))
+                .map(|(_, _, values)| values.clone())
+                .unwrap_or_default()
         };
-        let (r, w) = (of("raw"), of("wharf"));
-        println!("| {metric} | {r:.1} | {w:.1} | {:.3} |", w / r);
+        let (raw_values, wharf_values) = (of("raw"), of("wharf"));
+        let (r, w) = (median(&raw_values), median(&wharf_values));
+        let ratios: Vec<f64> = raw_values
+            .iter()
+            .zip(&wharf_values)
+            .map(|(r, w)| w / r)
+            .collect();
+        let low = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
+        let high = ratios.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "| {metric} | {r:.1} | {w:.1} | {:.3} | {low:.3} to {high:.3} |",
+            w / r
+        );
     }
     println!();
     println!("| worker | median | max |");
@@ -198,6 +206,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         plan.rounds, plan.serial_calls, plan.parallel_calls
     );
     Ok(())
+}
+
+/// The two things compared.
+#[derive(Clone, Copy)]
+enum Side {
+    Raw,
+    Wharf,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Raw => "raw",
+            Side::Wharf => "wharf",
+        }
+    }
+
+    async fn call(self, nats: &async_nats::Client, client: &wharf::Client) -> CallResult {
+        match self {
+            Side::Raw => raw_call(nats).await,
+            Side::Wharf => wharf_call(client).await,
+        }
+    }
 }
 
 /// One raw request: postcard `(i64, i64)` out, postcard `i64` back.
@@ -391,18 +422,24 @@ async fn raw_worker() -> Result<(), Box<dyn std::error::Error>> {
     let nats = async_nats::connect(&url).await?;
     let mut requests = nats.queue_subscribe(RAW_SUBJECT, "q".into()).await?;
     nats.flush().await?;
-    while let Some(message) = requests.next().await {
-        let nats = nats.clone();
-        tokio::spawn(async move {
-            let Some(reply) = message.reply else { return };
-            let Ok((a, b)) = postcard::from_bytes::<(i64, i64)>(&message.payload) else {
-                return;
-            };
-            let Ok(body) = postcard::to_allocvec(&a.wrapping_add(b)) else {
-                return;
-            };
-            let _ = nats.publish(reply, Bytes::from(body)).await;
-        });
-    }
+    // The loop runs as a task on the runtime's worker threads, as the wharf
+    // worker's does; left on the `block_on` thread, every spawn would have
+    // to wake a worker thread first and the baseline would be slower.
+    let serve = tokio::spawn(async move {
+        while let Some(message) = requests.next().await {
+            let nats = nats.clone();
+            tokio::spawn(async move {
+                let Some(reply) = message.reply else { return };
+                let Ok((a, b)) = postcard::from_bytes::<(i64, i64)>(&message.payload) else {
+                    return;
+                };
+                let Ok(body) = postcard::to_allocvec(&a.wrapping_add(b)) else {
+                    return;
+                };
+                let _ = nats.publish(reply, Bytes::from(body)).await;
+            });
+        }
+    });
+    serve.await?;
     Ok(())
 }
