@@ -18,4 +18,14 @@ cargo run -q -p wharf-examples --bin quickstart >/dev/null
 say "bench smoke run (numbers need --release; see docs/BENCHMARKS.md)"
 cargo run -q -p wharf-examples --bin bench -- --quick >/dev/null
 say "cargo test"
-cargo test --workspace
+log="$(mktemp)"
+set +e
+cargo test --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary of the workspace.
+passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{ s += $1 } END { print s + 0 }')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{ s += $1 } END { print s + 0 }')
+rm -f "$log"
+echo "total: $passed passed, $failed failed"
+exit "$status"

@@ -208,6 +208,8 @@ impl Worker {
         let mut discovery = Vec::new();
         let mut tasks = JoinSet::new();
         for (service_name, regs) in by_service {
+            // The version of the crate that defines the service's functions.
+            let version = regs.first().map_or("0.0.0", |r| r.spec.version).to_owned();
             let mut endpoints = Vec::new();
             for registration in regs {
                 let spec = registration.spec;
@@ -238,7 +240,7 @@ impl Worker {
             let info = micro::ServiceInfo {
                 name: service_name.to_owned(),
                 id: nuid::next().as_str().to_owned(),
-                version: regs_version(&endpoints, service_name),
+                version,
                 description: format!("wharf service {service_name}"),
                 metadata: service_metadata(&instance),
                 endpoints,
@@ -303,14 +305,6 @@ fn service_metadata(instance: &str) -> HashMap<String, String> {
             env!("CARGO_PKG_VERSION").to_owned(),
         ),
     ])
-}
-
-/// The service's version: that of the crate defining its functions.
-fn regs_version(endpoints: &[micro::EndpointInfo], service: &str) -> String {
-    registrations()
-        .find(|r| r.spec.service == service && endpoints.iter().any(|e| e.name == r.spec.name))
-        .map_or("0.0.0", |r| r.spec.version)
-        .to_owned()
 }
 
 /// ADR-32 endpoint metadata: what a foreign client needs to call it.
