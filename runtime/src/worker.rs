@@ -381,27 +381,50 @@ impl Endpoint {
             let Ok(permit) = endpoint.shared.permits.clone().acquire_owned().await else {
                 return;
             };
-            let endpoint = endpoint.clone();
+            let call = endpoint.handle(message);
             tokio::spawn(async move {
-                endpoint.handle(message).await;
+                call.await;
                 drop(permit);
             });
         }
     }
 
-    async fn handle(&self, message: async_nats::Message) {
+    /// Reads the request now and returns the rest of the call as a future
+    /// that holds only what it needs (the message itself is not kept, which
+    /// keeps each call's task small).
+    fn handle(
+        self: &Arc<Self>,
+        message: async_nats::Message,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let started = Instant::now();
+        let reply = message.reply.clone();
+        let parts = read_request(&message);
+        drop(message);
+        let endpoint = self.clone();
+        async move {
+            let Some(reply) = reply else {
+                // A publish, not a request: nobody waits for an answer.
+                return;
+            };
+            endpoint.run(reply, parts, started).await;
+        }
+    }
+
+    async fn run(
+        &self,
+        reply: async_nats::Subject,
+        parts: Result<(Codec, CallMeta, Bytes), (Codec, Fault)>,
+        started: Instant,
+    ) {
         let spec = self.registration.spec;
-        let Some(reply) = message.reply.clone() else {
-            // A publish, not a request: nobody waits for an answer.
-            return;
-        };
-        let (codec, meta, args) = match read_request(&message) {
+        let (codec, meta, args) = match parts {
             Ok(parts) => parts,
-            Err((codec, fault)) => return self.respond_fault(reply, codec, fault, started).await,
+            Err((codec, fault)) => {
+                return Box::pin(self.respond_fault(reply, codec, fault, started)).await
+            }
         };
         if let Err(fault) = admit(spec, &meta) {
-            return self.respond_fault(reply, codec, fault, started).await;
+            return Box::pin(self.respond_fault(reply, codec, fault, started)).await;
         }
         let incoming = Incoming {
             codec,
@@ -427,11 +450,12 @@ impl Endpoint {
                     if meta.report_instance {
                         headers.insert(headers::INSTANCE, self.shared.identity.as_str());
                     }
-                    nats.publish_with_headers(reply, headers, body).await
+                    // Boxed: the rarer path should not enlarge every call's task.
+                    Box::pin(nats.publish_with_headers(reply, headers, body)).await
                 };
                 self.stats.record(started.elapsed(), None);
             }
-            Err(fault) => self.respond_fault(reply, codec, fault, started).await,
+            Err(fault) => Box::pin(self.respond_fault(reply, codec, fault, started)).await,
         }
     }
 
