@@ -52,6 +52,15 @@ fn start_svc(mode: &str) -> (Child, Vec<u32>, Vec<String>) {
     (child, pids, lines)
 }
 
+/// Every process local mode started is gone within 5 s.
+fn assert_no_orphans(pids: &[u32]) {
+    assert!(
+        wait_gone(pids, Duration::from_secs(5)),
+        "processes left behind: {:?}",
+        pids.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn calls_work_and_a_normal_exit_stops_everything() {
     let (mut child, pids, lines) = start_svc("");
@@ -72,10 +81,7 @@ fn calls_work_and_a_normal_exit_stops_everything() {
         "a worker served whoami, not the caller"
     );
     assert!(child.wait().unwrap().success());
-    assert!(
-        wait_gone(&pids, Duration::from_secs(5)),
-        "orphans: {pids:?}"
-    );
+    assert_no_orphans(&pids);
 }
 
 #[test]
@@ -83,10 +89,7 @@ fn a_panic_stops_everything() {
     let (mut child, pids, _) = start_svc("panic");
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(101), "a panic in main exits with 101");
-    assert!(
-        wait_gone(&pids, Duration::from_secs(5)),
-        "orphans: {pids:?}"
-    );
+    assert_no_orphans(&pids);
 }
 
 #[test]
@@ -95,10 +98,7 @@ fn ctrl_c_stops_everything() {
     signal(child.id(), libc::SIGINT);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
-    assert!(
-        wait_gone(&pids, Duration::from_secs(5)),
-        "orphans: {pids:?}"
-    );
+    assert_no_orphans(&pids);
 }
 
 #[test]
@@ -107,8 +107,5 @@ fn sigkill_of_the_program_still_stops_everything() {
     signal(child.id(), libc::SIGKILL);
     child.wait().unwrap();
     // No exit hook runs on SIGKILL: the kernel's parent-death signal does it.
-    assert!(
-        wait_gone(&pids, Duration::from_secs(5)),
-        "orphans: {pids:?}"
-    );
+    assert_no_orphans(&pids);
 }

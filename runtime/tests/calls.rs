@@ -351,43 +351,44 @@ async fn a_passed_deadline_gets_504_and_slow_calls_time_out() {
     assert_eq!(slow::call(&client, 1).await.unwrap(), 1);
 }
 
+/// Asks a `$SRV` subject and parses the JSON answer.
+async fn discover(client: &Client, subject: &str) -> serde_json::Value {
+    let reply = client
+        .nats()
+        .request(subject.to_owned(), Bytes::new())
+        .await
+        .expect("a discovery answer");
+    serde_json::from_slice(&reply.payload).expect("JSON")
+}
+
+/// The entry of endpoint `name` in an INFO or STATS document.
+fn endpoint<'a>(document: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    document["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("endpoint {name} is listed"))
+}
+
 #[tokio::test]
 async fn discovery_through_the_micro_protocol() {
     let (_server, client, worker) = setup().await;
-    let reply = client
-        .nats()
-        .request("$SRV.INFO.calls", Bytes::new())
-        .await
-        .unwrap();
-    let info: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let info = discover(&client, "$SRV.INFO.calls").await;
     assert_eq!(info["name"], "calls");
     assert_eq!(info["metadata"]["wharf.instance"], worker.instance());
-    let endpoints = info["endpoints"].as_array().unwrap();
-    let add_info = endpoints
-        .iter()
-        .find(|e| e["name"] == "add")
-        .expect("add is listed");
+    let add_info = endpoint(&info, "add");
     assert_eq!(add_info["subject"], "wharf.calls.add");
     assert_eq!(add_info["metadata"]["wharf.sig"], add::SPEC.sig_hex());
     assert_eq!(add_info["metadata"]["wharf.args"], "a: i64, b: i64");
     assert_eq!(add_info["metadata"]["wharf.returns"], "i64");
-    let divide_info = endpoints.iter().find(|e| e["name"] == "divide").unwrap();
+    let divide_info = endpoint(&info, "divide");
     assert_eq!(divide_info["metadata"]["wharf.kind"], "sync");
     assert_eq!(divide_info["metadata"]["wharf.error"], "MathError");
 
     add::call(&client, 1, 1).await.unwrap();
-    let reply = client
-        .nats()
-        .request("$SRV.STATS.calls", Bytes::new())
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
-    let add_stats = stats["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "add")
-        .unwrap();
+    let stats = discover(&client, "$SRV.STATS.calls").await;
+    let add_stats = endpoint(&stats, "add");
     assert_eq!(add_stats["num_requests"], 1);
     assert_eq!(add_stats["num_errors"], 0);
     assert_eq!(add_stats["data"]["in_flight"], 0);
@@ -395,28 +396,14 @@ async fn discovery_through_the_micro_protocol() {
 
     // Error replies count as errors, with the last one kept.
     divide::call(&client, 1.0, 0.0).await.unwrap_err();
-    let reply = client
-        .nats()
-        .request("$SRV.STATS.calls", Bytes::new())
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
-    let divide_stats = stats["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "divide")
-        .unwrap();
+    let stats = discover(&client, "$SRV.STATS.calls").await;
+    let divide_stats = endpoint(&stats, "divide");
     assert_eq!(divide_stats["num_errors"], 1);
     assert_eq!(divide_stats["last_error"]["code"], 422);
 
-    let reply = client
-        .nats()
-        .request("$SRV.PING.calls", Bytes::new())
-        .await
-        .unwrap();
-    let ping: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let ping = discover(&client, "$SRV.PING.calls").await;
     assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
+    assert_eq!(ping["id"], info["id"]);
 }
 
 #[tokio::test]
