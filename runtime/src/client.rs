@@ -127,7 +127,7 @@ impl Client {
                     version: ENVELOPE_VERSION,
                     sig: spec.sig,
                     deadline_ms: deadline,
-                    call_id: id.as_str(),
+                    call_id: id.as_str().as_bytes(),
                     attempt: 1,
                     flags: if options.report_instance {
                         FLAG_REPORT_INSTANCE

@@ -126,9 +126,11 @@ pub struct Envelope<'a> {
     pub sig: u64,
     /// Absolute deadline, unix milliseconds; 0 means none.
     pub deadline_ms: u64,
-    /// Unique per logical call, kept across retries; may be empty.
+    /// Unique per logical call, kept across retries; may be empty. Bytes
+    /// on the wire (a length, then UTF-8 by convention), so reading it
+    /// costs no validation.
     #[serde(borrow)]
-    pub call_id: &'a str,
+    pub call_id: &'a [u8],
     /// Attempt number from 1; 0 when not counted.
     pub attempt: u32,
     /// Bit set of `FLAG_*`.
@@ -245,7 +247,7 @@ mod tests {
             version: ENVELOPE_VERSION,
             sig: 0xdead_beef,
             deadline_ms: 1_700_000_000_000,
-            call_id: "abc",
+            call_id: b"abc",
             attempt: 1,
             flags: FLAG_REPORT_INSTANCE,
         };
@@ -264,7 +266,7 @@ mod tests {
         let (minimal, at) = Envelope::split(&[1, 0, 0, 0, 0, 0, 42]).unwrap();
         assert_eq!(
             (minimal.sig, minimal.deadline_ms, minimal.call_id, at),
-            (0, 0, "", 6)
+            (0, 0, &b""[..], 6)
         );
         assert!(Envelope::split(&[]).unwrap_err().contains("envelope"));
         assert!(Envelope::split(&[9, 0]).unwrap_err().contains("version 9"));

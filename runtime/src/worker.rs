@@ -18,7 +18,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -396,7 +396,8 @@ impl Endpoint {
         self: &Arc<Self>,
         message: async_nats::Message,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let started = Instant::now();
+        // One clock read serves the deadline check and the processing time.
+        let started = SystemTime::now();
         let reply = message.reply.clone();
         let parts = read_request(&message);
         drop(message);
@@ -414,7 +415,7 @@ impl Endpoint {
         &self,
         reply: async_nats::Subject,
         parts: Result<(Codec, CallMeta, Bytes), (Codec, Fault)>,
-        started: Instant,
+        started: SystemTime,
     ) {
         let spec = self.registration.spec;
         let (codec, meta, args) = match parts {
@@ -423,7 +424,7 @@ impl Endpoint {
                 return Box::pin(self.respond_fault(reply, codec, fault, started)).await
             }
         };
-        if let Err(fault) = admit(spec, &meta) {
+        if let Err(fault) = admit(spec, &meta, started) {
             return Box::pin(self.respond_fault(reply, codec, fault, started)).await;
         }
         let incoming = Incoming {
@@ -453,7 +454,8 @@ impl Endpoint {
                     // Boxed: the rarer path should not enlarge every call's task.
                     Box::pin(nats.publish_with_headers(reply, headers, body)).await
                 };
-                self.stats.record(started.elapsed(), None);
+                self.stats
+                    .record(started.elapsed().unwrap_or_default(), None);
             }
             Err(fault) => Box::pin(self.respond_fault(reply, codec, fault, started)).await,
         }
@@ -464,7 +466,7 @@ impl Endpoint {
         reply: async_nats::Subject,
         codec: Codec,
         fault: Fault,
-        started: Instant,
+        started: SystemTime,
     ) {
         let code = fault.kind.code().unwrap_or(500);
         let body = match fault.body {
@@ -493,8 +495,10 @@ impl Endpoint {
             .nats
             .publish_with_headers(reply, headers, body)
             .await;
-        self.stats
-            .record(started.elapsed(), Some((code, status_line.as_str())));
+        self.stats.record(
+            started.elapsed().unwrap_or_default(),
+            Some((code, status_line.as_str())),
+        );
     }
 }
 
@@ -563,7 +567,7 @@ fn read_request(message: &async_nats::Message) -> Result<(Codec, CallMeta, Bytes
 
 /// Checks what must hold before a call runs: matching signature, deadline
 /// not yet passed.
-fn admit(spec: &FnSpec, meta: &CallMeta) -> Result<(), Fault> {
+fn admit(spec: &FnSpec, meta: &CallMeta, now: SystemTime) -> Result<(), Fault> {
     if let Some(sig) = meta.sig {
         if sig != spec.sig {
             return Err(Fault::new(
@@ -576,7 +580,7 @@ fn admit(spec: &FnSpec, meta: &CallMeta) -> Result<(), Fault> {
         }
     }
     if let Some(deadline) = meta.deadline_ms {
-        let now = SystemTime::now()
+        let now = now
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
@@ -702,18 +706,18 @@ mod tests {
 
     #[test]
     fn admit_checks_signature_and_deadline() {
-        assert!(admit(&SPEC, &meta(Some(0xaa), None)).is_ok());
-        let mismatch = admit(&SPEC, &meta(Some(0xbb), None)).unwrap_err();
+        assert!(admit(&SPEC, &meta(Some(0xaa), None), SystemTime::now()).is_ok());
+        let mismatch = admit(&SPEC, &meta(Some(0xbb), None), SystemTime::now()).unwrap_err();
         assert_eq!(mismatch.kind, ErrorKind::SignatureMismatch);
         assert!(mismatch.message.contains("00000000000000bb"));
         assert!(mismatch.message.contains("00000000000000aa"));
-        let late = admit(&SPEC, &meta(None, Some(1000))).unwrap_err();
+        let late = admit(&SPEC, &meta(None, Some(1000)), SystemTime::now()).unwrap_err();
         assert_eq!(late.kind, ErrorKind::DeadlineExceeded);
         let far = (SystemTime::now() + Duration::from_secs(60))
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
-        assert!(admit(&SPEC, &meta(None, Some(far))).is_ok());
+        assert!(admit(&SPEC, &meta(None, Some(far)), SystemTime::now()).is_ok());
     }
 
     #[test]

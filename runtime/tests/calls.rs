@@ -108,7 +108,7 @@ fn postcard_request(sig: u64, deadline_ms: u64, args: &[u8]) -> Vec<u8> {
         version: wharf::codec::ENVELOPE_VERSION,
         sig,
         deadline_ms,
-        call_id: "test-call",
+        call_id: b"test-call",
         attempt: 1,
         flags: 0,
     };
