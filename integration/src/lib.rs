@@ -36,6 +36,13 @@ pub async fn add(a: i64, b: i64) -> i64 {
     a + b
 }
 
+/// Calls `add` from inside a microservice: a worker's own calls go through
+/// its connection, with no `wharf::init` of their own.
+#[wharf::microservice(service = "itest")]
+pub async fn add_remotely(a: i64, b: i64) -> i64 {
+    add(a, b).await.expect("add answers") + add(0, 0).await.expect("add answers")
+}
+
 /// Which process serves: lets tests see the load spread.
 #[wharf::microservice(service = "itest")]
 pub async fn whoami() -> u32 {

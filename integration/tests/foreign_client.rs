@@ -41,7 +41,7 @@ async fn nats_py_calls_a_wharf_service() {
 
     assert_eq!(
         seen["endpoints"],
-        serde_json::json!(["add", "sleep_ms", "take", "whoami"])
+        serde_json::json!(["add", "add_remotely", "sleep_ms", "take", "whoami"])
     );
     assert_eq!(seen["add_sig"], add::SPEC.sig_hex());
     assert_eq!(seen["add_args"], "a: i64, b: i64");

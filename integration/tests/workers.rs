@@ -6,7 +6,7 @@ use std::time::Duration;
 use wharf::testing::NatsServer;
 use wharf::{Client, ErrorKind};
 use wharf_integration::{
-    add, sleep_ms, spawn_worker, take, wait_for_workers, whoami, InventoryError,
+    add, add_remotely, sleep_ms, spawn_worker, take, wait_for_workers, whoami, InventoryError,
 };
 
 #[tokio::test]
@@ -24,6 +24,8 @@ async fn calls_spread_over_worker_processes() {
     assert_eq!(served.len(), 3, "every worker served: {served:?}");
     assert!(served.keys().all(|pid| pids.contains(pid)));
     assert_eq!(add::call(&client, 40, 2).await.unwrap(), 42);
+    // A microservice calling another, from inside a worker process.
+    assert_eq!(add_remotely::call(&client, 40, 2).await.unwrap(), 42);
     assert_eq!(
         take::call(&client, 12).await.unwrap_err(),
         wharf::CallError::Application(InventoryError::OutOfStock { left: 10 })

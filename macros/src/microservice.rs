@@ -19,8 +19,8 @@ use crate::options::{self, Options};
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::{
-    spanned::Spanned, Attribute, FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments,
-    ReturnType, Type, Visibility,
+    ext::IdentExt, spanned::Spanned, Attribute, FnArg, GenericArgument, Ident, ItemFn, Pat,
+    PathArguments, ReturnType, Type, Visibility,
 };
 
 /// Default call timeout when the attribute gives none.
@@ -38,6 +38,16 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
         }
     };
     let shape = Shape::read(&func)?;
+    let ident = func.sig.ident.unraw().to_string();
+    let token_safe = ident
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if options.name.is_none() && !token_safe {
+        return Err(syn::Error::new(
+            func.sig.ident.span(),
+            "this function's name cannot be a NATS subject token (only A-Z, a-z, 0-9, '_', '-'); give it a wire name with #[microservice(name = \"...\")]",
+        ));
+    }
     Ok(generate(&func, &shape, &options))
 }
 
@@ -264,11 +274,12 @@ fn name_instrument_span(attr: &Attribute, fn_name: &str) -> Attribute {
     let (args, named) = match &attr.meta {
         syn::Meta::Path(_) => (TokenStream::new(), false),
         syn::Meta::List(list) => {
-            let named = list
-                .tokens
-                .clone()
-                .into_iter()
-                .any(|token| matches!(&token, proc_macro2::TokenTree::Ident(i) if i == "name"));
+            // `name = ".."` given (not `skip(name)` or a field called name).
+            let tokens: Vec<proc_macro2::TokenTree> = list.tokens.clone().into_iter().collect();
+            let named = tokens.windows(2).any(|pair| {
+                matches!(&pair[0], proc_macro2::TokenTree::Ident(i) if i == "name")
+                    && matches!(&pair[1], proc_macro2::TokenTree::Punct(p) if p.as_char() == '=')
+            });
             (list.tokens.clone(), named)
         }
         syn::Meta::NameValue(_) => return attr.clone(),
@@ -316,7 +327,7 @@ fn signature_text(name: &str, shape: &Shape) -> String {
     let args: Vec<String> = shape
         .args
         .iter()
-        .map(|arg| format!("{}:{}", arg.name, compact(&arg.ty)))
+        .map(|arg| format!("{}:{}", arg.name.unraw(), compact(&arg.ty)))
         .collect();
     format!("{name}({})->{}", args.join(","), compact(&shape.ret))
 }
@@ -324,7 +335,8 @@ fn signature_text(name: &str, shape: &Shape) -> String {
 fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
     let vis = &func.vis;
     let ident = &func.sig.ident;
-    let ident_text = ident.to_string();
+    // `r#type` is `type` on the wire and in serde's JSON keys.
+    let ident_text = ident.unraw().to_string();
     let wire_name = options.name.clone().unwrap_or_else(|| ident_text.clone());
     let attrs = sort_attrs(&func.attrs, &ident_text);
     let SortedAttrs {
@@ -345,7 +357,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
 
     let names: Vec<&Ident> = shape.args.iter().map(|arg| &arg.name).collect();
     let types: Vec<&Type> = shape.args.iter().map(|arg| &arg.ty).collect();
-    let name_strings: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let name_strings: Vec<String> = names.iter().map(|n| n.unraw().to_string()).collect();
     let type_strings: Vec<String> = types
         .iter()
         .map(|ty| ty.to_token_stream().to_string().replace(' ', ""))

@@ -178,27 +178,44 @@ fn unsafe_register_atexit() {
 }
 
 /// Stops children and exits when the process gets Ctrl-C or SIGTERM, which
-/// would otherwise end it without running exit hooks.
+/// would otherwise end it without running exit hooks. The watcher has a
+/// thread and runtime of its own, so it outlives whichever runtime called
+/// `wharf::init` (a test's, say).
 pub(crate) fn stop_on_signals() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
-        tokio::spawn(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
-            let code = tokio::select! {
-                _ = int.recv() => 130,
-                _ = term.recv() => 143,
-            };
-            tokio::task::spawn_blocking(|| stop_all(Duration::from_secs(3)))
-                .await
-                .ok();
-            std::process::exit(code);
-        });
+        let watcher = std::thread::Builder::new()
+            .name("wharf-signals".into())
+            .spawn(|| {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                let code = runtime.block_on(async {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let (Ok(mut int), Ok(mut term)) = (
+                        signal(SignalKind::interrupt()),
+                        signal(SignalKind::terminate()),
+                    ) else {
+                        return None;
+                    };
+                    tokio::select! {
+                        _ = int.recv() => Some(130),
+                        _ = term.recv() => Some(143),
+                    }
+                });
+                if let Some(code) = code {
+                    stop_all(Duration::from_secs(3));
+                    std::process::exit(code);
+                }
+            });
+        if let Err(error) = watcher {
+            eprintln!(
+                "wharf: cannot watch for Ctrl-C ({error}); children are still stopped at exit"
+            );
+        }
     });
 }
 

@@ -211,12 +211,15 @@ fn call_id() -> nuid::NUIDStr {
     NUID.with(|n| n.borrow_mut().next())
 }
 
-/// Absolute deadline, unix milliseconds, `timeout` from now.
+/// Absolute deadline, unix milliseconds, `timeout` from now; 0 (none)
+/// for a timeout too large to express.
 fn deadline_ms(timeout: Duration) -> u64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    (now + timeout).as_millis() as u64
+    now.checked_add(timeout)
+        .and_then(|deadline| u64::try_from(deadline.as_millis()).ok())
+        .unwrap_or(0)
 }
 
 /// Per-call settings. Unset fields fall back to the function's attribute.

@@ -19,6 +19,15 @@
 //! Every call to `add` is a NATS request on its own subject, answered by a
 //! worker process in a queue group. The wire contract (subjects, codecs,
 //! headers, error codes) is in `docs/protocol.md`.
+//!
+//! # What `#[microservice]` accepts
+//!
+//! A free `fn` or `async fn` at module level (not inside a function body),
+//! with owned `Serialize + DeserializeOwned` arguments bound to plain names.
+//! A return type written `Result<T, E>` (two arguments, any path ending in
+//! `Result`) makes `E` the function's own error, returned as
+//! [`CallError::Application`]; any other return type, a one-argument alias
+//! such as `io::Result<T>` included, is sent back as one value.
 
 mod children;
 mod client;
@@ -128,30 +137,51 @@ pub async fn init() -> Result<Client, Error> {
 
 /// [`init`] with explicit settings.
 pub async fn init_with(config: Config) -> Result<Client, Error> {
+    // Already set up, by an earlier call or, in a worker, by the worker
+    // itself (so a microservice that calls another one simply gets the
+    // worker's connection).
+    if let Ok(client) = client::global() {
+        return Ok(client.clone());
+    }
     if is_worker_role() {
         let code = worker_process(config.drain_grace).await;
         std::process::exit(code);
     }
+    // Concurrent first calls must not each start a server and workers.
+    static INIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _once = INIT.lock().await;
     if let Ok(client) = client::global() {
         return Ok(client.clone());
     }
     let client = match &config.nats_url {
         Some(url) => Client::connect(url).await?,
         None => {
-            let url = embedded::start_nats_server().await?;
-            children::stop_on_signals();
-            let client = Client::connect(&url).await?;
-            if registered().next().is_some() && config.workers > 0 {
-                embedded::spawn_workers(&client, config.workers).await?;
+            let started = start_local(&config).await;
+            if started.is_err() {
+                // Leave nothing half-started behind a failed init.
+                shutdown().await;
             }
-            client
+            started?
         }
     };
     Ok(client::set_global(client).clone())
 }
 
+/// Local mode: a nats-server of our own, then the workers.
+async fn start_local(config: &Config) -> Result<Client, Error> {
+    let url = embedded::start_nats_server().await?;
+    children::stop_on_signals();
+    let client = Client::connect(&url).await?;
+    if registered().next().is_some() && config.workers > 0 {
+        embedded::spawn_workers(&client, config.workers).await?;
+    }
+    Ok(client)
+}
+
 /// Stops what local mode started (workers drain first, then the server).
-/// Runs by itself at exit; call it to stop earlier.
+/// Runs by itself at exit; call it to stop earlier. The process-wide client
+/// stays set afterwards (pointing at the stopped server), so call it only
+/// when the program is done calling.
 pub async fn shutdown() {
     let _ = tokio::task::spawn_blocking(|| children::stop_all(Duration::from_secs(5))).await;
 }
@@ -193,6 +223,8 @@ async fn serve_until_signal(url: &str, grace: Duration) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let started = std::time::Instant::now();
     let client = Client::connect(url).await?;
+    // Calls made from inside a microservice go through this connection.
+    client::set_global(client.clone());
     let worker = Worker::new(&client).start().await?;
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;

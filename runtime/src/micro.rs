@@ -46,12 +46,13 @@ impl EndpointStats {
     fn to_json(&self) -> Value {
         let requests = self.requests.load(Ordering::Relaxed);
         let processing = self.processing_ns.load(Ordering::Relaxed);
+        // ADR-32 gives the last error as one string, `<code>:<description>`.
         let last_error = self
             .last_error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .map(|(code, description)| json!({"code": code, "description": description}));
+            .map_or_else(String::new, |(code, text)| format!("{code}:{text}"));
         json!({
             "num_requests": requests,
             "num_errors": self.errors.load(Ordering::Relaxed),
@@ -235,6 +236,6 @@ mod tests {
         assert_eq!(json["num_requests"], 2);
         assert_eq!(json["num_errors"], 1);
         assert_eq!(json["average_processing_time"], 20_000);
-        assert_eq!(json["last_error"]["code"], 422);
+        assert_eq!(json["last_error"], "422:no");
     }
 }

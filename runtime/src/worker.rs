@@ -26,6 +26,9 @@ use tokio::task::{JoinHandle, JoinSet};
 /// [`Worker::concurrency`] says otherwise.
 pub const DEFAULT_CONCURRENCY: usize = 1024;
 
+/// The most calls one worker runs at once (permits are counted in `u32`).
+pub const MAX_CONCURRENCY: usize = 1 << 20;
+
 /// The future a generated handler returns.
 #[doc(hidden)]
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, Fault>> + Send>>;
@@ -56,7 +59,7 @@ impl Incoming {
     pub fn reply<T: Serialize>(&self, value: &T) -> Result<Bytes, Fault> {
         self.codec.encode(value).map_err(|e| {
             Fault::new(
-                ErrorKind::Panicked,
+                ErrorKind::Codec,
                 format!(
                     "`{}.{}` returned a value that cannot be encoded: {e}",
                     self.spec.service, self.spec.name
@@ -170,7 +173,8 @@ impl Worker {
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|n| *n > 0)
-            .unwrap_or(DEFAULT_CONCURRENCY);
+            .unwrap_or(DEFAULT_CONCURRENCY)
+            .min(MAX_CONCURRENCY);
         Worker {
             client: client.clone(),
             concurrency,
@@ -179,7 +183,7 @@ impl Worker {
 
     /// How many calls run at once; more wait in the subscription's buffer.
     pub fn concurrency(mut self, concurrency: usize) -> Worker {
-        self.concurrency = concurrency.max(1);
+        self.concurrency = concurrency.clamp(1, MAX_CONCURRENCY);
         self
     }
 
@@ -254,7 +258,9 @@ impl Worker {
                     "concurrency": stats_shared.concurrency,
                 })
             };
-            discovery.push(micro::answer_discovery(&nats, Arc::new(info), data).await?);
+            discovery.push(Discovery(
+                micro::answer_discovery(&nats, Arc::new(info), data).await?,
+            ));
         }
         // The subscriptions exist on the server only after a round trip.
         nats.flush().await.map_err(|e| {
@@ -366,13 +372,15 @@ impl Endpoint {
                 subscriber.next().await
             } else {
                 tokio::select! {
+                    // Stop first: under load a message is always ready, and
+                    // intake must still end when a drain begins.
                     biased;
-                    message = subscriber.next() => message,
                     _ = &mut stop_signal => {
                         stopping = true;
                         let _ = subscriber.unsubscribe().await;
                         continue;
                     }
+                    message = subscriber.next() => message,
                 }
             };
             let Some(message) = message else { return };
@@ -599,13 +607,24 @@ fn admit(spec: &FnSpec, meta: &CallMeta, now: SystemTime) -> Result<(), Fault> {
     Ok(())
 }
 
-/// A started worker. Dropping it leaves the endpoints serving until the
-/// connection closes; [`RunningWorker::drain`] stops it cleanly.
+/// The task answering one service's discovery requests; stopped when
+/// dropped, so an instance that stops serving (or fails to start) does not
+/// keep announcing itself.
+struct Discovery(JoinHandle<()>);
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A started worker. Dropping it stops serving at once, abandoning calls in
+/// flight; [`RunningWorker::drain`] stops it cleanly.
 pub struct RunningWorker {
     nats: async_nats::Client,
     instance: String,
     stop: watch::Sender<bool>,
-    discovery: Vec<JoinHandle<()>>,
+    discovery: Vec<Discovery>,
     tasks: JoinSet<()>,
     shared: Arc<Shared>,
 }
@@ -626,9 +645,8 @@ impl RunningWorker {
     /// `grace`), then returns.
     pub async fn drain(mut self, grace: Duration) {
         let _ = self.stop.send(true);
-        for task in self.discovery.drain(..) {
-            task.abort();
-        }
+        // Stop answering discovery: this instance is going away.
+        self.discovery.clear();
         let finish = async {
             // Each endpoint loop ends once its buffered requests are
             // dispatched; then every permit returns when its call completes.

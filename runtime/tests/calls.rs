@@ -399,7 +399,10 @@ async fn discovery_through_the_micro_protocol() {
     let stats = discover(&client, "$SRV.STATS.calls").await;
     let divide_stats = endpoint(&stats, "divide");
     assert_eq!(divide_stats["num_errors"], 1);
-    assert_eq!(divide_stats["last_error"]["code"], 422);
+    assert!(divide_stats["last_error"]
+        .as_str()
+        .unwrap()
+        .starts_with("422:"));
 
     let ping = discover(&client, "$SRV.PING.calls").await;
     assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");

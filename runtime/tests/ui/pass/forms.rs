@@ -101,6 +101,12 @@ pub fn tuple_and_array(pair: (u8, String), bytes: [u8; 4]) -> Option<Vec<u8>> {
     Some(bytes.to_vec())
 }
 
+/// Raw identifiers are plain names on the wire and in JSON.
+#[wharf::microservice]
+pub async fn r#match(r#type: u8) -> u8 {
+    r#type
+}
+
 #[allow(dead_code)]
 async fn typed_uses(client: &wharf::Client) {
     let _: Result<i64, wharf::Error> = add(1, 2).await;
@@ -134,5 +140,8 @@ async fn typed_uses(client: &wharf::Client) {
 fn main() {
     assert_eq!(add::SPEC.service, env!("CARGO_CRATE_NAME"));
     assert_eq!(add::SPEC.signature, "add(a:i64,b:i64)->i64");
-    assert_eq!(wharf::registered().count(), 9);
+    assert_eq!(wharf::registered().count(), 10);
+    assert_eq!(r#match::SPEC.name, "match");
+    assert_eq!(r#match::SPEC.args[0].name, "type");
+    assert_eq!(r#match::SPEC.signature, "match(type:u8)->u8");
 }
