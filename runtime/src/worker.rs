@@ -386,8 +386,16 @@ impl Endpoint {
             let Some(message) = message else { return };
             // At the limit the loop waits here, leaving further requests in
             // the subscription's buffer instead of starting unbounded work.
-            let Ok(permit) = endpoint.shared.permits.clone().acquire_owned().await else {
-                return;
+            // Below the limit a permit is taken without building a future.
+            let permit = match endpoint.shared.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    let Ok(permit) = endpoint.shared.permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    permit
+                }
+                Err(tokio::sync::TryAcquireError::Closed) => return,
             };
             let call = endpoint.handle(message);
             tokio::spawn(async move {
