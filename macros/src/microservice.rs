@@ -352,6 +352,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
     let handler = format_ident!("__wharf_{}_handler", ident);
     let call = format_ident!("__wharf_{}_call", ident);
     let request = format_ident!("__wharf_{}_request", ident);
+    let collect = format_ident!("__wharf_{}_collect", ident);
     let client = Ident::new("__wharf_client", Span::call_site());
     let incoming = Ident::new("__wharf_incoming", Span::call_site());
 
@@ -388,6 +389,26 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
         None => quote!(::core::env!("CARGO_CRATE_NAME")),
     };
     let timeout_ms = options.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    let idempotent = options.idempotent;
+    let durable = options.durable;
+    let attempts = match options.attempts {
+        Some(n) => quote!(#n),
+        None => quote!(::wharf::RetryPolicy::DEFAULT.attempts),
+    };
+    let backoff_ms = match options.backoff_ms {
+        Some(ms) => quote!(#ms),
+        None => quote!(::wharf::RetryPolicy::DEFAULT.backoff_ms),
+    };
+    let max_backoff_ms = match options.max_backoff_ms {
+        Some(ms) => quote!(#ms),
+        // A backoff above the default ceiling raises the ceiling with it.
+        None => match options.backoff_ms {
+            Some(ms) => {
+                quote!(if #ms > ::wharf::RetryPolicy::DEFAULT.max_backoff_ms { #ms } else { ::wharf::RetryPolicy::DEFAULT.max_backoff_ms })
+            }
+            None => quote!(::wharf::RetryPolicy::DEFAULT.max_backoff_ms),
+        },
+    };
     let is_async = func.sig.asyncness.is_some();
 
     // The original function, renamed, with its own signature and body.
@@ -421,7 +442,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
     let module_doc = format!(
         "Remote-call plumbing of [`{ident_text}`](fn@{ident_text}), served on `<prefix>.<service>.{wire_name}`: \
          `local(..)` runs the body in this process, `call(&client, ..)` calls through an explicit client, \
-         `request(..)` sets per-call options; `Args` is the wire form of the arguments and `SPEC` the description."
+         `request(..)` sets per-call options, `collect(call_id)` picks up a durable call's result; `Args` is the wire form of the arguments and `SPEC` the description."
     );
     let hidden = quote!(#[doc(hidden)] #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, clippy::too_many_arguments)]);
     let new_args = quote!(#args_struct { #(#names),* });
@@ -462,6 +483,13 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
             returns: #returns_text,
             error: #error_text,
             timeout_ms: #timeout_ms,
+            idempotent: #idempotent,
+            durable: #durable,
+            retry: ::wharf::RetryPolicy {
+                attempts: #attempts,
+                backoff_ms: #backoff_ms,
+                max_backoff_ms: #max_backoff_ms,
+            },
             blocking: !#is_async,
             version: ::core::env!("CARGO_PKG_VERSION"),
             path: ::core::concat!(::core::module_path!(), "::", #ident_text),
@@ -498,6 +526,12 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
         }
 
         #(#cfg)*
+        #hidden
+        #vis fn #collect(call_id: impl ::core::convert::Into<::std::string::String>) -> ::wharf::Pending<#returns> {
+            ::wharf::Pending::new(&#spec, call_id.into())
+        }
+
+        #(#cfg)*
         #[doc = #module_doc]
         #vis mod #ident {
             #[doc(inline)]
@@ -506,6 +540,8 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
             #reexport use super::#call as call;
             #[doc(inline)]
             #reexport use super::#request as request;
+            #[doc(inline)]
+            #reexport use super::#collect as collect;
             #[doc(inline)]
             #reexport use super::#args_struct as Args;
             #[doc(inline)]

@@ -13,6 +13,17 @@ pub(crate) struct Options {
     pub service: Option<String>,
     /// Call timeout in milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Safe to run more than once: retried after a timeout or a lost worker,
+    /// and its results are kept for deduplication.
+    pub idempotent: bool,
+    /// Calls go through JetStream by default (at-least-once).
+    pub durable: bool,
+    /// Attempts per call, first one included.
+    pub attempts: Option<u32>,
+    /// First retry delay bound in milliseconds.
+    pub backoff_ms: Option<u64>,
+    /// Largest retry delay bound in milliseconds.
+    pub max_backoff_ms: Option<u64>,
 }
 
 pub(crate) fn parse(attr: TokenStream) -> syn::Result<Options> {
@@ -25,32 +36,64 @@ pub(crate) fn parse(attr: TokenStream) -> syn::Result<Options> {
             let lit: LitStr = meta.value()?.parse()?;
             options.service = Some(subject_token(&lit, "service")?);
         } else if meta.path.is_ident("timeout") {
-            let value = meta.value()?;
-            let ms = if value.peek(LitInt) {
-                let lit: LitInt = value.parse()?;
-                lit.base10_parse::<u64>()?
-            } else {
-                let lit: LitStr = value.parse()?;
-                parse_duration_ms(&lit.value()).ok_or_else(|| {
-                    syn::Error::new(
-                        lit.span(),
-                        "timeout must be a duration such as \"250ms\", \"5s\" or \"2m\" (or an integer in milliseconds)",
-                    )
-                })?
-            };
-            if ms == 0 {
-                return Err(meta.error("timeout must be greater than zero"));
+            options.timeout_ms = Some(duration_value(&meta, "timeout")?);
+        } else if meta.path.is_ident("backoff") {
+            options.backoff_ms = Some(duration_value(&meta, "backoff")?);
+        } else if meta.path.is_ident("max_backoff") {
+            options.max_backoff_ms = Some(duration_value(&meta, "max_backoff")?);
+        } else if meta.path.is_ident("attempts") {
+            let lit: LitInt = meta.value()?.parse()?;
+            let attempts = lit.base10_parse::<u32>()?;
+            if attempts == 0 {
+                return Err(syn::Error::new(
+                    lit.span(),
+                    "attempts counts the first try too, so it must be at least 1 (1 means never retry)",
+                ));
             }
-            options.timeout_ms = Some(ms);
+            options.attempts = Some(attempts);
+        } else if meta.path.is_ident("idempotent") {
+            options.idempotent = true;
+        } else if meta.path.is_ident("durable") {
+            options.durable = true;
         } else {
             return Err(meta.error(
-                "unknown #[microservice] option; supported: name = \"..\", service = \"..\", timeout = \"5s\"",
+                "unknown #[microservice] option; supported: name = \"..\", service = \"..\", timeout = \"5s\", idempotent, durable, attempts = 5, backoff = \"25ms\", max_backoff = \"2s\"",
             ));
         }
         Ok(())
     });
     parser.parse2(attr)?;
+    if let (Some(backoff), Some(max)) = (options.backoff_ms, options.max_backoff_ms) {
+        if max < backoff {
+            return Err(syn::Error::new(
+                proc_macro2::Span::call_site(),
+                format!("max_backoff ({max} ms) is smaller than backoff ({backoff} ms); raise max_backoff"),
+            ));
+        }
+    }
     Ok(options)
+}
+
+/// A duration option: `"250ms"`, `"5s"`, `"2m"`, or an integer in
+/// milliseconds; never zero.
+fn duration_value(meta: &syn::meta::ParseNestedMeta, what: &str) -> syn::Result<u64> {
+    let value = meta.value()?;
+    let ms = if value.peek(LitInt) {
+        let lit: LitInt = value.parse()?;
+        lit.base10_parse::<u64>()?
+    } else {
+        let lit: LitStr = value.parse()?;
+        parse_duration_ms(&lit.value()).ok_or_else(|| {
+            syn::Error::new(
+                lit.span(),
+                format!("{what} must be a duration such as \"250ms\", \"5s\" or \"2m\" (or an integer in milliseconds)"),
+            )
+        })?
+    };
+    if ms == 0 {
+        return Err(meta.error(format!("{what} must be greater than zero")));
+    }
+    Ok(ms)
 }
 
 /// A service or function name becomes one NATS subject token and one

@@ -4,15 +4,18 @@
 use crate::codec::{
     self, ApplicationErrorBody, Codec, Envelope, ErrorBody, ENVELOPE_VERSION, FLAG_REPORT_INSTANCE,
 };
+use crate::durable::Pending;
 use crate::headers;
+use crate::RetryPolicy;
 use crate::{Error, ErrorKind, FnSpec};
 use async_nats::{HeaderMap, Message, RequestErrorKind};
+use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Subject prefix when neither `WHARF_PREFIX` nor [`Client::with_prefix`]
 /// sets one.
@@ -30,6 +33,8 @@ struct Inner {
     nats: async_nats::Client,
     prefix: String,
     url: String,
+    /// Set up on the first durable call.
+    durable: tokio::sync::OnceCell<crate::durable::DurableClient>,
 }
 
 impl Client {
@@ -72,6 +77,7 @@ impl Client {
                 nats,
                 prefix,
                 url: url.into(),
+                durable: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -83,6 +89,7 @@ impl Client {
                 nats: self.inner.nats.clone(),
                 prefix: prefix.into(),
                 url: self.inner.url.clone(),
+                durable: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -102,33 +109,34 @@ impl Client {
         &self.inner.url
     }
 
-    /// Encodes one call: for postcard the envelope and the arguments in
-    /// one buffer and no headers; for JSON the arguments and `Wharf-*`
-    /// headers. Synchronous, so `args` is not held across an await.
-    fn prepare<A: Serialize>(
+    pub(crate) fn durable_cell(&self) -> &tokio::sync::OnceCell<crate::durable::DurableClient> {
+        &self.inner.durable
+    }
+
+    /// Encodes one try of a call: for postcard the envelope and the
+    /// arguments in one buffer and no headers; for JSON the arguments and
+    /// `Wharf-*` headers. Synchronous, so `args` is not held across an await.
+    pub(crate) fn prepare<A: Serialize>(
         &self,
         spec: &'static FnSpec,
         args: &A,
         options: &CallOptions,
+        call: &CallState,
     ) -> Result<Prepared, Error> {
-        let timeout = options.timeout.unwrap_or_else(|| spec.timeout());
-        let deadline = deadline_ms(timeout);
         let encode_error = |e: String| {
             Error::new(
                 ErrorKind::Codec,
                 format!("cannot encode the arguments of `{}`: {e}", spec.path),
             )
         };
-        let id = call_id();
-        let request = async_nats::Request::new().timeout(Some(timeout));
-        let request = match options.codec {
+        let prepared = match options.codec {
             Codec::Postcard => {
                 let envelope = Envelope {
                     version: ENVELOPE_VERSION,
                     sig: spec.sig,
-                    deadline_ms: deadline,
-                    call_id: id.as_str().as_bytes(),
-                    attempt: 1,
+                    deadline_ms: call.deadline_ms,
+                    call_id: call.id.as_bytes(),
+                    attempt: call.attempt,
                     flags: if options.report_instance {
                         FLAG_REPORT_INSTANCE
                     } else {
@@ -136,68 +144,286 @@ impl Client {
                     },
                 };
                 let buffer = postcard::to_extend(&envelope, Vec::with_capacity(64))
-                    .and_then(|buffer| postcard::to_extend(args, buffer))
                     .map_err(|e| encode_error(e.to_string()))?;
-                request.payload(buffer.into())
+                let args_at = buffer.len();
+                let buffer =
+                    postcard::to_extend(args, buffer).map_err(|e| encode_error(e.to_string()))?;
+                (buffer.into(), None, args_at)
             }
             Codec::Json => {
                 let mut headers = HeaderMap::new();
                 headers.insert(headers::CONTENT_TYPE, codec::JSON);
-                headers.insert(headers::SIG, spec.sig_hex());
-                headers.insert(headers::DEADLINE, deadline.to_string());
-                headers.insert(headers::CALL_ID, id.as_str());
+                if spec.sig != 0 {
+                    headers.insert(headers::SIG, spec.sig_hex());
+                }
+                headers.insert(headers::DEADLINE, call.deadline_ms.to_string());
+                headers.insert(headers::CALL_ID, call.id.as_str());
+                headers.insert(headers::ATTEMPT, call.attempt.to_string());
                 if options.report_instance {
                     headers.insert(headers::REPORT, "instance");
                 }
                 let payload = Codec::Json.encode(args).map_err(encode_error)?;
-                request.payload(payload).headers(headers)
+                (payload, Some(headers), 0)
             }
         };
+        let (payload, headers, args_at) = prepared;
         Ok(Prepared {
-            subject: spec.subject(&self.inner.prefix),
-            request,
-            timeout,
+            payload,
+            headers,
+            args_at,
         })
     }
 
-    /// Sends a prepared call and returns the raw reply message. Error
-    /// replies are returned as messages too; [`Returns`] interprets them.
-    async fn send(&self, spec: &'static FnSpec, prepared: Prepared) -> Result<Message, Error> {
-        let Prepared {
-            subject,
-            request,
-            timeout,
-        } = prepared;
-        self.inner
-            .nats
-            .send_request(subject.clone(), request)
-            .await
-            .map_err(|e| match e.kind() {
-                RequestErrorKind::NoResponders => Error::new(
-                    ErrorKind::NoResponders,
-                    format!("no worker serves `{subject}` ({}): start a worker for service `{}` (`<binary> worker` with NATS_URL set), or check the service and function names", spec.path, spec.service),
-                ),
-                RequestErrorKind::TimedOut => Error::new(
-                    ErrorKind::Timeout,
-                    format!("no reply from `{subject}` within {timeout:?}; raise the timeout (#[microservice(timeout = \"..\")] or .timeout(..) on the request) or add workers"),
-                ),
-                RequestErrorKind::MaxPayloadExceeded => Error::new(
-                    ErrorKind::PayloadTooLarge,
-                    format!("call to `{subject}` not sent: {e}; pass large values by reference, or raise max_payload in the nats-server configuration"),
-                ),
-                _ => Error::new(
-                    ErrorKind::Connection,
-                    format!("call to `{subject}` failed on the connection to `{}`: {e}", self.inner.url),
-                ),
-            })
+    /// The next try of a prepared call: the same arguments under a new
+    /// envelope (postcard) or new `Wharf-Attempt` header (JSON).
+    fn next_try(&self, prepared: &Prepared, options: &CallOptions, call: &CallState) -> Prepared {
+        match &prepared.headers {
+            None => {
+                let (envelope, _) = Envelope::split(&prepared.payload)
+                    .expect("a prepared postcard call starts with a valid envelope");
+                let envelope = Envelope {
+                    attempt: call.attempt,
+                    ..envelope
+                };
+                let mut buffer =
+                    postcard::to_allocvec(&envelope).expect("an envelope always encodes");
+                let args_at = buffer.len();
+                buffer.extend_from_slice(&prepared.payload[prepared.args_at..]);
+                Prepared {
+                    payload: buffer.into(),
+                    headers: None,
+                    args_at,
+                }
+            }
+            Some(headers) => {
+                let mut headers = headers.clone();
+                headers.insert(headers::ATTEMPT, call.attempt.to_string());
+                debug_assert_eq!(options.codec, Codec::Json);
+                Prepared {
+                    payload: prepared.payload.clone(),
+                    headers: Some(headers),
+                    args_at: 0,
+                }
+            }
+        }
+    }
+
+    /// Makes a call: one try after another, as the retry policy and the
+    /// deadline allow, under one call id. Returns the reply message (error
+    /// replies other than 503 included; [`Returns`] interprets them) and the
+    /// number of tries it took.
+    pub(crate) async fn invoke(
+        &self,
+        spec: &'static FnSpec,
+        mut prepared: Prepared,
+        mut call: CallState,
+        options: &CallOptions,
+    ) -> Result<(Message, u32), Error> {
+        let policy = options.retry.unwrap_or(spec.retry);
+        loop {
+            let failure = match self.send(spec, &call, prepared.clone()).await {
+                Ok(message) => match status_code(&message) {
+                    // Draining or overloaded: the call did not run here.
+                    Some(503) => remote_failure(options.codec, &message)
+                        .map(|(_, error)| error)
+                        .unwrap_or_else(|| Error::new(ErrorKind::Unavailable, "unavailable")),
+                    _ => return Ok((message, call.attempt)),
+                },
+                Err(error) => error,
+            };
+            if call.attempt >= policy.attempts
+                || !crate::retry::retryable(failure.kind(), spec.idempotent)
+            {
+                return Err(call.annotate(failure));
+            }
+            let delay = policy.delay(call.attempt);
+            if Instant::now() + delay >= call.deadline {
+                return Err(call.annotate(failure));
+            }
+            tokio::time::sleep(delay).await;
+            call.attempt += 1;
+            prepared = self.next_try(&prepared, options, &call);
+        }
+    }
+
+    /// Sends one try and waits for its reply until the call's deadline.
+    /// While an idempotent call waits, the worker holding it is asked now
+    /// and then whether it still runs the call, so a worker that died is
+    /// noticed in well under a second instead of at the deadline.
+    async fn send(
+        &self,
+        spec: &'static FnSpec,
+        call: &CallState,
+        prepared: Prepared,
+    ) -> Result<Message, Error> {
+        let subject = spec.subject(&self.inner.prefix);
+        let timeout = call.deadline.saturating_duration_since(Instant::now());
+        if timeout.is_zero() {
+            return Err(call.deadline_passed(spec, &subject));
+        }
+        let mut request = async_nats::Request::new()
+            .payload(prepared.payload)
+            .timeout(Some(timeout));
+        if let Some(headers) = prepared.headers {
+            request = request.headers(headers);
+        }
+        let reply = self.inner.nats.send_request(subject.clone(), request);
+        let result = if spec.idempotent {
+            tokio::select! {
+                result = reply => result,
+                lost = self.watch_call(spec, call) => return Err(lost),
+            }
+        } else {
+            reply.await
+        };
+        result.map_err(|e| match e.kind() {
+            RequestErrorKind::NoResponders => Error::new(
+                ErrorKind::NoResponders,
+                format!("no worker serves `{subject}` ({}): start a worker for service `{}` (`<binary> worker` with NATS_URL set), or check the service and function names", spec.path, spec.service),
+            ),
+            RequestErrorKind::TimedOut => call.deadline_passed(spec, &subject),
+            RequestErrorKind::MaxPayloadExceeded => Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!("call to `{subject}` not sent: {e}; pass large values by reference, or raise max_payload in the nats-server configuration"),
+            ),
+            _ => Error::new(
+                ErrorKind::Connection,
+                format!("call to `{subject}` failed on the connection to `{}`: {e}", self.inner.url),
+            ),
+        })
+    }
+
+    /// Resolves with [`ErrorKind::WorkerLost`] once two probes in a row
+    /// find no worker running `call`; pends forever otherwise.
+    async fn watch_call(&self, spec: &'static FnSpec, call: &CallState) -> Error {
+        let subject = format!("{}.{}.{}", self.inner.prefix, STATUS_TOKEN, spec.service);
+        let mut misses = 0;
+        loop {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            let probe = async_nats::Request::new()
+                .payload(Bytes::copy_from_slice(call.id.as_bytes()))
+                .timeout(Some(PROBE_TIMEOUT));
+            match self.inner.nats.send_request(subject.clone(), probe).await {
+                Ok(_) => misses = 0,
+                // A probe lost to a broken connection says nothing about
+                // the worker; the connection's own errors decide the call.
+                Err(e)
+                    if !matches!(
+                        e.kind(),
+                        RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
+                    ) => {}
+                Err(_) => {
+                    misses += 1;
+                    // Two misses, not one: a call still in the worker's
+                    // socket buffer is not registered yet.
+                    if misses >= 2 {
+                        return Error::new(
+                            ErrorKind::WorkerLost,
+                            format!(
+                                "no worker of `{}` runs call {} of `{}` any more: the worker that took it stopped before answering",
+                                spec.service, call.id, spec.path
+                            ),
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 
-/// An encoded call, ready to send.
-struct Prepared {
-    subject: async_nats::Subject,
-    request: async_nats::Request,
-    timeout: Duration,
+/// Subject token of the call-status probe: `<prefix>._status.<service>`,
+/// payload the call id; the worker running that call answers, others stay
+/// silent.
+pub(crate) const STATUS_TOKEN: &str = "_status";
+
+/// How long an idempotent call waits before its first probe, and between
+/// probes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long a probe waits for the worker's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(150);
+
+/// One logical call across its tries: id, deadline, attempt number.
+pub(crate) struct CallState {
+    pub(crate) id: nuid::NUIDStr,
+    /// Absolute deadline, unix milliseconds (what travels on the wire).
+    pub(crate) deadline_ms: u64,
+    /// The same deadline on the monotonic clock (what the caller waits on).
+    pub(crate) deadline: Instant,
+    pub(crate) attempt: u32,
+}
+
+impl CallState {
+    /// A new call: its timeout from the options or the function, cut to
+    /// the deadline of the call this code runs in, if any.
+    pub(crate) fn new(spec: &FnSpec, options: &CallOptions) -> Result<CallState, Error> {
+        let timeout = options.timeout.unwrap_or_else(|| spec.timeout());
+        let now_ms = crate::context::unix_ms();
+        let now = Instant::now();
+        let own = now_ms.saturating_add(timeout.as_millis().min(u64::MAX as u128) as u64);
+        let deadline_ms = match crate::context::inherited_deadline_ms() {
+            Some(inherited) if inherited < own => {
+                if inherited <= now_ms {
+                    return Err(Error::new(
+                        ErrorKind::DeadlineExceeded,
+                        format!(
+                            "`{}` not called: the deadline of the call this code runs in passed {} ms ago",
+                            spec.path,
+                            now_ms - inherited
+                        ),
+                    ));
+                }
+                inherited
+            }
+            _ => own,
+        };
+        let deadline = now
+            .checked_add(Duration::from_millis(deadline_ms - now_ms))
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+        Ok(CallState {
+            id: call_id(),
+            deadline_ms,
+            deadline,
+            attempt: 1,
+        })
+    }
+
+    fn deadline_passed(&self, spec: &FnSpec, subject: &str) -> Error {
+        Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "no reply from `{subject}` ({}) before the call's deadline; raise the timeout (#[microservice(timeout = \"..\")] or .timeout(..) on the request) or add workers",
+                spec.path
+            ),
+        )
+    }
+
+    /// Adds the number of tries to the message of a call's final error.
+    fn annotate(&self, error: Error) -> Error {
+        if self.attempt == 1 {
+            error
+        } else {
+            Error::new(
+                error.kind(),
+                format!("{} (after {} tries)", error.message(), self.attempt),
+            )
+        }
+    }
+}
+
+/// The status code of an error reply.
+fn status_code(message: &Message) -> Option<u16> {
+    let code = message.headers.as_ref()?.get(headers::SERVICE_ERROR_CODE)?;
+    code.as_str().trim().parse().ok()
+}
+
+/// An encoded try, ready to send.
+#[derive(Clone)]
+pub(crate) struct Prepared {
+    pub(crate) payload: Bytes,
+    pub(crate) headers: Option<HeaderMap>,
+    /// Where the arguments start in a postcard payload (after the envelope).
+    args_at: usize,
 }
 
 /// A new call id. Each thread keeps its own generator: the global one in
@@ -211,23 +437,14 @@ fn call_id() -> nuid::NUIDStr {
     NUID.with(|n| n.borrow_mut().next())
 }
 
-/// Absolute deadline, unix milliseconds, `timeout` from now; 0 (none)
-/// for a timeout too large to express.
-fn deadline_ms(timeout: Duration) -> u64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    now.checked_add(timeout)
-        .and_then(|deadline| u64::try_from(deadline.as_millis()).ok())
-        .unwrap_or(0)
-}
-
 /// Per-call settings. Unset fields fall back to the function's attribute.
 #[derive(Debug, Clone, Default)]
 pub struct CallOptions {
-    timeout: Option<Duration>,
-    codec: Codec,
-    report_instance: bool,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) codec: Codec,
+    pub(crate) report_instance: bool,
+    pub(crate) retry: Option<RetryPolicy>,
+    pub(crate) durable: Option<bool>,
 }
 
 /// A decoded reply together with what the worker reported about itself.
@@ -238,6 +455,8 @@ pub struct Reply<T> {
     /// `Wharf-Instance` of the worker that served the call:
     /// `<instance id> <pid> <host>`.
     pub instance: Option<String>,
+    /// Tries the call took, 1 when nothing was retried.
+    pub attempts: u32,
 }
 
 impl<T> Reply<T> {
@@ -322,14 +541,15 @@ fn remote_failure(codec: Codec, message: &Message) -> Option<(u16, Error)> {
         .map(|v| v.as_str().to_owned());
     // A 422 body has a trailing `error` field; the lenient decode reads
     // `{kind, message}` and leaves the rest.
-    let body_message = codec
-        .decode_lenient::<ErrorBody>(&message.payload)
-        .ok()
-        .map(|b| b.message);
+    let (body_kind, body_message) = match codec.decode_lenient::<ErrorBody>(&message.payload) {
+        Ok(body) => (Some(body.kind), Some(body.message)),
+        Err(_) => (None, None),
+    };
     let text = body_message
         .or(header_text)
         .unwrap_or_else(|| format!("the worker answered with status {code}"));
-    Some((code, Error::new(ErrorKind::from_code(code), text)))
+    let kind = ErrorKind::from_wire(code, body_kind.as_deref());
+    Some((code, Error::new(kind, text)))
 }
 
 /// A call being prepared: set options, then `.await` it (or call
@@ -382,6 +602,35 @@ impl<A: Serialize, R: Returns> Request<A, R> {
         self
     }
 
+    /// Retries this call by `policy` instead of the function's.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.options.retry = Some(policy);
+        self
+    }
+
+    /// Sends this call through JetStream (`true`), at least once even if
+    /// workers die, or as a plain request (`false`), whatever the
+    /// function's `durable` option says.
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.options.durable = Some(durable);
+        self
+    }
+
+    /// Starts this call durably and returns without waiting for the
+    /// result: [`Pending::wait`] collects it, here or, through
+    /// `<function>::collect(id)`, in any other process.
+    pub async fn start(mut self) -> Result<Pending<R>, Error> {
+        let client = match self.client.take() {
+            Some(client) => client,
+            None => global()?.clone(),
+        };
+        let call = CallState::new(self.spec, &self.options)?;
+        let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
+        client
+            .start_durable::<R>(self.spec, prepared, call, &self.options)
+            .await
+    }
+
     /// Sends the call and decodes the reply.
     pub async fn send(self) -> Result<R::Value, R::Err> {
         self.dispatch(false).await.map(|reply| reply.value)
@@ -399,15 +648,30 @@ impl<A: Serialize, R: Returns> Request<A, R> {
             None => global()?.clone(),
         };
         self.options.report_instance = report_instance;
-        let prepared = client.prepare(self.spec, &self.args, &self.options)?;
-        let message = client.send(self.spec, prepared).await?;
-        let value = R::decode(self.spec, self.options.codec, &message)?;
+        let call = CallState::new(self.spec, &self.options)?;
+        let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
+        let (message, codec, attempts) = if self.options.durable.unwrap_or(self.spec.durable) {
+            let pending = client
+                .start_durable::<R>(self.spec, prepared, call, &self.options)
+                .await?;
+            pending.wait_message().await?
+        } else {
+            let (message, attempts) = client
+                .invoke(self.spec, prepared, call, &self.options)
+                .await?;
+            (message, self.options.codec, attempts)
+        };
+        let value = R::decode(self.spec, codec, &message)?;
         let instance = message
             .headers
             .as_ref()
             .and_then(|h| h.get(headers::INSTANCE))
             .map(|v| v.as_str().to_owned());
-        Ok(Reply { value, instance })
+        Ok(Reply {
+            value,
+            instance,
+            attempts,
+        })
     }
 }
 
@@ -433,9 +697,14 @@ pub async fn call<A: Serialize, R: Returns>(
     spec: &'static FnSpec,
     args: A,
 ) -> Result<R::Value, R::Err> {
+    if spec.durable {
+        return Request::<A, R>::new(spec, args).client(client).send().await;
+    }
     let options = CallOptions::default();
-    let prepared = client.prepare(spec, &args, &options)?;
-    let message = client.send(spec, prepared).await?;
+    let call = CallState::new(spec, &options)?;
+    let prepared = client.prepare(spec, &args, &options, &call)?;
+    drop(args);
+    let (message, _) = client.invoke(spec, prepared, call, &options).await?;
     R::decode(spec, options.codec, &message)
 }
 

@@ -41,6 +41,13 @@ pub enum ErrorKind {
     Config,
     /// Starting or supervising a local process (nats-server, a worker) failed.
     Process,
+    /// The worker running this call stopped before it answered (it was
+    /// killed, or lost its connection). Retried for idempotent functions.
+    WorkerLost,
+    /// A durable call was given up: its arguments could not be decoded, or
+    /// it was delivered `max_deliver` times without completing. The call
+    /// sits in the dead-letter stream (wire code 500, kind `dead_letter`).
+    DeadLetter,
     /// A reply carried a status code this version does not know.
     Other,
 }
@@ -57,6 +64,7 @@ impl ErrorKind {
             ErrorKind::Panicked => 500,
             ErrorKind::Unavailable => 503,
             ErrorKind::DeadlineExceeded => 504,
+            ErrorKind::DeadLetter => 500,
             _ => return None,
         })
     }
@@ -73,6 +81,15 @@ impl ErrorKind {
             503 => ErrorKind::Unavailable,
             504 => ErrorKind::DeadlineExceeded,
             _ => ErrorKind::Other,
+        }
+    }
+
+    /// The kind of an error reply: the body's `kind` when it names one a
+    /// worker reports, else the status code's.
+    pub fn from_wire(code: u16, kind: Option<&str>) -> ErrorKind {
+        match kind {
+            Some("dead_letter") => ErrorKind::DeadLetter,
+            _ => ErrorKind::from_code(code),
         }
     }
 
@@ -94,6 +111,8 @@ impl ErrorKind {
             ErrorKind::Codec => "codec",
             ErrorKind::Config => "config",
             ErrorKind::Process => "process",
+            ErrorKind::WorkerLost => "worker_lost",
+            ErrorKind::DeadLetter => "dead_letter",
             ErrorKind::Other => "other",
         }
     }
@@ -216,6 +235,14 @@ mod tests {
         }
         assert_eq!(ErrorKind::Timeout.code(), None);
         assert_eq!(ErrorKind::from_code(418), ErrorKind::Other);
+        assert_eq!(
+            ErrorKind::from_wire(500, Some("dead_letter")),
+            ErrorKind::DeadLetter
+        );
+        assert_eq!(
+            ErrorKind::from_wire(500, Some("panicked")),
+            ErrorKind::Panicked
+        );
     }
 
     #[test]

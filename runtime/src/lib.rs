@@ -32,17 +32,23 @@
 mod children;
 mod client;
 pub mod codec;
+mod context;
+pub mod durable;
 mod embedded;
 mod error;
 mod micro;
+mod retry;
 mod spec;
 pub mod testing;
 pub mod worker;
 
 pub use client::{global as client, Client, Fallible, Plain, Reply, Request, Returns};
 pub use codec::Codec;
+pub use context::{deadline, time_left};
+pub use durable::Pending;
 pub use embedded::nats_server_binary;
 pub use error::{CallError, Error, ErrorKind};
+pub use retry::RetryPolicy;
 pub use spec::{registered, ArgSpec, FnSpec};
 pub use wharf_macros::{main, microservice};
 pub use worker::{RunningWorker, Worker};
@@ -68,6 +74,10 @@ pub mod headers {
     pub const TXN: HeaderName = HeaderName::from_static("Wharf-Txn");
     /// `instance`: ask the worker to name itself in [`INSTANCE`].
     pub const REPORT: HeaderName = HeaderName::from_static("Wharf-Report");
+    /// Durable calls: the subject the worker replies to.
+    pub const REPLY: HeaderName = HeaderName::from_static("Wharf-Reply");
+    /// Dead-lettered calls: why the call was given up.
+    pub const DEAD_REASON: HeaderName = HeaderName::from_static("Wharf-Dead-Reason");
     /// Reply header: `<instance id> <pid> <host>` of the serving worker.
     pub const INSTANCE: HeaderName = HeaderName::from_static("Wharf-Instance");
     /// ADR-32 error text.

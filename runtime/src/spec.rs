@@ -35,6 +35,13 @@ pub struct FnSpec {
     pub error: Option<&'static str>,
     /// Default call timeout in milliseconds.
     pub timeout_ms: u64,
+    /// Safe to run more than once (`#[microservice(idempotent)]`): retried
+    /// after a timeout or a lost worker, results kept for deduplication.
+    pub idempotent: bool,
+    /// Called through JetStream by default (`#[microservice(durable)]`).
+    pub durable: bool,
+    /// How calls are retried unless a call says otherwise.
+    pub retry: crate::RetryPolicy,
     /// A sync function: it runs on the blocking pool, off the async threads.
     pub blocking: bool,
     /// Version of the crate that defines the function.

@@ -9,6 +9,7 @@ use crate::codec::{ApplicationErrorBody, Codec, Envelope, ErrorBody, FLAG_REPORT
 use crate::micro;
 use crate::spec::{registrations, Registration};
 use crate::{headers, Client, Error, ErrorKind, FnSpec};
+use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
@@ -17,7 +18,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -39,6 +41,8 @@ pub struct Incoming {
     codec: Codec,
     payload: Bytes,
     spec: &'static FnSpec,
+    /// The call's deadline (unix ms, 0 none), inherited by calls it makes.
+    deadline_ms: u64,
 }
 
 impl Incoming {
@@ -93,14 +97,17 @@ impl Incoming {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        tokio::task::spawn_blocking(f).await.map_err(|e| {
-            let message = if e.is_panic() {
-                panic_message(e.into_panic().as_ref())
-            } else {
-                "the blocking task was cancelled".to_owned()
-            };
-            Fault::panicked(self.spec, &message)
-        })
+        let deadline_ms = self.deadline_ms;
+        tokio::task::spawn_blocking(move || crate::context::scope_blocking(deadline_ms, f))
+            .await
+            .map_err(|e| {
+                let message = if e.is_panic() {
+                    panic_message(e.into_panic().as_ref())
+                } else {
+                    "the blocking task was cancelled".to_owned()
+                };
+                Fault::panicked(self.spec, &message)
+            })
     }
 }
 
@@ -115,7 +122,7 @@ pub struct Fault {
 }
 
 impl Fault {
-    fn new(kind: ErrorKind, message: String) -> Fault {
+    pub(crate) fn new(kind: ErrorKind, message: String) -> Fault {
         Fault {
             kind,
             message,
@@ -131,6 +138,43 @@ impl Fault {
                 spec.service, spec.name
             ),
         )
+    }
+}
+
+impl Fault {
+    /// The kind of failure.
+    pub(crate) fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// What went wrong.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The wire form of this failure: status code, ADR-32 headers and the
+    /// `{kind, message}` body (or the application error's body).
+    pub(crate) fn answer(&self, codec: Codec) -> (u16, HeaderMap, Bytes) {
+        let code = self.kind.code().unwrap_or(500);
+        let body = match &self.body {
+            Some(body) => body.clone(),
+            None => codec
+                .encode(&ErrorBody {
+                    kind: self.kind.as_str().to_owned(),
+                    message: self.message.clone(),
+                })
+                .unwrap_or_default(),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            headers::SERVICE_ERROR,
+            crate::durable::one_line(&self.message).as_str(),
+        );
+        headers.insert(headers::SERVICE_ERROR_CODE, code.to_string());
+        if codec != Codec::Postcard {
+            headers.insert(headers::CONTENT_TYPE, codec.content_type());
+        }
+        (code, headers, body)
     }
 }
 
@@ -164,6 +208,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 pub struct Worker {
     client: Client,
     concurrency: usize,
+    backlog: Option<usize>,
 }
 
 impl Worker {
@@ -175,15 +220,28 @@ impl Worker {
             .filter(|n| *n > 0)
             .unwrap_or(DEFAULT_CONCURRENCY)
             .min(MAX_CONCURRENCY);
+        let backlog = std::env::var("WHARF_BACKLOG")
+            .ok()
+            .and_then(|v| v.parse().ok());
         Worker {
             client: client.clone(),
             concurrency,
+            backlog,
         }
     }
 
-    /// How many calls run at once; more wait in the subscription's buffer.
+    /// How many calls run at once.
     pub fn concurrency(mut self, concurrency: usize) -> Worker {
         self.concurrency = concurrency.clamp(1, MAX_CONCURRENCY);
+        self
+    }
+
+    /// How many calls may wait for a free slot once `concurrency` run
+    /// (default: as many as `concurrency`); a call beyond that is answered
+    /// 503 and its caller retries, usually on another worker. Durable calls
+    /// do not count: a busy worker just stops pulling them.
+    pub fn backlog(mut self, backlog: usize) -> Worker {
+        self.backlog = Some(backlog);
         self
     }
 
@@ -202,16 +260,44 @@ impl Worker {
         let instance = nuid::next().as_str().to_owned();
         let identity = format!("{instance} {} {}", std::process::id(), hostname());
         let nats = self.client.nats().clone();
+        let prefix = self.client.prefix().to_owned();
+        let js = async_nats::jetstream::new(nats.clone());
+        // Durable calls and kept results need JetStream; without it the
+        // worker still serves plain calls.
+        let jetstream = match js.query_account().await {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("wharf: JetStream is not available ({e}); this worker serves plain calls only, not durable ones");
+                false
+            }
+        };
+        let results = if jetstream {
+            crate::durable::dead_letters(&js, &prefix).await?;
+            Some(crate::durable::results_bucket(&js).await?)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             nats: nats.clone(),
             permits: Arc::new(Semaphore::new(self.concurrency)),
             concurrency: self.concurrency,
+            backlog: AtomicUsize::new(0),
+            max_backlog: self.backlog.unwrap_or(self.concurrency),
             identity,
+            running: Mutex::new(HashMap::new()),
+            results,
+            prefix: prefix.clone(),
         });
         let (stop, stopped) = watch::channel(false);
         let mut discovery = Vec::new();
+        let mut probes = Vec::new();
         let mut tasks = JoinSet::new();
         for (service_name, regs) in by_service {
+            let stream = if jetstream {
+                Some(crate::durable::calls_stream(&js, &prefix, service_name).await?)
+            } else {
+                None
+            };
             // The version of the crate that defines the service's functions.
             let version = regs.first().map_or("0.0.0", |r| r.spec.version).to_owned();
             let mut endpoints = Vec::new();
@@ -234,13 +320,25 @@ impl Worker {
                     metadata: endpoint_metadata(spec),
                     stats: stats.clone(),
                 });
-                let endpoint = Endpoint {
+                let endpoint = Arc::new(Endpoint {
                     registration,
                     stats,
                     shared: shared.clone(),
-                };
+                });
+                if let Some(stream) = &stream {
+                    let consumer = crate::durable::consumer(stream, &prefix, spec).await?;
+                    tasks.spawn(crate::durable::serve(
+                        endpoint.clone(),
+                        consumer,
+                        js.clone(),
+                        stopped.clone(),
+                    ));
+                }
                 tasks.spawn(endpoint.serve(subscriber, stopped.clone()));
             }
+            probes.push(Discovery(
+                answer_probes(&nats, &prefix, service_name, shared.clone()).await?,
+            ));
             let info = micro::ServiceInfo {
                 name: service_name.to_owned(),
                 id: nuid::next().as_str().to_owned(),
@@ -254,7 +352,7 @@ impl Worker {
             let data = move || {
                 serde_json::json!({
                     "in_flight": stats_shared.in_flight(),
-                    "backlog": 0,
+                    "backlog": stats_shared.backlog(),
                     "concurrency": stats_shared.concurrency,
                 })
             };
@@ -274,6 +372,7 @@ impl Worker {
             instance,
             stop,
             discovery,
+            probes,
             tasks,
             shared,
         })
@@ -337,32 +436,51 @@ fn endpoint_metadata(spec: &FnSpec) -> HashMap<String, String> {
     metadata
 }
 
-struct Shared {
-    nats: async_nats::Client,
-    permits: Arc<Semaphore>,
+pub(crate) struct Shared {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) permits: Arc<Semaphore>,
     concurrency: usize,
+    /// Calls taken but waiting for a permit.
+    backlog: AtomicUsize,
+    /// The most calls that may wait; past it a call is answered 503.
+    max_backlog: usize,
     /// `Wharf-Instance` value: `<instance id> <pid> <host>`.
     identity: String,
+    /// Idempotent calls in this worker, by call id; `true` once a caller
+    /// has probed for it (its result is then kept for a retry).
+    running: Mutex<HashMap<Bytes, bool>>,
+    /// `wharf_results`, when the server has JetStream.
+    pub(crate) results: Option<kv::Store>,
+    /// Subject prefix.
+    pub(crate) prefix: String,
 }
 
 impl Shared {
     fn in_flight(&self) -> usize {
         self.concurrency - self.permits.available_permits()
     }
+
+    fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
+    }
 }
 
 /// One function served by this worker.
-struct Endpoint {
-    registration: &'static Registration,
+pub(crate) struct Endpoint {
+    pub(crate) registration: &'static Registration,
     stats: Arc<micro::EndpointStats>,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Endpoint {
     /// Takes calls from `subscriber` until `stop` turns true, then
     /// unsubscribes and still runs every call already delivered.
-    async fn serve(self, mut subscriber: async_nats::Subscriber, mut stop: watch::Receiver<bool>) {
-        let endpoint = Arc::new(self);
+    async fn serve(
+        self: Arc<Self>,
+        mut subscriber: async_nats::Subscriber,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let endpoint = self;
         let mut stopping = false;
         // Made once, not per message: this loop is the hot path.
         let stop_signal = stop.changed();
@@ -384,25 +502,56 @@ impl Endpoint {
                 }
             };
             let Some(message) = message else { return };
-            // At the limit the loop waits here, leaving further requests in
-            // the subscription's buffer instead of starting unbounded work.
-            // Below the limit a permit is taken without building a future.
-            let permit = match endpoint.shared.permits.clone().try_acquire_owned() {
-                Ok(permit) => permit,
+            let shared = &endpoint.shared;
+            match shared.permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let call = endpoint.handle(message);
+                    tokio::spawn(async move {
+                        call.await;
+                        drop(permit);
+                    });
+                }
                 Err(tokio::sync::TryAcquireError::NoPermits) => {
-                    let Ok(permit) = endpoint.shared.permits.clone().acquire_owned().await else {
-                        return;
-                    };
-                    permit
+                    // At the limit: wait in a bounded local queue (the
+                    // semaphore is fair, so in arrival order), and past its
+                    // bound refuse with 503 so the caller tries elsewhere.
+                    if shared.backlog.fetch_add(1, Ordering::Relaxed) >= shared.max_backlog {
+                        shared.backlog.fetch_sub(1, Ordering::Relaxed);
+                        tokio::spawn(endpoint.clone().refuse(message));
+                        continue;
+                    }
+                    let call = endpoint.handle(message);
+                    let waiting = endpoint.clone();
+                    tokio::spawn(async move {
+                        let permit = waiting.shared.permits.clone().acquire_owned().await;
+                        waiting.shared.backlog.fetch_sub(1, Ordering::Relaxed);
+                        if let Ok(permit) = permit {
+                            call.await;
+                            drop(permit);
+                        }
+                    });
                 }
                 Err(tokio::sync::TryAcquireError::Closed) => return,
-            };
-            let call = endpoint.handle(message);
-            tokio::spawn(async move {
-                call.await;
-                drop(permit);
-            });
+            }
         }
+    }
+
+    /// Answers a call this worker has no room for with 503.
+    async fn refuse(self: Arc<Self>, message: async_nats::Message) {
+        let Some(reply) = message.reply.clone() else {
+            return;
+        };
+        let codec = read_request(&message).map_or_else(|(codec, _)| codec, |(codec, ..)| codec);
+        let spec = self.registration.spec;
+        let fault = Fault::new(
+            ErrorKind::Unavailable,
+            format!(
+                "the worker is overloaded: {} calls running and {} waiting for `{}.{}`; retry, or add workers",
+                self.shared.concurrency, self.shared.max_backlog, spec.service, spec.name
+            ),
+        );
+        self.respond_fault(reply, codec, fault, SystemTime::now())
+            .await;
     }
 
     /// Reads the request now and returns the rest of the call as a future
@@ -418,6 +567,11 @@ impl Endpoint {
         let parts = read_request(&message);
         drop(message);
         let endpoint = self.clone();
+        if endpoint.registration.spec.idempotent {
+            if let Ok((_, meta, _)) = &parts {
+                endpoint.track(&meta.call_id);
+            }
+        }
         async move {
             let Some(reply) = reply else {
                 // A publish, not a request: nobody waits for an answer.
@@ -425,6 +579,29 @@ impl Endpoint {
             };
             endpoint.run(reply, parts, started).await;
         }
+    }
+
+    /// Registers an idempotent call as running here, for probes.
+    fn track(&self, call_id: &Bytes) {
+        if !call_id.is_empty() {
+            self.shared
+                .running
+                .lock()
+                .unwrap()
+                .insert(call_id.clone(), false);
+        }
+    }
+
+    /// Unregisters a call; true when a caller probed for it meanwhile.
+    fn untrack(&self, call_id: &Bytes) -> bool {
+        !call_id.is_empty()
+            && self
+                .shared
+                .running
+                .lock()
+                .unwrap()
+                .remove(call_id)
+                .unwrap_or(false)
     }
 
     async fn run(
@@ -440,18 +617,98 @@ impl Endpoint {
                 return Box::pin(self.respond_fault(reply, codec, fault, started)).await
             }
         };
-        if let Err(fault) = admit(spec, &meta, started) {
-            return Box::pin(self.respond_fault(reply, codec, fault, started)).await;
+        if spec.idempotent {
+            // Boxed: only idempotent functions pay for this larger future.
+            return Box::pin(self.run_idempotent(reply, codec, meta, args, started)).await;
         }
+        let outcome = self.execute(codec, &meta, args, started).await;
+        self.respond(reply, codec, &meta, outcome, started).await;
+    }
+
+    /// An idempotent call: a retry of a call whose result was kept gets
+    /// that result; a result is kept when the call was retried or probed,
+    /// the two ways a caller shows it may ask again.
+    async fn run_idempotent(
+        &self,
+        reply: async_nats::Subject,
+        codec: Codec,
+        meta: CallMeta,
+        args: Bytes,
+        started: SystemTime,
+    ) {
+        let results = self
+            .shared
+            .results
+            .as_ref()
+            .filter(|_| crate::durable::valid_call_id(&meta.call_id));
+        let key = results.map(|_| String::from_utf8_lossy(&meta.call_id).into_owned());
+        if let (Some(results), Some(key), true) = (results, &key, meta.attempt > 1) {
+            if let Ok(Some(record)) = results.get(key.as_str()).await {
+                self.untrack(&meta.call_id);
+                if let Ok((message, _)) = crate::durable::decode_record(record) {
+                    let headers = message.headers.unwrap_or_default();
+                    let _ = self
+                        .shared
+                        .nats
+                        .publish_with_headers(reply, headers, message.payload)
+                        .await;
+                    return;
+                }
+            }
+        }
+        let outcome = self.execute(codec, &meta, args, started).await;
+        let probed = self.untrack(&meta.call_id);
+        if let (Some(key), Ok(body)) = (&key, &outcome) {
+            if probed || meta.attempt > 1 {
+                let record = crate::durable::encode_record(200, codec, body);
+                // Best effort: losing the record costs a re-run, which an
+                // idempotent function allows.
+                let _ = self
+                    .shared
+                    .nats
+                    .publish(
+                        format!("$KV.{}.{key}", crate::durable::RESULTS_BUCKET),
+                        record,
+                    )
+                    .await;
+            }
+        }
+        self.respond(reply, codec, &meta, outcome, started).await;
+    }
+
+    /// Runs the function: checks signature and deadline, decodes, calls,
+    /// encodes; a panic becomes a 500.
+    pub(crate) async fn execute(
+        &self,
+        codec: Codec,
+        meta: &CallMeta,
+        args: Bytes,
+        started: SystemTime,
+    ) -> Result<Bytes, Fault> {
+        let spec = self.registration.spec;
+        admit(spec, meta, started)?;
+        let deadline_ms = meta.deadline_ms.unwrap_or(0);
         let incoming = Incoming {
             codec,
             payload: args,
             spec,
+            deadline_ms,
         };
-        let outcome = AssertUnwindSafe((self.registration.handler)(incoming))
-            .catch_unwind()
+        let handler = AssertUnwindSafe((self.registration.handler)(incoming)).catch_unwind();
+        crate::context::scope(deadline_ms, handler)
             .await
-            .unwrap_or_else(|panic| Err(Fault::panicked(spec, &panic_message(panic.as_ref()))));
+            .unwrap_or_else(|panic| Err(Fault::panicked(spec, &panic_message(panic.as_ref()))))
+    }
+
+    /// Publishes a call's outcome to `reply`.
+    async fn respond(
+        &self,
+        reply: async_nats::Subject,
+        codec: Codec,
+        meta: &CallMeta,
+        outcome: Result<Bytes, Fault>,
+        started: SystemTime,
+    ) {
         match outcome {
             Ok(body) => {
                 let nats = &self.shared.nats;
@@ -460,21 +717,38 @@ impl Endpoint {
                 let _ = if codec == Codec::Postcard && !meta.report_instance {
                     nats.publish(reply, body).await
                 } else {
-                    let mut headers = HeaderMap::new();
-                    if codec != Codec::Postcard {
-                        headers.insert(headers::CONTENT_TYPE, codec.content_type());
-                    }
-                    if meta.report_instance {
-                        headers.insert(headers::INSTANCE, self.shared.identity.as_str());
-                    }
                     // Boxed: the rarer path should not enlarge every call's task.
-                    Box::pin(nats.publish_with_headers(reply, headers, body)).await
+                    Box::pin(nats.publish_with_headers(
+                        reply,
+                        self.reply_headers(codec, meta),
+                        body,
+                    ))
+                    .await
                 };
                 self.stats
                     .record(started.elapsed().unwrap_or_default(), None);
             }
             Err(fault) => Box::pin(self.respond_fault(reply, codec, fault, started)).await,
         }
+    }
+
+    /// Headers of a successful reply that needs any: its codec when not
+    /// postcard, the worker's identity when asked for.
+    pub(crate) fn reply_headers(&self, codec: Codec, meta: &CallMeta) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if codec != Codec::Postcard {
+            headers.insert(headers::CONTENT_TYPE, codec.content_type());
+        }
+        if meta.report_instance {
+            headers.insert(headers::INSTANCE, self.shared.identity.as_str());
+        }
+        headers
+    }
+
+    /// Counts a finished call in the endpoint's stats.
+    pub(crate) fn record(&self, started: SystemTime, failure: Option<(u16, &str)>) {
+        self.stats
+            .record(started.elapsed().unwrap_or_default(), failure);
     }
 
     async fn respond_fault(
@@ -484,51 +758,33 @@ impl Endpoint {
         fault: Fault,
         started: SystemTime,
     ) {
-        let code = fault.kind.code().unwrap_or(500);
-        let body = match fault.body {
-            Some(body) => body,
-            None => codec
-                .encode(&ErrorBody {
-                    kind: fault.kind.as_str().to_owned(),
-                    message: fault.message.clone(),
-                })
-                .unwrap_or_default(),
-        };
-        let mut headers = HeaderMap::new();
-        // ADR-32 status headers; a header value is one line.
-        let status_line: String = fault
-            .message
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        headers.insert(headers::SERVICE_ERROR, status_line.as_str());
-        headers.insert(headers::SERVICE_ERROR_CODE, code.to_string());
-        if codec != Codec::Postcard {
-            headers.insert(headers::CONTENT_TYPE, codec.content_type());
-        }
+        let (code, headers, body) = fault.answer(codec);
         let _ = self
             .shared
             .nats
             .publish_with_headers(reply, headers, body)
             .await;
-        self.stats.record(
-            started.elapsed().unwrap_or_default(),
-            Some((code, status_line.as_str())),
-        );
+        self.record(started, Some((code, fault.message.as_str())));
     }
 }
 
 /// What a request says about itself, from the envelope (postcard) or the
 /// `Wharf-*` headers (JSON).
 #[derive(Debug, Default, PartialEq)]
-struct CallMeta {
+pub(crate) struct CallMeta {
     sig: Option<u64>,
     deadline_ms: Option<u64>,
     report_instance: bool,
+    /// Unique per logical call; empty when the caller sent none.
+    pub(crate) call_id: Bytes,
+    /// Attempt number from 1; 0 when not counted.
+    pub(crate) attempt: u32,
 }
 
 /// Reads the codec, the call metadata and the argument bytes of a request.
-fn read_request(message: &async_nats::Message) -> Result<(Codec, CallMeta, Bytes), (Codec, Fault)> {
+pub(crate) fn read_request(
+    message: &async_nats::Message,
+) -> Result<(Codec, CallMeta, Bytes), (Codec, Fault)> {
     let headers = message.headers.as_ref();
     let header =
         |name: async_nats::HeaderName| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
@@ -543,6 +799,13 @@ fn read_request(message: &async_nats::Message) -> Result<(Codec, CallMeta, Bytes
                 sig: (envelope.sig != 0).then_some(envelope.sig),
                 deadline_ms: (envelope.deadline_ms != 0).then_some(envelope.deadline_ms),
                 report_instance: envelope.flags & FLAG_REPORT_INSTANCE != 0,
+                // A view into the payload, not a copy.
+                call_id: if envelope.call_id.is_empty() {
+                    Bytes::new()
+                } else {
+                    message.payload.slice_ref(envelope.call_id)
+                },
+                attempt: envelope.attempt,
             };
             Ok((codec, meta, message.payload.slice(at..)))
         }
@@ -571,10 +834,21 @@ fn read_request(message: &async_nats::Message) -> Result<(Codec, CallMeta, Bytes
                 ),
                 None => None,
             };
+            let attempt = match header(headers::ATTEMPT) {
+                Some(text) => text
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad("Wharf-Attempt must be a number", text))?,
+                None => 0,
+            };
             let meta = CallMeta {
                 sig,
                 deadline_ms,
                 report_instance: header(headers::REPORT) == Some("instance"),
+                call_id: header(headers::CALL_ID)
+                    .map(|id| Bytes::copy_from_slice(id.as_bytes()))
+                    .unwrap_or_default(),
+                attempt,
             };
             Ok((codec, meta, message.payload.clone()))
         }
@@ -615,6 +889,40 @@ fn admit(spec: &FnSpec, meta: &CallMeta, now: SystemTime) -> Result<(), Fault> {
     Ok(())
 }
 
+/// Answers call-status probes for `service` (`<prefix>._status.<service>`,
+/// payload a call id): "running" when this worker runs that idempotent
+/// call, silence otherwise. A probed call's result is kept for a retry.
+async fn answer_probes(
+    nats: &async_nats::Client,
+    prefix: &str,
+    service: &str,
+    shared: Arc<Shared>,
+) -> Result<JoinHandle<()>, Error> {
+    let subject = format!("{prefix}.{}.{service}", crate::client::STATUS_TOKEN);
+    let mut probes = nats.subscribe(subject.clone()).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Connection,
+            format!("cannot subscribe `{subject}`: {e}"),
+        )
+    })?;
+    let nats = nats.clone();
+    Ok(tokio::spawn(async move {
+        while let Some(probe) = probes.next().await {
+            let Some(reply) = probe.reply else { continue };
+            let running = match shared.running.lock().unwrap().get_mut(&probe.payload) {
+                Some(probed) => {
+                    *probed = true;
+                    true
+                }
+                None => false,
+            };
+            if running {
+                let _ = nats.publish(reply, Bytes::from_static(b"running")).await;
+            }
+        }
+    }))
+}
+
 /// The task answering one service's discovery requests; stopped when
 /// dropped, so an instance that stops serving (or fails to start) does not
 /// keep announcing itself.
@@ -633,6 +941,8 @@ pub struct RunningWorker {
     instance: String,
     stop: watch::Sender<bool>,
     discovery: Vec<Discovery>,
+    /// Probe answerers: kept through a drain, since calls still run.
+    probes: Vec<Discovery>,
     tasks: JoinSet<()>,
     shared: Arc<Shared>,
 }
@@ -672,6 +982,8 @@ impl RunningWorker {
         // The last replies may still sit in the client's write buffer; a
         // process that exits right after draining must not drop them.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.flush()).await;
+        // Nothing runs here any more: stop answering probes for it.
+        self.probes.clear();
     }
 }
 
@@ -716,6 +1028,9 @@ mod tests {
         returns: "i64",
         error: None,
         timeout_ms: 1000,
+        idempotent: false,
+        durable: false,
+        retry: crate::RetryPolicy::DEFAULT,
         blocking: false,
         version: "0.1.0",
         path: "math::add",
@@ -726,7 +1041,7 @@ mod tests {
         CallMeta {
             sig,
             deadline_ms,
-            report_instance: false,
+            ..CallMeta::default()
         }
     }
 

@@ -2,10 +2,11 @@
 //! path, the wire contract and every bad input the core must survive.
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use wharf::testing::NatsServer;
-use wharf::{CallError, Client, Codec, ErrorKind, Worker};
+use wharf::{CallError, Client, Codec, ErrorKind, RetryPolicy, Worker};
 
 /// `divide`'s own error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -265,7 +266,11 @@ async fn panics_get_500_and_the_worker_keeps_serving() {
 async fn no_worker_is_no_responders_naming_the_subject() {
     let server = NatsServer::start().unwrap();
     let client = Client::connect(&server.url()).await.unwrap();
-    let error = add::call(&client, 1, 2).await.unwrap_err();
+    let error = add::request(1, 2)
+        .client(&client)
+        .retry(RetryPolicy::NONE)
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::NoResponders);
     assert!(error.message().contains("wharf.calls.add"), "{error}");
     assert!(error.message().contains("no worker serves"), "{error}");
@@ -300,6 +305,9 @@ static OLD_ADD: wharf::FnSpec = wharf::FnSpec {
     returns: "i32",
     error: None,
     timeout_ms: 5_000,
+    idempotent: false,
+    durable: false,
+    retry: wharf::RetryPolicy::NONE,
     blocking: false,
     version: "0.0.1",
     path: "old::add",
@@ -432,6 +440,169 @@ async fn drain_finishes_calls_in_flight() {
     assert_eq!(worker.in_flight(), 1);
     worker.drain(Duration::from_secs(5)).await;
     assert_eq!(long.await.unwrap().unwrap(), 150);
-    let error = add::call(&client, 1, 1).await.unwrap_err();
+    let error = add::request(1, 1)
+        .client(&client)
+        .retry(RetryPolicy::NONE)
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::NoResponders);
+}
+
+#[tokio::test]
+async fn a_call_waits_for_a_worker_to_appear() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { add::request(20, 22).client(&client).send_detailed().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _worker = Worker::new(&client).start().await.unwrap();
+    let reply = call.await.unwrap().unwrap();
+    assert_eq!(reply.value, 42);
+    assert!(reply.attempts > 1, "the first try found no worker");
+}
+
+#[tokio::test]
+async fn an_overloaded_worker_answers_503_and_the_caller_retries() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = Worker::new(&client)
+        .concurrency(1)
+        .backlog(0)
+        .start()
+        .await
+        .unwrap();
+    let busy = tokio::spawn({
+        let client = client.clone();
+        async move {
+            slow::request(300)
+                .client(&client)
+                .timeout(Duration::from_secs(5))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let refused = add::request(1, 2)
+        .client(&client)
+        .retry(RetryPolicy::NONE)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Unavailable);
+    assert!(refused.message().contains("overloaded"), "{refused}");
+    // With retries the same call gets through once the slot frees up.
+    let retried = add::request(1, 2)
+        .client(&client)
+        .retry(RetryPolicy::attempts(50).unwrap())
+        .send_detailed()
+        .await
+        .unwrap();
+    assert_eq!(retried.value, 3);
+    assert!(retried.attempts > 1);
+    assert_eq!(busy.await.unwrap().unwrap(), 300);
+}
+
+static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts how often its body runs; idempotent, so retries are deduplicated.
+#[wharf::microservice(service = "calls", idempotent)]
+pub async fn count_runs(tag: String) -> (String, u64) {
+    (
+        tag,
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
+    )
+}
+
+#[tokio::test]
+async fn a_retried_idempotent_call_that_completed_is_not_run_again() {
+    let (_server, client, _worker) = setup().await;
+    let headers = |attempt: &'static str| {
+        [
+            ("Content-Type", "application/json"),
+            ("Wharf-Call-Id", "dedupe-1"),
+            ("Wharf-Attempt", attempt),
+        ]
+    };
+    let first = raw_request(&client, "wharf.calls.count_runs", &headers("2"), r#"["x"]"#).await;
+    let first: (String, u64) = serde_json::from_slice(&first.payload).unwrap();
+    // The record is written without waiting; give it a moment to land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = raw_request(&client, "wharf.calls.count_runs", &headers("3"), r#"["x"]"#).await;
+    let again: (String, u64) = serde_json::from_slice(&again.payload).unwrap();
+    assert_eq!(again, first, "the stored result, not a second run");
+    let runs_before = RUNS.load(std::sync::atomic::Ordering::SeqCst);
+    let fresh = count_runs::call(&client, "y".into()).await.unwrap();
+    assert_eq!(fresh.1, runs_before + 1, "another call id runs");
+}
+
+#[tokio::test]
+async fn durable_calls_run_and_can_be_collected_elsewhere() {
+    let (server, client, _worker) = setup().await;
+    let sum = add::request(40, 2)
+        .client(&client)
+        .durable(true)
+        .await
+        .unwrap();
+    assert_eq!(sum, 42);
+    let error = divide::request(1.0, 0.0)
+        .client(&client)
+        .durable(true)
+        .await
+        .unwrap_err();
+    assert_eq!(error, CallError::Application(MathError::DivisionByZero));
+
+    let pending = greet::request("later".into())
+        .client(&client)
+        .start()
+        .await
+        .unwrap();
+    let id = pending.id().to_owned();
+    drop(pending);
+    let elsewhere = Client::connect(&server.url()).await.unwrap();
+    let greeting = greet::collect(id)
+        .client(&elsewhere)
+        .timeout(Duration::from_secs(10))
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(greeting, "Hello, later!");
+}
+
+#[tokio::test]
+async fn an_undecodable_durable_call_is_dead_lettered_at_once() {
+    let (_server, client, _worker) = setup().await;
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let inbox = client.nats().new_inbox();
+    let mut replies = client.nats().subscribe(inbox.clone()).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    headers.insert("Wharf-Call-Id", "bad-args-1");
+    headers.insert("Wharf-Reply", inbox.as_str());
+    js.publish_with_headers("wharf.durable.calls.add", headers, r#"{"a": "two"}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("a reply")
+        .unwrap();
+    assert_eq!(header(&reply, "Nats-Service-Error-Code"), Some("500"));
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(body["kind"], "dead_letter");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("wharf_dead_letters"), "{message}");
+    assert!(message.contains("cannot decode the arguments"), "{message}");
+    let mut dead = js.get_stream("wharf_dead_letters").await.unwrap();
+    assert_eq!(dead.info().await.unwrap().state.messages, 1);
+    // The work queue holds nothing more: it is not redelivered.
+    let mut queue = js.get_stream("wharf_calls_calls").await.unwrap();
+    assert_eq!(queue.info().await.unwrap().state.messages, 0);
+    // And collecting it says so.
+    let error = add::collect("bad-args-1")
+        .client(&client)
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DeadLetter);
 }

@@ -26,14 +26,15 @@ impl std::error::Error for MathError {}
 
 // The service name defaults to the crate name: here the binary, `quickstart`.
 
-/// Adds two numbers.
-#[wharf::microservice]
+/// Adds two numbers. Idempotent: safe to retry after a timeout or a lost
+/// worker.
+#[wharf::microservice(idempotent)]
 pub async fn add(a: i64, b: i64) -> i64 {
     a + b
 }
 
 /// Greets someone by name.
-#[wharf::microservice]
+#[wharf::microservice(idempotent)]
 pub async fn greet(name: String) -> String {
     format!("Hello, {name}!")
 }

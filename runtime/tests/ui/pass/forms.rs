@@ -137,10 +137,27 @@ async fn typed_uses(client: &wharf::Client) {
     assert_eq!(times::SPEC.timeout_ms, 2000);
 }
 
+/// Every robustness option at once.
+#[wharf::microservice(idempotent, durable, attempts = 3, backoff = "10ms", max_backoff = "1s")]
+pub async fn robust(n: u64) -> u64 {
+    n
+}
+
+/// A backoff above the default ceiling raises the ceiling with it.
+#[wharf::microservice(backoff = "5s")]
+pub async fn patient() {}
+
 fn main() {
+    assert!(robust::SPEC.idempotent && robust::SPEC.durable);
+    assert_eq!(robust::SPEC.retry.attempts, 3);
+    assert_eq!(robust::SPEC.retry.backoff_ms, 10);
+    assert_eq!(robust::SPEC.retry.max_backoff_ms, 1000);
+    assert_eq!(patient::SPEC.retry.max_backoff_ms, 5000);
+    assert!(!add::SPEC.idempotent && !add::SPEC.durable);
+    assert_eq!(add::SPEC.retry, wharf::RetryPolicy::DEFAULT);
     assert_eq!(add::SPEC.service, env!("CARGO_CRATE_NAME"));
     assert_eq!(add::SPEC.signature, "add(a:i64,b:i64)->i64");
-    assert_eq!(wharf::registered().count(), 10);
+    assert_eq!(wharf::registered().count(), 12);
     assert_eq!(r#match::SPEC.name, "match");
     assert_eq!(r#match::SPEC.args[0].name, "type");
     assert_eq!(r#match::SPEC.signature, "match(type:u8)->u8");

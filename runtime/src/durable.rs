@@ -1,0 +1,824 @@
+//! Durable calls: at least once, through JetStream.
+//!
+//! A durable call is published into the service's work-queue stream
+//! (`<prefix>_calls_<service>`, subjects `<prefix>.durable.<service>.<fn>`)
+//! instead of being requested. A worker pulls it (no more than it has
+//! permits for), runs it, stores the result in KV `wharf_results` under the
+//! call id, replies to the caller's `Wharf-Reply` subject, and only then
+//! acks. A worker killed mid-call means redelivery after the consumer's
+//! ack wait; a call that cannot be decoded, or that was delivered more than
+//! `max_deliver` times, moves to the dead-letter stream and its caller gets
+//! [`ErrorKind::DeadLetter`].
+
+use crate::client::{CallOptions, CallState, Client, Prepared};
+use crate::codec::{Codec, ErrorBody};
+use crate::worker::{read_request, Endpoint, Fault};
+use crate::{headers, Error, ErrorKind, FnSpec, Returns};
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use async_nats::{HeaderMap, Message};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{oneshot, watch};
+
+/// KV bucket holding durable results and idempotency records.
+pub const RESULTS_BUCKET: &str = "wharf_results";
+
+/// How long a stored result stays collectable unless `WHARF_RESULTS_TTL`
+/// (seconds) says otherwise.
+pub const DEFAULT_RESULTS_TTL: Duration = Duration::from_secs(3600);
+
+/// A consumer's ack wait unless `WHARF_ACK_WAIT` (milliseconds) says
+/// otherwise: how long a call held by a dead worker waits for redelivery.
+/// A live worker extends it while a long call runs.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// Deliveries of one durable call before it is dead-lettered, unless
+/// `WHARF_MAX_DELIVER` says otherwise.
+pub const DEFAULT_MAX_DELIVER: i64 = 5;
+
+/// Status code of a successful call in a stored result.
+const OK: u16 = 200;
+
+/// The stream holding `service`'s durable calls.
+pub fn stream_name(prefix: &str, service: &str) -> String {
+    format!("{}_calls_{service}", token(prefix))
+}
+
+/// The subject a durable call of `service.function` is published on.
+pub fn call_subject(prefix: &str, service: &str, function: &str) -> String {
+    format!("{prefix}.durable.{service}.{function}")
+}
+
+/// The dead-letter stream of a prefix (subjects `<prefix>.dead.>`).
+pub fn dead_letter_stream(prefix: &str) -> String {
+    format!("{}_dead_letters", token(prefix))
+}
+
+/// A subject prefix as one stream-name token.
+fn token(prefix: &str) -> String {
+    prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
+pub(crate) fn ack_wait() -> Duration {
+    env_number("WHARF_ACK_WAIT")
+        .filter(|ms| *ms >= 100)
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_ACK_WAIT)
+}
+
+pub(crate) fn max_deliver() -> i64 {
+    env_number("WHARF_MAX_DELIVER")
+        .filter(|n| *n >= 1)
+        .map(|n| n as i64)
+        .unwrap_or(DEFAULT_MAX_DELIVER)
+}
+
+/// A call id usable as a KV key and a subject token.
+pub(crate) fn valid_call_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+}
+
+/// Creates (or finds) the results bucket.
+pub(crate) async fn results_bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
+    let ttl = env_number("WHARF_RESULTS_TTL")
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_RESULTS_TTL);
+    match js.get_key_value(RESULTS_BUCKET).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: RESULTS_BUCKET.to_owned(),
+                description: "wharf: durable call results and idempotency records".to_owned(),
+                history: 1,
+                max_age: ttl,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                jetstream_error(format!("cannot create KV bucket `{RESULTS_BUCKET}`: {e}"))
+            }),
+    }
+}
+
+/// Creates (or finds) the work-queue stream of `service`.
+pub(crate) async fn calls_stream(
+    js: &jetstream::Context,
+    prefix: &str,
+    service: &str,
+) -> Result<stream::Stream, Error> {
+    let name = stream_name(prefix, service);
+    js.get_or_create_stream(stream::Config {
+        name: name.clone(),
+        description: Some(format!("wharf: durable calls of service {service}")),
+        subjects: vec![format!("{prefix}.durable.{service}.*")],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        // A caller that re-publishes after a lost ack stores its call once.
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| jetstream_error(format!("cannot create stream `{name}`: {e}")))
+}
+
+/// Creates (or finds) the dead-letter stream.
+pub(crate) async fn dead_letters(js: &jetstream::Context, prefix: &str) -> Result<(), Error> {
+    let name = dead_letter_stream(prefix);
+    js.get_or_create_stream(stream::Config {
+        name: name.clone(),
+        description: Some("wharf: durable calls given up on".to_owned()),
+        subjects: vec![format!("{prefix}.dead.>")],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| jetstream_error(format!("cannot create stream `{name}`: {e}")))
+}
+
+/// Creates (or finds) the pull consumer through which workers take
+/// `spec`'s durable calls.
+pub(crate) async fn consumer(
+    stream: &stream::Stream,
+    prefix: &str,
+    spec: &FnSpec,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, Error> {
+    stream
+        .get_or_create_consumer(
+            spec.name,
+            pull::Config {
+                durable_name: Some(spec.name.to_owned()),
+                description: Some(format!("wharf: workers of {}.{}", spec.service, spec.name)),
+                filter_subject: call_subject(prefix, spec.service, spec.name),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: ack_wait(),
+                // Workers count deliveries themselves, so the last one is
+                // dead-lettered by a worker rather than dropped by the server.
+                max_deliver: -1,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| {
+            jetstream_error(format!(
+                "cannot create the consumer of `{}.{}`: {e}",
+                spec.service, spec.name
+            ))
+        })
+}
+
+fn jetstream_error(message: String) -> Error {
+    Error::new(
+        ErrorKind::Connection,
+        format!("{message}; durable calls need JetStream (nats-server -js)"),
+    )
+}
+
+/// A result as stored in `wharf_results`: status code (2 bytes, big
+/// endian; 200 for success), codec (1 byte: 0 postcard, 1 JSON), then the
+/// reply body.
+pub(crate) fn encode_record(code: u16, codec: Codec, body: &[u8]) -> Bytes {
+    let mut record = BytesMut::with_capacity(3 + body.len());
+    record.put_u16(code);
+    record.put_u8(match codec {
+        Codec::Postcard => 0,
+        Codec::Json => 1,
+    });
+    record.put_slice(body);
+    record.freeze()
+}
+
+/// Reads a stored result back as the reply message it stands for.
+pub(crate) fn decode_record(record: Bytes) -> Result<(Message, Codec), Error> {
+    if record.len() < 3 {
+        return Err(Error::new(
+            ErrorKind::Codec,
+            format!(
+                "a stored result is {} bytes, shorter than its 3-byte header",
+                record.len()
+            ),
+        ));
+    }
+    let code = u16::from_be_bytes([record[0], record[1]]);
+    let codec = if record[2] == 1 {
+        Codec::Json
+    } else {
+        Codec::Postcard
+    };
+    let payload = record.slice(3..);
+    let headers = (code != OK).then(|| {
+        let text = codec
+            .decode_lenient::<ErrorBody>(&payload)
+            .map(|b| b.message)
+            .unwrap_or_else(|_| format!("status {code}"));
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::SERVICE_ERROR, one_line(&text).as_str());
+        headers.insert(headers::SERVICE_ERROR_CODE, code.to_string());
+        headers
+    });
+    let message = Message {
+        subject: async_nats::Subject::from_static(""),
+        reply: None,
+        length: payload.len(),
+        payload,
+        headers,
+        status: None,
+        description: None,
+    };
+    Ok((message, codec))
+}
+
+/// A header value is one line.
+pub(crate) fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// A client's durable-call state: its JetStream context, the streams it
+/// knows exist, and the subscription on which workers' replies arrive.
+pub(crate) struct DurableClient {
+    js: jetstream::Context,
+    streams: Mutex<HashSet<&'static str>>,
+    replies: Arc<Replies>,
+    results: tokio::sync::OnceCell<kv::Store>,
+}
+
+impl std::fmt::Debug for DurableClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableClient").finish_non_exhaustive()
+    }
+}
+
+impl DurableClient {
+    pub(crate) async fn new(nats: &async_nats::Client) -> Result<DurableClient, Error> {
+        Ok(DurableClient {
+            js: jetstream::new(nats.clone()),
+            streams: Mutex::new(HashSet::new()),
+            replies: Replies::start(nats).await?,
+            results: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    async fn results(&self) -> Result<&kv::Store, Error> {
+        self.results
+            .get_or_try_init(|| results_bucket(&self.js))
+            .await
+    }
+
+    async fn ensure_stream(&self, prefix: &str, service: &'static str) -> Result<(), Error> {
+        if self.streams.lock().unwrap().contains(service) {
+            return Ok(());
+        }
+        calls_stream(&self.js, prefix, service).await?;
+        self.streams.lock().unwrap().insert(service);
+        Ok(())
+    }
+}
+
+/// Routes replies of durable calls, all on one wildcard subscription, to
+/// the calls waiting for them.
+struct Replies {
+    prefix: String,
+    waiting: Mutex<HashMap<String, oneshot::Sender<Message>>>,
+}
+
+impl Replies {
+    async fn start(nats: &async_nats::Client) -> Result<Arc<Replies>, Error> {
+        let prefix = format!("{}.durable", nats.new_inbox());
+        let mut subscription = nats.subscribe(format!("{prefix}.*")).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot subscribe for durable replies: {e}"),
+            )
+        })?;
+        let replies = Arc::new(Replies {
+            prefix,
+            waiting: Mutex::new(HashMap::new()),
+        });
+        let routes = Arc::downgrade(&replies);
+        tokio::spawn(async move {
+            while let Some(message) = subscription.next().await {
+                let Some(replies) = routes.upgrade() else {
+                    return;
+                };
+                let id = message.subject.rsplit('.').next().unwrap_or("");
+                let waiter = replies.waiting.lock().unwrap().remove(id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(message);
+                }
+            }
+        });
+        Ok(replies)
+    }
+
+    fn subject(&self, id: &str) -> String {
+        format!("{}.{id}", self.prefix)
+    }
+
+    fn register(&self, id: &str) -> oneshot::Receiver<Message> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().unwrap().insert(id.to_owned(), tx);
+        rx
+    }
+}
+
+impl Client {
+    async fn durable_state(&self) -> Result<&DurableClient, Error> {
+        self.durable_cell()
+            .get_or_try_init(|| DurableClient::new(self.nats()))
+            .await
+    }
+
+    /// Publishes a durable call into its service's stream and returns once
+    /// JetStream has stored it.
+    pub(crate) async fn start_durable<R: Returns>(
+        &self,
+        spec: &'static FnSpec,
+        prepared: Prepared,
+        call: CallState,
+        options: &CallOptions,
+    ) -> Result<Pending<R>, Error> {
+        let durable = self.durable_state().await?;
+        durable.ensure_stream(self.prefix(), spec.service).await?;
+        let id = call.id.as_str().to_owned();
+        let mut headers = prepared.headers.unwrap_or_default();
+        headers.insert(headers::REPLY, durable.replies.subject(&id).as_str());
+        headers.insert(headers::CALL_ID, id.as_str());
+        let subject = call_subject(self.prefix(), spec.service, spec.name);
+        let reply = durable.replies.register(&id);
+        let policy = options.retry.unwrap_or(spec.retry);
+        let mut attempt = 1;
+        loop {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(prepared.payload.clone())
+                .headers(headers.clone())
+                // Within the stream's duplicate window a re-publish after a
+                // lost ack is stored once.
+                .message_id(&id);
+            let stored = match durable.js.send_publish(subject.clone(), publish).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match stored {
+                Ok(()) => break,
+                Err(e) if attempt >= policy.attempts || Instant::now() >= call.deadline => {
+                    durable.replies.waiting.lock().unwrap().remove(&id);
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        format!("durable call to `{}` not accepted by JetStream after {attempt} tries: {e}", spec.path),
+                    ));
+                }
+                Err(_) => {
+                    tokio::time::sleep(policy.delay(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+        Ok(Pending {
+            spec,
+            id,
+            client: Some(self.clone()),
+            reply: Some(reply),
+            wait: call.deadline.saturating_duration_since(Instant::now()) + RESULT_GRACE,
+            returns: PhantomData,
+        })
+    }
+}
+
+/// How long past a durable call's deadline its caller still waits for the
+/// result: the worker's answer to a call that ran out of time is on its way.
+const RESULT_GRACE: Duration = Duration::from_secs(2);
+
+/// How often a waiting caller looks for a stored result in case the reply
+/// itself was lost (a broker restart between store and reply).
+const RESULT_POLL: Duration = Duration::from_secs(1);
+
+/// A durable call that was accepted and whose result can be collected,
+/// here ([`Pending::wait`]) or in another process by its id
+/// (`<function>::collect(id)`).
+///
+/// ```no_run
+/// # #[wharf::microservice] async fn add(a: i64, b: i64) -> i64 { a + b }
+/// # fn main() {}
+/// # async fn run() -> Result<(), wharf::Error> {
+/// let pending = add::request(2, 3).start().await?;
+/// let id = pending.id().to_owned();
+/// // ... later, anywhere connected to the same NATS:
+/// let sum = add::collect(id).wait().await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "the result is only collected by `wait`"]
+pub struct Pending<R> {
+    spec: &'static FnSpec,
+    id: String,
+    client: Option<Client>,
+    reply: Option<oneshot::Receiver<Message>>,
+    wait: Duration,
+    returns: PhantomData<fn() -> R>,
+}
+
+impl<R: Returns> Pending<R> {
+    /// The result of the durable call `id` of `spec`, to be collected.
+    pub fn new(spec: &'static FnSpec, id: String) -> Pending<R> {
+        Pending {
+            spec,
+            id,
+            client: None,
+            reply: None,
+            wait: spec.timeout() + RESULT_GRACE,
+            returns: PhantomData,
+        }
+    }
+
+    /// The call id: what `<function>::collect` takes.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Collects through `client` instead of the one [`crate::init`] set up.
+    pub fn client(mut self, client: &Client) -> Self {
+        self.client = Some(client.clone());
+        self
+    }
+
+    /// How long [`Pending::wait`] waits for the result.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.wait = timeout;
+        self
+    }
+
+    /// Waits for the call's result.
+    pub async fn wait(self) -> Result<R::Value, R::Err> {
+        let spec = self.spec;
+        let (message, codec, _) = self.wait_message().await?;
+        R::decode(spec, codec, &message)
+    }
+
+    /// Waits for the reply (or the stored result), with its codec.
+    pub(crate) async fn wait_message(mut self) -> Result<(Message, Codec, u32), Error> {
+        let client = match self.client.take() {
+            Some(client) => client,
+            None => crate::client::global()?.clone(),
+        };
+        let durable = client.durable_state().await?;
+        if !valid_call_id(self.id.as_bytes()) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "`{}` is not a wharf call id (letters, digits, '-' and '_')",
+                    self.id
+                ),
+            ));
+        }
+        let until = Instant::now() + self.wait;
+        let mut reply = self.reply.take();
+        loop {
+            let poll = tokio::time::sleep(
+                RESULT_POLL.min(until.saturating_duration_since(Instant::now())),
+            );
+            tokio::select! {
+                message = async { reply.as_mut().expect("checked").await }, if reply.is_some() => {
+                    match message {
+                        Ok(message) => {
+                            let codec = message
+                                .headers
+                                .as_ref()
+                                .and_then(|h| h.get(headers::CONTENT_TYPE))
+                                .map(|v| v.as_str());
+                            let codec = Codec::from_content_type(codec).unwrap_or(Codec::Postcard);
+                            return Ok((message, codec, 1));
+                        }
+                        Err(_) => reply = None,
+                    }
+                }
+                _ = poll => {
+                    let results = durable.results().await?;
+                    if let Ok(Some(record)) = results.get(self.id.as_str()).await {
+                        durable.replies.waiting.lock().unwrap().remove(&self.id);
+                        let (message, codec) = decode_record(record)?;
+                        return Ok((message, codec, 1));
+                    }
+                    if Instant::now() >= until {
+                        durable.replies.waiting.lock().unwrap().remove(&self.id);
+                        return Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "no result for durable call {} of `{}` within {:?}; it stays queued or running: collect it later with `{}::collect(\"{}\")`",
+                                self.id, self.spec.path, self.wait, self.spec.name, self.id
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Most calls one pull asks for.
+const MAX_BATCH: usize = 256;
+
+/// How long one pull waits on the server for calls.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// Pulls `endpoint`'s durable calls until `stop` turns true. A pull asks
+/// for no more calls than the worker has free permits, so a busy worker
+/// leaves the queue to the others.
+pub(crate) async fn serve(
+    endpoint: Arc<Endpoint>,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    js: jetstream::Context,
+    mut stop: watch::Receiver<bool>,
+) {
+    let permits = endpoint.shared.permits.clone();
+    loop {
+        // Room first: a worker with no free permit asks for nothing. The
+        // permit is only looked at, not held while the pull waits.
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            permit = permits.acquire() => match permit {
+                Ok(permit) => drop(permit),
+                Err(_) => return,
+            },
+        }
+        let room = permits.available_permits().clamp(1, MAX_BATCH);
+        let batch = consumer
+            .batch()
+            .max_messages(room)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(_) => {
+                // The connection is down or JetStream is busy: try again
+                // shortly rather than spin.
+                tokio::select! {
+                    _ = stop.wait_for(|stop| *stop) => return,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
+                }
+            }
+        };
+        // A batch ends when full or when its pull expires, so a drain waits
+        // at most PULL_EXPIRES for this loop.
+        while let Some(message) = batch.next().await {
+            let Ok(message) = message else { break };
+            // Plain calls may have taken the room meanwhile; then this call
+            // waits here, already ours, for the next free permit.
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let endpoint = endpoint.clone();
+            let js = js.clone();
+            tokio::spawn(async move {
+                handle(&endpoint, &js, message).await;
+                drop(permit);
+            });
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+/// Runs one durable call: checks it, runs it while keeping it claimed,
+/// stores the result, replies, and only then acks.
+async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream::Message) {
+    let started = SystemTime::now();
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let reply = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::REPLY))
+        .map(|v| async_nats::Subject::from(v.as_str()));
+    let (codec, meta, args) = match read_request(&message.message) {
+        Ok(parts) => parts,
+        Err((codec, fault)) => {
+            let fate = Fate {
+                codec,
+                id: None,
+                reply,
+            };
+            return dead_letter(endpoint, js, &message, fate, fault.message()).await;
+        }
+    };
+    let id =
+        valid_call_id(&meta.call_id).then(|| String::from_utf8_lossy(&meta.call_id).into_owned());
+    let fate = Fate {
+        codec,
+        id: id.clone(),
+        reply,
+    };
+    let (Some(id), Some(results)) = (id, endpoint.shared.results.as_ref()) else {
+        let reason = "a durable call needs a Wharf-Call-Id of letters, digits, '-' and '_' (see docs/protocol.md)";
+        return dead_letter(endpoint, js, &message, fate, reason).await;
+    };
+    let limit = max_deliver();
+    if delivered > limit {
+        let reason = format!(
+            "delivered {delivered} times without completing (the limit is {limit}, WHARF_MAX_DELIVER); the workers that took it died or lost their connection"
+        );
+        return dead_letter(endpoint, js, &message, fate, &reason).await;
+    }
+    if delivered > 1 {
+        // A redelivery of a call that completed but whose ack was lost:
+        // answer from the stored result instead of running it again.
+        if let Ok(Some(record)) = results.get(id.as_str()).await {
+            if let (Some(reply), Ok((stored, _))) = (&fate.reply, decode_record(record)) {
+                let headers = stored.headers.unwrap_or_default();
+                let _ = endpoint
+                    .shared
+                    .nats
+                    .publish_with_headers(reply.clone(), headers, stored.payload)
+                    .await;
+            }
+            let _ = message.ack().await;
+            return;
+        }
+    }
+    // While the call runs, tell JetStream it is still ours, so a long call
+    // is not handed to another worker after the ack wait.
+    let keep_claimed = async {
+        let every = ack_wait() / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = endpoint.execute(codec, &meta, args, started) => outcome,
+        never = keep_claimed => never,
+    };
+    let (code, headers, body) = match &outcome {
+        Ok(body) => (OK, endpoint.reply_headers(codec, &meta), body.clone()),
+        // Arguments that cannot be decoded never will be: no redelivery.
+        Err(fault) if fault.kind() == ErrorKind::BadRequest => {
+            return dead_letter(endpoint, js, &message, fate, fault.message()).await;
+        }
+        Err(fault) => fault.answer(codec),
+    };
+    // Stored before the reply and the ack: a caller that misses the reply
+    // still finds the result, and a crash before the ack at worst runs the
+    // call again.
+    if store(js, &id, encode_record(code, codec, &body))
+        .await
+        .is_err()
+    {
+        let _ = message
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+            .await;
+        return;
+    }
+    if let Some(reply) = fate.reply {
+        let _ = endpoint
+            .shared
+            .nats
+            .publish_with_headers(reply, headers, body)
+            .await;
+    }
+    let failure = outcome.as_ref().err().map(|fault| (code, fault.message()));
+    endpoint.record(started, failure);
+    let _ = message.ack().await;
+}
+
+/// Where a durable call's answer goes.
+struct Fate {
+    codec: Codec,
+    id: Option<String>,
+    reply: Option<async_nats::Subject>,
+}
+
+/// Stores a result record under `id`, waiting for JetStream to confirm.
+async fn store(js: &jetstream::Context, id: &str, record: Bytes) -> Result<(), String> {
+    js.publish(format!("$KV.{RESULTS_BUCKET}.{id}"), record)
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Moves a call to the dead-letter stream with `reason`, answers its
+/// caller with [`ErrorKind::DeadLetter`], and terminates it in the work
+/// queue.
+async fn dead_letter(
+    endpoint: &Endpoint,
+    js: &jetstream::Context,
+    message: &jetstream::Message,
+    fate: Fate,
+    reason: &str,
+) {
+    let spec = endpoint.registration.spec;
+    let prefix = &endpoint.shared.prefix;
+    let mut headers = message.headers.clone().unwrap_or_default();
+    headers.insert(headers::DEAD_REASON, one_line(reason).as_str());
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(message.payload.clone())
+        .headers(headers);
+    let subject = format!("{prefix}.dead.{}.{}", spec.service, spec.name);
+    let moved = match js.send_publish(subject, publish).await {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    if !moved {
+        // Not stored anywhere yet: leave it in the work queue for later.
+        let _ = message
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+            .await;
+        return;
+    }
+    let stream = dead_letter_stream(prefix);
+    let fault = Fault::new(
+        ErrorKind::DeadLetter,
+        format!(
+            "durable call {} of `{}.{}` was moved to the dead-letter stream `{stream}`: {reason}",
+            fate.id.as_deref().unwrap_or("(no call id)"),
+            spec.service,
+            spec.name
+        ),
+    );
+    let (code, headers, body) = fault.answer(fate.codec);
+    if let Some(id) = &fate.id {
+        let _ = store(js, id, encode_record(code, fate.codec, &body)).await;
+    }
+    if let Some(reply) = fate.reply {
+        let _ = endpoint
+            .shared
+            .nats
+            .publish_with_headers(reply, headers, body)
+            .await;
+    }
+    endpoint.record(SystemTime::now(), Some((code, fault.message())));
+    let _ = message.ack_with(AckKind::Term).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let (message, codec) = decode_record(encode_record(OK, Codec::Json, b"42")).unwrap();
+        assert_eq!(codec, Codec::Json);
+        assert_eq!(&message.payload[..], b"42");
+        assert!(message.headers.is_none());
+
+        let body = Codec::Postcard
+            .encode(&ErrorBody {
+                kind: "dead_letter".into(),
+                message: "moved\nto dead letters".into(),
+            })
+            .unwrap();
+        let (message, codec) = decode_record(encode_record(500, Codec::Postcard, &body)).unwrap();
+        assert_eq!(codec, Codec::Postcard);
+        let headers = message.headers.unwrap();
+        assert_eq!(
+            headers.get(headers::SERVICE_ERROR_CODE).unwrap().as_str(),
+            "500"
+        );
+        assert_eq!(
+            headers.get(headers::SERVICE_ERROR).unwrap().as_str(),
+            "moved to dead letters"
+        );
+        assert!(decode_record(Bytes::from_static(b"\x00")).is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(stream_name("wharf", "math"), "wharf_calls_math");
+        assert_eq!(stream_name("a.b", "math"), "a_b_calls_math");
+        assert_eq!(
+            call_subject("wharf", "math", "add"),
+            "wharf.durable.math.add"
+        );
+        assert_eq!(dead_letter_stream("wharf"), "wharf_dead_letters");
+        assert!(valid_call_id(b"AbC123_-x"));
+        assert!(!valid_call_id(b""));
+        assert!(!valid_call_id(b"a.b"));
+        assert!(!valid_call_id(b"a b"));
+    }
+}
