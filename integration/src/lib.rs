@@ -43,6 +43,21 @@ pub async fn add_remotely(a: i64, b: i64) -> i64 {
     add(a, b).await.expect("add answers") + add(0, 0).await.expect("add answers")
 }
 
+/// The deadline this call runs under, unix milliseconds (0 for none).
+#[wharf::microservice(service = "itest")]
+pub async fn my_deadline() -> u64 {
+    wharf::deadline()
+        .and_then(|d| d.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The deadline of a call made from inside this one; its own timeout is
+/// long, so a short deadline seen inside can only be inherited.
+#[wharf::microservice(service = "itest", timeout = "60s")]
+pub async fn nested_deadline() -> u64 {
+    my_deadline().await.expect("my_deadline answers")
+}
+
 /// Which process serves: lets tests see the load spread.
 #[wharf::microservice(service = "itest")]
 pub async fn whoami() -> u32 {
@@ -64,6 +79,64 @@ pub fn take(count: u32) -> Result<u32, InventoryError> {
     } else {
         Err(InventoryError::OutOfStock { left: 10 })
     }
+}
+
+/// Echoes `n` after `ms` milliseconds of work. Idempotent: a call whose
+/// worker dies is retried on another.
+#[wharf::microservice(service = "itest", idempotent)]
+pub async fn echo_slowly(n: u64, ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    n
+}
+
+/// KV bucket where [`tally`] counts the runs of each call.
+pub const TALLY_BUCKET: &str = "itest_tally";
+
+/// Counts one run of call `n` in KV (key `n`, value the number of runs):
+/// not idempotent, so it is called durably and its duplicates are visible.
+#[wharf::microservice(service = "itest", durable, timeout = "120s")]
+pub async fn tally(n: u64, ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    // Counting must survive a broker restart: every step is retried.
+    loop {
+        match count_run(n).await {
+            Ok(()) => return n,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Adds one to call `n`'s count (compare-and-set, so two runs of one call
+/// racing both count).
+async fn count_run(n: u64) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let nats = wharf::client()?.nats().clone();
+    let js = async_nats::jetstream::new(nats);
+    let kv = match js.get_key_value(TALLY_BUCKET).await {
+        Ok(kv) => kv,
+        Err(_) => {
+            js.create_key_value(async_nats::jetstream::kv::Config {
+                bucket: TALLY_BUCKET.to_owned(),
+                history: 1,
+                ..Default::default()
+            })
+            .await?
+        }
+    };
+    let key = n.to_string();
+    let (runs, revision) = match kv.entry(key.as_str()).await? {
+        Some(entry) => (
+            std::str::from_utf8(&entry.value)?.parse::<u64>()?,
+            entry.revision,
+        ),
+        None => (0, 0),
+    };
+    let value = (runs + 1).to_string().into_bytes().into();
+    if revision == 0 {
+        kv.create(key.as_str(), value).await?;
+    } else {
+        kv.update(key.as_str(), value, revision).await?;
+    }
+    Ok(())
 }
 
 /// Path of the `svc` binary. Cargo builds it with this crate's tests, next
@@ -118,14 +191,21 @@ impl Drop for WorkerProcess {
 
 /// A worker process of the `svc` binary serving through `url`.
 pub fn spawn_worker(url: &str) -> WorkerProcess {
-    let child = Command::new(svc_binary())
+    spawn_worker_with(url, &[])
+}
+
+/// A worker process with extra environment, such as `WHARF_ACK_WAIT`.
+pub fn spawn_worker_with(url: &str, env: &[(&str, &str)]) -> WorkerProcess {
+    let mut command = Command::new(svc_binary());
+    command
         .arg("worker")
         .env("NATS_URL", url)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("the svc binary starts");
-    WorkerProcess(child)
+        .stdout(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    WorkerProcess(command.spawn().expect("the svc binary starts"))
 }
 
 /// Waits until `count` distinct processes answer `whoami` through `client`.

@@ -49,7 +49,11 @@ async fn a_killed_worker_leaves_the_others_serving() {
     }
     second.kill();
     server.wait_for_connections(1).await.unwrap();
-    let error = add::call(&client, 1, 1).await.unwrap_err();
+    let error = add::request(1, 1)
+        .client(&client)
+        .retry(wharf::RetryPolicy::NONE)
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::NoResponders);
 }
 

@@ -44,30 +44,47 @@ impl NatsServer {
                 format!("cannot write {config_file:?}: {e}"),
             )
         })?;
-        let mut command = crate::embedded::nats_command(&binary, &dir);
-        command.arg("-c").arg(&config_file).args(["-m", "-1"]);
-        let child = command
-            .spawn()
-            .map_err(|e| Error::new(ErrorKind::Process, format!("cannot start {binary:?}: {e}")))?;
+        let child = spawn(&binary, &dir, None)?;
         let mut server = NatsServer {
             child,
             port: 0,
             monitoring: 0,
             dir,
         };
+        server.wait_listening()?;
+        Ok(server)
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and starts it again
+    /// on the same ports with the same JetStream store. Clients reconnect on
+    /// their own.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let binary = crate::nats_server_binary()?;
+        let _ = std::fs::remove_file(
+            self.dir
+                .join(format!("nats-server_{}.ports", self.child.id())),
+        );
+        self.child = spawn(&binary, &self.dir, Some((self.port, self.monitoring)))?;
+        self.wait_listening()
+    }
+
+    /// Waits until the server wrote its ports file, and reads the ports.
+    fn wait_listening(&mut self) -> Result<(), Error> {
         let until = Instant::now() + Duration::from_secs(10);
         loop {
-            let pid = server.child.id();
+            let pid = self.child.id();
             let ports = (
-                crate::embedded::reported_port(&server.dir, pid, "nats"),
-                crate::embedded::reported_port(&server.dir, pid, "monitoring"),
+                crate::embedded::reported_port(&self.dir, pid, "nats"),
+                crate::embedded::reported_port(&self.dir, pid, "monitoring"),
             );
             if let (Some(port), Some(monitoring)) = ports {
-                server.port = port;
-                server.monitoring = monitoring;
-                return Ok(server);
+                self.port = port;
+                self.monitoring = monitoring;
+                return Ok(());
             }
-            if let Ok(Some(status)) = server.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(Error::new(
                     ErrorKind::Process,
                     format!(
@@ -152,6 +169,27 @@ impl NatsServer {
         serde_json::from_str(body)
             .map_err(|e| Error::new(ErrorKind::Codec, format!("monitoring endpoint {path}: {e}")))
     }
+}
+
+/// Starts nats-server with the test configuration in `dir`, on free ports
+/// or on `ports` (client, monitoring) when restarting.
+fn spawn(
+    binary: &std::path::Path,
+    dir: &std::path::Path,
+    ports: Option<(u16, u16)>,
+) -> Result<Child, Error> {
+    let mut command = crate::embedded::nats_command(binary, dir);
+    command.arg("-c").arg(dir.join("server.conf"));
+    match ports {
+        // The last `-p` wins over the free-port one nats_command sets.
+        Some((port, monitoring)) => {
+            command.args(["-p", &port.to_string(), "-m", &monitoring.to_string()])
+        }
+        None => command.args(["-m", "-1"]),
+    };
+    command
+        .spawn()
+        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot start {binary:?}: {e}")))
 }
 
 impl Drop for NatsServer {

@@ -495,7 +495,9 @@ impl Endpoint {
                     biased;
                     _ = &mut stop_signal => {
                         stopping = true;
-                        let _ = subscriber.unsubscribe().await;
+                        // Drain, not unsubscribe: calls the server routed here before it
+                        // saw the UNSUB still arrive and are served.
+                        let _ = subscriber.drain().await;
                         continue;
                     }
                     message = subscriber.next() => message,

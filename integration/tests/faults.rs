@@ -1,0 +1,281 @@
+//! Fault tests: real worker processes killed with real signals, a real
+//! nats-server restarted under load. Each test prints what it saw (retries,
+//! duplicates) so a run reports them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use wharf::testing::NatsServer;
+use wharf::Client;
+use wharf_integration::{
+    echo_slowly, nested_deadline, sleep_ms, spawn_worker, spawn_worker_with, tally,
+    wait_for_workers, WorkerProcess, TALLY_BUCKET,
+};
+
+/// Runs `calls` calls from `callers` concurrent tasks; `call(i)` makes call
+/// `i` and returns the tries it took. Panics on the first failed call.
+async fn load<F, Fut>(calls: u64, callers: u64, call: F) -> (u64, Duration)
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<u32, String>> + Send,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let (next, retries, call) = (next.clone(), retries.clone(), call.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= calls {
+                        return;
+                    }
+                    match call(i).await {
+                        Ok(tries) => {
+                            retries.fetch_add(u64::from(tries - 1), Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("call {i} failed: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("no caller panicked");
+    }
+    (retries.load(Ordering::Relaxed), started.elapsed())
+}
+
+/// Kills one of `workers` (round robin) every `every` and starts a new one
+/// in its place, until `stop` is set; returns how many it killed.
+fn kill_loop(
+    url: String,
+    mut workers: Vec<WorkerProcess>,
+    every: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    env: Vec<(&'static str, &'static str)>,
+) -> std::thread::JoinHandle<u32> {
+    std::thread::spawn(move || {
+        let mut kills = 0;
+        let mut victim = 0;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(every);
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            workers[victim].kill(); // SIGKILL
+            kills += 1;
+            workers[victim] = spawn_worker_with(&url, &env);
+            victim = (victim + 1) % workers.len();
+        }
+        kills
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_calls_survive_a_worker_killed_every_second() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let workers: Vec<_> = (0..3).map(|_| spawn_worker(&server.url())).collect();
+    wait_for_workers(&client, 3).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = kill_loop(
+        server.url(),
+        workers,
+        Duration::from_secs(1),
+        stop.clone(),
+        Vec::new(),
+    );
+    let (retries, took) = load(10_000, 64, move |i| {
+        let client = client.clone();
+        async move {
+            let reply = echo_slowly::request(i, 20)
+                .client(&client)
+                .send_detailed()
+                .await
+                .map_err(|e| e.to_string())?;
+            if reply.value != i {
+                return Err(format!("wrong answer {} for {i}", reply.value));
+            }
+            Ok(reply.attempts)
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let kills = killer.join().unwrap();
+    println!(
+        "REPORT idempotent under kills: 10000 calls ok in {took:?}, {kills} workers SIGKILLed, {retries} retries"
+    );
+    assert!(kills >= 1, "the load outlasted at least one kill");
+}
+
+/// Reads how often each of `calls` tally calls ran.
+async fn tally_runs(client: &Client, calls: u64) -> Vec<u64> {
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let kv = js.get_key_value(TALLY_BUCKET).await.unwrap();
+    let mut runs = Vec::with_capacity(calls as usize);
+    for n in 0..calls {
+        let value = kv.get(n.to_string()).await.unwrap();
+        runs.push(
+            value
+                .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+                .unwrap_or(0),
+        );
+    }
+    runs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_calls_survive_every_worker_killed_mid_run() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    // A short ack wait, so calls held by killed workers come back quickly.
+    let env = [("WHARF_ACK_WAIT", "1000")];
+    let mut workers: Vec<_> = (0..3)
+        .map(|_| spawn_worker_with(&server.url(), &env))
+        .collect();
+    wait_for_workers(&client, 3).await;
+    let calls = 10_000;
+    let load = tokio::spawn({
+        let client = client.clone();
+        load(calls, 64, move |i| {
+            let client = client.clone();
+            async move {
+                let n = tally::request(i, 2)
+                    .client(&client)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n != i {
+                    return Err(format!("wrong answer {n} for {i}"));
+                }
+                Ok(1)
+            }
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for worker in &mut workers {
+        worker.kill(); // SIGKILL, every one of them
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _workers: Vec<_> = (0..3)
+        .map(|_| spawn_worker_with(&server.url(), &env))
+        .collect();
+    let (_, took) = load.await.unwrap();
+    let runs = tally_runs(&client, calls).await;
+    let lost: Vec<u64> = (0..calls).filter(|n| runs[*n as usize] == 0).collect();
+    let duplicates: u64 = runs.iter().map(|r| r.saturating_sub(1)).sum();
+    println!(
+        "REPORT durable under kills: {calls} calls answered in {took:?}, every worker SIGKILLed once, {} lost, {duplicates} ran more than once",
+        lost.len()
+    );
+    assert!(lost.is_empty(), "calls that never ran: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_drained_during_load_fails_no_call() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let workers: Vec<_> = (0..3).map(|_| spawn_worker(&server.url())).collect();
+    wait_for_workers(&client, 3).await;
+    let drained = workers[0].pid();
+    let load = tokio::spawn({
+        let client = client.clone();
+        // Not idempotent: a lost call would fail, not be retried.
+        load(3_000, 64, move |i| {
+            let client = client.clone();
+            async move {
+                let ms = sleep_ms::call(&client, 5 + i % 5)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                assert_eq!(ms, 5 + i % 5);
+                Ok(1)
+            }
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wharf_integration::signal(drained, libc::SIGTERM);
+    load.await.expect("every call succeeded");
+    let mut workers = workers.into_iter();
+    let status = workers.next().unwrap().exit_status().await;
+    assert!(
+        status.success(),
+        "the drained worker exits cleanly: {status}"
+    );
+    println!("REPORT drain under load: 3000 calls, 0 failed, worker {drained} drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_under_load_loses_nothing() {
+    let mut server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _workers: Vec<_> = (0..2)
+        .map(|_| spawn_worker_with(&server.url(), &[("WHARF_ACK_WAIT", "2000")]))
+        .collect();
+    wait_for_workers(&client, 2).await;
+    let core = tokio::spawn({
+        let client = client.clone();
+        load(4_000, 32, move |i| {
+            let client = client.clone();
+            async move {
+                let reply = echo_slowly::request(i, 2)
+                    .client(&client)
+                    .retry(wharf::RetryPolicy::attempts(30).unwrap())
+                    .send_detailed()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                assert_eq!(reply.value, i);
+                Ok(reply.attempts)
+            }
+        })
+    });
+    let durable = tokio::spawn({
+        let client = client.clone();
+        load(2_000, 32, move |i| {
+            let client = client.clone();
+            async move {
+                let n = tally::request(i, 2)
+                    .client(&client)
+                    .retry(wharf::RetryPolicy::attempts(30).unwrap())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                assert_eq!(n, i);
+                Ok(1)
+            }
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.restart().unwrap();
+    let (core_retries, core_took) = core.await.expect("core calls resumed");
+    let (_, durable_took) = durable.await.expect("durable calls completed");
+    let runs = tally_runs(&client, 2_000).await;
+    let lost = runs.iter().filter(|r| **r == 0).count();
+    let duplicates: u64 = runs.iter().map(|r| r.saturating_sub(1)).sum();
+    println!(
+        "REPORT broker restart: 4000 core calls in {core_took:?} with {core_retries} retries; 2000 durable calls in {durable_took:?}, {lost} lost, {duplicates} duplicates"
+    );
+    assert_eq!(lost, 0, "no durable call lost");
+}
+
+#[tokio::test]
+async fn nested_calls_inherit_the_callers_deadline() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = spawn_worker(&server.url());
+    wait_for_workers(&client, 1).await;
+    let now_ms = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let before = now_ms();
+    let seen = nested_deadline::request()
+        .client(&client)
+        .timeout(Duration::from_secs(2))
+        .await
+        .unwrap();
+    // The inner call's own timeout is 30 s; it ran under the outer 2 s.
+    assert!(seen >= before + 1_900, "deadline {seen} too early");
+    assert!(seen <= now_ms() + 2_000, "deadline {seen} not inherited");
+}
