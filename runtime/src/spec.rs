@@ -83,6 +83,31 @@ impl FnSpec {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
+
+    /// A spec for calling `service.name` without having its signature at
+    /// build time, for tools such as the `wharf` CLI: no signature check,
+    /// argument and return types unknown (call it with JSON). Leaks the
+    /// spec, so make one per function, not one per call.
+    pub fn untyped(service: &str, name: &str, idempotent: bool) -> &'static FnSpec {
+        let leak = |text: String| -> &'static str { Box::leak(text.into_boxed_str()) };
+        Box::leak(Box::new(FnSpec {
+            service: leak(service.to_owned()),
+            name: leak(name.to_owned()),
+            sig: 0,
+            signature: leak(format!("{name}(..)")),
+            args: &[],
+            returns: "JSON",
+            error: None,
+            timeout_ms: 30_000,
+            idempotent,
+            durable: false,
+            retry: crate::RetryPolicy::DEFAULT,
+            blocking: false,
+            version: env!("CARGO_PKG_VERSION"),
+            path: leak(format!("{service}.{name}")),
+            subject: SubjectCache::new(),
+        }))
+    }
 }
 
 /// Lazily built subject of a [`FnSpec`].

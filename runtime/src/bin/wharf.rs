@@ -1,0 +1,368 @@
+//! `wharf`: call and load-test microservices from the command line.
+//!
+//! ```text
+//! wharf call <service>.<function> '<json args>' [options]
+//! wharf bench <service>.<function> '<json args>' [--calls N] [--concurrency C] [options]
+//! ```
+//!
+//! Both connect to `NATS_URL` (default `nats://127.0.0.1:4222`) and call
+//! with JSON, so they need nothing of the service but its name.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wharf::{Client, Codec, Error, ErrorKind, FnSpec, Request, RetryPolicy, Returns};
+
+const USAGE: &str = "\
+usage:
+  wharf call  <service>.<function> '<json args>' [options]
+  wharf bench <service>.<function> '<json args>' [--calls N] [--concurrency C] [options]
+
+Arguments are a JSON object keyed by parameter name, or a JSON array in
+declaration order ('{}' or '[]' for none).
+
+options:
+  --timeout <duration>   deadline of each call (default 30s), e.g. 500ms, 5s
+  --attempts <n>         tries per call, the first included (default 10)
+  --idempotent           also retry after a timeout or a lost worker
+  --durable              send through JetStream, at least once
+  --calls <n>            bench: calls in all (default 10000)
+  --concurrency <n>      bench: calls in flight (default 64)
+
+environment:
+  NATS_URL      server(s) to connect to (default nats://127.0.0.1:4222)
+  WHARF_PREFIX  subject prefix (default wharf)";
+
+/// What the command line asks for.
+struct Command {
+    bench: bool,
+    spec: &'static FnSpec,
+    args: serde_json::Value,
+    timeout: Duration,
+    retry: RetryPolicy,
+    durable: bool,
+    calls: u64,
+    concurrency: u64,
+}
+
+fn parse(mut argv: impl Iterator<Item = String>) -> Result<Command, String> {
+    let verb = argv.next().ok_or("no command given")?;
+    let bench = match verb.as_str() {
+        "call" => false,
+        "bench" => true,
+        "-h" | "--help" | "help" => return Err(String::new()),
+        other => return Err(format!("unknown command `{other}`: use `call` or `bench`")),
+    };
+    let target = argv
+        .next()
+        .ok_or("missing <service>.<function>, for example `quickstart.add`")?;
+    let (service, function) = target
+        .split_once('.')
+        .filter(|(s, f)| !s.is_empty() && !f.is_empty() && !f.contains('.'))
+        .ok_or_else(|| {
+            format!("`{target}` is not <service>.<function>, for example `quickstart.add`")
+        })?;
+    let args_text = argv
+        .next()
+        .ok_or("missing the arguments as JSON, for example '{\"a\": 2, \"b\": 3}' or '[2, 3]'")?;
+    let args: serde_json::Value = serde_json::from_str(&args_text)
+        .map_err(|e| format!("the arguments are not JSON ({e}): pass an object like '{{\"a\": 2}}' or an array like '[2, 3]'"))?;
+    if !args.is_object() && !args.is_array() {
+        return Err(format!(
+            "the arguments must be a JSON object or array, not `{args_text}`"
+        ));
+    }
+    let mut command = Command {
+        bench,
+        spec: FnSpec::untyped(service, function, false),
+        args,
+        timeout: Duration::from_secs(30),
+        retry: RetryPolicy::DEFAULT,
+        durable: false,
+        calls: 10_000,
+        concurrency: 64,
+    };
+    let mut idempotent = false;
+    while let Some(flag) = argv.next() {
+        let mut value = |what: &str| argv.next().ok_or_else(|| format!("{flag} needs {what}"));
+        match flag.as_str() {
+            "--timeout" => {
+                let text = value("a duration such as 500ms or 5s")?;
+                command.timeout = parse_duration(&text).ok_or_else(|| {
+                    format!("--timeout `{text}` is not a duration such as 500ms, 5s or 2m")
+                })?;
+            }
+            "--attempts" => {
+                let n = number(&flag, &value("a number")?)?;
+                let attempts =
+                    u32::try_from(n).map_err(|_| format!("--attempts {n} is too large"))?;
+                command.retry =
+                    RetryPolicy::attempts(attempts).map_err(|e| e.message().to_owned())?;
+            }
+            "--idempotent" => idempotent = true,
+            "--durable" => command.durable = true,
+            "--calls" if bench => command.calls = number(&flag, &value("a number")?)?,
+            "--concurrency" if bench => {
+                command.concurrency = number(&flag, &value("a number")?)?.max(1);
+            }
+            other => return Err(format!("unknown option `{other}`")),
+        }
+    }
+    if idempotent {
+        command.spec = FnSpec::untyped(service, function, true);
+    }
+    Ok(command)
+}
+
+fn number(flag: &str, text: &str) -> Result<u64, String> {
+    text.parse()
+        .map_err(|_| format!("{flag} takes a whole number, not `{text}`"))
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let ms = match unit {
+        "ms" => number,
+        "s" => number.checked_mul(1_000)?,
+        "m" => number.checked_mul(60_000)?,
+        _ => return None,
+    };
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+/// A reply as JSON; an application error (422) keeps its body, so the
+/// function's own error value is printed whole.
+struct Json;
+
+impl Returns for Json {
+    type Value = serde_json::Value;
+    type Err = Error;
+
+    fn decode(
+        spec: &FnSpec,
+        codec: Codec,
+        message: &async_nats::Message,
+    ) -> Result<serde_json::Value, Error> {
+        let code = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error-Code"))
+            .and_then(|v| v.as_str().trim().parse::<u16>().ok());
+        let body: Result<serde_json::Value, String> = codec.decode(&message.payload);
+        match (code, body) {
+            (None, Ok(value)) => Ok(value),
+            (None, Err(e)) => Err(Error::new(
+                ErrorKind::Codec,
+                format!("the reply of `{}` is not JSON: {e}", spec.path),
+            )),
+            (Some(code), Ok(body)) => {
+                let kind = ErrorKind::from_wire(code, body["kind"].as_str());
+                let text = match (&body["message"], &body["error"]) {
+                    (serde_json::Value::String(m), serde_json::Value::Null) => m.clone(),
+                    (serde_json::Value::String(m), error) => format!("{m}; error value: {error}"),
+                    _ => body.to_string(),
+                };
+                Err(Error::new(kind, text))
+            }
+            (Some(code), Err(_)) => Err(Error::new(
+                ErrorKind::from_code(code),
+                format!("the worker answered with status {code}"),
+            )),
+        }
+    }
+}
+
+fn request(command: &Command, client: &Client) -> Request<serde_json::Value, Json> {
+    Request::new(command.spec, command.args.clone())
+        .client(client)
+        .codec(Codec::Json)
+        .timeout(command.timeout)
+        .retry(command.retry)
+        .durable(command.durable)
+}
+
+async fn call(command: &Command, client: &Client) -> ExitCode {
+    match request(command, client).await {
+        Ok(value) => {
+            println!("{value}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Shared counters of a bench run.
+#[derive(Default)]
+struct Tally {
+    issued: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    retries: AtomicU64,
+    latencies_us: Mutex<Vec<u64>>,
+    failures: Mutex<BTreeMap<&'static str, u64>>,
+    first_failure: Mutex<Option<String>>,
+}
+
+async fn bench(command: Command, client: Client) -> ExitCode {
+    let command = Arc::new(command);
+    let tally = Arc::new(Tally::default());
+    let started = Instant::now();
+    let callers: Vec<_> = (0..command.concurrency.min(command.calls))
+        .map(|_| {
+            let (command, tally, client) = (command.clone(), tally.clone(), client.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while tally.issued.fetch_add(1, Ordering::Relaxed) < command.calls {
+                    let sent = Instant::now();
+                    match request(&command, &client).send_detailed().await {
+                        Ok(reply) => {
+                            latencies.push(sent.elapsed().as_micros() as u64);
+                            tally.ok.fetch_add(1, Ordering::Relaxed);
+                            tally
+                                .retries
+                                .fetch_add(u64::from(reply.attempts - 1), Ordering::Relaxed);
+                        }
+                        Err(error) => {
+                            tally.failed.fetch_add(1, Ordering::Relaxed);
+                            *tally
+                                .failures
+                                .lock()
+                                .unwrap()
+                                .entry(error.kind().as_str())
+                                .or_default() += 1;
+                            tally
+                                .first_failure
+                                .lock()
+                                .unwrap()
+                                .get_or_insert_with(|| error.to_string());
+                        }
+                    }
+                }
+                tally.latencies_us.lock().unwrap().extend(latencies);
+            })
+        })
+        .collect();
+    let progress = tokio::spawn({
+        let (tally, total) = (tally.clone(), command.calls);
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                draw_progress(&tally, total, started);
+            }
+        }
+    });
+    for caller in callers {
+        let _ = caller.await;
+    }
+    progress.abort();
+    let elapsed = started.elapsed();
+    draw_progress(&tally, command.calls, started);
+    eprintln!();
+
+    let mut latencies = std::mem::take(&mut *tally.latencies_us.lock().unwrap());
+    latencies.sort_unstable();
+    let at = |q: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * q) as usize).min(latencies.len() - 1);
+        latencies[i] as f64 / 1000.0
+    };
+    let ok = tally.ok.load(Ordering::Relaxed);
+    let failed = tally.failed.load(Ordering::Relaxed);
+    let failures = tally.failures.lock().unwrap();
+    let by_kind = if failures.is_empty() {
+        "none".to_owned()
+    } else {
+        failures
+            .iter()
+            .map(|(kind, n)| format!("{kind}={n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if let Some(first) = tally.first_failure.lock().unwrap().as_ref() {
+        eprintln!("first failure: {first}");
+    }
+    println!(
+        "ok={ok} failed={failed} calls/s={:.0} p50={:.3}ms p99={:.3}ms retries={} failures={by_kind}",
+        ok as f64 / elapsed.as_secs_f64(),
+        at(0.50),
+        at(0.99),
+        tally.retries.load(Ordering::Relaxed),
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// One line on stderr, redrawn in place: a bar, counts and the rate.
+fn draw_progress(tally: &Tally, total: u64, started: Instant) {
+    const WIDTH: u64 = 30;
+    let done = tally.ok.load(Ordering::Relaxed) + tally.failed.load(Ordering::Relaxed);
+    let filled = (done * WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH)
+        .min(WIDTH);
+    let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let mut stderr = std::io::stderr().lock();
+    let _ = write!(
+        stderr,
+        "\r[{}{}] {done}/{total} calls, {rate:.0}/s, {} failed",
+        "#".repeat(filled as usize),
+        "-".repeat((WIDTH - filled) as usize),
+        tally.failed.load(Ordering::Relaxed),
+    );
+    let _ = stderr.flush();
+}
+
+fn main() -> ExitCode {
+    let command = match parse(std::env::args().skip(1)) {
+        Ok(command) => command,
+        Err(problem) if problem.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(problem) => {
+            eprintln!("error: {problem}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let url = std::env::var("NATS_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+        let client = match Client::connect(&url).await {
+            Ok(client) => client,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if command.bench {
+            bench(command, client).await
+        } else {
+            call(&command, &client).await
+        }
+    })
+}

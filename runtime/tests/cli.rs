@@ -1,0 +1,115 @@
+//! The `wharf` command against a real nats-server and an in-process worker.
+
+use std::process::Output;
+use wharf::testing::NatsServer;
+use wharf::{Client, Worker};
+
+/// Adds.
+#[wharf::microservice(service = "cli")]
+pub async fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+/// Fails with its own error when `n` is odd.
+#[wharf::microservice(service = "cli")]
+pub async fn even(n: u32) -> Result<u32, String> {
+    if n % 2 == 0 {
+        Ok(n)
+    } else {
+        Err(format!("{n} is odd"))
+    }
+}
+
+async fn wharf(url: &str, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"));
+    command.args(args).env("NATS_URL", url);
+    command.output().await.expect("the wharf command runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn call_prints_the_result_or_the_error() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = Worker::new(&client).start().await.unwrap();
+    let url = server.url();
+
+    let out = wharf(&url, &["call", "cli.add", r#"{"a": 2, "b": 3}"#]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "5");
+    let out = wharf(&url, &["call", "cli.add", "[40, 2]", "--durable"]).await;
+    assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
+
+    let out = wharf(&url, &["call", "cli.even", "[3]"]).await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("application") && err.contains("3 is odd"),
+        "{err}"
+    );
+
+    let out = wharf(&url, &["call", "cli.add", r#"{"a": "x"}"#]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("bad_request"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = wharf(&url, &["call", "cli.nope", "[]", "--attempts", "1"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no worker serves `wharf.cli.nope`"));
+
+    let out = wharf(&url, &["call", "add", "[1, 2]"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("is not <service>.<function>"));
+    let out = wharf(&url, &["call", "cli.add", "{oops"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("not JSON"));
+    let out = wharf("nats://127.0.0.1:1", &["call", "cli.add", "[1, 2]"]).await;
+    assert!(text(&out.stderr).contains("nats://127.0.0.1:1"));
+}
+
+#[tokio::test]
+async fn bench_ends_with_one_summary_line() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = Worker::new(&client).start().await.unwrap();
+    let url = server.url();
+    for durable in [false, true] {
+        let mut args = vec![
+            "bench",
+            "cli.add",
+            "[1, 2]",
+            "--calls",
+            "2000",
+            "--concurrency",
+            "32",
+        ];
+        if durable {
+            args.push("--durable");
+        }
+        let out = wharf(&url, &args).await;
+        let stdout = text(&out.stdout);
+        let summary = stdout.lines().last().unwrap_or_default();
+        assert!(out.status.success(), "{summary} {}", text(&out.stderr));
+        assert!(
+            summary.starts_with("ok=2000 failed=0 calls/s="),
+            "{summary}"
+        );
+        for field in ["p50=", "p99=", "retries=", "failures=none"] {
+            assert!(summary.contains(field), "{summary}");
+        }
+    }
+    let out = wharf(&url, &["bench", "cli.even", "[1]", "--calls", "10"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stdout).contains("ok=0 failed=10"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("failures=application=10"));
+}
