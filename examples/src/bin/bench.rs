@@ -21,6 +21,23 @@ pub async fn add(a: i64, b: i64) -> i64 {
     a.wrapping_add(b)
 }
 
+/// The same function marked idempotent: its calls are watched by probes
+/// and their results kept when a caller shows it may retry.
+#[wharf::microservice(service = "bench", idempotent)]
+pub async fn add_idempotent(a: i64, b: i64) -> i64 {
+    a.wrapping_add(b)
+}
+
+/// Hangs in the process `pid`, answers at once anywhere else: a call that
+/// only another worker can complete.
+#[wharf::microservice(service = "bench", idempotent, timeout = "60s")]
+pub async fn stall(pid: u32) -> u32 {
+    if std::process::id() == pid {
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    }
+    std::process::id()
+}
+
 const RAW_SUBJECT: &str = "raw.bench.add";
 
 struct Plan {
@@ -68,6 +85,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut raw = spawn_worker(&url, &["raw-worker"], &[])?;
     let mut worker = spawn_worker(&url, &[], &[("WHARF_ROLE", "worker")])?;
     wait_until_served(&nats, &client).await?;
+    // The first durable call sets up the client's JetStream state.
+    Side::Durable
+        .call(&nats, &client)
+        .await
+        .map_err(|e| e.to_string())?;
 
     let mut results: Vec<(&str, &str, Vec<f64>)> = Vec::new();
     let mut record = |metric: &'static str, side: &'static str, value: f64| match results
@@ -108,7 +130,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     server.pid(),
                     match side {
                         Side::Raw => raw.id(),
-                        Side::Wharf => worker.id(),
+                        _ => worker.id(),
                     },
                     std::process::id(),
                 ];
@@ -126,11 +148,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 record_cpu(&mut record, in_flight, side.name(), cpu);
             }
         }
+        if !focus {
+            // Robust-call variants against plain wharf calls, 256 in flight.
+            // Durable calls are slower, so they make fewer calls.
+            for side in [Side::Wharf, Side::NoRetry, Side::Idempotent, Side::Durable] {
+                let calls = if matches!(side, Side::Durable) {
+                    plan.parallel_calls / 3
+                } else {
+                    plan.parallel_calls
+                };
+                let pids = [server.pid(), worker.id(), std::process::id()];
+                let cpu_before = cpu_ticks(&pids);
+                let rate = throughput(calls, 256, {
+                    let (nats, client) = (nats.clone(), client.clone());
+                    move || {
+                        let (nats, client) = (nats.clone(), client.clone());
+                        async move { side.call(&nats, &client).await }
+                    }
+                })
+                .await?;
+                record(ROBUST_METRIC, side.name(), rate);
+                let cpu = cpu_per_call(cpu_before, &pids, calls);
+                record(ROBUST_CPU, side.name(), cpu.iter().sum());
+            }
+        }
     }
 
     let busy_rss = rss_kib(worker.id());
     stop(&mut raw);
     stop(&mut worker);
+
+    let failover_ms = if focus {
+        Vec::new()
+    } else {
+        failover(&url, &nats, &client, plan.spawn_samples.min(5)).await?
+    };
 
     // A fresh worker: time from spawn to serving, then its idle RSS.
     let mut ready_ms = Vec::new();
@@ -183,6 +235,45 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             w / r
         );
     }
+    if !focus {
+        println!();
+        println!("| robust calls, 256 in flight | calls/s | / plain wharf call | per-round ratio, min to max | CPU µs/call, all processes |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        let of_metric = |metric: &str, side: &str| {
+            results
+                .iter()
+                .find(|(m, s, _)| *m == metric && *s == side)
+                .map(|(_, _, values)| values.clone())
+                .unwrap_or_default()
+        };
+        let of = |side: &str| of_metric(ROBUST_METRIC, side);
+        let plain = of("wharf");
+        for (side, label) in [
+            ("wharf", "plain call (default retry policy)"),
+            ("no-retry", "plain call, RetryPolicy::NONE"),
+            ("idempotent", "idempotent function"),
+            ("durable", "durable call (JetStream)"),
+        ] {
+            let values = of(side);
+            let ratios: Vec<f64> = values.iter().zip(&plain).map(|(v, p)| v / p).collect();
+            let low = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
+            let high = ratios.iter().cloned().fold(0.0, f64::max);
+            println!(
+                "| {label} | {:.1} | {:.3} | {low:.3} to {high:.3} | {:.1} |",
+                median(&values),
+                median(&values) / median(&plain),
+                median(&of_metric(ROBUST_CPU, side)),
+            );
+        }
+        println!();
+        println!("| failover | median | max |");
+        println!("| --- | ---: | ---: |");
+        println!(
+            "| worker SIGKILLed mid-call to the retry answered by another (ms) | {:.0} | {:.0} |",
+            median(&failover_ms),
+            failover_ms.iter().cloned().fold(0.0, f64::max)
+        );
+    }
     println!();
     println!("| worker | median | max |");
     println!("| --- | ---: | ---: |");
@@ -208,11 +299,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The two things compared.
+const ROBUST_METRIC: &str = "robust calls/s, 256 in flight";
+const ROBUST_CPU: &str = "robust CPU µs/call, 256 in flight";
+
+/// The things compared: raw async-nats, and wharf calls of several kinds.
 #[derive(Clone, Copy)]
 enum Side {
     Raw,
     Wharf,
+    NoRetry,
+    Idempotent,
+    Durable,
 }
 
 impl Side {
@@ -220,6 +317,9 @@ impl Side {
         match self {
             Side::Raw => "raw",
             Side::Wharf => "wharf",
+            Side::NoRetry => "no-retry",
+            Side::Idempotent => "idempotent",
+            Side::Durable => "durable",
         }
     }
 
@@ -227,8 +327,71 @@ impl Side {
         match self {
             Side::Raw => raw_call(nats).await,
             Side::Wharf => wharf_call(client).await,
+            Side::NoRetry => check(
+                add::request(20, 22)
+                    .client(client)
+                    .retry(wharf::RetryPolicy::NONE)
+                    .await?,
+            ),
+            Side::Idempotent => check(add_idempotent::call(client, 20, 22).await?),
+            Side::Durable => check(add::request(20, 22).client(client).durable(true).await?),
         }
     }
+}
+
+/// Time from SIGKILL of the worker holding an idempotent call to the
+/// call's answer from another worker, `samples` times.
+async fn failover(
+    url: &str,
+    nats: &async_nats::Client,
+    client: &wharf::Client,
+    samples: usize,
+) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+    let spawn_ready = |url: String| async move {
+        let subject = format!("_BENCH.ready.{}", nats.new_inbox());
+        let mut ready = nats.subscribe(subject.clone()).await?;
+        nats.flush().await?;
+        let child = spawn_worker(
+            &url,
+            &[],
+            &[("WHARF_ROLE", "worker"), ("WHARF_READY_SUBJECT", &subject)],
+        )?;
+        tokio::time::timeout(Duration::from_secs(10), ready.next())
+            .await
+            .map_err(|_| "a worker did not report ready within 10 s")?;
+        Ok::<Child, Box<dyn std::error::Error>>(child)
+    };
+    let mut other = spawn_ready(url.to_owned()).await?;
+    let mut times = Vec::new();
+    while times.len() < samples {
+        let mut victim = spawn_ready(url.to_owned()).await?;
+        let victim_pid = victim.id();
+        // Until a call lands on the victim (the other answers at once).
+        let held = loop {
+            let call = tokio::spawn({
+                let client = client.clone();
+                async move { stall::call(&client, victim_pid).await }
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if call.is_finished() {
+                call.await??;
+            } else {
+                break call;
+            }
+        };
+        let killed = Instant::now();
+        stop(&mut victim);
+        let served_by = held.await??;
+        times.push(killed.elapsed().as_secs_f64() * 1e3);
+        if served_by != other.id() {
+            return Err(format!(
+                "the retried call was served by {served_by}, not by the other worker"
+            )
+            .into());
+        }
+    }
+    stop(&mut other);
+    Ok(times)
 }
 
 /// One raw request: postcard `(i64, i64)` out, postcard `i64` back.
