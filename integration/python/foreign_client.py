@@ -30,6 +30,23 @@ async def main(url: str) -> None:
     # postcard: the six-byte empty envelope, then zigzag varints 2 and 3.
     postcard = await nc.request("wharf.itest.add", bytes([1, 0, 0, 0, 0, 0, 4, 6]), timeout=5)
 
+    # A durable call: published into the service's work queue, answered on
+    # the Wharf-Reply subject, its result also kept in KV wharf_results.
+    js = nc.jetstream()
+    inbox = nc.new_inbox()
+    replies = await nc.subscribe(inbox)
+    call_id = "py-durable-1"
+    await js.publish(
+        "wharf.durable.itest.add", b"[20, 22]",
+        headers={**json_headers, "Wharf-Call-Id": call_id, "Wharf-Reply": inbox,
+                 "Nats-Msg-Id": call_id},
+    )
+    durable = json.loads((await replies.next_msg(timeout=10)).data)
+    stored = await (await js.key_value("wharf_results")).get(call_id)
+    # code (2 bytes, big endian), codec (1 byte, 1 = JSON), then the body.
+    stored_code = int.from_bytes(stored.value[:2], "big")
+    stored_body = json.loads(stored.value[3:])
+
     def failure(msg):
         headers = msg.headers or {}
         return {
@@ -47,6 +64,8 @@ async def main(url: str) -> None:
         "bad_request": failure(bad_request),
         "mismatch": failure(mismatch),
         "postcard": list(postcard.data),
+        "durable": durable,
+        "durable_stored": [stored_code, stored.value[2], stored_body],
     }))
     await nc.close()
 

@@ -89,6 +89,13 @@ pub async fn echo_slowly(n: u64, ms: u64) -> u64 {
     n
 }
 
+/// Kills the worker that runs it: a durable call no worker survives, which
+/// must end in the dead-letter stream rather than kill workers forever.
+#[wharf::microservice(service = "itest", durable, timeout = "60s")]
+pub async fn crash_worker() {
+    std::process::abort();
+}
+
 /// KV bucket where [`tally`] counts the runs of each call.
 pub const TALLY_BUCKET: &str = "itest_tally";
 

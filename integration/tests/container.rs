@@ -22,12 +22,19 @@ async fn calls_through_nats_in_a_container() {
     let url = format!("nats://127.0.0.1:{port}");
     let client = Client::connect(&url).await.unwrap();
 
-    let error = add::call(&client, 1, 2).await.unwrap_err();
+    let error = add::request(1, 2)
+        .client(&client)
+        .retry(wharf::RetryPolicy::NONE)
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::NoResponders);
 
     let worker = spawn_worker(&url);
     wait_for_workers(&client, 1).await;
     assert_eq!(add::call(&client, 1, 2).await.unwrap(), 3);
+    // JetStream in the container carries durable calls too.
+    let durable = add::request(20, 22).client(&client).durable(true).await;
+    assert_eq!(durable.unwrap(), 42);
     assert_eq!(
         take::call(&client, 50).await.unwrap_err(),
         wharf::CallError::Application(InventoryError::OutOfStock { left: 10 })

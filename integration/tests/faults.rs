@@ -8,9 +8,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use wharf::testing::NatsServer;
 use wharf::Client;
 use wharf_integration::{
-    echo_slowly, nested_deadline, sleep_ms, spawn_worker, spawn_worker_with, tally,
+    crash_worker, echo_slowly, nested_deadline, sleep_ms, spawn_worker, spawn_worker_with, tally,
     wait_for_workers, WorkerProcess, TALLY_BUCKET,
 };
+
+/// Prints a result line past the test harness's capture, so every run
+/// (CI included) shows what the fault tests saw.
+fn report(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
 
 /// Runs `calls` calls from `callers` concurrent tasks; `call(i)` makes call
 /// `i` and returns the tries it took. Panics on the first failed call.
@@ -104,9 +111,9 @@ async fn idempotent_calls_survive_a_worker_killed_every_second() {
     .await;
     stop.store(true, Ordering::Relaxed);
     let kills = killer.join().unwrap();
-    println!(
+    report(format!(
         "REPORT idempotent under kills: 10000 calls ok in {took:?}, {kills} workers SIGKILLed, {retries} retries"
-    );
+    ));
     assert!(kills >= 1, "the load outlasted at least one kill");
 }
 
@@ -165,10 +172,10 @@ async fn durable_calls_survive_every_worker_killed_mid_run() {
     let runs = tally_runs(&client, calls).await;
     let lost: Vec<u64> = (0..calls).filter(|n| runs[*n as usize] == 0).collect();
     let duplicates: u64 = runs.iter().map(|r| r.saturating_sub(1)).sum();
-    println!(
+    report(format!(
         "REPORT durable under kills: {calls} calls answered in {took:?}, every worker SIGKILLed once, {} lost, {duplicates} ran more than once",
         lost.len()
-    );
+    ));
     assert!(lost.is_empty(), "calls that never ran: {lost:?}");
 }
 
@@ -202,7 +209,9 @@ async fn a_worker_drained_during_load_fails_no_call() {
         status.success(),
         "the drained worker exits cleanly: {status}"
     );
-    println!("REPORT drain under load: 3000 calls, 0 failed, worker {drained} drained");
+    report(format!(
+        "REPORT drain under load: 3000 calls, 0 failed, worker {drained} drained"
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,10 +260,42 @@ async fn a_broker_restart_under_load_loses_nothing() {
     let runs = tally_runs(&client, 2_000).await;
     let lost = runs.iter().filter(|r| **r == 0).count();
     let duplicates: u64 = runs.iter().map(|r| r.saturating_sub(1)).sum();
-    println!(
+    report(format!(
         "REPORT broker restart: 4000 core calls in {core_took:?} with {core_retries} retries; 2000 durable calls in {durable_took:?}, {lost} lost, {duplicates} duplicates"
-    );
+    ));
     assert_eq!(lost, 0, "no durable call lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_kills_every_worker_ends_in_the_dead_letter_stream() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let env = [("WHARF_ACK_WAIT", "500"), ("WHARF_MAX_DELIVER", "2")];
+    let mut worker = spawn_worker_with(&server.url(), &env);
+    wait_for_workers(&client, 1).await;
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { crash_worker::request().client(&client).await }
+    });
+    let mut restarts = 0;
+    let until = Instant::now() + Duration::from_secs(60);
+    while !call.is_finished() {
+        assert!(Instant::now() < until, "the poisonous call never ended");
+        if !wharf_integration::alive(worker.pid()) {
+            // The supervisor's job, done by hand here.
+            worker = spawn_worker_with(&server.url(), &env);
+            restarts += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = call.await.unwrap().unwrap_err();
+    assert_eq!(error.kind(), wharf::ErrorKind::DeadLetter, "{error}");
+    assert!(error.message().contains("delivered 3 times"), "{error}");
+    assert!(error.message().contains("wharf_dead_letters"), "{error}");
+    assert_eq!(restarts, 2, "two deliveries killed two workers");
+    report(format!(
+        "REPORT poisonous durable call: dead-lettered after {restarts} workers died running it"
+    ));
 }
 
 #[tokio::test]

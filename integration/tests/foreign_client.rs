@@ -39,10 +39,12 @@ async fn nats_py_calls_a_wharf_service() {
     );
     let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
 
-    assert_eq!(
-        seen["endpoints"],
-        serde_json::json!(["add", "add_remotely", "sleep_ms", "take", "whoami"])
-    );
+    let mut itest: Vec<&str> = wharf::registered()
+        .filter(|spec| spec.service == "itest")
+        .map(|spec| spec.name)
+        .collect();
+    itest.sort_unstable();
+    assert_eq!(seen["endpoints"], serde_json::json!(itest));
     assert_eq!(seen["add_sig"], add::SPEC.sig_hex());
     assert_eq!(seen["add_args"], "a: i64, b: i64");
     assert_eq!(seen["by_name"], 42);
@@ -54,4 +56,6 @@ async fn nats_py_calls_a_wharf_service() {
     assert_eq!(seen["bad_request"]["body"]["kind"], "bad_request");
     assert_eq!(seen["mismatch"]["code"], "409");
     assert_eq!(seen["postcard"], serde_json::json!([10]));
+    assert_eq!(seen["durable"], 42);
+    assert_eq!(seen["durable_stored"], serde_json::json!([200, 1, 42]));
 }

@@ -569,7 +569,7 @@ impl Endpoint {
         let parts = read_request(&message);
         drop(message);
         let endpoint = self.clone();
-        if endpoint.registration.spec.idempotent {
+        if endpoint.registration.spec.idempotent && reply.is_some() {
             if let Ok((_, meta, _)) = &parts {
                 endpoint.track(&meta.call_id);
             }

@@ -151,7 +151,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         if !focus {
             // Robust-call variants against plain wharf calls, 256 in flight.
             // Durable calls are slower, so they make fewer calls.
-            for side in [Side::Wharf, Side::NoRetry, Side::Idempotent, Side::Durable] {
+            // Rotated each round, so no variant always runs first or last.
+            let mut variants = [Side::Wharf, Side::NoRetry, Side::Idempotent, Side::Durable];
+            let turn = round % variants.len();
+            variants.rotate_left(turn);
+            for side in variants {
                 let calls = if matches!(side, Side::Durable) {
                     plan.parallel_calls / 3
                 } else {
