@@ -648,13 +648,9 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         // A redelivery of a call that completed but whose ack was lost:
         // answer from the stored result instead of running it again.
         if let Ok(Some(record)) = results.get(id.as_str()).await {
-            if let (Some(reply), Ok((stored, _))) = (&fate.reply, decode_record(record)) {
+            if let Ok((stored, _)) = decode_record(record) {
                 let headers = stored.headers.unwrap_or_default();
-                let _ = endpoint
-                    .shared
-                    .nats
-                    .publish_with_headers(reply.clone(), headers, stored.payload)
-                    .await;
+                answer(endpoint, fate.reply, headers, stored.payload).await;
             }
             let _ = message.ack().await;
             return;
@@ -693,16 +689,27 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
             .await;
         return;
     }
-    if let Some(reply) = fate.reply {
+    answer(endpoint, fate.reply, headers, body).await;
+    let failure = outcome.as_ref().err().map(|fault| (code, fault.message()));
+    endpoint.record(started, failure);
+    let _ = message.ack().await;
+}
+
+/// Publishes a durable call's answer to its caller, if it named a reply
+/// subject. A lost reply is not fatal: the result is also stored.
+async fn answer(
+    endpoint: &Endpoint,
+    reply: Option<async_nats::Subject>,
+    headers: HeaderMap,
+    body: Bytes,
+) {
+    if let Some(reply) = reply {
         let _ = endpoint
             .shared
             .nats
             .publish_with_headers(reply, headers, body)
             .await;
     }
-    let failure = outcome.as_ref().err().map(|fault| (code, fault.message()));
-    endpoint.record(started, failure);
-    let _ = message.ack().await;
 }
 
 /// Where a durable call's answer goes.
@@ -765,13 +772,7 @@ async fn dead_letter(
     if let Some(id) = &fate.id {
         let _ = store(js, id, encode_record(code, fate.codec, &body)).await;
     }
-    if let Some(reply) = fate.reply {
-        let _ = endpoint
-            .shared
-            .nats
-            .publish_with_headers(reply, headers, body)
-            .await;
-    }
+    answer(endpoint, fate.reply, headers, body).await;
     endpoint.record(SystemTime::now(), Some((code, fault.message())));
     let _ = message.ack_with(AckKind::Term).await;
 }

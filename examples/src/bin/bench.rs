@@ -134,17 +134,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     },
                     std::process::id(),
                 ];
-                let cpu_before = cpu_ticks(&pids);
-                let rate = throughput(plan.parallel_calls, in_flight, {
-                    let (nats, client) = (nats.clone(), client.clone());
-                    move || {
-                        let (nats, client) = (nats.clone(), client.clone());
-                        async move { side.call(&nats, &client).await }
-                    }
-                })
-                .await?;
+                let (rate, cpu) =
+                    measure(side, &nats, &client, plan.parallel_calls, in_flight, &pids).await?;
                 record(metric, side.name(), rate);
-                let cpu = cpu_per_call(cpu_before, &pids, plan.parallel_calls);
                 record_cpu(&mut record, in_flight, side.name(), cpu);
             }
         }
@@ -162,17 +154,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     plan.parallel_calls
                 };
                 let pids = [server.pid(), worker.id(), std::process::id()];
-                let cpu_before = cpu_ticks(&pids);
-                let rate = throughput(calls, 256, {
-                    let (nats, client) = (nats.clone(), client.clone());
-                    move || {
-                        let (nats, client) = (nats.clone(), client.clone());
-                        async move { side.call(&nats, &client).await }
-                    }
-                })
-                .await?;
+                let (rate, cpu) = measure(side, &nats, &client, calls, 256, &pids).await?;
                 record(ROBUST_METRIC, side.name(), rate);
-                let cpu = cpu_per_call(cpu_before, &pids, calls);
                 record(ROBUST_CPU, side.name(), cpu.iter().sum());
             }
         }
@@ -440,6 +423,28 @@ where
     samples.sort_by(f64::total_cmp);
     let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
     Ok((at(0.50), at(0.99)))
+}
+
+/// Calls/s of `side` with `in_flight` callers sharing `calls` calls, and
+/// the CPU µs per call of each of `pids` (server, worker, caller).
+async fn measure(
+    side: Side,
+    nats: &async_nats::Client,
+    client: &wharf::Client,
+    calls: usize,
+    in_flight: usize,
+    pids: &[u32],
+) -> Result<(f64, [f64; 3]), Box<dyn std::error::Error>> {
+    let cpu_before = cpu_ticks(pids);
+    let rate = throughput(calls, in_flight, {
+        let (nats, client) = (nats.clone(), client.clone());
+        move || {
+            let (nats, client) = (nats.clone(), client.clone());
+            async move { side.call(&nats, &client).await }
+        }
+    })
+    .await?;
+    Ok((rate, cpu_per_call(cpu_before, pids, calls)))
 }
 
 /// Calls per second with `in_flight` callers sharing `calls` calls.
