@@ -144,7 +144,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             // Robust-call variants against plain wharf calls, 256 in flight.
             // Durable calls are slower, so they make fewer calls.
             // Rotated each round, so no variant always runs first or last.
-            let mut variants = [Side::Wharf, Side::NoRetry, Side::Idempotent, Side::Durable];
+            let mut variants = [
+                Side::Wharf,
+                Side::Requested,
+                Side::NoRetry,
+                Side::Idempotent,
+                Side::Durable,
+            ];
             let turn = round % variants.len();
             variants.rotate_left(turn);
             for side in variants {
@@ -236,8 +242,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let of = |side: &str| of_metric(ROBUST_METRIC, side);
         let plain = of("wharf");
         for (side, label) in [
-            ("wharf", "plain call (default retry policy)"),
-            ("no-retry", "plain call, RetryPolicy::NONE"),
+            ("wharf", "plain call, `add::call(&client, ..)`"),
+            (
+                "requested",
+                "plain call through the builder, `add::request(..).client(..)`",
+            ),
+            ("no-retry", "the same with `.retry(RetryPolicy::NONE)`"),
             ("idempotent", "idempotent function"),
             ("durable", "durable call (JetStream)"),
         ] {
@@ -294,6 +304,7 @@ const ROBUST_CPU: &str = "robust CPU µs/call, 256 in flight";
 enum Side {
     Raw,
     Wharf,
+    Requested,
     NoRetry,
     Idempotent,
     Durable,
@@ -304,6 +315,7 @@ impl Side {
         match self {
             Side::Raw => "raw",
             Side::Wharf => "wharf",
+            Side::Requested => "requested",
             Side::NoRetry => "no-retry",
             Side::Idempotent => "idempotent",
             Side::Durable => "durable",
@@ -314,6 +326,7 @@ impl Side {
         match self {
             Side::Raw => raw_call(nats).await,
             Side::Wharf => wharf_call(client).await,
+            Side::Requested => check(add::request(20, 22).client(client).await?),
             Side::NoRetry => check(
                 add::request(20, 22)
                     .client(client)
