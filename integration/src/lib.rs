@@ -96,6 +96,27 @@ pub async fn crash_worker() {
     std::process::abort();
 }
 
+/// Burns CPU for `ms` milliseconds: load for the autoscaler.
+#[wharf::microservice(service = "itest", idempotent, timeout = "60s")]
+pub fn burn(ms: u64) -> u64 {
+    let until = Instant::now() + Duration::from_millis(ms);
+    let mut spins = 0u64;
+    while Instant::now() < until {
+        spins = std::hint::black_box(spins.wrapping_add(1));
+    }
+    spins
+}
+
+/// Stops its own process (SIGSTOP): alive, but it answers nothing any more,
+/// heartbeats and pings included. A hung worker.
+#[wharf::microservice(service = "itest", timeout = "1s", attempts = 1)]
+pub async fn hang() {
+    // SAFETY: raise(3) has no memory-safety preconditions.
+    unsafe {
+        libc::raise(libc::SIGSTOP);
+    }
+}
+
 /// KV bucket where [`tally`] counts the runs of each call.
 pub const TALLY_BUCKET: &str = "itest_tally";
 
@@ -203,10 +224,16 @@ pub fn spawn_worker(url: &str) -> WorkerProcess {
 
 /// A worker process with extra environment, such as `WHARF_ACK_WAIT`.
 pub fn spawn_worker_with(url: &str, env: &[(&str, &str)]) -> WorkerProcess {
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    env.push(("NATS_URL", url));
+    spawn_svc(&["worker"], &env)
+}
+
+/// The `svc` binary with `args` and `env`, killed when dropped.
+pub fn spawn_svc(args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
     let mut command = Command::new(svc_binary());
     command
-        .arg("worker")
-        .env("NATS_URL", url)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     for (key, value) in env {

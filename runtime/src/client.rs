@@ -231,6 +231,12 @@ impl Client {
                 },
                 Err(error) => error,
             };
+            if failure.kind() == ErrorKind::NoResponders {
+                // A supervisor that scaled this service to zero starts one
+                // when someone asks for it (cold start).
+                let demand = crate::supervisor::demand_subject(&self.inner.prefix, spec.service);
+                let _ = self.inner.nats.publish(demand, Bytes::new()).await;
+            }
             if call.attempt >= policy.attempts
                 || !crate::retry::retryable(failure.kind(), spec.idempotent)
             {

@@ -93,6 +93,13 @@ pub(crate) fn reported_port(dir: &Path, pid: u32, listener: &str) -> Option<u16>
 /// Starts nats-server with JetStream on a free loopback port and a temporary
 /// store; returns its URL once it accepts connections.
 pub(crate) async fn start_nats_server() -> Result<String, Error> {
+    start_nats_server_on(None).await
+}
+
+/// Starts nats-server as [`start_nats_server`] does, on `port` when given
+/// (the `wharf up` default, 4222, so other commands find it) or a free one.
+/// It is stopped when this process exits.
+pub async fn start_nats_server_on(port: Option<u16>) -> Result<String, Error> {
     let binary = nats_server_binary()?;
     children::sweep_stale_scratch(SCRATCH_PREFIX);
     let scratch = std::env::temp_dir().join(format!(
@@ -109,6 +116,10 @@ pub(crate) async fn start_nats_server() -> Result<String, Error> {
     let log = scratch.join("nats-server.log");
     let mut command = nats_command(&binary, &scratch);
     command.arg("-l").arg(&log);
+    if let Some(port) = port {
+        // The last `-p` wins over nats_command's free port.
+        command.args(["-p", &port.to_string()]);
+    }
     let pid = children::spawn(command, Role::Server, Some(scratch.clone()))
         .await
         .map_err(|e| {

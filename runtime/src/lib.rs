@@ -29,6 +29,7 @@
 //! [`CallError::Application`]; any other return type, a one-argument alias
 //! such as `io::Result<T>` included, is sent back as one value.
 
+pub mod backend;
 mod children;
 mod client;
 pub mod codec;
@@ -36,9 +37,12 @@ mod context;
 pub mod durable;
 mod embedded;
 mod error;
+pub mod heartbeat;
 mod micro;
 mod retry;
+pub mod scaler;
 mod spec;
+pub mod supervisor;
 pub mod testing;
 pub mod worker;
 
@@ -46,7 +50,7 @@ pub use client::{global as client, Client, Fallible, Plain, Reply, Request, Retu
 pub use codec::Codec;
 pub use context::{deadline, time_left};
 pub use durable::Pending;
-pub use embedded::nats_server_binary;
+pub use embedded::{nats_server_binary, start_nats_server_on};
 pub use error::{CallError, Error, ErrorKind};
 pub use retry::RetryPolicy;
 pub use spec::{registered, ArgSpec, FnSpec};
@@ -257,6 +261,7 @@ async fn serve_until_signal(url: &str, grace: Duration) -> Result<(), Error> {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+        _ = worker.drain_requested() => {}
     }
     if parent_is_gone() {
         // Local mode, and the program that started this worker has died

@@ -43,6 +43,14 @@ impl EndpointStats {
         }
     }
 
+    /// Calls answered and their total processing time in nanoseconds.
+    pub(crate) fn totals(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.processing_ns.load(Ordering::Relaxed),
+        )
+    }
+
     fn to_json(&self) -> Value {
         let requests = self.requests.load(Ordering::Relaxed);
         let processing = self.processing_ns.load(Ordering::Relaxed);

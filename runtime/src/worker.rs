@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Semaphore};
@@ -257,7 +257,12 @@ impl Worker {
                 .push(registration);
         }
 
-        let instance = nuid::next().as_str().to_owned();
+        // A supervisor names the instances it starts, to know them again in
+        // their heartbeats.
+        let instance = std::env::var("WHARF_INSTANCE_ID")
+            .ok()
+            .filter(|id| crate::durable::valid_call_id(id.as_bytes()))
+            .unwrap_or_else(|| nuid::next().as_str().to_owned());
         let identity = format!("{instance} {} {}", std::process::id(), hostname());
         let nats = self.client.nats().clone();
         let prefix = self.client.prefix().to_owned();
@@ -292,6 +297,8 @@ impl Worker {
         let mut discovery = Vec::new();
         let mut probes = Vec::new();
         let mut tasks = JoinSet::new();
+        let mut all_stats = Vec::new();
+        let mut services = Vec::new();
         for (service_name, regs) in by_service {
             let stream = if jetstream {
                 Some(crate::durable::calls_stream(&js, &prefix, service_name).await?)
@@ -314,6 +321,7 @@ impl Worker {
                         )
                     })?;
                 let stats = Arc::new(micro::EndpointStats::default());
+                all_stats.push(stats.clone());
                 endpoints.push(micro::EndpointInfo {
                     name: spec.name.to_owned(),
                     subject: subject.to_string(),
@@ -339,9 +347,11 @@ impl Worker {
             probes.push(Discovery(
                 answer_probes(&nats, &prefix, service_name, shared.clone()).await?,
             ));
+            services.push(service_name.to_owned());
             let info = micro::ServiceInfo {
                 name: service_name.to_owned(),
-                id: nuid::next().as_str().to_owned(),
+                // The instance id, so `$SRV.PING.<service>.<instance>` reaches this one.
+                id: instance.clone(),
                 version,
                 description: format!("wharf service {service_name}"),
                 metadata: service_metadata(&instance),
@@ -360,6 +370,45 @@ impl Worker {
                 micro::answer_discovery(&nats, Arc::new(info), data).await?,
             ));
         }
+        let draining = Arc::new(AtomicBool::new(false));
+        let (ask_drain, drain_asked) = watch::channel(false);
+        let heartbeats = if jetstream {
+            let store = crate::heartbeat::instances_bucket(&js).await?;
+            let load_shared = shared.clone();
+            let source = crate::heartbeat::Source {
+                instance: instance.clone(),
+                services,
+                host: hostname(),
+                endpoints: all_stats,
+                load: Arc::new(move || (load_shared.in_flight(), load_shared.backlog())),
+                draining: draining.clone(),
+            };
+            probes.push(Discovery(tokio::spawn(crate::heartbeat::beat(
+                store.clone(),
+                source,
+            ))));
+            Some(store)
+        } else {
+            None
+        };
+        let control = crate::heartbeat::control_subject(&prefix, &instance);
+        let mut requests = nats.subscribe(control.clone()).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot subscribe `{control}`: {e}"),
+            )
+        })?;
+        let control_nats = nats.clone();
+        probes.push(Discovery(tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                if request.payload.as_ref() == b"drain" {
+                    let _ = ask_drain.send(true);
+                }
+                if let Some(reply) = request.reply {
+                    let _ = control_nats.publish(reply, Bytes::from_static(b"ok")).await;
+                }
+            }
+        })));
         // The subscriptions exist on the server only after a round trip.
         nats.flush().await.map_err(|e| {
             Error::new(
@@ -375,6 +424,9 @@ impl Worker {
             probes,
             tasks,
             shared,
+            draining,
+            drain_asked,
+            heartbeats,
         })
     }
 }
@@ -943,9 +995,13 @@ pub struct RunningWorker {
     instance: String,
     stop: watch::Sender<bool>,
     discovery: Vec<Discovery>,
-    /// Probe answerers: kept through a drain, since calls still run.
+    /// Probe answerers, heartbeats, the control subscription: kept through
+    /// a drain, since calls still run.
     probes: Vec<Discovery>,
     tasks: JoinSet<()>,
+    draining: Arc<AtomicBool>,
+    drain_asked: watch::Receiver<bool>,
+    heartbeats: Option<kv::Store>,
     shared: Arc<Shared>,
 }
 
@@ -961,9 +1017,17 @@ impl RunningWorker {
         self.shared.in_flight()
     }
 
+    /// Resolves when a supervisor asks this instance to drain (a `drain`
+    /// message on `<prefix>._control.<instance>`), as when it scales down.
+    pub async fn drain_requested(&self) {
+        let mut asked = self.drain_asked.clone();
+        let _ = asked.wait_for(|asked| *asked).await;
+    }
+
     /// Stops taking calls, lets the ones already received finish (at most
     /// `grace`), then returns.
     pub async fn drain(mut self, grace: Duration) {
+        self.draining.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
         // Stop answering discovery: this instance is going away.
         self.discovery.clear();
@@ -984,8 +1048,16 @@ impl RunningWorker {
         // The last replies may still sit in the client's write buffer; a
         // process that exits right after draining must not drop them.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.flush()).await;
-        // Nothing runs here any more: stop answering probes for it.
+        // Nothing runs here any more: stop answering probes for it, and
+        // take its heartbeat down so the supervisor sees it gone at once.
         self.probes.clear();
+        if let Some(heartbeats) = &self.heartbeats {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                heartbeats.purge(self.instance.as_str()),
+            )
+            .await;
+        }
     }
 }
 

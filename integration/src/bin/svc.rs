@@ -6,12 +6,20 @@
 //!   function, print the results and the pids of the processes it started.
 //! - `svc panic`: the same, then panic.
 //! - `svc wait`: the same, then wait for a signal.
+//! - `svc supervise <wharf.toml>`: run a supervisor (as `wharf up` does) until
+//!   SIGTERM, so tests can kill one for real.
 
 use wharf_integration::{add, take, whoami, InventoryError};
 
 #[wharf::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mode = std::env::args().nth(1).unwrap_or_default();
+    if mode == "supervise" {
+        let path = std::env::args()
+            .nth(2)
+            .ok_or("svc supervise <wharf.toml>")?;
+        return supervise(&path).await;
+    }
     wharf::init().await?;
     println!("workers {:?}", wharf::local_workers());
     println!("server {:?}", wharf::local_server());
@@ -32,4 +40,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         _ => Ok(()),
     }
+}
+
+async fn supervise(path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let config = wharf::supervisor::UpConfig::load(path.as_ref())?;
+    let url = config
+        .broker
+        .url
+        .clone()
+        .ok_or("broker.url is required here")?;
+    let client = wharf::Client::connect(&url).await?;
+    let supervisor = wharf::supervisor::Supervisor::new(&client, &config).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    supervisor
+        .run(async move {
+            term.recv().await;
+        })
+        .await?;
+    Ok(())
 }

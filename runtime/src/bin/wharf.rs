@@ -3,10 +3,16 @@
 //! ```text
 //! wharf call <service>.<function> '<json args>' [options]
 //! wharf bench <service>.<function> '<json args>' [--calls N] [--concurrency C] [options]
+//! wharf up [-c wharf.toml]
+//! wharf status [--json]
+//! wharf events
+//! wharf down
 //! ```
 //!
-//! Both connect to `NATS_URL` (default `nats://127.0.0.1:4222`) and call
-//! with JSON, so they need nothing of the service but its name.
+//! `call` and `bench` call with JSON, so they need nothing of the service
+//! but its name. All but `up` connect to `NATS_URL` (default
+//! `nats://127.0.0.1:4222`); `up` uses `broker.url` from `wharf.toml`, or
+//! starts a nats-server on port 4222.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,6 +26,10 @@ const USAGE: &str = "\
 usage:
   wharf call  <service>.<function> '<json args>' [options]
   wharf bench <service>.<function> '<json args>' [--calls N] [--concurrency C] [options]
+  wharf up [-c wharf.toml]   run the services of wharf.toml, healed and scaled
+  wharf status [--json]      every instance: CPU, memory, load, health
+  wharf events               follow the supervisor's decisions and their reasons
+  wharf down                 stop what `wharf up` started
 
 Arguments are a JSON object keyed by parameter name, or a JSON array in
 declaration order ('{}' or '[]' for none).
@@ -48,13 +58,45 @@ struct Command {
     concurrency: u64,
 }
 
+/// Every command.
+enum Verb {
+    Call(Command),
+    Up(std::path::PathBuf),
+    Status { json: bool },
+    Events,
+    Down,
+}
+
+fn parse_verb(argv: Vec<String>) -> Result<Verb, String> {
+    let rest: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
+    match argv.first().map(String::as_str) {
+        Some("up") => match rest.as_slice() {
+            [] => Ok(Verb::Up("wharf.toml".into())),
+            ["-c" | "--config", path] => Ok(Verb::Up(path.into())),
+            _ => Err("usage: wharf up [-c wharf.toml]".to_owned()),
+        },
+        Some("status") => match rest.as_slice() {
+            [] => Ok(Verb::Status { json: false }),
+            ["--json"] => Ok(Verb::Status { json: true }),
+            _ => Err("usage: wharf status [--json]".to_owned()),
+        },
+        Some("events") if rest.is_empty() => Ok(Verb::Events),
+        Some("down") if rest.is_empty() => Ok(Verb::Down),
+        _ => parse(argv.into_iter()).map(Verb::Call),
+    }
+}
+
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Command, String> {
     let verb = argv.next().ok_or("no command given")?;
     let bench = match verb.as_str() {
         "call" => false,
         "bench" => true,
         "-h" | "--help" | "help" => return Err(String::new()),
-        other => return Err(format!("unknown command `{other}`: use `call` or `bench`")),
+        other => {
+            return Err(format!(
+                "unknown command `{other}`: use call, bench, up, status, events or down"
+            ))
+        }
     };
     let target = argv
         .next()
@@ -326,8 +368,8 @@ fn draw_progress(tally: &Tally, total: u64, started: Instant) {
 }
 
 fn main() -> ExitCode {
-    let command = match parse(std::env::args().skip(1)) {
-        Ok(command) => command,
+    let verb = match parse_verb(std::env::args().skip(1).collect()) {
+        Ok(verb) => verb,
         Err(problem) if problem.is_empty() => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -347,22 +389,156 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let outcome = runtime.block_on(async {
+        if let Verb::Up(path) = &verb {
+            return up(path).await;
+        }
         let url = std::env::var("NATS_URL")
             .ok()
             .filter(|u| !u.trim().is_empty())
             .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
-        let client = match Client::connect(&url).await {
-            Ok(client) => client,
-            Err(error) => {
-                eprintln!("error: {error}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if command.bench {
-            bench(command, client).await
-        } else {
-            call(&command, &client).await
+        let client = Client::connect(&url).await?;
+        match verb {
+            Verb::Call(command) if command.bench => Ok(bench(command, client).await),
+            Verb::Call(command) => Ok(call(&command, &client).await),
+            Verb::Status { json } => status(&client, json).await,
+            Verb::Events => events(&client).await,
+            Verb::Down => down(&client).await,
+            Verb::Up(_) => unreachable!("handled above"),
         }
+    });
+    outcome.unwrap_or_else(|error| {
+        eprintln!("error: {error}");
+        ExitCode::FAILURE
     })
+}
+
+/// `wharf up`: supervise the services of `path` until Ctrl-C, SIGTERM or
+/// `wharf down`.
+async fn up(path: &std::path::Path) -> Result<ExitCode, Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let config = wharf::supervisor::UpConfig::load(path)?;
+    let url = match &config.broker.url {
+        Some(url) => url.clone(),
+        None => {
+            let url = wharf::start_nats_server_on(Some(4222)).await.map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    format!(
+                        "{}; if a nats-server already runs on 4222, set broker.url in {}",
+                        e.message(),
+                        path.display()
+                    ),
+                )
+            })?;
+            eprintln!("wharf up: started nats-server at {url}");
+            url
+        }
+    };
+    let client = Client::connect(&url).await?;
+    let supervisor = wharf::supervisor::Supervisor::new(&client, &config).await?;
+    eprintln!(
+        "wharf up: supervising {} service(s) through {url}; `wharf events` follows its decisions",
+        config.services.len()
+    );
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;
+    supervisor
+        .run(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wharf status`: one row per live instance.
+async fn status(client: &Client, json: bool) -> Result<ExitCode, Error> {
+    let instances = wharf::supervisor::instances(client).await?;
+    if json {
+        let text = serde_json::to_string_pretty(&instances)
+            .map_err(|e| Error::new(ErrorKind::Codec, e.to_string()))?;
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<16} {:<32} {:<12} {:<22} {:>6} {:>8} {:>9} {:>8} {:>9} {:>8}  health",
+        "service",
+        "instance",
+        "host",
+        "pid/container",
+        "CPU%",
+        "RSS MiB",
+        "in-flight",
+        "backlog",
+        "calls/s",
+        "mean ms"
+    );
+    for beat in &instances {
+        let location = match &beat.container {
+            Some(container) => container.chars().take(12).collect(),
+            None => beat.pid.to_string(),
+        };
+        println!(
+            "{:<16} {:<32} {:<12} {:<22} {:>6.1} {:>8.1} {:>9} {:>8} {:>9.1} {:>8.3}  {}",
+            beat.services.join(","),
+            beat.instance,
+            beat.host,
+            location,
+            beat.cpu,
+            beat.rss as f64 / (1024.0 * 1024.0),
+            beat.in_flight,
+            beat.backlog,
+            beat.calls_per_s,
+            beat.mean_ms,
+            if beat.draining { "draining" } else { "ok" }
+        );
+    }
+    if instances.is_empty() {
+        eprintln!("no instance has sent a heartbeat in the last 3 s");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wharf events`: prints the supervisors' events as they happen.
+async fn events(client: &Client) -> Result<ExitCode, Error> {
+    use futures_util::StreamExt;
+    let subject = wharf::supervisor::events_subject(client.prefix());
+    let mut events = client.nats().subscribe(subject).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Connection,
+            format!("cannot subscribe for events: {e}"),
+        )
+    })?;
+    while let Some(message) = events.next().await {
+        if let Ok(event) = serde_json::from_slice::<wharf::supervisor::Event>(&message.payload) {
+            println!(
+                "{} {:<10} {:<16} {:<32} {}",
+                event.at_ms,
+                event.kind,
+                event.service.unwrap_or_else(|| "-".into()),
+                event.instance.unwrap_or_else(|| "-".into()),
+                event.reason
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wharf down`: asks the running `wharf up` to stop its instances and exit.
+async fn down(client: &Client) -> Result<ExitCode, Error> {
+    let subject = wharf::supervisor::down_subject(client.prefix());
+    let request = async_nats::Request::new().timeout(Some(Duration::from_secs(5)));
+    match client.nats().send_request(subject, request).await {
+        Ok(_) => {
+            println!("wharf up is stopping its instances");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(Error::new(
+            ErrorKind::NoResponders,
+            format!("no `wharf up` answered on {}: {e}", client.url()),
+        )),
+    }
 }

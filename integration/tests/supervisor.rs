@@ -1,0 +1,346 @@
+//! The supervisor with real worker processes: a killed worker is replaced,
+//! a hung one is killed and replaced, load scales a service up and back
+//! down, and a standby supervisor takes over from a killed leader without
+//! duplicating instances. The supervisors run as `svc supervise`
+//! processes, so they too can be killed for real.
+
+use futures_util::StreamExt;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wharf::heartbeat::Heartbeat;
+use wharf::supervisor::Event;
+use wharf::testing::NatsServer;
+use wharf::Client;
+use wharf_integration::{burn, echo_slowly, hang, signal, spawn_svc, svc_binary, WorkerProcess};
+
+/// A `wharf.toml` for service `itest` served by `svc worker`.
+fn config(dir: &std::path::Path, url: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("wharf.toml");
+    let text = format!(
+        "[broker]\nurl = \"{url}\"\n\n[[service]]\nname = \"itest\"\ncommand = [\"{}\", \"worker\"]\n{extra}\n",
+        svc_binary().display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Everything a test starts, stopped when it ends, even on a panic: the
+/// supervisors are asked down, and every worker pid seen is killed.
+struct Scene {
+    server: NatsServer,
+    client: Client,
+    dir: std::path::PathBuf,
+    supervisors: Vec<WorkerProcess>,
+    pids: Arc<Mutex<HashSet<u32>>>,
+    events: Arc<Mutex<Vec<Event>>>,
+}
+
+impl Scene {
+    async fn new() -> Scene {
+        let server = NatsServer::start().unwrap();
+        let client = Client::connect(&server.url()).await.unwrap();
+        let dir = std::env::temp_dir().join(format!("wharf-sup-{}", nuid_like()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let mut feed = client
+            .nats()
+            .subscribe(wharf::supervisor::events_subject("wharf"))
+            .await
+            .unwrap();
+        let log = events.clone();
+        tokio::spawn(async move {
+            while let Some(message) = feed.next().await {
+                if let Ok(event) = serde_json::from_slice(&message.payload) {
+                    log.lock().unwrap().push(event);
+                }
+            }
+        });
+        client.nats().flush().await.unwrap();
+        Scene {
+            server,
+            client,
+            dir,
+            supervisors: Vec::new(),
+            pids: Arc::default(),
+            events,
+        }
+    }
+
+    fn supervise(&mut self, extra: &str) -> u32 {
+        let path = config(&self.dir, &self.server.url(), extra);
+        let supervisor = spawn_svc(&["supervise", path.to_str().unwrap()], &[]);
+        let pid = supervisor.pid();
+        self.supervisors.push(supervisor);
+        pid
+    }
+
+    /// Live (fresh, not draining) instances of `itest`.
+    async fn live(&self) -> Vec<Heartbeat> {
+        let all = wharf::supervisor::instances(&self.client).await.unwrap();
+        let live: Vec<Heartbeat> = all
+            .into_iter()
+            .filter(|b| b.services.iter().any(|s| s == "itest") && !b.draining)
+            .collect();
+        self.pids.lock().unwrap().extend(live.iter().map(|b| b.pid));
+        live
+    }
+
+    /// Waits until `check` holds for the live instances.
+    async fn wait_for(
+        &self,
+        what: &str,
+        within: Duration,
+        check: impl Fn(&[Heartbeat]) -> bool,
+    ) -> Vec<Heartbeat> {
+        let until = Instant::now() + within;
+        loop {
+            let live = self.live().await;
+            if check(&live) {
+                return live;
+            }
+            assert!(
+                Instant::now() < until,
+                "{what} not seen within {within:?}; live: {:?}; events: {:#?}",
+                live.iter().map(|b| &b.instance).collect::<Vec<_>>(),
+                self.events.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn events_of(&self, kind: &str) -> Vec<Event> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == kind)
+            .cloned()
+            .collect()
+    }
+
+    async fn down(&mut self) {
+        let request = async_nats::Request::new().timeout(Some(Duration::from_secs(5)));
+        let _ = self
+            .client
+            .nats()
+            .send_request(wharf::supervisor::down_subject("wharf"), request)
+            .await;
+        for supervisor in self.supervisors.drain(..) {
+            let status = supervisor.exit_status().await;
+            assert!(status.success(), "the supervisor exits cleanly: {status}");
+        }
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        for pid in self.pids.lock().unwrap().iter() {
+            signal(*pid, libc::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nuid_like() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    )
+}
+
+fn report(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_replaced_and_calls_keep_succeeding() {
+    let mut scene = Scene::new().await;
+    scene.supervise("min = 2\nmax = 2");
+    let first = scene
+        .wait_for("2 instances", Duration::from_secs(20), |live| {
+            live.len() == 2
+        })
+        .await;
+    let calls = tokio::spawn({
+        let client = scene.client.clone();
+        async move {
+            for i in 0..400u64 {
+                let n = echo_slowly::call(&client, i, 5)
+                    .await
+                    .expect("every call succeeds");
+                assert_eq!(n, i);
+            }
+        }
+    });
+    let victim = first[0].clone();
+    signal(victim.pid, libc::SIGKILL);
+    let killed = Instant::now();
+    let known: HashSet<String> = first.iter().map(|b| b.instance.clone()).collect();
+    scene
+        .wait_for("a replacement", Duration::from_secs(10), |live| {
+            live.iter().any(|b| !known.contains(&b.instance))
+        })
+        .await;
+    let replaced = killed.elapsed();
+    report(format!(
+        "REPORT kill -9 to replacement heartbeat: {replaced:?}"
+    ));
+    assert!(
+        replaced < Duration::from_secs(3),
+        "replaced after {replaced:?}"
+    );
+    calls.await.unwrap();
+    assert!(scene
+        .events_of("exited")
+        .iter()
+        .any(|e| e.instance.as_deref() == Some(&victim.instance)));
+    scene.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_is_killed_and_replaced() {
+    let mut scene = Scene::new().await;
+    scene.supervise("min = 1\nmax = 1");
+    let first = scene
+        .wait_for("1 instance", Duration::from_secs(20), |live| {
+            live.len() == 1
+        })
+        .await;
+    // The worker stops itself mid-call: alive, but deaf.
+    let error = hang::call(&scene.client).await.unwrap_err();
+    assert_eq!(error.kind(), wharf::ErrorKind::Timeout);
+    let hung = first[0].instance.clone();
+    scene
+        .wait_for("a replacement", Duration::from_secs(20), |live| {
+            live.len() == 1 && live[0].instance != hung
+        })
+        .await;
+    let events = scene.events_of("hung");
+    assert!(
+        events.iter().any(|e| e.instance.as_deref() == Some(&hung)),
+        "{events:?}"
+    );
+    assert!(
+        !wharf_integration::alive(first[0].pid),
+        "the hung process was killed"
+    );
+    assert_eq!(echo_slowly::call(&scene.client, 7, 1).await.unwrap(), 7);
+    scene.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_scales_up_and_back_down_with_no_failed_call() {
+    let mut scene = Scene::new().await;
+    scene.supervise("min = 1\nmax = 4\nscale_down_after = \"2s\"");
+    scene
+        .wait_for("1 instance", Duration::from_secs(20), |live| {
+            live.len() == 1
+        })
+        .await;
+    // Four callers keep the one instance's blocking pool burning CPU.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, stop) = (scene.client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut calls = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    burn::call(&client, 100).await.expect("no call fails");
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let peak = scene
+        .wait_for("more instances", Duration::from_secs(30), |live| {
+            live.len() >= 2
+        })
+        .await
+        .len();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut calls = 0;
+    for caller in callers {
+        calls += caller.await.expect("no failed call");
+    }
+    scene
+        .wait_for("back to min", Duration::from_secs(60), |live| {
+            live.len() == 1
+        })
+        .await;
+    let scales = scene.events_of("scale");
+    assert!(
+        scales.iter().any(|e| e.reason.contains("average CPU")),
+        "{scales:?}"
+    );
+    assert!(
+        !scene.events_of("drain").is_empty(),
+        "removed instances were drained"
+    );
+    report(format!(
+        "REPORT autoscale: {calls} burn calls, 0 failed; peak {peak} instances; scale events: {:?}",
+        scales.iter().map(|e| e.reason.clone()).collect::<Vec<_>>()
+    ));
+    scene.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_from_a_killed_leader_without_duplicates() {
+    let mut scene = Scene::new().await;
+    scene.supervise("min = 2\nmax = 2");
+    scene
+        .wait_for("2 instances", Duration::from_secs(20), |live| {
+            live.len() == 2
+        })
+        .await;
+    scene.supervise("min = 2\nmax = 2");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before: HashSet<String> = scene.live().await.into_iter().map(|b| b.instance).collect();
+    assert_eq!(before.len(), 2, "the standby started nothing");
+
+    let js = async_nats::jetstream::new(scene.client.nats().clone());
+    let lease = js
+        .get_key_value(wharf::supervisor::LEASE_BUCKET)
+        .await
+        .unwrap();
+    let holder = lease.get("leader").await.unwrap().expect("a leader");
+    let leader_pid: u32 = std::str::from_utf8(&holder)
+        .unwrap()
+        .split('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let leader = scene
+        .supervisors
+        .iter()
+        .position(|s| s.pid() == leader_pid)
+        .expect("the leader is one of ours");
+    let mut killed = scene.supervisors.remove(leader);
+    killed.kill(); // SIGKILL
+    let took_over = Instant::now();
+    let until = took_over + Duration::from_secs(15);
+    while scene.events_of("leader").len() < 2 {
+        assert!(
+            Instant::now() < until,
+            "no takeover: {:#?}",
+            scene.events.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    report(format!(
+        "REPORT leader SIGKILLed, standby leads after {:?}",
+        took_over.elapsed()
+    ));
+    // The same two instances, adopted, for a while.
+    for _ in 0..20 {
+        let now: HashSet<String> = scene.live().await.into_iter().map(|b| b.instance).collect();
+        assert_eq!(now, before, "instances neither lost nor duplicated");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(scene.events_of("adopt").len(), 2);
+    scene.down().await;
+}

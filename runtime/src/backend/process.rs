@@ -1,0 +1,102 @@
+//! The process backend: each instance is a subprocess on this host.
+
+use super::{Backend, Instance, Launch};
+use crate::{Error, ErrorKind};
+use std::process::{Child, Command, Stdio};
+
+/// Runs each instance as a subprocess: `command[0]` with the rest as
+/// arguments, for example the user's binary and `worker`.
+#[derive(Debug, Clone)]
+pub struct ProcessBackend {
+    command: Vec<String>,
+}
+
+impl ProcessBackend {
+    /// A backend running `command` (program and arguments).
+    pub fn new(command: Vec<String>) -> Result<ProcessBackend, Error> {
+        if command.is_empty() || command[0].trim().is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the process backend needs a command, for example [\"target/release/app\", \"worker\"]",
+            ));
+        }
+        Ok(ProcessBackend { command })
+    }
+}
+
+impl Backend for ProcessBackend {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn start(&self, launch: &Launch) -> Result<Box<dyn Instance>, Error> {
+        let mut command = Command::new(&self.command[0]);
+        command
+            .args(&self.command[1..])
+            .envs(&launch.env)
+            .stdin(Stdio::null());
+        let child = command.spawn().map_err(|e| {
+            Error::new(
+                ErrorKind::Process,
+                format!(
+                    "cannot start `{}` for service `{}`: {e}",
+                    self.command.join(" "),
+                    launch.service
+                ),
+            )
+        })?;
+        Ok(Box::new(ChildInstance {
+            id: launch.instance.clone(),
+            child,
+        }))
+    }
+}
+
+struct ChildInstance {
+    id: String,
+    child: Child,
+}
+
+impl Instance for ChildInstance {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn location(&self) -> String {
+        format!("pid {}", self.child.id())
+    }
+
+    fn alive(&mut self) -> bool {
+        // try_wait also reaps it, so no zombie is left behind.
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn terminate(&mut self) {
+        signal(self.child.id(), libc::SIGTERM);
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub(super) fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+pub(super) fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}

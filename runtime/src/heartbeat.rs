@@ -1,0 +1,150 @@
+//! Heartbeats: every worker instance writes what it is doing to KV
+//! `wharf_instances` once a second, and listens for a drain request from
+//! the supervisor on `<prefix>._control.<instance>`.
+
+use crate::micro::EndpointStats;
+use crate::{Error, ErrorKind};
+use async_nats::jetstream::{self, kv, stream};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+/// KV bucket of heartbeats, one key per instance.
+pub const INSTANCES_BUCKET: &str = "wharf_instances";
+
+/// How often a worker writes its heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a heartbeat stays in the bucket: an instance that stopped
+/// writing disappears after this (the bucket's max age, which with one
+/// write a second acts as a per-key TTL).
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
+
+/// One worker instance's heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Instance id (also `wharf.instance` in its ADR-32 metadata).
+    pub instance: String,
+    /// Services the instance serves.
+    pub services: Vec<String>,
+    /// Host name.
+    pub host: String,
+    /// Process id on that host.
+    pub pid: u32,
+    /// Container id, when it runs in one (`WHARF_CONTAINER`).
+    pub container: Option<String>,
+    /// CPU use since the last heartbeat, percent of one core.
+    pub cpu: f32,
+    /// Resident memory, bytes.
+    pub rss: u64,
+    /// Calls running.
+    pub in_flight: usize,
+    /// Calls waiting for a free slot.
+    pub backlog: usize,
+    /// Calls answered since the instance started.
+    pub calls: u64,
+    /// Calls answered per second since the last heartbeat.
+    pub calls_per_s: f64,
+    /// Mean processing time since the last heartbeat, milliseconds.
+    pub mean_ms: f64,
+    /// Draining: it takes no new calls and exits when done.
+    pub draining: bool,
+    /// When it was written, unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// Creates (or finds) the heartbeat bucket.
+pub async fn instances_bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
+    match js.get_key_value(INSTANCES_BUCKET).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: INSTANCES_BUCKET.to_owned(),
+                description: "wharf: worker heartbeats".to_owned(),
+                history: 1,
+                max_age: HEARTBEAT_TTL,
+                storage: stream::StorageType::Memory,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot create KV bucket `{INSTANCES_BUCKET}`: {e}"),
+                )
+            }),
+    }
+}
+
+/// What the heartbeat task reads from the worker.
+pub(crate) struct Source {
+    pub(crate) instance: String,
+    pub(crate) services: Vec<String>,
+    pub(crate) host: String,
+    pub(crate) endpoints: Vec<Arc<EndpointStats>>,
+    pub(crate) load: Arc<dyn Fn() -> (usize, usize) + Send + Sync>,
+    pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Writes a heartbeat every [`HEARTBEAT_INTERVAL`] until aborted.
+pub(crate) async fn beat(store: kv::Store, source: Source) {
+    let pid = std::process::id();
+    let mut system = System::new();
+    let refresh = ProcessRefreshKind::nothing().with_cpu().with_memory();
+    let mut last_calls = 0;
+    let mut last_ns = 0;
+    let mut last = std::time::Instant::now();
+    let container = std::env::var("WHARF_CONTAINER").ok();
+    loop {
+        system.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[Pid::from_u32(pid)]),
+            true,
+            refresh,
+        );
+        let (cpu, rss) = system
+            .process(Pid::from_u32(pid))
+            .map(|p| (p.cpu_usage(), p.memory()))
+            .unwrap_or((0.0, 0));
+        let (calls, ns) = source
+            .endpoints
+            .iter()
+            .map(|e| e.totals())
+            .fold((0, 0), |(c, n), (c2, n2)| (c + c2, n + n2));
+        let elapsed = last.elapsed().as_secs_f64().max(1e-3);
+        let new_calls = calls - last_calls;
+        let (in_flight, backlog) = (source.load)();
+        let heartbeat = Heartbeat {
+            instance: source.instance.clone(),
+            services: source.services.clone(),
+            host: source.host.clone(),
+            pid,
+            container: container.clone(),
+            cpu,
+            rss,
+            in_flight,
+            backlog,
+            calls,
+            calls_per_s: new_calls as f64 / elapsed,
+            mean_ms: if new_calls == 0 {
+                0.0
+            } else {
+                (ns - last_ns) as f64 / new_calls as f64 / 1e6
+            },
+            draining: source.draining.load(std::sync::atomic::Ordering::Relaxed),
+            at_ms: crate::context::unix_ms(),
+        };
+        (last_calls, last_ns, last) = (calls, ns, std::time::Instant::now());
+        if let Ok(json) = serde_json::to_vec(&heartbeat) {
+            // Fire and forget: a missed beat is what the supervisor watches
+            // for, and waiting here would only delay the next one.
+            let _ = store.put(source.instance.as_str(), json.into()).await;
+        }
+        tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+    }
+}
+
+/// The subject on which the supervisor asks instance `instance` to drain.
+pub fn control_subject(prefix: &str, instance: &str) -> String {
+    format!("{prefix}._control.{instance}")
+}
