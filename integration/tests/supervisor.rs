@@ -155,6 +155,18 @@ fn report(line: String) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+#[test]
+fn the_annotated_example_config_parses() {
+    let text = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/wharf.toml"
+    ));
+    let config = wharf::supervisor::UpConfig::from_toml(text).unwrap();
+    assert_eq!(config.services[0].name, "autoscale");
+    let policy = config.services[0].policy().unwrap();
+    assert_eq!((policy.min, policy.max), (1, 4));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_is_replaced_and_calls_keep_succeeding() {
     let mut scene = Scene::new().await;

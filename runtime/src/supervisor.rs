@@ -713,7 +713,7 @@ impl Supervisor {
                     .into_iter()
                     .take(self.managed_count(&name) - desired)
                 {
-                    self.drain(&id).await;
+                    self.drain(&id, "scaling down").await;
                 }
             }
         }
@@ -776,7 +776,7 @@ impl Supervisor {
 
     /// Asks an instance to drain over NATS (it finishes its calls and
     /// exits); a signal if it does not answer.
-    async fn drain(&mut self, id: &str) {
+    async fn drain(&mut self, id: &str, why: &str) {
         let subject = heartbeat::control_subject(self.client.prefix(), id);
         let request = async_nats::Request::new()
             .payload("drain".into())
@@ -810,7 +810,7 @@ impl Supervisor {
         let ids: Vec<String> = self.managed.keys().cloned().collect();
         for id in &ids {
             if self.managed[id].draining_since.is_none() {
-                self.drain(id).await;
+                self.drain(id, "supervisor stopping").await;
             }
         }
         let until = Instant::now() + DRAIN_GRACE;

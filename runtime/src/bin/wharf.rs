@@ -502,7 +502,8 @@ async fn status(client: &Client, json: bool) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `wharf events`: prints the supervisors' events as they happen.
+/// `wharf events`: prints the supervisors' events as they happen (times in
+/// UTC).
 async fn events(client: &Client) -> Result<ExitCode, Error> {
     use futures_util::StreamExt;
     let subject = wharf::supervisor::events_subject(client.prefix());
@@ -514,9 +515,13 @@ async fn events(client: &Client) -> Result<ExitCode, Error> {
     })?;
     while let Some(message) = events.next().await {
         if let Ok(event) = serde_json::from_slice::<wharf::supervisor::Event>(&message.payload) {
+            let seconds = event.at_ms / 1000;
             println!(
-                "{} {:<10} {:<16} {:<32} {}",
-                event.at_ms,
+                "{:02}:{:02}:{:02}.{:03} {:<10} {:<16} {:<32} {}",
+                seconds / 3600 % 24,
+                seconds / 60 % 60,
+                seconds % 60,
+                event.at_ms % 1000,
                 event.kind,
                 event.service.unwrap_or_else(|| "-".into()),
                 event.instance.unwrap_or_else(|| "-".into()),
