@@ -799,7 +799,7 @@ impl Supervisor {
             Some(&service),
             "drain",
             Some(id),
-            "scaling down: finishing its calls, then exiting".to_owned(),
+            format!("{why}: finishing its calls, then exiting"),
         )
         .await;
     }
