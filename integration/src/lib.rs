@@ -364,6 +364,65 @@ fn static_nats_server() -> PathBuf {
     }
 }
 
+/// Name and tag of the local worker image of the `svc` binary.
+pub const SVC_IMAGE: &str = "wharf-svc:local";
+
+/// Builds [`SVC_IMAGE`]: `FROM scratch` with the `svc` binary and the
+/// shared libraries it links (found with `ldd`), so the image needs nothing
+/// pulled. `None` (after a visible skip line) when Docker is missing and not
+/// required.
+pub fn svc_image() -> Option<&'static str> {
+    if !docker_available() {
+        assert!(
+            !docker_required(),
+            "Docker is required here (CI or WHARF_REQUIRE_DOCKER is set) but `docker info` fails: start the Docker engine"
+        );
+        eprintln!(
+            "SKIP: Docker is not available; set WHARF_REQUIRE_DOCKER=1 to make this a failure"
+        );
+        return None;
+    }
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(build_svc_image);
+    Some(SVC_IMAGE)
+}
+
+fn build_svc_image() {
+    let binary = svc_binary();
+    let context = std::env::temp_dir().join(format!("wharf-svc-image-{}", std::process::id()));
+    let rootfs = context.join("rootfs");
+    std::fs::create_dir_all(&rootfs).expect("build context");
+    std::fs::copy(&binary, rootfs.join("svc")).expect("copy svc");
+    let ldd = Command::new("ldd").arg(&binary).output().expect("ldd runs");
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or
+        // `/lib64/ld-linux-x86-64.so.2 (0x…)`.
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(path) = path {
+            let target = rootfs.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(target.parent().unwrap()).expect("library folder");
+            std::fs::copy(path, &target).expect("copy a shared library");
+        }
+    }
+    std::fs::write(
+        context.join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nENTRYPOINT [\"/svc\"]\n",
+    )
+    .expect("Dockerfile");
+    let status = Command::new("docker")
+        .args(["build", "-q", "-t", SVC_IMAGE])
+        .arg(&context)
+        .stdout(Stdio::null())
+        .status()
+        .expect("docker build runs");
+    let _ = std::fs::remove_dir_all(&context);
+    assert!(status.success(), "docker build of {SVC_IMAGE} failed");
+}
+
 fn build_nats_image(tag: &str) {
     let binary = static_nats_server();
     let context = std::env::temp_dir().join(format!("wharf-nats-image-{}", std::process::id()));

@@ -12,15 +12,37 @@ use wharf::heartbeat::Heartbeat;
 use wharf::supervisor::Event;
 use wharf::testing::NatsServer;
 use wharf::Client;
-use wharf_integration::{burn, echo_slowly, hang, signal, spawn_svc, svc_binary, WorkerProcess};
+use wharf_integration::{
+    burn, echo_slowly, hang, signal, spawn_svc, svc_binary, svc_image, WorkerProcess, SVC_IMAGE,
+};
+
+/// How the instances run.
+#[derive(Clone, Copy, PartialEq)]
+enum Runs {
+    Processes,
+    Containers,
+}
+
+impl Runs {
+    fn name(self) -> &'static str {
+        match self {
+            Runs::Processes => "process",
+            Runs::Containers => "container",
+        }
+    }
+}
 
 /// A `wharf.toml` for service `itest` served by `svc worker`.
-fn config(dir: &std::path::Path, url: &str, extra: &str) -> std::path::PathBuf {
+fn config(dir: &std::path::Path, url: &str, runs: Runs, extra: &str) -> std::path::PathBuf {
     let path = dir.join("wharf.toml");
-    let text = format!(
-        "[broker]\nurl = \"{url}\"\n\n[[service]]\nname = \"itest\"\ncommand = [\"{}\", \"worker\"]\n{extra}\n",
-        svc_binary().display()
-    );
+    let backend = match runs {
+        Runs::Processes => format!("command = [\"{}\", \"worker\"]", svc_binary().display()),
+        Runs::Containers => {
+            format!("backend = \"docker\"\nimage = \"{SVC_IMAGE}\"\ncommand = [\"worker\"]")
+        }
+    };
+    let text =
+        format!("[broker]\nurl = \"{url}\"\n\n[[service]]\nname = \"itest\"\n{backend}\n{extra}\n");
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -28,16 +50,61 @@ fn config(dir: &std::path::Path, url: &str, extra: &str) -> std::path::PathBuf {
 /// Everything a test starts, stopped when it ends, even on a panic: the
 /// supervisors are asked down, and every worker pid seen is killed.
 struct Scene {
+    runs: Runs,
     server: NatsServer,
     client: Client,
     dir: std::path::PathBuf,
     supervisors: Vec<WorkerProcess>,
-    pids: Arc<Mutex<HashSet<u32>>>,
+    /// Worker processes, or containers, seen in heartbeats.
+    seen: Arc<Mutex<HashSet<Place>>>,
     events: Arc<Mutex<Vec<Event>>>,
 }
 
+/// Where an instance runs.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum Place {
+    Pid(u32),
+    Container(String),
+}
+
+impl Place {
+    fn of(beat: &Heartbeat) -> Place {
+        match &beat.container {
+            Some(name) => Place::Container(name.clone()),
+            None => Place::Pid(beat.pid),
+        }
+    }
+
+    /// SIGKILL, to the process or the container.
+    fn kill(&self) {
+        match self {
+            Place::Pid(pid) => signal(*pid, libc::SIGKILL),
+            Place::Container(name) => {
+                let _ = std::process::Command::new("docker")
+                    .args(["rm", "--force", name])
+                    .output();
+            }
+        }
+    }
+
+    fn alive(&self) -> bool {
+        match self {
+            Place::Pid(pid) => wharf_integration::alive(*pid),
+            Place::Container(name) => std::process::Command::new("docker")
+                .args(["inspect", "--format", "{{.State.Running}}", name])
+                .output()
+                .is_ok_and(|o| o.stdout.starts_with(b"true")),
+        }
+    }
+}
+
 impl Scene {
-    async fn new() -> Scene {
+    /// A scene, or `None` when containers are asked for and Docker is
+    /// missing (and not required).
+    async fn new(runs: Runs) -> Option<Scene> {
+        if runs == Runs::Containers {
+            svc_image()?;
+        }
         let server = NatsServer::start().unwrap();
         let client = Client::connect(&server.url()).await.unwrap();
         let dir = std::env::temp_dir().join(format!("wharf-sup-{}", nuid_like()));
@@ -57,18 +124,19 @@ impl Scene {
             }
         });
         client.nats().flush().await.unwrap();
-        Scene {
+        Some(Scene {
+            runs,
             server,
             client,
             dir,
             supervisors: Vec::new(),
-            pids: Arc::default(),
+            seen: Arc::default(),
             events,
-        }
+        })
     }
 
     fn supervise(&mut self, extra: &str) -> u32 {
-        let path = config(&self.dir, &self.server.url(), extra);
+        let path = config(&self.dir, &self.server.url(), self.runs, extra);
         let supervisor = spawn_svc(&["supervise", path.to_str().unwrap()], &[]);
         let pid = supervisor.pid();
         self.supervisors.push(supervisor);
@@ -82,7 +150,7 @@ impl Scene {
             .into_iter()
             .filter(|b| b.services.iter().any(|s| s == "itest") && !b.draining)
             .collect();
-        self.pids.lock().unwrap().extend(live.iter().map(|b| b.pid));
+        self.seen.lock().unwrap().extend(live.iter().map(Place::of));
         live
     }
 
@@ -135,8 +203,10 @@ impl Scene {
 
 impl Drop for Scene {
     fn drop(&mut self) {
-        for pid in self.pids.lock().unwrap().iter() {
-            signal(*pid, libc::SIGKILL);
+        for place in self.seen.lock().unwrap().iter() {
+            if place.alive() {
+                place.kill();
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -169,7 +239,18 @@ fn the_annotated_example_config_parses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_is_replaced_and_calls_keep_succeeding() {
-    let mut scene = Scene::new().await;
+    killed_and_replaced(Runs::Processes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_container_is_replaced_and_calls_keep_succeeding() {
+    killed_and_replaced(Runs::Containers).await;
+}
+
+async fn killed_and_replaced(runs: Runs) {
+    let Some(mut scene) = Scene::new(runs).await else {
+        return;
+    };
     scene.supervise("min = 2\nmax = 2");
     let first = scene
         .wait_for("2 instances", Duration::from_secs(20), |live| {
@@ -188,7 +269,7 @@ async fn a_killed_worker_is_replaced_and_calls_keep_succeeding() {
         }
     });
     let victim = first[0].clone();
-    signal(victim.pid, libc::SIGKILL);
+    Place::of(&victim).kill();
     let killed = Instant::now();
     let known: HashSet<String> = first.iter().map(|b| b.instance.clone()).collect();
     scene
@@ -198,7 +279,8 @@ async fn a_killed_worker_is_replaced_and_calls_keep_succeeding() {
         .await;
     let replaced = killed.elapsed();
     report(format!(
-        "REPORT kill -9 to replacement heartbeat: {replaced:?}"
+        "REPORT {} SIGKILLed to its replacement's first heartbeat: {replaced:?}",
+        runs.name()
     ));
     assert!(
         replaced < Duration::from_secs(3),
@@ -214,7 +296,7 @@ async fn a_killed_worker_is_replaced_and_calls_keep_succeeding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_worker_is_killed_and_replaced() {
-    let mut scene = Scene::new().await;
+    let mut scene = Scene::new(Runs::Processes).await.unwrap();
     scene.supervise("min = 1\nmax = 1");
     let first = scene
         .wait_for("1 instance", Duration::from_secs(20), |live| {
@@ -245,7 +327,18 @@ async fn a_hung_worker_is_killed_and_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_scales_up_and_back_down_with_no_failed_call() {
-    let mut scene = Scene::new().await;
+    scales_up_and_down(Runs::Processes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_scales_containers_up_and_back_down_with_no_failed_call() {
+    scales_up_and_down(Runs::Containers).await;
+}
+
+async fn scales_up_and_down(runs: Runs) {
+    let Some(mut scene) = Scene::new(runs).await else {
+        return;
+    };
     scene.supervise("min = 1\nmax = 4\nscale_down_after = \"2s\"");
     scene
         .wait_for("1 instance", Duration::from_secs(20), |live| {
@@ -293,7 +386,8 @@ async fn load_scales_up_and_back_down_with_no_failed_call() {
         "removed instances were drained"
     );
     report(format!(
-        "REPORT autoscale: {calls} burn calls, 0 failed; peak {peak} instances; scale events: {:?}",
+        "REPORT autoscale ({}): {calls} burn calls, 0 failed; peak {peak} instances; scale events: {:?}",
+        runs.name(),
         scales.iter().map(|e| e.reason.clone()).collect::<Vec<_>>()
     ));
     scene.down().await;
@@ -301,7 +395,7 @@ async fn load_scales_up_and_back_down_with_no_failed_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_from_a_killed_leader_without_duplicates() {
-    let mut scene = Scene::new().await;
+    let mut scene = Scene::new(Runs::Processes).await.unwrap();
     scene.supervise("min = 2\nmax = 2");
     scene
         .wait_for("2 instances", Duration::from_secs(20), |live| {

@@ -6,7 +6,7 @@
 //! `wharf_supervisor`. Others stand by and take over (adopting the running
 //! instances, not duplicating them) when the lease lapses.
 
-use crate::backend::{Adopted, Backend, Instance, Launch, ProcessBackend};
+use crate::backend::{Adopted, Backend, DockerBackend, Instance, Launch, ProcessBackend};
 use crate::heartbeat::{self, Heartbeat, HEARTBEAT_INTERVAL};
 use crate::scaler::{Decision, Observed, ScalePolicy, Scaler};
 use crate::{Client, Error, ErrorKind};
@@ -62,9 +62,12 @@ pub struct ServiceConfig {
     /// `process` (the default) or `docker`.
     #[serde(default = "default_backend")]
     pub backend: String,
-    /// Process backend: the program and its arguments.
+    /// Process backend: the program and its arguments. Docker backend: the
+    /// arguments after the image (for example `["worker"]`).
     #[serde(default)]
     pub command: Vec<String>,
+    /// Docker backend: a locally built image (nothing is pulled).
+    pub image: Option<String>,
     /// Extra environment for each instance.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -153,6 +156,7 @@ impl ServiceConfig {
             name: name.to_owned(),
             backend: default_backend(),
             command,
+            image: None,
             env: BTreeMap::new(),
             min: default_min(),
             max: default_max(),
@@ -205,10 +209,14 @@ impl ServiceConfig {
     fn backend(&self) -> Result<Box<dyn Backend>, Error> {
         match self.backend.as_str() {
             "process" => Ok(Box::new(ProcessBackend::new(self.command.clone())?)),
+            "docker" => Ok(Box::new(DockerBackend::new(
+                self.image.clone().unwrap_or_default(),
+                self.command.clone(),
+            )?)),
             other => Err(Error::new(
                 ErrorKind::Config,
                 format!(
-                    "wharf.toml, service `{}`: backend `{other}` is not available here; use `process`",
+                    "wharf.toml, service `{}`: unknown backend `{other}`; use `process` or `docker`",
                     self.name
                 ),
             )),
@@ -503,7 +511,7 @@ impl Supervisor {
                 beat.instance.clone(),
                 Managed {
                     service: service.clone(),
-                    instance: Box::new(Adopted::new(beat.instance.clone(), beat.pid, &beat.host)),
+                    instance: Adopted::from_heartbeat(&beat),
                     started: Instant::now(),
                     draining_since: None,
                     misses: 0,

@@ -2,8 +2,10 @@
 //! and reports on it; the supervisor and the scaler never look further, so
 //! another backend (Kubernetes, say) plugs in without touching them.
 
+pub mod docker;
 mod process;
 
+pub use docker::DockerBackend;
 pub use process::ProcessBackend;
 
 use crate::Error;
@@ -53,12 +55,19 @@ pub struct Adopted {
 }
 
 impl Adopted {
-    /// An instance with `id`, process `pid` on host `host`.
-    pub fn new(id: String, pid: u32, host: &str) -> Adopted {
-        Adopted {
-            id,
-            pid,
-            same_host: host == crate::worker::hostname(),
+    /// The instance of a heartbeat: a container when it names one, else
+    /// process `pid` on `host`.
+    pub fn from_heartbeat(beat: &crate::heartbeat::Heartbeat) -> Box<dyn Instance> {
+        match &beat.container {
+            Some(name) => Box::new(docker::Container {
+                id: beat.instance.clone(),
+                name: name.clone(),
+            }),
+            None => Box::new(Adopted {
+                id: beat.instance.clone(),
+                pid: beat.pid,
+                same_host: beat.host == crate::worker::hostname(),
+            }),
         }
     }
 }

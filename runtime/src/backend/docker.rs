@@ -1,0 +1,134 @@
+//! The Docker backend: each instance is a container of a locally built
+//! image, labelled so that `wharf down` and the supervisor touch only their
+//! own. Containers use the host's network, so the supervisor's `NATS_URL`
+//! works inside them unchanged.
+
+use super::{Backend, Instance, Launch};
+use crate::{Error, ErrorKind};
+use std::process::{Command, Stdio};
+
+/// Label every container started by wharf carries.
+pub const MANAGED_LABEL: &str = "wharf.managed";
+
+/// Runs each instance as `docker run <image> <args>`.
+#[derive(Debug, Clone)]
+pub struct DockerBackend {
+    image: String,
+    args: Vec<String>,
+}
+
+impl DockerBackend {
+    /// A backend running `image` (a local tag; nothing is pulled) with
+    /// `args`, for example `["worker"]`.
+    pub fn new(image: String, args: Vec<String>) -> Result<DockerBackend, Error> {
+        if image.trim().is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the docker backend needs an image, for example image = \"myapp:local\"",
+            ));
+        }
+        Ok(DockerBackend { image, args })
+    }
+}
+
+impl Backend for DockerBackend {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn start(&self, launch: &Launch) -> Result<Box<dyn Instance>, Error> {
+        let name = container_name(&launch.instance);
+        let mut command = Command::new("docker");
+        command.args([
+            "run",
+            "--detach",
+            "--rm",
+            "--network",
+            "host",
+            "--name",
+            &name,
+        ]);
+        command.args(["--label", &format!("{MANAGED_LABEL}=1")]);
+        command.args(["--label", &format!("wharf.service={}", launch.service)]);
+        command.args(["--label", &format!("wharf.instance={}", launch.instance)]);
+        for (key, value) in &launch.env {
+            command.args(["--env", &format!("{key}={value}")]);
+        }
+        command.args(["--env", &format!("WHARF_CONTAINER={name}")]);
+        command.arg(&self.image).args(&self.args);
+        let output = command.stdin(Stdio::null()).output().map_err(|e| {
+            Error::new(
+                ErrorKind::Process,
+                format!(
+                    "cannot run docker for service `{}`: {e}; is Docker installed?",
+                    launch.service
+                ),
+            )
+        })?;
+        if !output.status.success() {
+            return Err(Error::new(
+                ErrorKind::Process,
+                format!(
+                    "docker run {} for service `{}` failed: {}",
+                    self.image,
+                    launch.service,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            ));
+        }
+        Ok(Box::new(Container {
+            id: launch.instance.clone(),
+            name,
+        }))
+    }
+}
+
+/// The container name of instance `instance`.
+pub fn container_name(instance: &str) -> String {
+    format!("wharf-{instance}")
+}
+
+/// A container, by name.
+pub(super) struct Container {
+    pub(super) id: String,
+    pub(super) name: String,
+}
+
+impl Instance for Container {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn location(&self) -> String {
+        format!("container {}", self.name)
+    }
+
+    fn alive(&mut self) -> bool {
+        running(&self.name)
+    }
+
+    fn kill(&mut self) {
+        docker(&["kill", &self.name]);
+    }
+
+    fn terminate(&mut self) {
+        docker(&["kill", "--signal", "TERM", &self.name]);
+    }
+}
+
+/// Whether container `name` runs.
+pub(super) fn running(name: &str) -> bool {
+    Command::new("docker")
+        .args(["inspect", "--format", "{{.State.Running}}", name])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"true"))
+}
+
+fn docker(args: &[&str]) {
+    let _ = Command::new("docker")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
