@@ -109,3 +109,41 @@ fn sigkill_of_the_program_still_stops_everything() {
     // No exit hook runs on SIGKILL: the kernel's parent-death signal does it.
     assert_no_orphans(&pids);
 }
+
+/// The live child processes of `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out.retain(|p| alive(*p));
+    out
+}
+
+#[test]
+fn a_killed_local_worker_is_replaced() {
+    let (mut child, pids, _) = start_svc("wait");
+    let victim = pids[0];
+    signal(victim, libc::SIGKILL);
+    // The in-process supervisor notices on its next round and starts
+    // another worker: the program is back to two workers and the server.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = children_of(child.id());
+        if now.len() == 3 && !now.contains(&victim) {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "not replaced: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let everything = children_of(child.id());
+    signal(child.id(), libc::SIGINT);
+    child.wait().unwrap();
+    assert_no_orphans(&everything);
+}

@@ -62,13 +62,63 @@ fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
     })
 }
 
+/// Set once [`stop_all`] began: nothing new is started after it.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process is stopping its children.
+pub(crate) fn stopping() -> bool {
+    STOPPING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Spawns `command` as a child that dies with this process, and tracks it.
 /// Returns its pid.
 pub(crate) async fn spawn(
-    mut command: Command,
+    command: Command,
     role: Role,
     scratch: Option<PathBuf>,
 ) -> io::Result<u32> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    submit(command, Box::new(move |spawned| drop(tx.send(spawned))))?;
+    let child = rx
+        .await
+        .map_err(|_| io::Error::other("the wharf-spawner thread dropped the request"))??;
+    Ok(track(child, role, scratch))
+}
+
+/// [`spawn`] for synchronous callers (a supervisor backend): blocks for the
+/// fork and exec only.
+pub(crate) fn spawn_now(command: Command, role: Role) -> io::Result<u32> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    submit(command, Box::new(move |spawned| drop(tx.send(spawned))))?;
+    let child = rx
+        .recv()
+        .map_err(|_| io::Error::other("the wharf-spawner thread dropped the request"))??;
+    Ok(track(child, role, None))
+}
+
+fn track(child: Child, role: Role, scratch: Option<PathBuf>) -> u32 {
+    let pid = child.id();
+    children().push(Tracked {
+        child,
+        role,
+        scratch,
+    });
+    pid
+}
+
+/// Whether the tracked child `pid` still runs (reaping it if it exited).
+pub(crate) fn running(pid: u32) -> bool {
+    children()
+        .iter_mut()
+        .find(|t| t.child.id() == pid)
+        .is_some_and(|t| matches!(t.child.try_wait(), Ok(None)))
+}
+
+/// Hands `command` to the spawner thread; `done` gets the result there.
+fn submit(mut command: Command, done: Box<dyn FnOnce(io::Result<Child>) + Send>) -> io::Result<()> {
+    if stopping() {
+        return Err(io::Error::other("the program is stopping its children"));
+    }
     let parent = std::process::id();
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe calls (prctl, getppid, _exit).
@@ -84,25 +134,12 @@ pub(crate) async fn spawn(
             Ok(())
         });
     }
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let job: Job = Box::new(move || {
-        let _ = tx.send(command.spawn());
-    });
+    let job: Job = Box::new(move || done(command.spawn()));
     spawner()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .send(job)
-        .map_err(|_| io::Error::other("the wharf-spawner thread is gone"))?;
-    let child = rx
-        .await
-        .map_err(|_| io::Error::other("the wharf-spawner thread dropped the request"))??;
-    let pid = child.id();
-    children().push(Tracked {
-        child,
-        role,
-        scratch,
-    });
-    Ok(pid)
+        .map_err(|_| io::Error::other("the wharf-spawner thread is gone"))
 }
 
 /// A child that has exited, with its status text.
@@ -116,18 +153,21 @@ pub(crate) fn exited(role: Role) -> Option<(u32, String)> {
     None
 }
 
-/// Pids of the tracked children with `role`.
+/// Pids of the running tracked children with `role`.
 pub(crate) fn pids(role: Role) -> Vec<u32> {
     children()
-        .iter()
-        .filter(|t| t.role == role)
-        .map(|t| t.child.id())
+        .iter_mut()
+        .filter_map(|t| {
+            let running = t.role == role && matches!(t.child.try_wait(), Ok(None));
+            running.then(|| t.child.id())
+        })
         .collect()
 }
 
 /// Stops every child: workers first (SIGTERM, so they drain), then the
 /// server; SIGKILL for any that outstays `grace`. Removes scratch dirs.
 pub(crate) fn stop_all(grace: Duration) {
+    STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut list = std::mem::take(&mut *children());
     for role in [Role::Worker, Role::Server] {
         let group: Vec<&mut Tracked> = list.iter_mut().filter(|t| t.role == role).collect();

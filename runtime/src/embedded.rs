@@ -1,6 +1,7 @@
 //! Local mode: with no `NATS_URL`, wharf starts its own nats-server and
 //! worker subprocesses of the current executable.
 
+use crate::backend::{Backend, Instance, Launch};
 use crate::children::{self, Role};
 use crate::{Client, Error, ErrorKind};
 use futures_util::StreamExt;
@@ -154,9 +155,15 @@ pub async fn start_nats_server_on(port: Option<u16>) -> Result<String, Error> {
     }
 }
 
-/// Starts `count` worker subprocesses of the current executable against
-/// `client`'s server and waits until every one serves every function.
-pub(crate) async fn spawn_workers(client: &Client, count: usize) -> Result<Vec<u32>, Error> {
+/// Local mode's workers: the in-process supervisor keeps between `min`
+/// and `max` worker subprocesses of the current executable running (each
+/// serves every function), replacing dead or hung ones and scaling on CPU.
+/// Returns once `min` of them serve.
+pub(crate) async fn supervise_workers(
+    client: &Client,
+    min: usize,
+    max: usize,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
     let exe = std::env::current_exe().map_err(|e| {
         Error::new(
             ErrorKind::Process,
@@ -174,51 +181,123 @@ pub(crate) async fn spawn_workers(client: &Client, count: usize) -> Result<Vec<u
         .flush()
         .await
         .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot flush: {e}")))?;
-    let mut pids = Vec::with_capacity(count);
-    for _ in 0..count {
-        let mut command = Command::new(&exe);
-        command
-            .env("WHARF_ROLE", "worker")
-            .env("NATS_URL", client.url())
-            .env("WHARF_PREFIX", client.prefix())
-            .env("WHARF_READY_SUBJECT", &ready_subject)
-            .env("WHARF_PARENT_PID", std::process::id().to_string())
-            .stdin(Stdio::null());
-        let pid = children::spawn(command, Role::Worker, None)
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Process,
-                    format!("cannot start worker `{}`: {e}", exe.display()),
-                )
-            })?;
-        pids.push(pid);
-    }
+    let name = exe
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| crate::durable::valid_call_id(n.as_bytes()))
+        .unwrap_or_else(|| "local".to_owned());
+    let mut service = crate::supervisor::ServiceConfig::process(&name, Vec::new());
+    service.min = min;
+    service.max = max.max(min);
+    let backend = LocalBackend {
+        exe: exe.clone(),
+        ready_subject,
+    };
+    let supervisor = crate::supervisor::Supervisor::with_backends(
+        client,
+        vec![(service, Box::new(backend) as Box<dyn Backend>)],
+    )
+    .await?
+    .quiet();
+    let task = tokio::spawn(async move {
+        let _ = supervisor.run(std::future::pending()).await;
+    });
     let until = tokio::time::Instant::now() + Duration::from_secs(15);
     let mut ready_count = 0;
-    while ready_count < count {
+    while ready_count < min {
         tokio::select! {
             message = ready.next() => {
                 if message.is_none() {
+                    task.abort();
                     return Err(Error::new(ErrorKind::Connection, "lost the connection to NATS while starting workers"));
                 }
                 ready_count += 1;
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {
                 if let Some((pid, status)) = children::exited(Role::Worker) {
+                    task.abort();
                     return Err(Error::new(
                         ErrorKind::Process,
                         format!("worker pid {pid} exited ({status}) before it was ready; its output is above"),
                     ));
                 }
                 if tokio::time::Instant::now() > until {
+                    task.abort();
                     return Err(Error::new(
                         ErrorKind::Process,
-                        format!("only {ready_count} of {count} workers were ready after 15 s"),
+                        format!("only {ready_count} of {min} workers were ready after 15 s"),
                     ));
                 }
             }
         }
     }
-    Ok(pids)
+    Ok(task)
+}
+
+/// Starts worker subprocesses of this executable that die with it.
+struct LocalBackend {
+    exe: PathBuf,
+    ready_subject: String,
+}
+
+impl Backend for LocalBackend {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn start(&self, launch: &Launch) -> Result<Box<dyn Instance>, Error> {
+        let mut command = Command::new(&self.exe);
+        command
+            .envs(&launch.env)
+            .env("WHARF_READY_SUBJECT", &self.ready_subject)
+            .env("WHARF_PARENT_PID", std::process::id().to_string())
+            .stdin(Stdio::null());
+        let pid = children::spawn_now(command, Role::Worker).map_err(|e| {
+            Error::new(
+                ErrorKind::Process,
+                format!("cannot start worker `{}`: {e}", self.exe.display()),
+            )
+        })?;
+        Ok(Box::new(LocalWorker {
+            id: launch.instance.clone(),
+            pid,
+        }))
+    }
+}
+
+/// A worker subprocess tracked with the other children of local mode.
+struct LocalWorker {
+    id: String,
+    pid: u32,
+}
+
+impl Instance for LocalWorker {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn location(&self) -> String {
+        format!("pid {}", self.pid)
+    }
+
+    fn alive(&mut self) -> bool {
+        // While the program stops its children, exits are expected: none
+        // is to be replaced.
+        children::stopping() || children::running(self.pid)
+    }
+
+    fn kill(&mut self) {
+        signal(self.pid, libc::SIGKILL);
+    }
+
+    fn terminate(&mut self) {
+        signal(self.pid, libc::SIGTERM);
+    }
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a child we track, so the pid still names it.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
 }

@@ -187,16 +187,33 @@ async fn start_local(config: &Config) -> Result<Client, Error> {
     children::stop_on_signals();
     let client = Client::connect(&url).await?;
     if registered().next().is_some() && config.workers > 0 {
-        embedded::spawn_workers(&client, config.workers).await?;
+        let max = std::env::var("WHARF_MAX_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4);
+        let supervisor = embedded::supervise_workers(&client, config.workers, max).await?;
+        *LOCAL_SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = Some(supervisor);
     }
     Ok(client)
 }
+
+/// Local mode's in-process supervisor, stopped before the workers are.
+static LOCAL_SUPERVISOR: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>> =
+    std::sync::Mutex::new(None);
 
 /// Stops what local mode started (workers drain first, then the server).
 /// Runs by itself at exit; call it to stop earlier. The process-wide client
 /// stays set afterwards (pointing at the stopped server), so call it only
 /// when the program is done calling.
 pub async fn shutdown() {
+    // Else it would replace the workers as they stop.
+    if let Some(supervisor) = LOCAL_SUPERVISOR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        supervisor.abort();
+    }
     let _ = tokio::task::spawn_blocking(|| children::stop_all(Duration::from_secs(5))).await;
 }
 

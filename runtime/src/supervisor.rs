@@ -305,12 +305,26 @@ pub struct Supervisor {
     demand: Arc<Mutex<HashSet<String>>>,
     lease: kv::Store,
     lease_revision: Option<u64>,
+    quiet: bool,
 }
 
 impl Supervisor {
     /// A supervisor of `config`'s services, through `client` (whose URL the
     /// instances get as `NATS_URL`).
     pub async fn new(client: &Client, config: &UpConfig) -> Result<Supervisor, Error> {
+        let mut services = Vec::new();
+        for service in &config.services {
+            services.push((service.clone(), service.backend()?));
+        }
+        Supervisor::with_backends(client, services).await
+    }
+
+    /// A supervisor of services whose backends the caller chose (local
+    /// mode runs its workers through its own).
+    pub async fn with_backends(
+        client: &Client,
+        config: Vec<(ServiceConfig, Box<dyn Backend>)>,
+    ) -> Result<Supervisor, Error> {
         let js = jetstream::new(client.nats().clone());
         let lease = match js.get_key_value(LEASE_BUCKET).await {
             Ok(store) => store,
@@ -327,12 +341,12 @@ impl Supervisor {
                 .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot create KV bucket `{LEASE_BUCKET}`: {e}; the supervisor needs JetStream")))?,
         };
         let mut services = BTreeMap::new();
-        for service in &config.services {
+        for (service, backend) in config {
             let policy = service.policy()?;
             services.insert(
                 service.name.clone(),
                 Service {
-                    backend: service.backend()?,
+                    backend,
                     desired: policy.min,
                     policy,
                     config: service.clone(),
@@ -397,7 +411,15 @@ impl Supervisor {
             demand,
             lease,
             lease_revision: None,
+            quiet: false,
         })
+    }
+
+    /// Prints only what a user should hear of (exits, hangs, scaling,
+    /// crash loops), not routine starts and drains: for local mode.
+    pub fn quiet(mut self) -> Supervisor {
+        self.quiet = true;
+        self
     }
 
     /// Whether this supervisor holds the lease.
@@ -850,17 +872,24 @@ impl Supervisor {
             instance: instance.map(str::to_owned),
             reason,
         };
-        eprintln!(
-            "wharf up: {} {}{}: {}",
-            event.kind,
-            event.service.as_deref().unwrap_or("-"),
-            event
-                .instance
-                .as_deref()
-                .map(|i| format!(" {i}"))
-                .unwrap_or_default(),
-            event.reason
+        let routine = matches!(
+            kind,
+            "leader" | "start" | "adopt" | "drain" | "drained" | "stop"
         );
+        if !(self.quiet && routine) {
+            eprintln!(
+                "{} {} {}{}: {}",
+                if self.quiet { "wharf:" } else { "wharf up:" },
+                event.kind,
+                event.service.as_deref().unwrap_or("-"),
+                event
+                    .instance
+                    .as_deref()
+                    .map(|i| format!(" {i}"))
+                    .unwrap_or_default(),
+                event.reason
+            );
+        }
         if let Ok(json) = serde_json::to_vec(&event) {
             let _ = self
                 .client

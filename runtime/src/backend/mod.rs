@@ -25,7 +25,7 @@ pub struct Launch {
 }
 
 /// A running instance, as its backend sees it.
-pub trait Instance: Send {
+pub trait Instance: Send + Sync {
     /// Its id.
     fn id(&self) -> &str;
     /// Where it runs, for `wharf status`: a pid or a container id.
