@@ -450,3 +450,71 @@ async fn a_standby_takes_over_from_a_killed_leader_without_duplicates() {
     assert_eq!(scene.events_of("adopt").len(), 2);
     scene.down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_to_zero_and_a_cold_start_on_the_first_call() {
+    let mut scene = Scene::new(Runs::Processes).await.unwrap();
+    scene.supervise("min = 0\nmax = 2\nidle_to_zero = \"2s\"");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(scene.live().await.is_empty(), "min 0 starts nothing");
+    // No worker: the call announces demand, the supervisor starts one, and
+    // the call's retries find it.
+    let started = Instant::now();
+    let reply = echo_slowly::request(5, 1)
+        .client(&scene.client)
+        .send_detailed()
+        .await
+        .expect("a cold start, not a failure");
+    assert_eq!(reply.value, 5);
+    assert!(reply.attempts > 1);
+    report(format!(
+        "REPORT cold start: first call answered after {:?} ({} tries)",
+        started.elapsed(),
+        reply.attempts
+    ));
+    assert!(scene
+        .events_of("scale")
+        .iter()
+        .any(|e| e.reason.contains("cold start")));
+    // Idle for idle_to_zero: back to none.
+    scene
+        .wait_for("scale to zero", Duration::from_secs(20), |live| {
+            live.is_empty()
+        })
+        .await;
+    assert!(scene
+        .events_of("scale")
+        .iter()
+        .any(|e| e.reason.contains("scale to zero")));
+    scene.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_service_is_backed_off_not_restarted_hot() {
+    let mut scene = Scene::new(Runs::Processes).await.unwrap();
+    // A "worker" that exits at once.
+    let path = scene.dir.join("wharf.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[broker]\nurl = \"{}\"\n\n[[service]]\nname = \"doomed\"\ncommand = [\"false\"]\nmin = 1\nmax = 1\n",
+            scene.server.url()
+        ),
+    )
+    .unwrap();
+    scene
+        .supervisors
+        .push(spawn_svc(&["supervise", path.to_str().unwrap()], &[]));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let starts = scene.events_of("start").len();
+    let loops = scene.events_of("crash-loop");
+    assert!(!loops.is_empty(), "a crash loop is reported");
+    // A hot loop would start it every second or faster; with backoff it is
+    // started only a few times in 8 s.
+    assert!(starts <= 6, "{starts} starts in 8 s");
+    report(format!(
+        "REPORT crash loop: {starts} starts in 8 s; {}",
+        loops[0].reason
+    ));
+    scene.down().await;
+}
