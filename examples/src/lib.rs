@@ -1,1 +1,53 @@
-//! x
+//! Helpers shared by the example binaries: what a process costs, read
+//! from /proc, and medians.
+
+/// CPU time (user + system, clock ticks) of each pid, from /proc; 0 for a
+/// pid that is gone.
+pub fn cpu_ticks(pids: &[u32]) -> Vec<u64> {
+    pids.iter()
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // Fields after the parenthesised command name; utime and
+                    // stime are the 12th and 13th of them.
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    let fields: Vec<&str> = rest.split_whitespace().collect();
+                    Some(
+                        fields.get(11)?.parse::<u64>().ok()?
+                            + fields.get(12)?.parse::<u64>().ok()?,
+                    )
+                })
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Resident set size of `pid` in KiB, from /proc; 0 when it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The median of `values` (the upper one for an even count); 0 for none.
+pub fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// Clock ticks per second, for [`cpu_ticks`].
+pub fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}

@@ -27,6 +27,11 @@ pub const LEASE_TTL: Duration = Duration::from_secs(3);
 /// considered hung and replaced.
 pub const MISSES_ALLOWED: u32 = 3;
 
+/// How often the supervisor looks: exits and load are acted on within a
+/// tick; pings and missed heartbeats are counted once per heartbeat
+/// interval.
+pub const TICK: Duration = Duration::from_millis(250);
+
 /// How long a new instance has to send its first heartbeat.
 pub const STARTUP_GRACE: Duration = Duration::from_secs(10);
 
@@ -306,6 +311,7 @@ pub struct Supervisor {
     lease: kv::Store,
     lease_revision: Option<u64>,
     quiet: bool,
+    rounds: u64,
 }
 
 impl Supervisor {
@@ -412,6 +418,7 @@ impl Supervisor {
             lease,
             lease_revision: None,
             quiet: false,
+            rounds: 0,
         })
     }
 
@@ -442,7 +449,7 @@ impl Supervisor {
                 )
             })?;
         tokio::pin!(stop);
-        let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -559,13 +566,17 @@ impl Supervisor {
 
     /// Replaces instances that exited or hang; finishes drains.
     async fn check_health(&mut self) {
+        self.rounds += 1;
+        // Pings and misses once per heartbeat interval, not every tick.
+        let probe =
+            self.rounds % (HEARTBEAT_INTERVAL.as_millis() / TICK.as_millis()).max(1) as u64 == 0;
         let ids: Vec<String> = self.managed.keys().cloned().collect();
         let pings = futures_util::future::join_all(ids.iter().map(|id| {
             let service = &self.managed[id].service;
             let subject = format!("$SRV.PING.{service}.{id}");
             let request = async_nats::Request::new().timeout(Some(Duration::from_millis(500)));
             let nats = self.client.nats().clone();
-            async move { nats.send_request(subject, request).await.is_ok() }
+            async move { !probe || nats.send_request(subject, request).await.is_ok() }
         }))
         .await;
         for (id, answered) in ids.into_iter().zip(pings) {
@@ -622,11 +633,13 @@ impl Supervisor {
             if starting {
                 continue;
             }
-            managed.misses = if stale || !answered {
-                managed.misses + 1
-            } else {
-                0
-            };
+            if probe {
+                managed.misses = if stale || !answered {
+                    managed.misses + 1
+                } else {
+                    0
+                };
+            }
             if managed.misses >= MISSES_ALLOWED {
                 managed.instance.kill();
                 self.managed.remove(&id);

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wharf::testing::NatsServer;
+use wharf_examples::{cpu_ticks, median, rss_kib};
 
 /// The function under test: the same work the raw responder does.
 #[wharf::microservice(service = "bench")]
@@ -489,27 +490,6 @@ where
     Ok(calls as f64 / start.elapsed().as_secs_f64())
 }
 
-/// CPU time (user + system, clock ticks) of each pid, from /proc.
-fn cpu_ticks(pids: &[u32]) -> Vec<u64> {
-    pids.iter()
-        .map(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // Fields after the parenthesised command name; utime and
-                    // stime are the 12th and 13th of them.
-                    let rest = &stat[stat.rfind(')')? + 2..];
-                    let fields: Vec<&str> = rest.split_whitespace().collect();
-                    Some(
-                        fields.get(11)?.parse::<u64>().ok()?
-                            + fields.get(12)?.parse::<u64>().ok()?,
-                    )
-                })
-                .unwrap_or(0)
-        })
-        .collect()
-}
-
 /// CPU microseconds per call of each pid since `before`.
 fn cpu_per_call(before: Vec<u64>, pids: &[u32], calls: usize) -> [f64; 3] {
     let after = cpu_ticks(pids);
@@ -546,12 +526,6 @@ fn record_cpu(
     }
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
-}
-
 fn spawn_worker(url: &str, args: &[&str], env: &[(&str, &str)]) -> std::io::Result<Child> {
     let mut command = Command::new(std::env::current_exe()?);
     command
@@ -585,19 +559,6 @@ async fn wait_until_served(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Resident set size of `pid` in KiB, from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// The baseline: a plain async-nats queue subscriber doing the same decode,
