@@ -35,6 +35,10 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// How long a new instance has to send its first heartbeat.
 pub const STARTUP_GRACE: Duration = Duration::from_secs(10);
 
+/// An instance that exits sooner than this after its start counts towards
+/// a crash loop.
+pub const CRASH_WINDOW: Duration = Duration::from_secs(5);
+
 /// How long a draining instance may take before it is killed.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
@@ -614,8 +618,13 @@ impl Supervisor {
                 continue;
             }
             if !managed.instance.alive() {
+                // Only a start that failed counts towards a crash loop: an
+                // instance that never became ready, or died right after.
+                let failed_start = beat_age.is_none() || managed.started.elapsed() < CRASH_WINDOW;
                 self.managed.remove(&id);
-                self.note_exit(&service);
+                if failed_start {
+                    self.note_exit(&service);
+                }
                 self.event(
                     Some(&service),
                     "exited",

@@ -212,8 +212,9 @@ async fn replacement(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         times.push(killed.elapsed().as_secs_f64() * 1e3);
-        // Let the killed instance's last heartbeat age out.
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // Let the killed instance's last heartbeat age out, and the new one
+        // outlive the supervisor's crash-loop window.
+        tokio::time::sleep(wharf::supervisor::CRASH_WINDOW + Duration::from_secs(1)).await;
     }
     stop_supervisor(client, supervisor).await?;
     Ok(times)
