@@ -48,6 +48,12 @@ pub struct Heartbeat {
     pub calls_per_s: f64,
     /// Mean processing time since the last heartbeat, milliseconds.
     pub mean_ms: f64,
+    /// Median processing time since the last heartbeat, milliseconds
+    /// (a bucket's upper bound, within 25%).
+    pub p50_ms: f64,
+    /// 99th percentile of the processing time since the last heartbeat,
+    /// milliseconds (within 25%).
+    pub p99_ms: f64,
     /// Draining: it takes no new calls and exits when done.
     pub draining: bool,
     /// When it was written, unix milliseconds.
@@ -95,6 +101,7 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
     let mut last_calls = 0;
     let mut last_ns = 0;
     let mut last = std::time::Instant::now();
+    let mut last_latencies = [0u64; crate::histogram::BUCKETS];
     let container = std::env::var("WHARF_CONTAINER").ok();
     loop {
         system.refresh_processes_specifics(
@@ -111,6 +118,18 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
             .iter()
             .map(|e| e.totals())
             .fold((0, 0), |(c, n), (c2, n2)| (c + c2, n + n2));
+        let mut latencies = [0u64; crate::histogram::BUCKETS];
+        for endpoint in &source.endpoints {
+            for (sum, count) in latencies.iter_mut().zip(endpoint.latencies()) {
+                *sum += count;
+            }
+        }
+        let mut recent = latencies;
+        for (now, before) in recent.iter_mut().zip(last_latencies) {
+            *now = now.saturating_sub(before);
+        }
+        last_latencies = latencies;
+        let quantile_ms = |q| crate::histogram::quantile(&recent, q) as f64 / 1e6;
         let elapsed = last.elapsed().as_secs_f64().max(1e-3);
         let new_calls = calls - last_calls;
         let (in_flight, backlog) = (source.load)();
@@ -131,6 +150,8 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
             } else {
                 (ns - last_ns) as f64 / new_calls as f64 / 1e6
             },
+            p50_ms: quantile_ms(0.50),
+            p99_ms: quantile_ms(0.99),
             draining: source.draining.load(std::sync::atomic::Ordering::Relaxed),
             at_ms: crate::context::unix_ms(),
         };

@@ -38,6 +38,7 @@ pub mod durable;
 mod embedded;
 mod error;
 pub mod heartbeat;
+mod histogram;
 mod micro;
 mod retry;
 pub mod scaler;

@@ -482,7 +482,7 @@ async fn status(client: &Client, json: bool) -> Result<ExitCode, Error> {
             None => beat.pid.to_string(),
         };
         println!(
-            "{:<16} {:<32} {:<12} {:<22} {:>6.1} {:>8.1} {:>9} {:>8} {:>9.1} {:>8.3}  {}",
+            "{:<16} {:<32} {:<12} {:<22} {:>6.1} {:>8.1} {:>9} {:>8} {:>9.1} {:>8.3} {:>8.3}  {}",
             beat.services.join(","),
             beat.instance,
             beat.host,
@@ -492,7 +492,8 @@ async fn status(client: &Client, json: bool) -> Result<ExitCode, Error> {
             beat.in_flight,
             beat.backlog,
             beat.calls_per_s,
-            beat.mean_ms,
+            beat.p50_ms,
+            beat.p99_ms,
             if beat.draining { "draining" } else { "ok" }
         );
     }
