@@ -310,6 +310,20 @@ pub fn docker_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Whether Docker can be used; when it cannot, fails if it is required
+/// and otherwise prints a visible skip line.
+fn docker_or_skip() -> bool {
+    if docker_available() {
+        return true;
+    }
+    assert!(
+        !docker_required(),
+        "Docker is required here (CI or WHARF_REQUIRE_DOCKER is set) but `docker info` fails: start the Docker engine"
+    );
+    eprintln!("SKIP: Docker is not available; set WHARF_REQUIRE_DOCKER=1 to make this a failure");
+    false
+}
+
 /// Name and tag of the local NATS image.
 pub const NATS_IMAGE: (&str, &str) = ("wharf-nats", "local");
 
@@ -318,14 +332,7 @@ pub const NATS_IMAGE: (&str, &str) = ("wharf-nats", "local");
 /// Returns `None`, after printing a visible skip line, when Docker is
 /// missing and not required; panics when it is required.
 pub fn nats_image() -> Option<(&'static str, &'static str)> {
-    if !docker_available() {
-        assert!(
-            !docker_required(),
-            "Docker is required here (CI or WHARF_REQUIRE_DOCKER is set) but `docker info` fails: start the Docker engine"
-        );
-        eprintln!(
-            "SKIP: Docker is not available; set WHARF_REQUIRE_DOCKER=1 to make this a failure"
-        );
+    if !docker_or_skip() {
         return None;
     }
     // Built once per test process; Docker's layer cache makes a rebuild of
@@ -372,14 +379,7 @@ pub const SVC_IMAGE: &str = "wharf-svc:local";
 /// pulled. `None` (after a visible skip line) when Docker is missing and not
 /// required.
 pub fn svc_image() -> Option<&'static str> {
-    if !docker_available() {
-        assert!(
-            !docker_required(),
-            "Docker is required here (CI or WHARF_REQUIRE_DOCKER is set) but `docker info` fails: start the Docker engine"
-        );
-        eprintln!(
-            "SKIP: Docker is not available; set WHARF_REQUIRE_DOCKER=1 to make this a failure"
-        );
+    if !docker_or_skip() {
         return None;
     }
     static BUILT: std::sync::Once = std::sync::Once::new();

@@ -922,6 +922,32 @@ impl Supervisor {
     }
 }
 
+/// Runs a supervisor for the `wharf.toml` at `path`, against its
+/// `broker.url`, until SIGTERM or `wharf down`: for programs that embed the
+/// supervisor in a process of their own.
+pub async fn supervise_file(path: &std::path::Path) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let config = UpConfig::load(path)?;
+    let url = config.broker.url.clone().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "{}: set broker.url to the NATS server to supervise through",
+                path.display()
+            ),
+        )
+    })?;
+    let client = Client::connect(&url).await?;
+    let supervisor = Supervisor::new(&client, &config).await?;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;
+    supervisor
+        .run(async move {
+            term.recv().await;
+        })
+        .await
+}
+
 /// The fresh heartbeats of every instance, for `wharf status`.
 pub async fn instances(client: &Client) -> Result<Vec<Heartbeat>, Error> {
     let js = jetstream::new(client.nats().clone());

@@ -182,18 +182,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut ready_ms = Vec::new();
     let mut idle_rss = Vec::new();
     for _ in 0..plan.spawn_samples {
-        let subject = format!("_BENCH.ready.{}", nats.new_inbox());
-        let mut ready = nats.subscribe(subject.clone()).await?;
-        nats.flush().await?;
         let started = Instant::now();
-        let mut fresh = spawn_worker(
-            &url,
-            &[],
-            &[("WHARF_ROLE", "worker"), ("WHARF_READY_SUBJECT", &subject)],
-        )?;
-        tokio::time::timeout(Duration::from_secs(10), ready.next())
-            .await
-            .map_err(|_| "a fresh worker did not report ready within 10 s")?;
+        let mut fresh = spawn_ready_worker(&nats, &url).await?;
         ready_ms.push(started.elapsed().as_secs_f64() * 1e3);
         tokio::time::sleep(Duration::from_millis(500)).await;
         idle_rss.push(rss_kib(fresh.id()) as f64 / 1024.0);
@@ -340,6 +330,25 @@ impl Side {
     }
 }
 
+/// A wharf worker process, returned once it reports ready.
+async fn spawn_ready_worker(
+    nats: &async_nats::Client,
+    url: &str,
+) -> Result<Child, Box<dyn std::error::Error>> {
+    let subject = format!("_BENCH.ready.{}", nats.new_inbox());
+    let mut ready = nats.subscribe(subject.clone()).await?;
+    nats.flush().await?;
+    let child = spawn_worker(
+        url,
+        &[],
+        &[("WHARF_ROLE", "worker"), ("WHARF_READY_SUBJECT", &subject)],
+    )?;
+    tokio::time::timeout(Duration::from_secs(10), ready.next())
+        .await
+        .map_err(|_| "a worker did not report ready within 10 s")?;
+    Ok(child)
+}
+
 /// Time from SIGKILL of the worker holding an idempotent call to the
 /// call's answer from another worker, `samples` times.
 async fn failover(
@@ -348,24 +357,10 @@ async fn failover(
     client: &wharf::Client,
     samples: usize,
 ) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
-    let spawn_ready = |url: String| async move {
-        let subject = format!("_BENCH.ready.{}", nats.new_inbox());
-        let mut ready = nats.subscribe(subject.clone()).await?;
-        nats.flush().await?;
-        let child = spawn_worker(
-            &url,
-            &[],
-            &[("WHARF_ROLE", "worker"), ("WHARF_READY_SUBJECT", &subject)],
-        )?;
-        tokio::time::timeout(Duration::from_secs(10), ready.next())
-            .await
-            .map_err(|_| "a worker did not report ready within 10 s")?;
-        Ok::<Child, Box<dyn std::error::Error>>(child)
-    };
-    let mut other = spawn_ready(url.to_owned()).await?;
+    let mut other = spawn_ready_worker(nats, url).await?;
     let mut times = Vec::new();
     while times.len() < samples {
-        let mut victim = spawn_ready(url.to_owned()).await?;
+        let mut victim = spawn_ready_worker(nats, url).await?;
         let victim_pid = victim.id();
         // Until a call lands on the victim (the other answers at once).
         let held = loop {

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use wharf::supervisor::{Event, UpConfig};
+use wharf::supervisor::Event;
 use wharf::testing::NatsServer;
 use wharf_examples::{cpu_ticks, median, rss_kib, ticks_per_second};
 
@@ -37,7 +37,7 @@ async fn main() -> Fallible<()> {
     let quick = match args.next().as_deref() {
         Some("supervise") => {
             let path = args.next().ok_or("scale_bench supervise <wharf.toml>")?;
-            return supervise(&path).await;
+            return Ok(wharf::supervisor::supervise_file(path.as_ref()).await?);
         }
         Some("--quick") => true,
         None => false,
@@ -97,23 +97,6 @@ async fn main() -> Fallible<()> {
     println!(
         "samples: {kills} kills, {steps} load steps, {watched} instances watched for {watch_for:?}"
     );
-    Ok(())
-}
-
-/// Runs a supervisor for `path` until SIGTERM (in its own process, so its
-/// CPU and memory are its own).
-async fn supervise(path: &str) -> Fallible<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let config = UpConfig::load(path.as_ref())?;
-    let url = config.broker.url.clone().ok_or("broker.url is required")?;
-    let client = wharf::Client::connect(&url).await?;
-    let supervisor = wharf::supervisor::Supervisor::new(&client, &config).await?;
-    let mut term = signal(SignalKind::terminate())?;
-    supervisor
-        .run(async move {
-            term.recv().await;
-        })
-        .await?;
     Ok(())
 }
 

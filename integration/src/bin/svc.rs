@@ -18,7 +18,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let path = std::env::args()
             .nth(2)
             .ok_or("svc supervise <wharf.toml>")?;
-        return supervise(&path).await;
+        return Ok(wharf::supervisor::supervise_file(path.as_ref()).await?);
     }
     wharf::init().await?;
     println!("workers {:?}", wharf::local_workers());
@@ -40,23 +40,4 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         _ => Ok(()),
     }
-}
-
-async fn supervise(path: &str) -> Result<(), Box<dyn std::error::Error>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let config = wharf::supervisor::UpConfig::load(path.as_ref())?;
-    let url = config
-        .broker
-        .url
-        .clone()
-        .ok_or("broker.url is required here")?;
-    let client = wharf::Client::connect(&url).await?;
-    let supervisor = wharf::supervisor::Supervisor::new(&client, &config).await?;
-    let mut term = signal(SignalKind::terminate())?;
-    supervisor
-        .run(async move {
-            term.recv().await;
-        })
-        .await?;
-    Ok(())
 }
