@@ -51,3 +51,14 @@ pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
+
+/// Burns CPU on this thread for `ms` milliseconds; returns how many rounds
+/// it spun (so the work cannot be optimised away).
+pub fn burn_cpu(ms: u64) -> u64 {
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    let mut rounds = 0u64;
+    while std::time::Instant::now() < until {
+        rounds = std::hint::black_box(rounds.wrapping_add(1));
+    }
+    rounds
+}

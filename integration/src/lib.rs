@@ -271,16 +271,7 @@ pub fn signal(pid: u32, signal: i32) {
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
+pub use wharf::backend::process_alive as alive;
 
 /// Waits until none of `pids` is alive; false if some still are at `within`.
 pub fn wait_gone(pids: &[u32], within: Duration) -> bool {

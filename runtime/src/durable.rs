@@ -106,22 +106,14 @@ pub(crate) async fn results_bucket(js: &jetstream::Context) -> Result<kv::Store,
         .filter(|s| *s > 0)
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_RESULTS_TTL);
-    match js.get_key_value(RESULTS_BUCKET).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: RESULTS_BUCKET.to_owned(),
-                description: "wharf: durable call results and idempotency records".to_owned(),
-                history: 1,
-                max_age: ttl,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                jetstream_error(format!("cannot create KV bucket `{RESULTS_BUCKET}`: {e}"))
-            }),
-    }
+    crate::bucket::bucket(
+        js,
+        RESULTS_BUCKET,
+        "wharf: durable call results and idempotency records",
+        ttl,
+        stream::StorageType::File,
+    )
+    .await
 }
 
 /// Creates (or finds) the work-queue stream of `service`.

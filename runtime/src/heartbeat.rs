@@ -3,7 +3,7 @@
 //! the supervisor on `<prefix>._control.<instance>`.
 
 use crate::micro::EndpointStats;
-use crate::{Error, ErrorKind};
+use crate::Error;
 use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -62,25 +62,14 @@ pub struct Heartbeat {
 
 /// Creates (or finds) the heartbeat bucket.
 pub async fn instances_bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
-    match js.get_key_value(INSTANCES_BUCKET).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: INSTANCES_BUCKET.to_owned(),
-                description: "wharf: worker heartbeats".to_owned(),
-                history: 1,
-                max_age: HEARTBEAT_TTL,
-                storage: stream::StorageType::Memory,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot create KV bucket `{INSTANCES_BUCKET}`: {e}"),
-                )
-            }),
-    }
+    crate::bucket::bucket(
+        js,
+        INSTANCES_BUCKET,
+        "wharf: worker heartbeats",
+        HEARTBEAT_TTL,
+        stream::StorageType::Memory,
+    )
+    .await
 }
 
 /// What the heartbeat task reads from the worker.

@@ -30,6 +30,7 @@
 //! such as `io::Result<T>` included, is sent back as one value.
 
 pub mod backend;
+mod bucket;
 mod children;
 mod client;
 pub mod codec;

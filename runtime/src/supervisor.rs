@@ -336,20 +336,14 @@ impl Supervisor {
         config: Vec<(ServiceConfig, Box<dyn Backend>)>,
     ) -> Result<Supervisor, Error> {
         let js = jetstream::new(client.nats().clone());
-        let lease = match js.get_key_value(LEASE_BUCKET).await {
-            Ok(store) => store,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: LEASE_BUCKET.to_owned(),
-                    description: "wharf: the acting supervisor's lease".to_owned(),
-                    history: 1,
-                    max_age: LEASE_TTL,
-                    storage: jetstream::stream::StorageType::Memory,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot create KV bucket `{LEASE_BUCKET}`: {e}; the supervisor needs JetStream")))?,
-        };
+        let lease = crate::bucket::bucket(
+            &js,
+            LEASE_BUCKET,
+            "wharf: the acting supervisor's lease",
+            LEASE_TTL,
+            jetstream::stream::StorageType::Memory,
+        )
+        .await?;
         let mut services = BTreeMap::new();
         for (service, backend) in config {
             let policy = service.policy()?;

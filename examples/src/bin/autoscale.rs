@@ -16,17 +16,12 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Burns CPU for `ms` milliseconds and returns how many rounds it spun.
 #[wharf::microservice(service = "autoscale", idempotent, timeout = "60s")]
 pub fn work(ms: u64) -> u64 {
-    let until = Instant::now() + Duration::from_millis(ms);
-    let mut rounds = 0u64;
-    while Instant::now() < until {
-        rounds = std::hint::black_box(rounds.wrapping_add(1));
-    }
-    rounds
+    wharf_examples::burn_cpu(ms)
 }
 
 #[wharf::main]

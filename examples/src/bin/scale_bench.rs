@@ -21,12 +21,7 @@ use wharf_examples::{cpu_ticks, median, rss_kib, ticks_per_second};
 /// Burns CPU for `ms` milliseconds.
 #[wharf::microservice(service = "scalebench", idempotent, timeout = "60s")]
 pub fn spin(ms: u64) -> u64 {
-    let until = Instant::now() + Duration::from_millis(ms);
-    let mut rounds = 0u64;
-    while Instant::now() < until {
-        rounds = std::hint::black_box(rounds.wrapping_add(1));
-    }
-    rounds
+    wharf_examples::burn_cpu(ms)
 }
 
 type Fallible<T> = Result<T, Box<dyn std::error::Error>>;

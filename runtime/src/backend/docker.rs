@@ -76,10 +76,7 @@ impl Backend for DockerBackend {
                 ),
             ));
         }
-        Ok(Box::new(Container {
-            id: launch.instance.clone(),
-            name,
-        }))
+        Ok(Box::new(Container::new(launch.instance.clone(), name)))
     }
 }
 
@@ -90,8 +87,22 @@ pub fn container_name(instance: &str) -> String {
 
 /// A container, by name.
 pub(super) struct Container {
-    pub(super) id: String,
-    pub(super) name: String,
+    id: String,
+    name: String,
+    /// When `docker inspect` last found it running: the supervisor asks
+    /// every tick, and one `docker` process per container per tick is more
+    /// than a death noticed within a second is worth.
+    seen_running: Option<std::time::Instant>,
+}
+
+impl Container {
+    pub(super) fn new(id: String, name: String) -> Container {
+        Container {
+            id,
+            name,
+            seen_running: None,
+        }
+    }
 }
 
 impl Instance for Container {
@@ -104,10 +115,19 @@ impl Instance for Container {
     }
 
     fn alive(&mut self) -> bool {
-        running(&self.name)
+        let fresh = self
+            .seen_running
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1));
+        if fresh {
+            return true;
+        }
+        let running = running(&self.name);
+        self.seen_running = running.then(std::time::Instant::now);
+        running
     }
 
     fn kill(&mut self) {
+        self.seen_running = None;
         docker(&["kill", &self.name]);
     }
 
@@ -117,7 +137,7 @@ impl Instance for Container {
 }
 
 /// Whether container `name` runs.
-pub(super) fn running(name: &str) -> bool {
+fn running(name: &str) -> bool {
     Command::new("docker")
         .args(["inspect", "--format", "{{.State.Running}}", name])
         .stderr(Stdio::null())

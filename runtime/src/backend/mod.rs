@@ -6,7 +6,7 @@ pub mod docker;
 mod process;
 
 pub use docker::DockerBackend;
-pub use process::ProcessBackend;
+pub use process::{alive as process_alive, ProcessBackend};
 
 use crate::Error;
 use std::collections::BTreeMap;
@@ -59,10 +59,7 @@ impl Adopted {
     /// process `pid` on `host`.
     pub fn from_heartbeat(beat: &crate::heartbeat::Heartbeat) -> Box<dyn Instance> {
         match &beat.container {
-            Some(name) => Box::new(docker::Container {
-                id: beat.instance.clone(),
-                name: name.clone(),
-            }),
+            Some(name) => Box::new(docker::Container::new(beat.instance.clone(), name.clone())),
             None => Box::new(Adopted {
                 id: beat.instance.clone(),
                 pid: beat.pid,

@@ -90,7 +90,7 @@ pub(super) fn signal(pid: u32, signal: i32) {
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie).
-pub(super) fn alive(pid: u32) -> bool {
+pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
             .rsplit(')')
