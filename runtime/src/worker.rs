@@ -28,6 +28,13 @@ use tokio::task::{JoinHandle, JoinSet};
 /// [`Worker::concurrency`] says otherwise.
 pub const DEFAULT_CONCURRENCY: usize = 1024;
 
+/// Calls a draining endpoint may still be sent, beyond those it has taken:
+/// more than can be in flight between the server and the endpoint loop.
+const DRAIN_HEADROOM: u64 = 1024;
+
+/// How long a draining endpoint waits without a call before it leaves.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+
 /// The most calls one worker runs at once (permits are counted in `u32`).
 pub const MAX_CONCURRENCY: usize = 1 << 20;
 
@@ -534,12 +541,23 @@ impl Endpoint {
     ) {
         let endpoint = self;
         let mut stopping = false;
+        // Messages taken from the subscription, for a lossless leave (below).
+        let mut received: u64 = 0;
         // Made once, not per message: this loop is the hot path.
         let stop_signal = stop.changed();
         tokio::pin!(stop_signal);
         loop {
             let message = if stopping {
-                subscriber.next().await
+                // Under load the server's count reaches the limit and the
+                // stream ends; with no load, a quiet spell means nothing is
+                // in flight, and the subscription is dropped outright.
+                match tokio::time::timeout(DRAIN_QUIET, subscriber.next()).await {
+                    Ok(message) => message,
+                    Err(_) => {
+                        let _ = subscriber.unsubscribe().await;
+                        return;
+                    }
+                }
             } else {
                 tokio::select! {
                     // Stop first: under load a message is always ready, and
@@ -547,15 +565,21 @@ impl Endpoint {
                     biased;
                     _ = &mut stop_signal => {
                         stopping = true;
-                        // Drain, not unsubscribe: calls the server routed here before it
-                        // saw the UNSUB still arrive and are served.
-                        let _ = subscriber.drain().await;
+                        // Leave the queue group without losing a call. A
+                        // plain UNSUB (or async-nats's drain) drops the
+                        // subscription at once, and calls the server routed
+                        // here before it saw the UNSUB are thrown away. An
+                        // UNSUB with a message limit makes server and client
+                        // stop at the same count, so every call the server
+                        // sends still arrives and is served.
+                        let _ = subscriber.unsubscribe_after(received + DRAIN_HEADROOM).await;
                         continue;
                     }
                     message = subscriber.next() => message,
                 }
             };
             let Some(message) = message else { return };
+            received += 1;
             let shared = &endpoint.shared;
             match shared.permits.clone().try_acquire_owned() {
                 Ok(permit) => {
