@@ -38,6 +38,21 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
         }
     };
     let shape = Shape::read(&func)?;
+    match shape.args.iter().filter(|arg| arg.state.is_some()).nth(usize::from(options.stateful)) {
+        Some(arg) if options.stateful => {
+            return Err(syn::Error::new_spanned(
+                &arg.ty,
+                "a stateful function takes at most one `State<S>` argument: gather the state in one type",
+            ))
+        }
+        Some(arg) => {
+            return Err(syn::Error::new_spanned(
+                &arg.ty,
+                "`State<S>` holds a transaction's state: mark the function #[microservice(stateful)]",
+            ))
+        }
+        None => {}
+    }
     let ident = func.sig.ident.unraw().to_string();
     let token_safe = ident
         .chars()
@@ -55,6 +70,9 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
 struct Arg {
     name: Ident,
     ty: Type,
+    /// `S` of a `State<S>` argument, which the worker supplies from the
+    /// transaction rather than the caller over the wire.
+    state: Option<Type>,
 }
 
 /// What the signature says, validated.
@@ -111,10 +129,14 @@ impl Shape {
                             ))
                         }
                     };
-                    check_wire_type(&typed.ty, "argument")?;
+                    let state = state_type(&typed.ty);
+                    if state.is_none() {
+                        check_wire_type(&typed.ty, "argument")?;
+                    }
                     args.push(Arg {
                         name,
                         ty: (*typed.ty).clone(),
+                        state,
                     });
                 }
             }
@@ -209,6 +231,25 @@ fn check_wire_type(ty: &Type, position: &str) -> syn::Result<()> {
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// `S` of an argument typed `State<S>` (`wharf::State<S>` or imported).
+fn state_type(ty: &Type) -> Option<Type> {
+    let Type::Path(path) = ty else { return None };
+    if path.qself.is_some() {
+        return None;
+    }
+    let last = path.path.segments.last()?;
+    if last.ident != "State" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(generic) = &last.arguments else {
+        return None;
+    };
+    match generic.args.iter().collect::<Vec<_>>().as_slice() {
+        [GenericArgument::Type(inner)] => Some(inner.clone()),
+        _ => None,
     }
 }
 
@@ -327,6 +368,7 @@ fn signature_text(name: &str, shape: &Shape) -> String {
     let args: Vec<String> = shape
         .args
         .iter()
+        .filter(|arg| arg.state.is_none())
         .map(|arg| format!("{}:{}", arg.name.unraw(), compact(&arg.ty)))
         .collect();
     format!("{name}({})->{}", args.join(","), compact(&shape.ret))
@@ -356,8 +398,25 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
     let client = Ident::new("__wharf_client", Span::call_site());
     let incoming = Ident::new("__wharf_incoming", Span::call_site());
 
-    let names: Vec<&Ident> = shape.args.iter().map(|arg| &arg.name).collect();
-    let types: Vec<&Type> = shape.args.iter().map(|arg| &arg.ty).collect();
+    // What travels on the wire; `State<S>` arguments come from the worker.
+    let wire: Vec<&Arg> = shape
+        .args
+        .iter()
+        .filter(|arg| arg.state.is_none())
+        .collect();
+    let names: Vec<&Ident> = wire.iter().map(|arg| &arg.name).collect();
+    let types: Vec<&Type> = wire.iter().map(|arg| &arg.ty).collect();
+    let all_names: Vec<&Ident> = shape.args.iter().map(|arg| &arg.name).collect();
+    let state_lets: Vec<TokenStream> = shape
+        .args
+        .iter()
+        .filter_map(|arg| {
+            let name = &arg.name;
+            let inner = arg.state.as_ref()?;
+            let span = inner.span();
+            Some(quote_spanned!(span=> let #name = #incoming.state::<#inner>().await?;))
+        })
+        .collect();
     let name_strings: Vec<String> = names.iter().map(|n| n.unraw().to_string()).collect();
     let type_strings: Vec<String> = types
         .iter()
@@ -391,6 +450,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
     let timeout_ms = options.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
     let idempotent = options.idempotent;
     let durable = options.durable;
+    let stateful = options.stateful;
     let attempts = match options.attempts {
         Some(n) => quote!(#n),
         None => quote!(::wharf::RetryPolicy::DEFAULT.attempts),
@@ -418,9 +478,9 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
 
     // Handler: decode, run (off the async threads when sync), encode.
     let run = if is_async {
-        quote!(#local(#(#names),*).await)
+        quote!(#local(#(#all_names),*).await)
     } else {
-        quote!(#incoming.blocking(move || #local(#(#names),*)).await?)
+        quote!(#incoming.blocking(move || #local(#(#all_names),*)).await?)
     };
     let reply = if shape.fallible.is_some() {
         quote! {
@@ -485,6 +545,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
             timeout_ms: #timeout_ms,
             idempotent: #idempotent,
             durable: #durable,
+            stateful: #stateful,
             retry: ::wharf::RetryPolicy {
                 attempts: #attempts,
                 backoff_ms: #backoff_ms,
@@ -501,6 +562,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
         fn #handler(#incoming: ::wharf::__private::Incoming) -> ::wharf::__private::HandlerFuture {
             ::std::boxed::Box::pin(async move {
                 let #args_struct { #(#names),* } = #incoming.decode::<#args_struct>()?;
+                #(#state_lets)*
                 let __wharf_out = #run;
                 #reply
             })

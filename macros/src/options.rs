@@ -18,6 +18,8 @@ pub(crate) struct Options {
     pub idempotent: bool,
     /// Calls go through JetStream by default (at-least-once).
     pub durable: bool,
+    /// Calls run in a transaction, on the instance that owns it.
+    pub stateful: bool,
     /// Attempts per call, first one included.
     pub attempts: Option<u32>,
     /// First retry delay bound in milliseconds.
@@ -55,14 +57,27 @@ pub(crate) fn parse(attr: TokenStream) -> syn::Result<Options> {
             options.idempotent = true;
         } else if meta.path.is_ident("durable") {
             options.durable = true;
+        } else if meta.path.is_ident("stateful") {
+            options.stateful = true;
         } else {
             return Err(meta.error(
-                "unknown #[microservice] option; supported: name = \"..\", service = \"..\", timeout = \"5s\", idempotent, durable, attempts = 5, backoff = \"25ms\", max_backoff = \"2s\"",
+                "unknown #[microservice] option; supported: name = \"..\", service = \"..\", timeout = \"5s\", idempotent, durable, stateful, attempts = 5, backoff = \"25ms\", max_backoff = \"2s\"",
             ));
         }
         Ok(())
     });
     parser.parse2(attr)?;
+    if options.stateful && (options.durable || options.idempotent) {
+        let other = if options.durable {
+            "durable"
+        } else {
+            "idempotent"
+        };
+        return Err(syn::Error::new(
+            proc_macro2::Span::call_site(),
+            format!("`stateful` cannot be combined with `{other}`: a stateful call runs on the one instance that owns its transaction, so it is never re-run elsewhere"),
+        ));
+    }
     if let (Some(backoff), Some(max)) = (options.backoff_ms, options.max_backoff_ms) {
         if max < backoff {
             return Err(syn::Error::new(

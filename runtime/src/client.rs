@@ -35,6 +35,8 @@ struct Inner {
     url: String,
     /// Set up on the first durable call.
     durable: tokio::sync::OnceCell<crate::durable::DurableClient>,
+    /// `wharf_txn`, found on the first transaction.
+    txns: tokio::sync::OnceCell<async_nats::jetstream::kv::Store>,
 }
 
 impl Client {
@@ -78,6 +80,7 @@ impl Client {
                 prefix,
                 url: url.into(),
                 durable: tokio::sync::OnceCell::new(),
+                txns: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -90,6 +93,7 @@ impl Client {
                 prefix: prefix.into(),
                 url: self.inner.url.clone(),
                 durable: tokio::sync::OnceCell::new(),
+                txns: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -111,6 +115,10 @@ impl Client {
 
     pub(crate) fn durable_cell(&self) -> &tokio::sync::OnceCell<crate::durable::DurableClient> {
         &self.inner.durable
+    }
+
+    pub(crate) fn txn_cell(&self) -> &tokio::sync::OnceCell<async_nats::jetstream::kv::Store> {
+        &self.inner.txns
     }
 
     /// Encodes one try of a call: for postcard the envelope and the
@@ -166,7 +174,12 @@ impl Client {
                 (payload, Some(headers), 0)
             }
         };
-        let (payload, headers, args_at) = prepared;
+        let (payload, mut headers, args_at) = prepared;
+        if let Some(txn) = &options.txn {
+            headers
+                .get_or_insert_with(HeaderMap::new)
+                .insert(headers::TXN, txn.id());
+        }
         Ok(Prepared {
             payload,
             headers,
@@ -177,8 +190,8 @@ impl Client {
     /// The next try of a prepared call: the same arguments under a new
     /// envelope (postcard) or new `Wharf-Attempt` header (JSON).
     fn next_try(&self, prepared: &Prepared, options: &CallOptions, call: &CallState) -> Prepared {
-        match &prepared.headers {
-            None => {
+        match options.codec {
+            Codec::Postcard => {
                 let (envelope, _) = Envelope::split(&prepared.payload)
                     .expect("a prepared postcard call starts with a valid envelope");
                 let envelope = Envelope {
@@ -191,14 +204,13 @@ impl Client {
                 buffer.extend_from_slice(&prepared.payload[prepared.args_at..]);
                 Prepared {
                     payload: buffer.into(),
-                    headers: None,
+                    headers: prepared.headers.clone(),
                     args_at,
                 }
             }
-            Some(headers) => {
-                let mut headers = headers.clone();
+            Codec::Json => {
+                let mut headers = prepared.headers.clone().unwrap_or_default();
                 headers.insert(headers::ATTEMPT, call.attempt.to_string());
-                debug_assert_eq!(options.codec, Codec::Json);
                 Prepared {
                     payload: prepared.payload.clone(),
                     headers: Some(headers),
@@ -221,7 +233,10 @@ impl Client {
     ) -> Result<(Message, u32), Error> {
         let policy = options.retry.unwrap_or(spec.retry);
         loop {
-            let failure = match self.send(spec, &call, prepared.clone()).await {
+            let failure = match self
+                .send(spec, &call, prepared.clone(), options.txn.as_ref())
+                .await
+            {
                 Ok(message) => match status_code(&message) {
                     // Draining or overloaded: the call did not run here.
                     Some(503) => remote_failure(options.codec, &message)
@@ -231,7 +246,7 @@ impl Client {
                 },
                 Err(error) => error,
             };
-            if failure.kind() == ErrorKind::NoResponders {
+            if failure.kind() == ErrorKind::NoResponders && options.txn.is_none() {
                 // A supervisor that scaled this service to zero starts one
                 // when someone asks for it (cold start).
                 let demand = crate::supervisor::demand_subject(&self.inner.prefix, spec.service);
@@ -256,13 +271,21 @@ impl Client {
     /// While an idempotent call waits, the worker holding it is asked now
     /// and then whether it still runs the call, so a worker that died is
     /// noticed in well under a second instead of at the deadline.
+    ///
+    /// A call in a transaction whose owner is known goes to the owner's own
+    /// subject; the reply that first names the owner is remembered.
     async fn send(
         &self,
         spec: &'static FnSpec,
         call: &CallState,
         prepared: Prepared,
+        txn: Option<&crate::Transaction>,
     ) -> Result<Message, Error> {
-        let subject = spec.subject(&self.inner.prefix);
+        let owner = txn.and_then(crate::Transaction::owner_arc);
+        let subject = match (&owner, txn) {
+            (Some(owner), Some(_)) => crate::txn::instance_subject(&self.inner.prefix, owner, spec),
+            _ => spec.subject(&self.inner.prefix),
+        };
         let timeout = call.deadline.saturating_duration_since(Instant::now());
         if timeout.is_zero() {
             return Err(call.deadline_passed(spec, &subject));
@@ -282,7 +305,19 @@ impl Client {
         } else {
             reply.await
         };
+        if let (Ok(message), Some(txn)) = (&result, txn) {
+            if let Some(named) = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::TXN_OWNER))
+            {
+                txn.set_owner(named.as_str());
+            }
+        }
         result.map_err(|e| match e.kind() {
+            RequestErrorKind::NoResponders if owner.is_some() => {
+                crate::txn::lost(txn.map_or("", |t| t.id()), owner.as_deref().unwrap_or(""))
+            }
             RequestErrorKind::NoResponders => Error::new(
                 ErrorKind::NoResponders,
                 format!("no worker serves `{subject}` ({}): start a worker for service `{}` (`<binary> worker` with NATS_URL set), or check the service and function names", spec.path, spec.service),
@@ -451,6 +486,7 @@ pub struct CallOptions {
     pub(crate) report_instance: bool,
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) durable: Option<bool>,
+    pub(crate) txn: Option<crate::Transaction>,
 }
 
 /// A decoded reply together with what the worker reported about itself.
@@ -622,10 +658,24 @@ impl<A: Serialize, R: Returns> Request<A, R> {
         self
     }
 
+    /// Makes this call in transaction `txn` (a call to a
+    /// `#[microservice(stateful)]` function needs one; see
+    /// [`crate::transaction`]).
+    pub fn transaction(mut self, txn: &crate::Transaction) -> Self {
+        self.options.txn = Some(txn.clone());
+        self
+    }
+
     /// Starts this call durably and returns without waiting for the
     /// result: [`Pending::wait`] collects it, here or, through
     /// `<function>::collect(id)`, in any other process.
     pub async fn start(mut self) -> Result<Pending<R>, Error> {
+        if self.spec.stateful {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("`{}` is stateful: its calls go to the instance that owns the transaction, so they cannot be started durably", self.spec.path),
+            ));
+        }
         let client = match self.client.take() {
             Some(client) => client,
             None => global()?.clone(),
@@ -654,6 +704,21 @@ impl<A: Serialize, R: Returns> Request<A, R> {
             None => global()?.clone(),
         };
         self.options.report_instance = report_instance;
+        if self.spec.stateful {
+            if self.options.txn.is_none() {
+                self.options.txn = crate::txn::current();
+            }
+            if self.options.txn.is_none() {
+                return Err(crate::txn::outside(self.spec).into());
+            }
+            if self.options.durable == Some(true) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("`{}` is stateful: its calls go to the instance that owns the transaction, so they cannot be durable", self.spec.path),
+                )
+                .into());
+            }
+        }
         let call = CallState::new(self.spec, &self.options)?;
         let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
         let (message, codec, attempts) = if self.options.durable.unwrap_or(self.spec.durable) {
@@ -703,7 +768,7 @@ pub async fn call<A: Serialize, R: Returns>(
     spec: &'static FnSpec,
     args: A,
 ) -> Result<R::Value, R::Err> {
-    if spec.durable {
+    if spec.durable || spec.stateful {
         return Request::<A, R>::new(spec, args).client(client).send().await;
     }
     let options = CallOptions::default();

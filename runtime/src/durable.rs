@@ -658,7 +658,7 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         }
     };
     let outcome = tokio::select! {
-        outcome = endpoint.execute(codec, &meta, args, started) => outcome,
+        outcome = endpoint.execute(codec, &meta, args, started, None) => outcome,
         never = keep_claimed => never,
     };
     let (code, headers, body) = match &outcome {

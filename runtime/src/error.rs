@@ -22,8 +22,12 @@ pub enum ErrorKind {
     UnknownFunction,
     /// Caller and worker were built from different signatures (code 409).
     SignatureMismatch,
-    /// The transaction's owning instance is gone (code 410).
+    /// The transaction's owning instance is gone, and its state with it
+    /// (code 410).
     TransactionLost,
+    /// The transaction id is unknown, or its lease expired (code 404,
+    /// kind `unknown_transaction`).
+    UnknownTransaction,
     /// The function returned its own error (code 422); see [`CallError`].
     Application,
     /// The function panicked on the worker (code 500).
@@ -60,6 +64,7 @@ impl ErrorKind {
             ErrorKind::UnknownFunction => 404,
             ErrorKind::SignatureMismatch => 409,
             ErrorKind::TransactionLost => 410,
+            ErrorKind::UnknownTransaction => 404,
             ErrorKind::Application => 422,
             ErrorKind::Panicked => 500,
             ErrorKind::Unavailable => 503,
@@ -89,6 +94,7 @@ impl ErrorKind {
     pub fn from_wire(code: u16, kind: Option<&str>) -> ErrorKind {
         match kind {
             Some("dead_letter") => ErrorKind::DeadLetter,
+            Some("unknown_transaction") => ErrorKind::UnknownTransaction,
             _ => ErrorKind::from_code(code),
         }
     }
@@ -103,6 +109,7 @@ impl ErrorKind {
             ErrorKind::UnknownFunction => "unknown_function",
             ErrorKind::SignatureMismatch => "signature_mismatch",
             ErrorKind::TransactionLost => "transaction_lost",
+            ErrorKind::UnknownTransaction => "unknown_transaction",
             ErrorKind::Application => "application",
             ErrorKind::Panicked => "panicked",
             ErrorKind::Unavailable => "unavailable",
@@ -238,6 +245,10 @@ mod tests {
         assert_eq!(
             ErrorKind::from_wire(500, Some("dead_letter")),
             ErrorKind::DeadLetter
+        );
+        assert_eq!(
+            ErrorKind::from_wire(404, Some("unknown_transaction")),
+            ErrorKind::UnknownTransaction
         );
         assert_eq!(
             ErrorKind::from_wire(500, Some("panicked")),

@@ -54,6 +54,10 @@ pub struct Heartbeat {
     /// 99th percentile of the processing time since the last heartbeat,
     /// milliseconds (within 25%).
     pub p99_ms: f64,
+    /// Open transactions this instance owns (stateful services); a
+    /// draining instance waits for them to end.
+    #[serde(default)]
+    pub transactions: usize,
     /// Draining: it takes no new calls and exits when done.
     pub draining: bool,
     /// When it was written, unix milliseconds.
@@ -73,12 +77,19 @@ pub async fn instances_bucket(js: &jetstream::Context) -> Result<kv::Store, Erro
 }
 
 /// What the heartbeat task reads from the worker.
+/// How busy an instance is right now.
+pub(crate) struct Load {
+    pub(crate) in_flight: usize,
+    pub(crate) backlog: usize,
+    pub(crate) transactions: usize,
+}
+
 pub(crate) struct Source {
     pub(crate) instance: String,
     pub(crate) services: Vec<String>,
     pub(crate) host: String,
     pub(crate) endpoints: Vec<Arc<EndpointStats>>,
-    pub(crate) load: Arc<dyn Fn() -> (usize, usize) + Send + Sync>,
+    pub(crate) load: Arc<dyn Fn() -> Load + Send + Sync>,
     pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -121,7 +132,11 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
         let quantile_ms = |q| crate::histogram::quantile(&recent, q) as f64 / 1e6;
         let elapsed = last.elapsed().as_secs_f64().max(1e-3);
         let new_calls = calls - last_calls;
-        let (in_flight, backlog) = (source.load)();
+        let Load {
+            in_flight,
+            backlog,
+            transactions,
+        } = (source.load)();
         let heartbeat = Heartbeat {
             instance: source.instance.clone(),
             services: source.services.clone(),
@@ -141,6 +156,7 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
             },
             p50_ms: quantile_ms(0.50),
             p99_ms: quantile_ms(0.99),
+            transactions,
             draining: source.draining.load(std::sync::atomic::Ordering::Relaxed),
             at_ms: crate::context::unix_ms(),
         };

@@ -46,6 +46,7 @@ pub mod scaler;
 mod spec;
 pub mod supervisor;
 pub mod testing;
+mod txn;
 pub mod worker;
 
 pub use client::{global as client, Client, Fallible, Plain, Reply, Request, Returns};
@@ -56,6 +57,9 @@ pub use embedded::{nats_server_binary, start_nats_server_on};
 pub use error::{CallError, Error, ErrorKind};
 pub use retry::RetryPolicy;
 pub use spec::{registered, ArgSpec, FnSpec};
+pub use txn::{
+    transaction, valid_txn_id, State, Transaction, DEFAULT_LEASE, QUIESCE_LIMIT, TXN_BUCKET,
+};
 pub use wharf_macros::{main, microservice};
 pub use worker::{RunningWorker, Worker};
 
@@ -78,6 +82,10 @@ pub mod headers {
     pub const SIG: HeaderName = HeaderName::from_static("Wharf-Sig");
     /// Transaction id of a stateful call.
     pub const TXN: HeaderName = HeaderName::from_static("Wharf-Txn");
+    /// Reply header of a stateful call that reached its owner through the
+    /// queue group: the owning instance, whose own subject later calls of
+    /// the transaction go to.
+    pub const TXN_OWNER: HeaderName = HeaderName::from_static("Wharf-Txn-Owner");
     /// `instance`: ask the worker to name itself in [`INSTANCE`].
     pub const REPORT: HeaderName = HeaderName::from_static("Wharf-Report");
     /// Durable calls: the subject the worker replies to.

@@ -40,6 +40,9 @@ pub struct FnSpec {
     pub idempotent: bool,
     /// Called through JetStream by default (`#[microservice(durable)]`).
     pub durable: bool,
+    /// Called inside a transaction and served by the instance that owns it
+    /// (`#[microservice(stateful)]`).
+    pub stateful: bool,
     /// How calls are retried unless a call says otherwise.
     pub retry: crate::RetryPolicy,
     /// A sync function: it runs on the blocking pool, off the async threads.
@@ -101,6 +104,7 @@ impl FnSpec {
             timeout_ms: 30_000,
             idempotent,
             durable: false,
+            stateful: false,
             retry: crate::RetryPolicy::DEFAULT,
             blocking: false,
             version: env!("CARGO_PKG_VERSION"),

@@ -589,6 +589,21 @@ impl Supervisor {
             };
             let service = managed.service.clone();
             if let Some(since) = managed.draining_since {
+                // A stateful instance quiesces: it drains only once its open
+                // transactions end, so it may take longer (bounded).
+                let quiescing = beat_age
+                    .is_some_and(|age| age <= HEARTBEAT_INTERVAL * MISSES_ALLOWED)
+                    && self
+                        .beats
+                        .lock()
+                        .unwrap()
+                        .get(&id)
+                        .is_some_and(|(beat, _)| beat.transactions > 0);
+                let limit = if quiescing {
+                    crate::QUIESCE_LIMIT + DRAIN_GRACE
+                } else {
+                    DRAIN_GRACE
+                };
                 if !managed.instance.alive() {
                     self.managed.remove(&id);
                     self.event(
@@ -598,14 +613,14 @@ impl Supervisor {
                         "finished its calls and exited".to_owned(),
                     )
                     .await;
-                } else if since.elapsed() > DRAIN_GRACE {
+                } else if since.elapsed() > limit {
                     managed.instance.kill();
                     self.managed.remove(&id);
                     self.event(
                         Some(&service),
                         "killed",
                         Some(&id),
-                        format!("still draining after {DRAIN_GRACE:?}"),
+                        format!("still draining after {limit:?}"),
                     )
                     .await;
                 }
@@ -752,9 +767,13 @@ impl Supervisor {
             } else if live.len() > desired {
                 let beats = self.beats.lock().unwrap().clone();
                 let mut candidates = live;
-                // The least busy go first.
-                candidates
-                    .sort_by_key(|id| beats.get(id).map_or(0, |(b, _)| b.in_flight + b.backlog));
+                // The least busy go first; transactions count most, since
+                // an instance holding them cannot leave until they end.
+                candidates.sort_by_key(|id| {
+                    beats
+                        .get(id)
+                        .map_or((0, 0), |(b, _)| (b.transactions, b.in_flight + b.backlog))
+                });
                 for id in candidates
                     .into_iter()
                     .take(self.managed_count(&name) - desired)

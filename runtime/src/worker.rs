@@ -50,6 +50,8 @@ pub struct Incoming {
     spec: &'static FnSpec,
     /// The call's deadline (unix ms, 0 none), inherited by calls it makes.
     deadline_ms: u64,
+    /// The transaction of a stateful call, owned by this instance.
+    txn: Option<Arc<crate::txn::Slot>>,
 }
 
 impl Incoming {
@@ -64,6 +66,15 @@ impl Incoming {
                 ),
             )
         })
+    }
+
+    /// The transaction's state of type `S` (see [`crate::State`]), locked
+    /// for this call.
+    pub async fn state<S: Default + Send + 'static>(&self) -> Result<crate::State<S>, Fault> {
+        match &self.txn {
+            Some(slot) => Ok(slot.state::<S>().await),
+            None => Err(crate::txn::outside(self.spec).into()),
+        }
     }
 
     /// Encodes a successful return value.
@@ -289,6 +300,16 @@ impl Worker {
         } else {
             None
         };
+        let owned = match (by_service.values().flatten().any(|r| r.spec.stateful), jetstream) {
+            (false, _) => None,
+            (true, true) => Some(crate::txn::Owned::new(js.clone(), &instance, &prefix).await?),
+            (true, false) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "this binary serves stateful functions, whose transactions are leased in JetStream KV: start nats-server with JetStream (-js)",
+                ))
+            }
+        };
         let shared = Arc::new(Shared {
             nats: nats.clone(),
             permits: Arc::new(Semaphore::new(self.concurrency)),
@@ -299,8 +320,12 @@ impl Worker {
             running: Mutex::new(HashMap::new()),
             results,
             prefix: prefix.clone(),
+            owned: owned.clone(),
         });
         let (stop, stopped) = watch::channel(false);
+        // Stateful endpoints' own subjects stop later, once their
+        // transactions have ended (quiesce).
+        let (stop_direct, stopped_direct) = watch::channel(false);
         let mut discovery = Vec::new();
         let mut probes = Vec::new();
         let mut tasks = JoinSet::new();
@@ -349,7 +374,19 @@ impl Worker {
                         stopped.clone(),
                     ));
                 }
-                tasks.spawn(endpoint.serve(subscriber, stopped.clone()));
+                if let Some(owned) = &owned {
+                    if spec.stateful {
+                        let direct = crate::txn::instance_subject(&prefix, &owned.instance, spec);
+                        let direct = nats.subscribe(direct.clone()).await.map_err(|e| {
+                            Error::new(
+                                ErrorKind::Connection,
+                                format!("cannot subscribe `{direct}`: {e}"),
+                            )
+                        })?;
+                        tasks.spawn(endpoint.clone().serve(direct, stopped_direct.clone(), true));
+                    }
+                }
+                tasks.spawn(endpoint.serve(subscriber, stopped.clone(), false));
             }
             probes.push(Discovery(
                 answer_probes(&nats, &prefix, service_name, shared.clone()).await?,
@@ -377,6 +414,10 @@ impl Worker {
                 micro::answer_discovery(&nats, Arc::new(info), data).await?,
             ));
         }
+        if let Some(owned) = &owned {
+            probes.push(Discovery(tokio::spawn(owned.clone().keep_leases())));
+            probes.push(Discovery(owned.clone().answer_ends(nats.clone()).await?));
+        }
         let draining = Arc::new(AtomicBool::new(false));
         let (ask_drain, drain_asked) = watch::channel(false);
         let heartbeats = if jetstream {
@@ -387,7 +428,11 @@ impl Worker {
                 services,
                 host: hostname(),
                 endpoints: all_stats,
-                load: Arc::new(move || (load_shared.in_flight(), load_shared.backlog())),
+                load: Arc::new(move || crate::heartbeat::Load {
+                    in_flight: load_shared.in_flight(),
+                    backlog: load_shared.backlog(),
+                    transactions: load_shared.owned.as_ref().map_or(0, |o| o.count()),
+                }),
                 draining: draining.clone(),
             };
             probes.push(Discovery(tokio::spawn(crate::heartbeat::beat(
@@ -427,6 +472,7 @@ impl Worker {
             nats,
             instance,
             stop,
+            stop_direct,
             discovery,
             probes,
             tasks,
@@ -512,6 +558,9 @@ pub(crate) struct Shared {
     pub(crate) results: Option<kv::Store>,
     /// Subject prefix.
     pub(crate) prefix: String,
+    /// The transactions this instance owns, when it serves stateful
+    /// functions.
+    owned: Option<Arc<crate::txn::Owned>>,
 }
 
 impl Shared {
@@ -534,10 +583,13 @@ pub(crate) struct Endpoint {
 impl Endpoint {
     /// Takes calls from `subscriber` until `stop` turns true, then
     /// unsubscribes and still runs every call already delivered.
+    /// `direct`: the subscription is this instance's own subject for the
+    /// transactions it owns, not the queue group.
     async fn serve(
         self: Arc<Self>,
         mut subscriber: async_nats::Subscriber,
         mut stop: watch::Receiver<bool>,
+        direct: bool,
     ) {
         let endpoint = self;
         let mut stopping = false;
@@ -583,7 +635,7 @@ impl Endpoint {
             let shared = &endpoint.shared;
             match shared.permits.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    let call = endpoint.handle(message);
+                    let call = endpoint.handle(message, direct);
                     tokio::spawn(async move {
                         call.await;
                         drop(permit);
@@ -598,7 +650,7 @@ impl Endpoint {
                         tokio::spawn(endpoint.clone().refuse(message));
                         continue;
                     }
-                    let call = endpoint.handle(message);
+                    let call = endpoint.handle(message, direct);
                     let waiting = endpoint.clone();
                     tokio::spawn(async move {
                         let permit = waiting.shared.permits.clone().acquire_owned().await;
@@ -638,10 +690,21 @@ impl Endpoint {
     fn handle(
         self: &Arc<Self>,
         message: async_nats::Message,
+        direct: bool,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        use futures_util::future::Either;
         // One clock read serves the deadline check and the processing time.
         let started = SystemTime::now();
         let reply = message.reply.clone();
+        if self.registration.spec.stateful {
+            // Boxed: the stateless path's task keeps its size.
+            let endpoint = self.clone();
+            return Either::Left(Box::pin(async move {
+                if let Some(reply) = reply {
+                    endpoint.run_stateful(reply, message, direct, started).await;
+                }
+            }));
+        }
         let parts = read_request(&message);
         drop(message);
         let endpoint = self.clone();
@@ -650,12 +713,132 @@ impl Endpoint {
                 endpoint.track(&meta.call_id);
             }
         }
-        async move {
+        Either::Right(async move {
             let Some(reply) = reply else {
                 // A publish, not a request: nobody waits for an answer.
                 return;
             };
             endpoint.run(reply, parts, started).await;
+        })
+    }
+
+    /// A call of a stateful function: runs here when this instance owns
+    /// (or now claims) its transaction, goes to the owner otherwise.
+    async fn run_stateful(
+        &self,
+        reply: async_nats::Subject,
+        message: async_nats::Message,
+        direct: bool,
+        started: SystemTime,
+    ) {
+        let spec = self.registration.spec;
+        let (codec, meta, args) = match read_request(&message) {
+            Ok(parts) => parts,
+            Err((codec, fault)) => return self.respond_fault(reply, codec, fault, started).await,
+        };
+        let owned = self
+            .shared
+            .owned
+            .as_ref()
+            .expect("a worker serving stateful functions owns transactions");
+        let txn = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::TXN))
+            .map(|v| v.as_str());
+        let admitted = match owned.admit(spec, txn).await {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                return self
+                    .respond_fault(reply, codec, error.into(), started)
+                    .await
+            }
+        };
+        let in_use = match admitted {
+            crate::txn::Admitted::Here(in_use) => in_use,
+            crate::txn::Admitted::Forward(owner) => {
+                return self
+                    .forward(reply, message, &owner, codec, &meta, started)
+                    .await
+            }
+        };
+        drop(message);
+        let outcome = self
+            .execute(codec, &meta, args, started, Some(in_use.0.clone()))
+            .await;
+        drop(in_use);
+        // Through the queue group the caller does not know the owner yet:
+        // name it, so the transaction's next calls come straight here.
+        let (code, mut headers, body) = match outcome {
+            Ok(body) => (None, self.reply_headers(codec, &meta), body),
+            Err(fault) => {
+                let (code, headers, body) = fault.answer(codec);
+                (Some((code, fault)), headers, body)
+            }
+        };
+        if !direct {
+            crate::txn::owner_header(&mut headers, &owned.instance);
+        }
+        let _ = self
+            .shared
+            .nats
+            .publish_with_headers(reply, headers, body)
+            .await;
+        match &code {
+            Some((code, fault)) => self.record(started, Some((*code, fault.message()))),
+            None => self.record(started, None),
+        }
+    }
+
+    /// Passes a call of a transaction owned by another instance to that
+    /// instance and relays its answer; when the owner is gone the call
+    /// fails with 410 rather than run here on empty state.
+    async fn forward(
+        &self,
+        reply: async_nats::Subject,
+        message: async_nats::Message,
+        owner: &str,
+        codec: Codec,
+        meta: &CallMeta,
+        started: SystemTime,
+    ) {
+        let spec = self.registration.spec;
+        let subject = crate::txn::instance_subject(&self.shared.prefix, owner, spec);
+        let timeout = meta
+            .deadline_ms
+            .map(|deadline| {
+                Duration::from_millis(deadline.saturating_sub(crate::context::unix_ms()))
+            })
+            .unwrap_or_else(|| spec.timeout());
+        let txn = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::TXN))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let mut request = async_nats::Request::new()
+            .payload(message.payload)
+            .timeout(Some(timeout));
+        if let Some(headers) = message.headers {
+            request = request.headers(headers);
+        }
+        match self.shared.nats.send_request(subject, request).await {
+            Ok(answer) => {
+                let mut headers = answer.headers.unwrap_or_default();
+                crate::txn::owner_header(&mut headers, owner);
+                let _ = self
+                    .shared
+                    .nats
+                    .publish_with_headers(reply, headers, answer.payload)
+                    .await;
+            }
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                let error = crate::txn::lost(&txn, owner);
+                self.respond_fault(reply, codec, error.into(), started)
+                    .await;
+            }
+            // Timed out: the caller's own deadline has passed too.
+            Err(_) => {}
         }
     }
 
@@ -699,7 +882,7 @@ impl Endpoint {
             // Boxed: only idempotent functions pay for this larger future.
             return Box::pin(self.run_idempotent(reply, codec, meta, args, started)).await;
         }
-        let outcome = self.execute(codec, &meta, args, started).await;
+        let outcome = self.execute(codec, &meta, args, started, None).await;
         self.respond(reply, codec, &meta, outcome, started).await;
     }
 
@@ -734,7 +917,7 @@ impl Endpoint {
                 }
             }
         }
-        let outcome = self.execute(codec, &meta, args, started).await;
+        let outcome = self.execute(codec, &meta, args, started, None).await;
         let probed = self.untrack(&meta.call_id);
         if let (Some(key), Ok(body)) = (&key, &outcome) {
             if probed || meta.attempt > 1 {
@@ -762,6 +945,7 @@ impl Endpoint {
         meta: &CallMeta,
         args: Bytes,
         started: SystemTime,
+        txn: Option<Arc<crate::txn::Slot>>,
     ) -> Result<Bytes, Fault> {
         let spec = self.registration.spec;
         admit(spec, meta, started)?;
@@ -771,6 +955,7 @@ impl Endpoint {
             payload: args,
             spec,
             deadline_ms,
+            txn,
         };
         let handler = AssertUnwindSafe((self.registration.handler)(incoming)).catch_unwind();
         crate::context::scope(deadline_ms, handler)
@@ -1018,6 +1203,8 @@ pub struct RunningWorker {
     nats: async_nats::Client,
     instance: String,
     stop: watch::Sender<bool>,
+    /// Stops the stateful endpoints' own subjects, after the quiesce.
+    stop_direct: watch::Sender<bool>,
     discovery: Vec<Discovery>,
     /// Probe answerers, heartbeats, the control subscription: kept through
     /// a drain, since calls still run.
@@ -1055,6 +1242,15 @@ impl RunningWorker {
         let _ = self.stop.send(true);
         // Stop answering discovery: this instance is going away.
         self.discovery.clear();
+        if let Some(owned) = &self.shared.owned {
+            // Quiesce: no new transactions; the open ones keep being served
+            // on this instance's own subjects until they end or expire.
+            tokio::select! {
+                _ = owned.quiesce(crate::txn::QUIESCE_LIMIT) => {}
+                _ = connection_lost(&self.nats) => return,
+            }
+        }
+        let _ = self.stop_direct.send(true);
         let finish = async {
             // Each endpoint loop ends once its buffered requests are
             // dispatched; then every permit returns when its call completes.
@@ -1128,6 +1324,7 @@ mod tests {
         timeout_ms: 1000,
         idempotent: false,
         durable: false,
+        stateful: false,
         retry: crate::RetryPolicy::DEFAULT,
         blocking: false,
         version: "0.1.0",
