@@ -307,6 +307,7 @@ static OLD_ADD: wharf::FnSpec = wharf::FnSpec {
     timeout_ms: 5_000,
     idempotent: false,
     durable: false,
+    stateful: false,
     retry: wharf::RetryPolicy::NONE,
     blocking: false,
     version: "0.0.1",
