@@ -117,6 +117,16 @@ pub async fn hang() {
     }
 }
 
+/// Adds `by` to the transaction's running total after `ms` milliseconds;
+/// returns the total and the pid of the instance holding it.
+#[wharf::microservice(service = "itest", stateful)]
+pub async fn accumulate(by: u64, ms: u64, total: wharf::State<u64>) -> (u64, u32) {
+    let mut total = total;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    *total += by;
+    (*total, std::process::id())
+}
+
 /// KV bucket where [`tally`] counts the runs of each call.
 pub const TALLY_BUCKET: &str = "itest_tally";
 

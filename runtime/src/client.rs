@@ -699,15 +699,11 @@ impl<A: Serialize, R: Returns> Request<A, R> {
     }
 
     async fn dispatch(mut self, report_instance: bool) -> Result<Reply<R::Value>, R::Err> {
-        let client = match self.client.take() {
-            Some(client) => client,
-            None => global()?.clone(),
-        };
         self.options.report_instance = report_instance;
+        if self.spec.stateful && self.options.txn.is_none() {
+            self.options.txn = crate::txn::current();
+        }
         if self.spec.stateful {
-            if self.options.txn.is_none() {
-                self.options.txn = crate::txn::current();
-            }
             if self.options.txn.is_none() {
                 return Err(crate::txn::outside(self.spec).into());
             }
@@ -719,6 +715,11 @@ impl<A: Serialize, R: Returns> Request<A, R> {
                 .into());
             }
         }
+        let client = match (self.client.take(), &self.options.txn) {
+            (Some(client), _) => client,
+            (None, Some(txn)) => txn.client().clone(),
+            (None, None) => global()?.clone(),
+        };
         let call = CallState::new(self.spec, &self.options)?;
         let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
         let (message, codec, attempts) = if self.options.durable.unwrap_or(self.spec.durable) {

@@ -302,7 +302,9 @@ impl Transaction {
             .map(str::to_owned)
     }
 
-    pub(crate) fn client(&self) -> &Client {
+    /// The client this transaction was opened or joined through; its calls
+    /// go through it unless a request names another.
+    pub fn client(&self) -> &Client {
         &self.inner.client
     }
 
