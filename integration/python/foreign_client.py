@@ -47,6 +47,27 @@ async def main(url: str) -> None:
     stored_code = int.from_bytes(stored.value[:2], "big")
     stored_body = json.loads(stored.value[3:])
 
+    # A transaction: open its lease, make the first call through the queue
+    # group, then follow Wharf-Txn-Owner to the owner's own subject; end it.
+    txn = "py-txn-1"
+    await js.publish(
+        "$KV.wharf_txn." + txn, json.dumps({"owner": None, "lease_s": 30}).encode(),
+        headers={"Nats-Expected-Last-Subject-Sequence": "0", "Nats-TTL": "30s"},
+    )
+    txn_headers = {**json_headers, "Wharf-Txn": txn}
+    first = await nc.request("wharf.itest.accumulate", b'{"by": 5, "ms": 0}', timeout=5, headers=txn_headers)
+    owner = first.headers["Wharf-Txn-Owner"]
+    totals = [json.loads(first.data)[0]]
+    for by in (6, 7):
+        later = await nc.request(
+            "wharf._inst." + owner + ".itest.accumulate",
+            json.dumps({"by": by, "ms": 0}).encode(), timeout=5, headers=txn_headers,
+        )
+        totals.append(json.loads(later.data)[0])
+    lease = json.loads((await (await js.key_value("wharf_txn")).get(txn)).value)
+    await nc.request("wharf._inst." + owner + "._end", txn.encode(), timeout=5)
+    after_end = await nc.request("wharf.itest.accumulate", b'{"by": 1, "ms": 0}', timeout=5, headers=txn_headers)
+
     def failure(msg):
         headers = msg.headers or {}
         return {
@@ -66,6 +87,10 @@ async def main(url: str) -> None:
         "postcard": list(postcard.data),
         "durable": durable,
         "durable_stored": [stored_code, stored.value[2], stored_body],
+        "txn_totals": totals,
+        "txn_lease": lease,
+        "txn_owner": owner,
+        "txn_after_end": failure(after_end),
     }))
     await nc.close()
 

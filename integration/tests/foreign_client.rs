@@ -58,4 +58,9 @@ async fn nats_py_calls_a_wharf_service() {
     assert_eq!(seen["postcard"], serde_json::json!([10]));
     assert_eq!(seen["durable"], 42);
     assert_eq!(seen["durable_stored"], serde_json::json!([200, 1, 42]));
+    assert_eq!(seen["txn_totals"], serde_json::json!([5, 11, 18]));
+    assert_eq!(seen["txn_lease"]["owner"], seen["txn_owner"]);
+    assert_eq!(seen["txn_lease"]["service"], "itest");
+    assert_eq!(seen["txn_after_end"]["code"], "404");
+    assert_eq!(seen["txn_after_end"]["body"]["kind"], "unknown_transaction");
 }

@@ -3,6 +3,7 @@
 
 use crate::codec::{
     self, ApplicationErrorBody, Codec, Envelope, ErrorBody, ENVELOPE_VERSION, FLAG_REPORT_INSTANCE,
+    FLAG_TXN,
 };
 use crate::durable::Pending;
 use crate::headers;
@@ -149,10 +150,14 @@ impl Client {
                         FLAG_REPORT_INSTANCE
                     } else {
                         0
-                    },
+                    } | if options.txn.is_some() { FLAG_TXN } else { 0 },
                 };
-                let buffer = postcard::to_extend(&envelope, Vec::with_capacity(64))
+                let mut buffer = postcard::to_extend(&envelope, Vec::with_capacity(64))
                     .map_err(|e| encode_error(e.to_string()))?;
+                if let Some(txn) = &options.txn {
+                    buffer = postcard::to_extend(txn.id().as_bytes(), buffer)
+                        .map_err(|e| encode_error(e.to_string()))?;
+                }
                 let args_at = buffer.len();
                 let buffer =
                     postcard::to_extend(args, buffer).map_err(|e| encode_error(e.to_string()))?;
@@ -175,10 +180,8 @@ impl Client {
             }
         };
         let (payload, mut headers, args_at) = prepared;
-        if let Some(txn) = &options.txn {
-            headers
-                .get_or_insert_with(HeaderMap::new)
-                .insert(headers::TXN, txn.id());
+        if let (Some(txn), Some(headers)) = (&options.txn, &mut headers) {
+            headers.insert(headers::TXN, txn.id());
         }
         Ok(Prepared {
             payload,
@@ -192,7 +195,7 @@ impl Client {
     fn next_try(&self, prepared: &Prepared, options: &CallOptions, call: &CallState) -> Prepared {
         match options.codec {
             Codec::Postcard => {
-                let (envelope, _) = Envelope::split(&prepared.payload)
+                let (envelope, at) = Envelope::split(&prepared.payload)
                     .expect("a prepared postcard call starts with a valid envelope");
                 let envelope = Envelope {
                     attempt: call.attempt,
@@ -200,8 +203,10 @@ impl Client {
                 };
                 let mut buffer =
                     postcard::to_allocvec(&envelope).expect("an envelope always encodes");
-                let args_at = buffer.len();
-                buffer.extend_from_slice(&prepared.payload[prepared.args_at..]);
+                // What follows the envelope (a transaction id, the
+                // arguments) stays as it was.
+                let args_at = buffer.len() + (prepared.args_at - at);
+                buffer.extend_from_slice(&prepared.payload[at..]);
                 Prepared {
                     payload: buffer.into(),
                     headers: prepared.headers.clone(),
@@ -281,10 +286,9 @@ impl Client {
         prepared: Prepared,
         txn: Option<&crate::Transaction>,
     ) -> Result<Message, Error> {
-        let owner = txn.and_then(crate::Transaction::owner_arc);
-        let subject = match (&owner, txn) {
-            (Some(owner), Some(_)) => crate::txn::instance_subject(&self.inner.prefix, owner, spec),
-            _ => spec.subject(&self.inner.prefix),
+        let (owner, subject) = match txn.and_then(|t| t.route(&self.inner.prefix, spec)) {
+            Some((owner, subject)) => (Some(owner), subject),
+            None => (None, spec.subject(&self.inner.prefix)),
         };
         let timeout = call.deadline.saturating_duration_since(Instant::now());
         if timeout.is_zero() {

@@ -111,6 +111,12 @@ pub const ENVELOPE_VERSION: u8 = 1;
 /// `Wharf-Instance` header.
 pub const FLAG_REPORT_INSTANCE: u8 = 1;
 
+/// Envelope flag: a transaction id follows the envelope, as postcard bytes
+/// (a varint length, then the id), before the arguments. Carried here
+/// rather than in a `Wharf-Txn` header for the same reason as the rest of
+/// the envelope.
+pub const FLAG_TXN: u8 = 2;
+
 /// Call metadata in front of the arguments of every postcard request.
 ///
 /// JSON requests carry the same fields as `Wharf-*` headers. Postcard
@@ -157,6 +163,18 @@ impl<'a> Envelope<'a> {
         let (envelope, rest) = postcard::take_from_bytes::<Envelope<'a>>(payload)
             .map_err(|e| format!("malformed wharf envelope: {e}"))?;
         Ok((envelope, payload.len() - rest.len()))
+    }
+
+    /// The transaction id after an envelope with [`FLAG_TXN`] (empty
+    /// without the flag) and where the arguments start; `at` is where the
+    /// envelope ends.
+    pub fn split_txn(&self, payload: &'a [u8], at: usize) -> Result<(&'a [u8], usize), String> {
+        if self.flags & FLAG_TXN == 0 {
+            return Ok((&[], at));
+        }
+        let (txn, rest) = postcard::take_from_bytes::<&[u8]>(&payload[at..])
+            .map_err(|e| format!("malformed transaction id after the wharf envelope: {e}"))?;
+        Ok((txn, payload.len() - rest.len()))
     }
 }
 

@@ -221,7 +221,16 @@ struct TxnInner {
     id: String,
     client: Client,
     /// The owning instance once a reply has named it.
-    owner: Mutex<Option<Arc<str>>>,
+    owner: Mutex<Option<Route>>,
+}
+
+/// Where a transaction's calls go: its owner, and the owner's subject per
+/// function (built once, not per call).
+#[derive(Debug)]
+struct Route {
+    owner: Arc<str>,
+    /// By the address of the function's spec.
+    subjects: Vec<(usize, Subject)>,
 }
 
 tokio::task_local! {
@@ -294,12 +303,8 @@ impl Transaction {
 
     /// The instance that owns this transaction, once a call has found it.
     pub fn owner(&self) -> Option<String> {
-        self.inner
-            .owner
-            .lock()
-            .unwrap()
-            .as_deref()
-            .map(str::to_owned)
+        let route = self.inner.owner.lock().unwrap();
+        route.as_ref().map(|r| r.owner.to_string())
     }
 
     /// The client this transaction was opened or joined through; its calls
@@ -308,14 +313,29 @@ impl Transaction {
         &self.inner.client
     }
 
-    pub(crate) fn owner_arc(&self) -> Option<Arc<str>> {
-        self.inner.owner.lock().unwrap().clone()
+    /// The owner and its subject for `spec`, once the owner is known.
+    pub(crate) fn route(&self, prefix: &str, spec: &'static FnSpec) -> Option<(Arc<str>, Subject)> {
+        let mut route = self.inner.owner.lock().unwrap();
+        let route = route.as_mut()?;
+        let key = spec as *const FnSpec as usize;
+        let subject = match route.subjects.iter().find(|(k, _)| *k == key) {
+            Some((_, subject)) => subject.clone(),
+            None => {
+                let subject = instance_subject(prefix, &route.owner, spec);
+                route.subjects.push((key, subject.clone()));
+                subject
+            }
+        };
+        Some((route.owner.clone(), subject))
     }
 
     pub(crate) fn set_owner(&self, owner: &str) {
-        let mut slot = self.inner.owner.lock().unwrap();
-        if slot.as_deref() != Some(owner) {
-            *slot = Some(Arc::from(owner));
+        let mut route = self.inner.owner.lock().unwrap();
+        if route.as_ref().map(|r| &*r.owner) != Some(owner) {
+            *route = Some(Route {
+                owner: Arc::from(owner),
+                subjects: Vec::new(),
+            });
         }
     }
 

@@ -5,13 +5,16 @@
 //! interleaved rounds: serial latency (p50/p99) and calls/s at 16 and 256
 //! calls in flight. Both sides move the same postcard payload, `(i64, i64)`
 //! in and `i64` out. It also measures a wharf worker's start-to-ready time
-//! and its idle RSS. `--quick` runs a short smoke version.
+//! and its idle RSS, robust-call variants against plain calls, and stateful
+//! calls (in a transaction) against stateless ones. `--quick` runs a short
+//! smoke version, `--focus` only the 256-in-flight throughput, `--stateful`
+//! only the stateful comparison.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use wharf::testing::NatsServer;
 use wharf_examples::{cpu_ticks, median, rss_kib};
@@ -39,6 +42,20 @@ pub async fn stall(pid: u32) -> u32 {
     std::process::id()
 }
 
+/// The same sum as a stateful function: it runs in a transaction, on the
+/// instance that owns it, and counts its calls in the transaction's state.
+#[wharf::microservice(service = "bench", stateful)]
+pub async fn add_stateful(a: i64, b: i64, calls: wharf::State<u64>) -> i64 {
+    let mut calls = calls;
+    *calls += 1;
+    a.wrapping_add(b)
+}
+
+/// Open transactions the stateful calls take turns on: as many as calls in
+/// flight, so calls of one transaction rarely wait for each other.
+static TXNS: OnceLock<Vec<wharf::Transaction>> = OnceLock::new();
+static NEXT_TXN: AtomicUsize = AtomicUsize::new(0);
+
 const RAW_SUBJECT: &str = "raw.bench.add";
 
 struct Plan {
@@ -51,15 +68,17 @@ struct Plan {
 #[wharf::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let (quick, focus) = match args.next().as_deref() {
+    let (quick, focus, stateful_only) = match args.next().as_deref() {
         Some("raw-worker") => return raw_worker().await,
-        Some("--quick") => (true, false),
-        Some("--focus") => (false, true),
-        None => (false, false),
+        Some("--quick") => (true, false, false),
+        Some("--focus") => (false, true, false),
+        Some("--stateful") => (false, true, true),
+        None => (false, false, false),
         Some(other) => {
-            return Err(
-                format!("unknown argument `{other}`; use --quick, --focus or nothing").into(),
+            return Err(format!(
+                "unknown argument `{other}`; use --quick, --focus, --stateful or nothing"
             )
+            .into())
         }
     };
     let plan = if quick {
@@ -91,6 +110,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .call(&nats, &client)
         .await
         .map_err(|e| e.to_string())?;
+    // Transactions for the stateful calls, each claimed by its first call.
+    let mut txns = Vec::new();
+    for _ in 0..256 {
+        let tx = client.transaction().await?;
+        add_stateful::request(1, 1).transaction(&tx).await?;
+        txns.push(tx);
+    }
+    let _ = TXNS.set(txns);
 
     let mut results: Vec<(&str, &str, Vec<f64>)> = Vec::new();
     let mut record = |metric: &'static str, side: &'static str, value: f64| match results
@@ -117,7 +144,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 record("serial p99 (µs)", side.name(), p99);
             }
         }
-        let loads: &[(&'static str, usize)] = if focus {
+        let loads: &[(&'static str, usize)] = if stateful_only {
+            &[]
+        } else if focus {
             &[("calls/s, 256 in flight", 256)]
         } else {
             &[
@@ -139,6 +168,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     measure(side, &nats, &client, plan.parallel_calls, in_flight, &pids).await?;
                 record(metric, side.name(), rate);
                 record_cpu(&mut record, in_flight, side.name(), cpu);
+            }
+        }
+        if !focus || stateful_only {
+            // Stateful calls against the same function stateless.
+            let sides = if round % 2 == 0 {
+                [Side::Wharf, Side::Stateful]
+            } else {
+                [Side::Stateful, Side::Wharf]
+            };
+            for side in sides {
+                let (p50, p99) = serial(plan.serial_calls, || side.call(&nats, &client)).await?;
+                record(STATEFUL_METRICS[0], side.pairing(), p50);
+                record(STATEFUL_METRICS[1], side.pairing(), p99);
+            }
+            for (metric, in_flight) in [(STATEFUL_METRICS[2], 16), (STATEFUL_METRICS[3], 256)] {
+                for side in sides {
+                    let pids = [server.pid(), worker.id(), std::process::id()];
+                    let (rate, cpu) =
+                        measure(side, &nats, &client, plan.parallel_calls, in_flight, &pids)
+                            .await?;
+                    record(metric, side.pairing(), rate);
+                    if in_flight == 256 {
+                        for (name, value) in STATEFUL_CPU.into_iter().zip(cpu) {
+                            record(name, side.pairing(), value);
+                        }
+                    }
+                }
             }
         }
         if !focus {
@@ -171,6 +227,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let busy_rss = rss_kib(worker.id());
     stop(&mut raw);
     stop(&mut worker);
+
+    let of_metric = |metric: &str, side: &str| {
+        results
+            .iter()
+            .find(|(m, s, _)| *m == metric && *s == side)
+            .map(|(_, _, values)| values.clone())
+            .unwrap_or_default()
+    };
+    if !focus || stateful_only {
+        println!("| stateful call (in a transaction) vs stateless | stateless | stateful | stateful / stateless | per-round ratio, min to max |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for metric in STATEFUL_METRICS.into_iter().chain(STATEFUL_CPU) {
+            let (plain, stateful) = (
+                of_metric(metric, "stateless"),
+                of_metric(metric, "stateful"),
+            );
+            let ratios: Vec<f64> = stateful.iter().zip(&plain).map(|(s, p)| s / p).collect();
+            let low = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
+            let high = ratios.iter().cloned().fold(0.0, f64::max);
+            println!(
+                "| {metric} | {:.1} | {:.1} | {:.3} | {low:.3} to {high:.3} |",
+                median(&plain),
+                median(&stateful),
+                median(&stateful) / median(&plain)
+            );
+        }
+        println!();
+        if stateful_only {
+            stop(&mut raw);
+            stop(&mut worker);
+            println!(
+                "rounds: {}, serial calls per round: {}, calls per throughput run: {}, medians over rounds",
+                plan.rounds, plan.serial_calls, plan.parallel_calls
+            );
+            return Ok(());
+        }
+    }
 
     let failover_ms = if focus {
         Vec::new()
@@ -223,13 +316,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!();
         println!("| robust calls, 256 in flight | calls/s | / plain wharf call | per-round ratio, min to max | CPU µs/call, all processes |");
         println!("| --- | ---: | ---: | ---: | ---: |");
-        let of_metric = |metric: &str, side: &str| {
-            results
-                .iter()
-                .find(|(m, s, _)| *m == metric && *s == side)
-                .map(|(_, _, values)| values.clone())
-                .unwrap_or_default()
-        };
         let of = |side: &str| of_metric(ROBUST_METRIC, side);
         let plain = of("wharf");
         for (side, label) in [
@@ -289,6 +375,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 const ROBUST_METRIC: &str = "robust calls/s, 256 in flight";
 const ROBUST_CPU: &str = "robust CPU µs/call, 256 in flight";
+const STATEFUL_CPU: [&str; 3] = [
+    "CPU µs/call at 256 in flight, server",
+    "CPU µs/call at 256 in flight, worker",
+    "CPU µs/call at 256 in flight, caller",
+];
+const STATEFUL_METRICS: [&str; 4] = [
+    "serial p50 (µs)",
+    "serial p99 (µs)",
+    "calls/s, 16 in flight",
+    "calls/s, 256 in flight",
+];
 
 /// The things compared: raw async-nats, and wharf calls of several kinds.
 #[derive(Clone, Copy)]
@@ -299,6 +396,7 @@ enum Side {
     NoRetry,
     Idempotent,
     Durable,
+    Stateful,
 }
 
 impl Side {
@@ -310,6 +408,15 @@ impl Side {
             Side::NoRetry => "no-retry",
             Side::Idempotent => "idempotent",
             Side::Durable => "durable",
+            Side::Stateful => "stateful",
+        }
+    }
+
+    /// Its name in the stateful-against-stateless comparison.
+    fn pairing(self) -> &'static str {
+        match self {
+            Side::Stateful => "stateful",
+            _ => "stateless",
         }
     }
 
@@ -326,6 +433,11 @@ impl Side {
             ),
             Side::Idempotent => check(add_idempotent::call(client, 20, 22).await?),
             Side::Durable => check(add::request(20, 22).client(client).durable(true).await?),
+            Side::Stateful => {
+                let txns = TXNS.get().expect("transactions are opened first");
+                let tx = &txns[NEXT_TXN.fetch_add(1, Ordering::Relaxed) % txns.len()];
+                check(add_stateful::request(20, 22).transaction(tx).await?)
+            }
         }
     }
 }
