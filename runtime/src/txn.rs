@@ -547,7 +547,8 @@ impl Owned {
         self.open.lock().unwrap().len()
     }
 
-    fn local(&self, id: &str) -> Option<InUse> {
+    /// A call of transaction `id` when this instance owns it.
+    pub(crate) fn local(&self, id: &str) -> Option<InUse> {
         self.open.lock().unwrap().get(id).cloned().map(InUse::new)
     }
 

@@ -734,7 +734,9 @@ impl Endpoint {
         let spec = self.registration.spec;
         let (codec, meta, args) = match read_request(&message) {
             Ok(parts) => parts,
-            Err((codec, fault)) => return self.respond_fault(reply, codec, fault, started).await,
+            Err((codec, fault)) => {
+                return Box::pin(self.respond_fault(reply, codec, fault, started)).await
+            }
         };
         let owned = self
             .shared
@@ -746,20 +748,20 @@ impl Endpoint {
             Ok(txn) => Some(txn),
             Err(_) => Some("<not UTF-8>"),
         };
-        let admitted = match owned.admit(spec, txn).await {
-            Ok(admitted) => admitted,
-            Err(error) => {
-                return self
-                    .respond_fault(reply, codec, error.into(), started)
-                    .await
-            }
+        // A transaction owned here is the common case and needs no await;
+        // claims, forwards and faults are boxed, so their large futures do
+        // not make every call's future large.
+        let admitted = match txn.and_then(|id| owned.local(id)) {
+            Some(in_use) => Ok(crate::txn::Admitted::Here(in_use)),
+            None => Box::pin(owned.admit(spec, txn)).await,
         };
         let in_use = match admitted {
-            crate::txn::Admitted::Here(in_use) => in_use,
-            crate::txn::Admitted::Forward(owner) => {
-                return self
-                    .forward(reply, message, &owner, codec, &meta, started)
-                    .await
+            Ok(crate::txn::Admitted::Here(in_use)) => in_use,
+            Ok(crate::txn::Admitted::Forward(owner)) => {
+                return Box::pin(self.forward(reply, message, &owner, codec, &meta, started)).await
+            }
+            Err(error) => {
+                return Box::pin(self.respond_fault(reply, codec, error.into(), started)).await
             }
         };
         drop(message);
