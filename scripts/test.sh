@@ -15,6 +15,8 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 say "demo (quickstart)"
 cargo run -q -p wharf-examples --bin quickstart >/dev/null
+say "stateful example (rate limiter)"
+cargo run -q -p wharf-examples --bin ratelimit >/dev/null
 say "bench smoke run (numbers need --release; see docs/BENCHMARKS.md)"
 cargo run -q -p wharf-examples --bin bench -- --quick >/dev/null
 say "cargo test"
