@@ -97,7 +97,7 @@ pub(crate) async fn start_nats_server() -> Result<String, Error> {
     start_nats_server_on(None).await
 }
 
-/// Starts nats-server as [`start_nats_server`] does, on `port` when given
+/// Starts nats-server as local mode does, on `port` when given
 /// (the `wharf up` default, 4222, so other commands find it) or a free one.
 /// It is stopped when this process exits.
 pub async fn start_nats_server_on(port: Option<u16>) -> Result<String, Error> {

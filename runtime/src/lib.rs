@@ -28,6 +28,11 @@
 //! `Result`) makes `E` the function's own error, returned as
 //! [`CallError::Application`]; any other return type, a one-argument alias
 //! such as `io::Result<T>` included, is sent back as one value.
+//!
+//! A `#[microservice(stateful)]` function may also take one
+//! [`State<S>`](State) argument (`S: Default + Send + 'static`): the state
+//! of the transaction the call belongs to, kept by the instance that owns
+//! it. The caller does not pass it; see [`transaction`].
 
 pub mod backend;
 mod bucket;
