@@ -13,7 +13,8 @@ use wharf::supervisor::Event;
 use wharf::testing::NatsServer;
 use wharf::Client;
 use wharf_integration::{
-    burn, echo_slowly, hang, signal, spawn_svc, svc_binary, svc_image, WorkerProcess, SVC_IMAGE,
+    accumulate, burn, echo_slowly, hang, signal, spawn_svc, svc_binary, svc_image, WorkerProcess,
+    SVC_IMAGE,
 };
 
 /// How the instances run.
@@ -515,6 +516,104 @@ async fn a_crash_looping_service_is_backed_off_not_restarted_hot() {
     report(format!(
         "REPORT crash loop: {starts} starts in 8 s; {}",
         loops[0].reason
+    ));
+    scene.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervised_scale_down_waits_for_open_transactions() {
+    let mut scene = Scene::new(Runs::Processes).await.unwrap();
+    scene.supervise("min = 1\nmax = 3\nscale_down_after = \"2s\"");
+    scene
+        .wait_for("1 instance", Duration::from_secs(20), |live| {
+            live.len() == 1
+        })
+        .await;
+    // Load scales the service up...
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, stop) = (scene.client.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    burn::call(&client, 100).await.expect("no call fails");
+                }
+            })
+        })
+        .collect();
+    scene
+        .wait_for("more instances", Duration::from_secs(30), |live| {
+            live.len() >= 2
+        })
+        .await;
+    // ... transactions open on every instance ...
+    let mut open = Vec::new();
+    for _ in 0..30 {
+        let tx = scene.client.transaction().await.unwrap();
+        let (total, pid) = accumulate::request(1, 0).transaction(&tx).await.unwrap();
+        open.push((tx, pid, total));
+    }
+    let owners: HashSet<u32> = open.iter().map(|(_, pid, _)| *pid).collect();
+    assert!(owners.len() >= 2, "transactions on one instance only");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    // ... and the supervisor scales down while they stay in use, for
+    // longer than the 30 s it gives an ordinary drain.
+    let started = Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < Duration::from_secs(40) {
+        for (tx, pid, total) in &mut open {
+            let (now, served) = accumulate::request(1, 0).transaction(tx).await.unwrap();
+            *total += 1;
+            assert_eq!(
+                (now, served),
+                (*total, *pid),
+                "transaction {} broke",
+                tx.id()
+            );
+        }
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let drains = scene.events_of("drain");
+    assert!(!drains.is_empty(), "the supervisor scaled down");
+    assert!(
+        scene.events_of("killed").is_empty(),
+        "a quiescing instance was killed: {:?}",
+        scene.events_of("killed")
+    );
+    let quiescing: Vec<Heartbeat> = wharf::supervisor::instances(&scene.client)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|b| b.draining && b.transactions > 0)
+        .collect();
+    assert!(
+        !quiescing.is_empty(),
+        "drained instances wait for their transactions"
+    );
+    // Once the transactions end, the drained instances leave.
+    for (tx, _, _) in open {
+        tx.end().await.unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = wharf::supervisor::instances(&scene.client).await.unwrap();
+        if all.iter().all(|b| !b.draining) && all.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "drained instances did not leave: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    report(format!(
+        "REPORT stateful scale-down: {} instances asked to drain kept {} open transactions through {rounds} rounds over 40 s, then left; 0 calls failed",
+        drains.len(),
+        quiescing.iter().map(|b| b.transactions).sum::<usize>()
     ));
     scene.down().await;
 }
