@@ -38,6 +38,11 @@ struct Inner {
     durable: tokio::sync::OnceCell<crate::durable::DurableClient>,
     /// `wharf_txn`, found on the first transaction.
     txns: tokio::sync::OnceCell<async_nats::jetstream::kv::Store>,
+    /// The JetStream object buckets, found on the first object.
+    objects: tokio::sync::OnceCell<crate::objects::JsStores>,
+    /// Payloads larger than this are spilled to the object store; 0 until
+    /// first needed.
+    spill_at: std::sync::atomic::AtomicUsize,
 }
 
 impl Client {
@@ -82,6 +87,8 @@ impl Client {
                 url: url.into(),
                 durable: tokio::sync::OnceCell::new(),
                 txns: tokio::sync::OnceCell::new(),
+                objects: tokio::sync::OnceCell::new(),
+                spill_at: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -95,6 +102,8 @@ impl Client {
                 url: self.inner.url.clone(),
                 durable: tokio::sync::OnceCell::new(),
                 txns: tokio::sync::OnceCell::new(),
+                objects: tokio::sync::OnceCell::new(),
+                spill_at: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -116,6 +125,10 @@ impl Client {
 
     pub(crate) fn durable_cell(&self) -> &tokio::sync::OnceCell<crate::durable::DurableClient> {
         &self.inner.durable
+    }
+
+    pub(crate) fn objects_cell(&self) -> &tokio::sync::OnceCell<crate::objects::JsStores> {
+        &self.inner.objects
     }
 
     pub(crate) fn txn_cell(&self) -> &tokio::sync::OnceCell<async_nats::jetstream::kv::Store> {
@@ -230,6 +243,81 @@ impl Client {
     /// replies other than 503 included; [`Returns`] interprets them) and the
     /// number of tries it took.
     pub(crate) async fn invoke(
+        &self,
+        spec: &'static FnSpec,
+        prepared: Prepared,
+        call: CallState,
+        options: &CallOptions,
+    ) -> Result<(Message, u32), Error> {
+        if prepared.payload.len() > self.spill_at() {
+            return Box::pin(self.invoke_spilled(spec, prepared, call, options)).await;
+        }
+        let (message, attempts) = self.invoke_tries(spec, prepared, call, options).await?;
+        if spilled(&message).is_some() {
+            return Ok((Box::pin(self.unspill_reply(message)).await?, attempts));
+        }
+        Ok((message, attempts))
+    }
+
+    /// Payloads above this many bytes are stored as objects and passed by
+    /// reference: `WHARF_SPILL_BYTES`, or the server's `max_payload` less
+    /// room for headers.
+    pub(crate) fn spill_at(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        let cached = self.inner.spill_at.load(Ordering::Relaxed);
+        if cached != 0 {
+            return cached;
+        }
+        let limit = spill_limit(&self.inner.nats);
+        self.inner.spill_at.store(limit, Ordering::Relaxed);
+        limit
+    }
+
+    /// A call whose arguments are too large for one message: they are
+    /// stored as an object, the request names it (`Wharf-Spill`), and the
+    /// object is deleted once the call is over.
+    async fn invoke_spilled(
+        &self,
+        spec: &'static FnSpec,
+        mut prepared: Prepared,
+        call: CallState,
+        options: &CallOptions,
+    ) -> Result<(Message, u32), Error> {
+        // Kept a while past the deadline even if this process dies first.
+        let ttl = call.deadline.saturating_duration_since(Instant::now()) + SPILL_GRACE;
+        let stored = crate::objects::Objects::new(self)?
+            .store("jetstream")?
+            .ttl(ttl)
+            .put_bytes(prepared.payload.slice(prepared.args_at..))
+            .await?;
+        prepared.payload = prepared.payload.slice(..prepared.args_at);
+        let headers = prepared.headers.get_or_insert_with(HeaderMap::new);
+        headers.insert(headers::SPILL, stored.uri.as_str());
+        headers.insert(headers::SPILL_DIGEST, stored.digest.as_str());
+        let result = self.invoke_tries(spec, prepared, call, options).await;
+        let client = self.clone();
+        tokio::spawn(async move {
+            let _ = stored.delete_with(&client).await;
+        });
+        let (message, attempts) = result?;
+        if spilled(&message).is_some() {
+            return Ok((self.unspill_reply(message).await?, attempts));
+        }
+        Ok((message, attempts))
+    }
+
+    /// A reply whose value was spilled: fetch it, then delete the object.
+    async fn unspill_reply(&self, mut message: Message) -> Result<Message, Error> {
+        let (uri, digest) = spilled(&message).expect("checked by the caller");
+        message.payload = crate::objects::fetch(self, &uri, &digest).await?;
+        let client = self.clone();
+        tokio::spawn(async move {
+            let _ = crate::objects::delete(&client, &uri).await;
+        });
+        Ok(message)
+    }
+
+    async fn invoke_tries(
         &self,
         spec: &'static FnSpec,
         mut prepared: Prepared,
@@ -454,6 +542,32 @@ impl CallState {
             )
         }
     }
+}
+
+/// How long a spilled object outlives the call's deadline.
+const SPILL_GRACE: Duration = Duration::from_secs(60);
+
+/// The spill limit for a connection: `WHARF_SPILL_BYTES`, or the server's
+/// `max_payload` less 8 KiB for headers and the envelope.
+pub(crate) fn spill_limit(nats: &async_nats::Client) -> usize {
+    let max_payload = nats.server_info().max_payload;
+    std::env::var("WHARF_SPILL_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(usize::MAX)
+        .min(max_payload.saturating_sub(8 * 1024).max(1))
+}
+
+/// The object a spilled message names: its URI and digest.
+pub(crate) fn spilled(message: &Message) -> Option<(String, String)> {
+    let headers = message.headers.as_ref()?;
+    let uri = headers.get(headers::SPILL)?.as_str().to_owned();
+    let digest = headers
+        .get(headers::SPILL_DIGEST)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    Some((uri, digest))
 }
 
 /// The status code of an error reply.

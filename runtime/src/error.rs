@@ -52,6 +52,21 @@ pub enum ErrorKind {
     /// it was delivered `max_deliver` times without completing. The call
     /// sits in the dead-letter stream (wire code 500, kind `dead_letter`).
     DeadLetter,
+    /// No object at the reference's URI: never stored, deleted, or
+    /// expired (code 404, kind `object_not_found`).
+    ObjectNotFound,
+    /// An object's bytes do not match its reference's digest (code 500,
+    /// kind `digest_mismatch`).
+    DigestMismatch,
+    /// A reference was read as another type than it was stored as (code
+    /// 400, kind `object_type_mismatch`).
+    ObjectTypeMismatch,
+    /// The object store could not be reached (code 503 from the objects
+    /// service, kind `store_unavailable`).
+    StoreUnavailable,
+    /// A URI or store URL names a scheme or store this process does not
+    /// know (code 400, kind `unsupported_store`).
+    UnsupportedStore,
     /// A reply carried a status code this version does not know.
     Other,
 }
@@ -70,6 +85,11 @@ impl ErrorKind {
             ErrorKind::Unavailable => 503,
             ErrorKind::DeadlineExceeded => 504,
             ErrorKind::DeadLetter => 500,
+            ErrorKind::ObjectNotFound => 404,
+            ErrorKind::DigestMismatch => 500,
+            ErrorKind::ObjectTypeMismatch => 400,
+            ErrorKind::StoreUnavailable => 503,
+            ErrorKind::UnsupportedStore => 400,
             _ => return None,
         })
     }
@@ -95,6 +115,11 @@ impl ErrorKind {
         match kind {
             Some("dead_letter") => ErrorKind::DeadLetter,
             Some("unknown_transaction") => ErrorKind::UnknownTransaction,
+            Some("object_not_found") => ErrorKind::ObjectNotFound,
+            Some("digest_mismatch") => ErrorKind::DigestMismatch,
+            Some("object_type_mismatch") => ErrorKind::ObjectTypeMismatch,
+            Some("store_unavailable") => ErrorKind::StoreUnavailable,
+            Some("unsupported_store") => ErrorKind::UnsupportedStore,
             _ => ErrorKind::from_code(code),
         }
     }
@@ -120,6 +145,11 @@ impl ErrorKind {
             ErrorKind::Process => "process",
             ErrorKind::WorkerLost => "worker_lost",
             ErrorKind::DeadLetter => "dead_letter",
+            ErrorKind::ObjectNotFound => "object_not_found",
+            ErrorKind::DigestMismatch => "digest_mismatch",
+            ErrorKind::ObjectTypeMismatch => "object_type_mismatch",
+            ErrorKind::StoreUnavailable => "store_unavailable",
+            ErrorKind::UnsupportedStore => "unsupported_store",
             ErrorKind::Other => "other",
         }
     }

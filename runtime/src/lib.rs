@@ -46,6 +46,7 @@ mod error;
 pub mod heartbeat;
 mod histogram;
 mod micro;
+pub mod objects;
 mod retry;
 pub mod scaler;
 mod spec;
@@ -60,6 +61,7 @@ pub use context::{deadline, time_left};
 pub use durable::Pending;
 pub use embedded::{nats_server_binary, start_nats_server_on};
 pub use error::{CallError, Error, ErrorKind};
+pub use objects::{put, Blob, ObjectRef};
 pub use retry::RetryPolicy;
 pub use spec::{registered, ArgSpec, FnSpec};
 pub use txn::{
@@ -97,6 +99,11 @@ pub mod headers {
     pub const REPLY: HeaderName = HeaderName::from_static("Wharf-Reply");
     /// Dead-lettered calls: why the call was given up.
     pub const DEAD_REASON: HeaderName = HeaderName::from_static("Wharf-Dead-Reason");
+    /// A spilled payload: the URI of the object holding the arguments
+    /// (request) or the return value (reply), which the payload leaves out.
+    pub const SPILL: HeaderName = HeaderName::from_static("Wharf-Spill");
+    /// The digest of the spilled object.
+    pub const SPILL_DIGEST: HeaderName = HeaderName::from_static("Wharf-Spill-Digest");
     /// Reply header: `<instance id> <pid> <host>` of the serving worker.
     pub const INSTANCE: HeaderName = HeaderName::from_static("Wharf-Instance");
     /// ADR-32 error text.

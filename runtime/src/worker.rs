@@ -32,6 +32,9 @@ pub const DEFAULT_CONCURRENCY: usize = 1024;
 /// more than can be in flight between the server and the endpoint loop.
 const DRAIN_HEADROOM: u64 = 1024;
 
+/// How long a spilled result waits for its caller to read it.
+const SPILLED_RESULT_TTL: Duration = Duration::from_secs(300);
+
 /// How long a draining endpoint waits without a call before it leaves.
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
 
@@ -321,6 +324,8 @@ impl Worker {
             results,
             prefix: prefix.clone(),
             owned: owned.clone(),
+            client: self.client.clone(),
+            spill_at: crate::client::spill_limit(&nats),
         });
         let (stop, stopped) = watch::channel(false);
         // Stateful endpoints' own subjects stop later, once their
@@ -561,6 +566,10 @@ pub(crate) struct Shared {
     /// The transactions this instance owns, when it serves stateful
     /// functions.
     owned: Option<Arc<crate::txn::Owned>>,
+    /// The client, for spilled arguments and results.
+    client: Client,
+    /// Results larger than this are spilled.
+    spill_at: usize,
 }
 
 impl Shared {
@@ -732,7 +741,7 @@ impl Endpoint {
         started: SystemTime,
     ) {
         let spec = self.registration.spec;
-        let (codec, meta, args) = match read_request(&message) {
+        let (codec, mut meta, mut args) = match read_request(&message) {
             Ok(parts) => parts,
             Err((codec, fault)) => {
                 return Box::pin(self.respond_fault(reply, codec, fault, started)).await
@@ -756,6 +765,16 @@ impl Endpoint {
             None => Box::pin(owned.admit(spec, txn)).await,
         };
         let in_use = match admitted {
+            Ok(crate::txn::Admitted::Here(in_use)) if meta.spill.is_some() => {
+                let spilled = meta.spill.take().expect("checked");
+                match Box::pin(self.unspill(&spilled)).await {
+                    Ok(bytes) => args = bytes,
+                    Err(fault) => {
+                        return Box::pin(self.respond_fault(reply, codec, fault, started)).await
+                    }
+                }
+                in_use
+            }
             Ok(crate::txn::Admitted::Here(in_use)) => in_use,
             Ok(crate::txn::Admitted::Forward(owner)) => {
                 return Box::pin(self.forward(reply, message, &owner, codec, &meta, started)).await
@@ -769,6 +788,12 @@ impl Endpoint {
             .execute(codec, &meta, args, started, Some(in_use.0.clone()))
             .await;
         drop(in_use);
+        if let Ok(body) = &outcome {
+            if body.len() > self.shared.spill_at {
+                let body = body.clone();
+                return Box::pin(self.respond_spilled(reply, codec, &meta, body, started)).await;
+            }
+        }
         // Through the queue group the caller does not know the owner yet:
         // name it, so the transaction's next calls come straight here.
         let (code, mut headers, body) = match outcome {
@@ -871,12 +896,20 @@ impl Endpoint {
         started: SystemTime,
     ) {
         let spec = self.registration.spec;
-        let (codec, meta, args) = match parts {
+        let (codec, mut meta, mut args) = match parts {
             Ok(parts) => parts,
             Err((codec, fault)) => {
                 return Box::pin(self.respond_fault(reply, codec, fault, started)).await
             }
         };
+        if let Some(spilled) = meta.spill.take() {
+            match Box::pin(self.unspill(&spilled)).await {
+                Ok(bytes) => args = bytes,
+                Err(fault) => {
+                    return Box::pin(self.respond_fault(reply, codec, fault, started)).await
+                }
+            }
+        }
         if spec.idempotent {
             // Boxed: only idempotent functions pay for this larger future.
             return Box::pin(self.run_idempotent(reply, codec, meta, args, started)).await;
@@ -962,6 +995,59 @@ impl Endpoint {
             .unwrap_or_else(|panic| Err(Fault::panicked(spec, &panic_message(panic.as_ref()))))
     }
 
+    /// The arguments of a spilled call, from the object store.
+    async fn unspill(&self, (uri, digest): &(String, String)) -> Result<Bytes, Fault> {
+        crate::objects::fetch(&self.shared.client, uri, digest)
+            .await
+            .map_err(|e| {
+                let spec = self.registration.spec;
+                Fault::new(
+                    e.kind(),
+                    format!(
+                        "the arguments of `{}.{}` were spilled to `{uri}`, which cannot be read: {}",
+                        spec.service,
+                        spec.name,
+                        e.message()
+                    ),
+                )
+            })
+    }
+
+    /// Replies with a value too large for one message: stored as an
+    /// object, named in `Wharf-Spill`; the caller deletes it once read.
+    async fn respond_spilled(
+        &self,
+        reply: async_nats::Subject,
+        codec: Codec,
+        meta: &CallMeta,
+        body: Bytes,
+        started: SystemTime,
+    ) {
+        let stored = match crate::objects::Objects::new(&self.shared.client)
+            .and_then(|objects| objects.store("jetstream"))
+        {
+            Ok(objects) => objects.ttl(SPILLED_RESULT_TTL).put_bytes(body).await,
+            Err(error) => Err(error),
+        };
+        match stored {
+            Ok(stored) => {
+                let mut headers = self.reply_headers(codec, meta);
+                headers.insert(headers::SPILL, stored.uri.as_str());
+                headers.insert(headers::SPILL_DIGEST, stored.digest.as_str());
+                let _ = self
+                    .shared
+                    .nats
+                    .publish_with_headers(reply, headers, Bytes::new())
+                    .await;
+                self.record(started, None);
+            }
+            Err(error) => {
+                self.respond_fault(reply, codec, error.into(), started)
+                    .await
+            }
+        }
+    }
+
     /// Publishes a call's outcome to `reply`.
     async fn respond(
         &self,
@@ -972,6 +1058,9 @@ impl Endpoint {
         started: SystemTime,
     ) {
         match outcome {
+            Ok(body) if body.len() > self.shared.spill_at => {
+                Box::pin(self.respond_spilled(reply, codec, meta, body, started)).await
+            }
             Ok(body) => {
                 let nats = &self.shared.nats;
                 // A failed publish means the connection is gone; the caller
@@ -1043,6 +1132,9 @@ pub(crate) struct CallMeta {
     pub(crate) attempt: u32,
     /// Transaction id of a stateful call; empty when none.
     pub(crate) txn: Bytes,
+    /// The object holding the arguments, when they were spilled: URI and
+    /// digest.
+    pub(crate) spill: Option<(String, String)>,
 }
 
 /// Reads the codec, the call metadata and the argument bytes of a request.
@@ -1078,6 +1170,7 @@ pub(crate) fn read_request(
                 } else {
                     message.payload.slice_ref(txn)
                 },
+                spill: crate::client::spilled(message),
             };
             Ok((codec, meta, message.payload.slice(at..)))
         }
@@ -1124,6 +1217,7 @@ pub(crate) fn read_request(
                 txn: header(headers::TXN)
                     .map(|id| Bytes::copy_from_slice(id.as_bytes()))
                     .unwrap_or_default(),
+                spill: crate::client::spilled(message),
             };
             Ok((codec, meta, message.payload.clone()))
         }

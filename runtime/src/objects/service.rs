@@ -1,0 +1,397 @@
+//! The object store as a service, `<prefix>.objects.<verb>`, so a client in
+//! any language reads and writes objects with plain requests:
+//!
+//! | verb | request | reply |
+//! | --- | --- | --- |
+//! | `put` | the bytes; headers `Wharf-Object-Type`, `Wharf-Object-Ttl` (s) | the reference, JSON |
+//! | `put` in parts | `Wharf-Upload: <id>` and `Wharf-Part: <n>` per part, then `Wharf-Parts: <count>` with no body | `{"part": n}` per part, then the reference |
+//! | `get` | JSON `{"uri", "digest"?, "offset"?, "length"?}` | the bytes; header `Wharf-Object-Size` |
+//! | `stat` | JSON `{"uri"}` | JSON `{"uri", "size", "digest"}` |
+//! | `delete` | JSON `{"uri"}` | JSON `{"deleted": true}` |
+//!
+//! Errors are ADR-32 headers and a JSON `{kind, message}` body, as for
+//! every wharf call. `docs/protocol.md` has the details.
+
+use super::{jetstream, Blob, ObjectRef, Objects, BYTES_TYPE};
+use crate::{headers, Client, Error, ErrorKind};
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::task::JoinHandle;
+
+/// The service's name: its subjects are `<prefix>.objects.<verb>`.
+pub const SERVICE: &str = "objects";
+
+/// How long uploaded parts wait for their commit.
+const PART_TTL: Duration = Duration::from_secs(3600);
+
+/// How often expired blobs are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// A running object service; dropping it stops serving.
+pub struct ObjectService {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ObjectService {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for ObjectService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ObjectService")
+    }
+}
+
+/// Serves `<prefix>.objects.put/get/stat/delete` through `client` (queue
+/// group `q`, so any number of processes may serve it), and sweeps
+/// expired blobs. `wharf up` runs one.
+pub async fn serve(client: &Client) -> Result<ObjectService, Error> {
+    let objects = Objects::new(client)?;
+    let mut tasks = Vec::new();
+    for verb in ["put", "get", "stat", "delete"] {
+        let subject = format!("{}.{SERVICE}.{verb}", client.prefix());
+        let mut requests = client
+            .nats()
+            .queue_subscribe(subject.clone(), crate::micro::QUEUE_GROUP.into())
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot subscribe `{subject}`: {e}"),
+                )
+            })?;
+        let objects = objects.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(message) = requests.next().await {
+                let objects = objects.clone();
+                tokio::spawn(async move {
+                    let Some(reply) = message.reply.clone() else {
+                        return;
+                    };
+                    let answer = match verb {
+                        "put" => put(&objects, &message).await,
+                        "get" => get(&objects, &message).await,
+                        "stat" => stat(&objects, &message).await,
+                        _ => remove(&objects, &message).await,
+                    };
+                    let (headers, body) = answer.unwrap_or_else(|error| failure(&error));
+                    let _ = objects
+                        .client
+                        .nats()
+                        .publish_with_headers(reply, headers, body)
+                        .await;
+                });
+            }
+        }));
+    }
+    let sweeper = client.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            let _ = jetstream::sweep(&sweeper).await;
+        }
+    }));
+    client.nats().flush().await.map_err(|e| {
+        Error::new(
+            ErrorKind::Connection,
+            format!("cannot confirm subscriptions with NATS: {e}"),
+        )
+    })?;
+    Ok(ObjectService { tasks })
+}
+
+type Answer = Result<(HeaderMap, Bytes), Error>;
+
+fn json(value: &impl serde::Serialize) -> Answer {
+    let mut headers = HeaderMap::new();
+    headers.insert(headers::CONTENT_TYPE, crate::codec::JSON);
+    Ok((
+        headers,
+        serde_json::to_vec(value).unwrap_or_default().into(),
+    ))
+}
+
+fn failure(error: &Error) -> (HeaderMap, Bytes) {
+    let fault = crate::worker::Fault::from(error.clone());
+    let (_, headers, body) = fault.answer(crate::Codec::Json);
+    (headers, body)
+}
+
+fn header<'a>(message: &'a Message, name: &str) -> Option<&'a str> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+}
+
+fn bad(message: String) -> Error {
+    Error::new(ErrorKind::BadRequest, message)
+}
+
+/// A number from a header, or a 400 naming the header.
+fn number(message: &Message, name: &str) -> Result<Option<u64>, Error> {
+    header(message, name)
+        .map(|text| {
+            text.trim().parse().map_err(|_| {
+                bad(format!(
+                    "header {name} must be a whole number, got `{text}`"
+                ))
+            })
+        })
+        .transpose()
+}
+
+async fn put(objects: &Objects, message: &Message) -> Answer {
+    let mut objects = objects.clone();
+    if let Some(ttl) = number(message, "Wharf-Object-Ttl")? {
+        objects = objects.ttl(Duration::from_secs(ttl));
+    }
+    let ty = header(message, "Wharf-Object-Type").unwrap_or(BYTES_TYPE);
+    let Some(upload) = header(message, "Wharf-Upload") else {
+        let stored = objects.put_bytes_as(message.payload.clone(), ty).await?;
+        return json(&stored);
+    };
+    if !crate::valid_txn_id(upload) {
+        return Err(bad(format!(
+            "Wharf-Upload `{upload}` must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'"
+        )));
+    }
+    let store = parts_store(&objects.client).await?;
+    if let Some(part) = number(message, "Wharf-Part")? {
+        store
+            .put_part(upload, part, message.payload.clone())
+            .await?;
+        return json(&serde_json::json!({ "part": part }));
+    }
+    let Some(count) = number(message, "Wharf-Parts")? else {
+        return Err(bad(
+            "a put with Wharf-Upload needs Wharf-Part (one part) or Wharf-Parts (the commit)"
+                .into(),
+        ));
+    };
+    // The parts are read one at a time, in order, into the store.
+    let mut reader = Parts {
+        store: store.clone(),
+        upload: upload.to_owned(),
+        next: 0,
+        count,
+        current: std::io::Cursor::new(Bytes::new()),
+        pending: None,
+    };
+    let stored: ObjectRef<Blob> = objects.put_reader(&mut reader, ty).await?;
+    for part in 0..count {
+        store.delete_part(upload, part).await;
+    }
+    json(&stored)
+}
+
+#[derive(Deserialize)]
+struct Locator {
+    uri: String,
+    #[serde(default)]
+    digest: Option<String>,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    length: Option<u64>,
+}
+
+fn locator(message: &Message) -> Result<Locator, Error> {
+    serde_json::from_slice(&message.payload).map_err(|e| {
+        bad(format!(
+            "the request must be JSON {{\"uri\": .., \"digest\": .. (optional), \"offset\": .., \"length\": ..}}: {e}"
+        ))
+    })
+}
+
+async fn get(objects: &Objects, message: &Message) -> Answer {
+    let request = locator(message)?;
+    let client = &objects.client;
+    let max = client.nats().server_info().max_payload.saturating_sub(4096);
+    let digest = match &request.digest {
+        Some(digest) => digest.clone(),
+        None => stat_of(client, &request.uri).await?.1,
+    };
+    let mut reader = super::open(client, &request.uri, &digest).await?;
+    // Skip to the offset; what is skipped still counts towards the digest.
+    tokio::io::copy(
+        &mut (&mut reader).take(request.offset),
+        &mut tokio::io::sink(),
+    )
+    .await
+    .map_err(|e| super::read_error(&request.uri, e))?;
+    let length = request.length.unwrap_or(max as u64);
+    if length > max as u64 {
+        return Err(bad(format!(
+            "length {length} is more than one reply can carry ({max} bytes): read the object in ranges"
+        )));
+    }
+    let mut body = Vec::new();
+    (&mut reader)
+        .take(length)
+        .read_to_end(&mut body)
+        .await
+        .map_err(|e| super::read_error(&request.uri, e))?;
+    if request.length.is_none() {
+        // The whole object was asked for: it must have ended here, and the
+        // rest is read to check the digest.
+        let mut rest = [0u8; 1];
+        let more = reader
+            .read(&mut rest)
+            .await
+            .map_err(|e| super::read_error(&request.uri, e))?;
+        if more > 0 {
+            return Err(bad(format!(
+                "object `{}` is larger than one reply can carry ({max} bytes): read it in ranges with offset and length",
+                request.uri
+            )));
+        }
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert("Wharf-Object-Offset", request.offset.to_string());
+    Ok((headers, body.into()))
+}
+
+/// Size and digest of the object at `uri`.
+async fn stat_of(client: &Client, uri: &str) -> Result<(u64, String), Error> {
+    match super::locate(uri)? {
+        super::Location::Blob(key) => {
+            let (size, digest, _) = jetstream::stat_blob(client, uri, key).await?;
+            Ok((size, digest))
+        }
+        super::Location::Inline(key) => {
+            let bytes = jetstream::get_inline(client, uri, key).await?;
+            Ok((bytes.len() as u64, super::digest_of(&bytes)))
+        }
+        super::Location::External => {
+            // No digest is kept beside the object: hash it.
+            let reader = super::external::get(uri).await?;
+            let mut hashing = super::Hashing::new(reader);
+            tokio::io::copy(&mut hashing, &mut tokio::io::sink())
+                .await
+                .map_err(|e| super::read_error(uri, e))?;
+            Ok(hashing.finish())
+        }
+        super::Location::Custom(store, key) => {
+            let mut hashing = super::Hashing::new(store.get(key).await?);
+            tokio::io::copy(&mut hashing, &mut tokio::io::sink())
+                .await
+                .map_err(|e| super::read_error(uri, e))?;
+            Ok(hashing.finish())
+        }
+    }
+}
+
+async fn stat(objects: &Objects, message: &Message) -> Answer {
+    let request = locator(message)?;
+    let (size, digest) = stat_of(&objects.client, &request.uri).await?;
+    json(&serde_json::json!({ "uri": request.uri, "size": size, "digest": digest }))
+}
+
+async fn remove(objects: &Objects, message: &Message) -> Answer {
+    let request = locator(message)?;
+    super::delete(&objects.client, &request.uri).await?;
+    json(&serde_json::json!({ "deleted": true }))
+}
+
+/// Where uploaded parts wait: KV `wharf_objects`, keys
+/// `_upload.<id>.<n>`, for an hour.
+#[derive(Clone)]
+struct PartsStore {
+    client: Client,
+    kv: async_nats::jetstream::kv::Store,
+}
+
+async fn parts_store(client: &Client) -> Result<Arc<PartsStore>, Error> {
+    let kv = jetstream::inline_bucket(client).await?;
+    Ok(Arc::new(PartsStore {
+        client: client.clone(),
+        kv,
+    }))
+}
+
+impl PartsStore {
+    fn key(upload: &str, part: u64) -> String {
+        format!("_upload.{upload}.{part}")
+    }
+
+    async fn put_part(&self, upload: &str, part: u64, bytes: Bytes) -> Result<(), Error> {
+        jetstream::put_inline(
+            &self.client,
+            &Self::key(upload, part),
+            &bytes,
+            Some(PART_TTL),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn get_part(&self, upload: &str, part: u64) -> std::io::Result<Bytes> {
+        match self.kv.get(Self::key(upload, part)).await {
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => Err(std::io::Error::other(format!(
+                "part {part} of upload `{upload}` is missing: put every part 0..count before the commit"
+            ))),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    async fn delete_part(&self, upload: &str, part: u64) {
+        let _ = self.kv.purge(Self::key(upload, part)).await;
+    }
+}
+
+/// Reads the parts of an upload in order, one in memory at a time.
+struct Parts {
+    store: Arc<PartsStore>,
+    upload: String,
+    next: u64,
+    count: u64,
+    current: std::io::Cursor<Bytes>,
+    pending: Option<futures_util::future::BoxFuture<'static, std::io::Result<Bytes>>>,
+}
+
+impl AsyncRead for Parts {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            let before = buf.filled().len();
+            match Pin::new(&mut this.current).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            if this.next >= this.count {
+                return Poll::Ready(Ok(()));
+            }
+            let pending = this.pending.get_or_insert_with(|| {
+                let (store, upload, part) = (this.store.clone(), this.upload.clone(), this.next);
+                Box::pin(async move { store.get_part(&upload, part).await })
+            });
+            match pending.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(result) => {
+                    this.pending = None;
+                    this.current = std::io::Cursor::new(result?);
+                    this.next += 1;
+                }
+            }
+        }
+    }
+}

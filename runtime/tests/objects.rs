@@ -1,0 +1,329 @@
+//! Objects by reference against a real nats-server: round trips through
+//! every store, TTL and delete, and a distinct error for each bad input.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use wharf::objects::{register_store, Objects, Store};
+use wharf::testing::NatsServer;
+use wharf::{Blob, Client, Error, ErrorKind, ObjectRef};
+
+async fn setup() -> (NatsServer, Client) {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    (server, client)
+}
+
+/// `len` bytes of a fixed pattern, generated as they are read.
+struct Pattern {
+    left: u64,
+    at: u64,
+}
+
+impl Pattern {
+    fn new(len: u64) -> Pattern {
+        Pattern { left: len, at: 0 }
+    }
+
+    fn byte(at: u64) -> u8 {
+        (at.wrapping_mul(2_654_435_761) >> 13) as u8
+    }
+}
+
+impl AsyncRead for Pattern {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = (buf.remaining() as u64).min(self.left) as usize;
+        let start = self.at;
+        let chunk: Vec<u8> = (0..n as u64).map(|i| Pattern::byte(start + i)).collect();
+        buf.put_slice(&chunk);
+        self.at += n as u64;
+        self.left -= n as u64;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+async fn read_all(reference: &ObjectRef<Blob>, client: &Client) -> Vec<u8> {
+    let mut out = Vec::new();
+    reference
+        .reader_with(client)
+        .await
+        .unwrap()
+        .read_to_end(&mut out)
+        .await
+        .unwrap();
+    out
+}
+
+fn expected(len: u64) -> Vec<u8> {
+    (0..len).map(Pattern::byte).collect()
+}
+
+#[tokio::test]
+async fn jetstream_round_trips_small_large_and_streamed() {
+    let (_server, client) = setup().await;
+    let objects = Objects::new(&client).unwrap();
+
+    let small = vec![7u32; 100];
+    let stored = objects.put(&small).await.unwrap();
+    assert!(
+        stored.uri.starts_with("wharf://jetstream/wharf_objects/"),
+        "{}",
+        stored.uri
+    );
+    assert_eq!(stored.get_with(&client).await.unwrap(), small);
+
+    let large: Vec<u64> = (0..200_000).collect();
+    let stored = objects.put(&large).await.unwrap();
+    assert!(
+        stored.uri.starts_with("wharf://jetstream/wharf_blobs/"),
+        "{}",
+        stored.uri
+    );
+    assert_eq!(stored.get_with(&client).await.unwrap(), large);
+
+    let len = 20 << 20;
+    let blob = objects.put_stream(&mut Pattern::new(len)).await.unwrap();
+    assert_eq!(blob.size, len);
+    assert_eq!(read_all(&blob, &client).await, expected(len));
+
+    // A reference travels as a value and resolves through another client.
+    let other = Client::connect(client.url()).await.unwrap();
+    let sent: ObjectRef<Vec<u64>> =
+        postcard::from_bytes(&postcard::to_allocvec(&stored).unwrap()).unwrap();
+    assert_eq!(sent.get_with(&other).await.unwrap(), large);
+
+    for uri in [stored.uri.clone(), blob.uri.clone()] {
+        let gone: ObjectRef<Blob> = serde_json::from_value(
+            serde_json::json!({"uri": uri, "type": "bytes", "size": 0, "digest": ""}),
+        )
+        .unwrap();
+        gone.delete_with(&client).await.unwrap();
+        let error = gone.reader_with(&client).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::ObjectNotFound, "{error}");
+        assert!(error.message().contains(&uri), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn objects_with_a_ttl_expire() {
+    let (_server, client) = setup().await;
+    let objects = Objects::new(&client).unwrap().ttl(Duration::from_secs(1));
+    let small = objects.put(&"short-lived".to_owned()).await.unwrap();
+    let large = objects
+        .put_stream(&mut Pattern::new(1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(small.get_with(&client).await.unwrap(), "short-lived");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        small.get_with(&client).await.unwrap_err().kind(),
+        ErrorKind::ObjectNotFound
+    );
+    assert_eq!(
+        large.reader_with(&client).await.unwrap_err().kind(),
+        ErrorKind::ObjectNotFound
+    );
+}
+
+#[tokio::test]
+async fn file_and_memory_stores_round_trip() {
+    let (_server, client) = setup().await;
+    let dir = std::env::temp_dir().join(format!("wharf-objects-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for store in [format!("file://{}", dir.display()), "memory://".to_owned()] {
+        let objects = Objects::new(&client).unwrap().store(&store).unwrap();
+        let value: HashMap<String, u32> = [("a".to_owned(), 1), ("b".to_owned(), 2)].into();
+        let stored = objects.put(&value).await.unwrap();
+        assert!(
+            stored.uri.starts_with(store.trim_end_matches('/')),
+            "{}",
+            stored.uri
+        );
+        assert_eq!(stored.get_with(&client).await.unwrap(), value);
+        // Larger than one part: written in parts, read as a stream.
+        let len = 12 << 20;
+        let blob = objects.put_stream(&mut Pattern::new(len)).await.unwrap();
+        assert_eq!(read_all(&blob, &client).await, expected(len));
+        blob.delete_with(&client).await.unwrap();
+        assert_eq!(
+            blob.reader_with(&client).await.unwrap_err().kind(),
+            ErrorKind::ObjectNotFound
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A store of our own: a map in memory.
+#[derive(Default)]
+struct MapStore(Mutex<HashMap<String, Vec<u8>>>);
+
+impl Store for MapStore {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: &'a mut (dyn AsyncRead + Send + Unpin),
+        _ttl: Option<Duration>,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let mut bytes = Vec::new();
+            data.read_to_end(&mut bytes)
+                .await
+                .map_err(|e| Error::new(ErrorKind::Other, e.to_string()))?;
+            self.0.lock().unwrap().insert(key.to_owned(), bytes);
+            Ok(())
+        })
+    }
+
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<Pin<Box<dyn AsyncRead + Send>>, Error>> {
+        Box::pin(async move {
+            let bytes = self.0.lock().unwrap().get(key).cloned().ok_or_else(|| {
+                Error::new(ErrorKind::ObjectNotFound, format!("no `{key}` in the map"))
+            })?;
+            Ok(Box::pin(std::io::Cursor::new(bytes)) as Pin<Box<dyn AsyncRead + Send>>)
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.0.lock().unwrap().remove(key);
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_custom_store_round_trips() {
+    let (_server, client) = setup().await;
+    let map = Arc::new(MapStore::default());
+    register_store("map", map.clone()).unwrap();
+    let objects = Objects::new(&client).unwrap().store("wharf://map").unwrap();
+    let stored = objects.put(&(1u8, "two".to_owned())).await.unwrap();
+    assert!(stored.uri.starts_with("wharf://map/"), "{}", stored.uri);
+    assert_eq!(
+        stored.get_with(&client).await.unwrap(),
+        (1, "two".to_owned())
+    );
+    // The digest is checked around the store: a changed value is caught.
+    let key = stored.uri.trim_start_matches("wharf://map/").to_owned();
+    map.0
+        .lock()
+        .unwrap()
+        .insert(key, vec![1, 3, b't', b'w', b'x']);
+    let error = stored.get_with(&client).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DigestMismatch, "{error}");
+    assert!(register_store("jetstream", map).is_err());
+}
+
+#[tokio::test]
+async fn bad_references_get_distinct_errors() {
+    let (_server, client) = setup().await;
+    let objects = Objects::new(&client).unwrap();
+    let stored = objects.put(&vec![1u8, 2, 3]).await.unwrap();
+
+    // Read as another type.
+    let error = stored
+        .clone()
+        .cast::<String>()
+        .get_with(&client)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::ObjectTypeMismatch, "{error}");
+    assert!(error.message().contains("alloc::vec::Vec<u8>"), "{error}");
+
+    // Changed behind the reference's back.
+    let key = stored.uri.rsplit('/').next().unwrap();
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let kv = js.get_key_value("wharf_objects").await.unwrap();
+    kv.put(key, postcard::to_allocvec(&vec![9u8, 9, 9]).unwrap().into())
+        .await
+        .unwrap();
+    let error = stored.get_with(&client).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DigestMismatch, "{error}");
+    assert!(error.message().contains(&stored.uri), "{error}");
+
+    // Missing.
+    let missing: ObjectRef<Vec<u8>> = serde_json::from_value(serde_json::json!({
+        "uri": "wharf://jetstream/wharf_objects/nothing-here", "type": "alloc::vec::Vec<u8>",
+        "size": 3, "digest": stored.digest,
+    }))
+    .unwrap();
+    let error = missing.get_with(&client).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::ObjectNotFound);
+    assert!(error.message().contains("nothing-here"), "{error}");
+
+    // An unknown scheme, an unknown store.
+    for (store, kind) in [
+        ("gopher://host/x", ErrorKind::UnsupportedStore),
+        ("wharf://nosuchstore", ErrorKind::UnsupportedStore),
+    ] {
+        let error = Objects::new(&client).unwrap().store(store).unwrap_err();
+        assert_eq!(error.kind(), kind, "{error}");
+        assert!(
+            error
+                .message()
+                .contains(store.trim_start_matches("wharf://")),
+            "{error}"
+        );
+    }
+    let odd: ObjectRef<u8> = serde_json::from_value(serde_json::json!({
+        "uri": "gopher://host/x", "type": "u8", "size": 1, "digest": "",
+    }))
+    .unwrap();
+    assert_eq!(
+        odd.get_with(&client).await.unwrap_err().kind(),
+        ErrorKind::UnsupportedStore
+    );
+
+    // A store that cannot be written.
+    let error = Objects::new(&client)
+        .unwrap()
+        .store("file:///proc/wharf-cannot-write-here")
+        .unwrap()
+        .put(&1u8)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::StoreUnavailable, "{error}");
+
+    // A server without JetStream has no default store.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut plain = std::process::Command::new(wharf::nats_server_binary().unwrap())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut plain_client = None;
+    for _ in 0..100 {
+        if let Ok(connected) = Client::connect(&url).await {
+            plain_client = Some(connected);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = Objects::new(&plain_client.expect("the plain server starts"))
+        .unwrap()
+        .put(&1u8)
+        .await
+        .unwrap_err();
+    let _ = plain.kill();
+    let _ = plain.wait();
+    assert_eq!(error.kind(), ErrorKind::StoreUnavailable, "{error}");
+    assert!(error.message().contains("JetStream"), "{error}");
+}
