@@ -127,6 +127,43 @@ pub async fn accumulate(by: u64, ms: u64, total: wharf::State<u64>) -> (u64, u32
     (*total, std::process::id())
 }
 
+/// Reads a stored blob as a stream: its length and the wrapping sum of
+/// its bytes, so a test can check every byte arrived without the worker
+/// ever holding the whole object.
+#[wharf::microservice(service = "itest", timeout = "120s")]
+pub async fn blob_stats(blob: wharf::ObjectRef<wharf::Blob>) -> Result<(u64, u64), String> {
+    use tokio::io::AsyncReadExt;
+    let mut reader = blob.reader().await.map_err(|e| e.to_string())?;
+    let mut buffer = vec![0u8; 256 * 1024];
+    let (mut len, mut sum) = (0u64, 0u64);
+    loop {
+        let n = reader.read(&mut buffer).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok((len, sum));
+        }
+        len += n as u64;
+        sum = buffer[..n]
+            .iter()
+            .fold(sum, |sum, byte| sum.wrapping_add(u64::from(*byte)));
+    }
+}
+
+/// Length and byte sum of a value passed inline: a large one is spilled
+/// to the object store on the way, invisibly.
+#[wharf::microservice(service = "itest", timeout = "60s")]
+pub async fn byte_sum(data: Vec<u8>) -> (u64, u64) {
+    let sum = data
+        .iter()
+        .fold(0u64, |sum, byte| sum.wrapping_add(u64::from(*byte)));
+    (data.len() as u64, sum)
+}
+
+/// `len` bytes of a pattern: a large result is spilled too.
+#[wharf::microservice(service = "itest", timeout = "60s")]
+pub async fn pattern(len: u64) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
 /// KV bucket where [`tally`] counts the runs of each call.
 pub const TALLY_BUCKET: &str = "itest_tally";
 

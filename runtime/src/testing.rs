@@ -199,3 +199,63 @@ impl Drop for NatsServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// `len` bytes of a fixed pseudo-random pattern, made as they are read:
+/// large objects for tests and benchmarks without holding them in memory.
+///
+/// ```
+/// # async fn run() {
+/// use tokio::io::AsyncReadExt;
+/// let mut bytes = Vec::new();
+/// wharf::testing::Pattern::new(1000).read_to_end(&mut bytes).await.unwrap();
+/// assert_eq!(bytes, wharf::testing::Pattern::bytes(1000));
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Pattern {
+    left: u64,
+    at: u64,
+}
+
+impl Pattern {
+    /// A reader of `len` pattern bytes.
+    pub fn new(len: u64) -> Pattern {
+        Pattern { left: len, at: 0 }
+    }
+
+    /// The pattern's byte at offset `at`.
+    pub fn byte(at: u64) -> u8 {
+        (at.wrapping_mul(2_654_435_761) >> 13) as u8
+    }
+
+    /// The first `len` bytes of the pattern, in memory.
+    pub fn bytes(len: u64) -> Vec<u8> {
+        (0..len).map(Pattern::byte).collect()
+    }
+
+    /// The wrapping sum of the first `len` bytes of the pattern.
+    pub fn sum(len: u64) -> u64 {
+        (0..len).fold(0u64, |sum, at| {
+            sum.wrapping_add(u64::from(Pattern::byte(at)))
+        })
+    }
+}
+
+impl tokio::io::AsyncRead for Pattern {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = (buf.remaining() as u64).min(self.left);
+        let start = self.at;
+        let out = buf.initialize_unfilled_to(n as usize);
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = Pattern::byte(start + i as u64);
+        }
+        buf.advance(n as usize);
+        self.at += n;
+        self.left -= n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}

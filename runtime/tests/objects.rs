@@ -7,45 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use wharf::objects::{register_store, Objects, Store};
-use wharf::testing::NatsServer;
+use wharf::testing::{NatsServer, Pattern};
 use wharf::{Blob, Client, Error, ErrorKind, ObjectRef};
 
 async fn setup() -> (NatsServer, Client) {
     let server = NatsServer::start().unwrap();
     let client = Client::connect(&server.url()).await.unwrap();
     (server, client)
-}
-
-/// `len` bytes of a fixed pattern, generated as they are read.
-struct Pattern {
-    left: u64,
-    at: u64,
-}
-
-impl Pattern {
-    fn new(len: u64) -> Pattern {
-        Pattern { left: len, at: 0 }
-    }
-
-    fn byte(at: u64) -> u8 {
-        (at.wrapping_mul(2_654_435_761) >> 13) as u8
-    }
-}
-
-impl AsyncRead for Pattern {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let n = (buf.remaining() as u64).min(self.left) as usize;
-        let start = self.at;
-        let chunk: Vec<u8> = (0..n as u64).map(|i| Pattern::byte(start + i)).collect();
-        buf.put_slice(&chunk);
-        self.at += n as u64;
-        self.left -= n as u64;
-        std::task::Poll::Ready(Ok(()))
-    }
 }
 
 async fn read_all(reference: &ObjectRef<Blob>, client: &Client) -> Vec<u8> {
@@ -61,7 +29,7 @@ async fn read_all(reference: &ObjectRef<Blob>, client: &Client) -> Vec<u8> {
 }
 
 fn expected(len: u64) -> Vec<u8> {
-    (0..len).map(Pattern::byte).collect()
+    Pattern::bytes(len)
 }
 
 #[tokio::test]

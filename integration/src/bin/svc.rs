@@ -8,6 +8,8 @@
 //! - `svc wait`: the same, then wait for a signal.
 //! - `svc supervise <wharf.toml>`: run a supervisor (as `wharf up` does) until
 //!   SIGTERM, so tests can kill one for real.
+//! - `svc put-object`: store a string through `NATS_URL`, leave its reference
+//!   in KV `itest_refs` under `greeting`, and exit.
 
 use wharf_integration::{add, take, whoami, InventoryError};
 
@@ -19,6 +21,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .nth(2)
             .ok_or("svc supervise <wharf.toml>")?;
         return Ok(wharf::supervisor::supervise_file(path.as_ref()).await?);
+    }
+    if mode == "put-object" {
+        let client = wharf::init().await?;
+        let stored = wharf::put(&"stored by a process that has exited".to_owned()).await?;
+        let js = async_nats::jetstream::new(client.nats().clone());
+        let kv = js
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: "itest_refs".to_owned(),
+                ..Default::default()
+            })
+            .await?;
+        kv.put("greeting", serde_json::to_vec(&stored)?.into())
+            .await?;
+        return Ok(());
     }
     wharf::init().await?;
     println!("workers {:?}", wharf::local_workers());

@@ -3,6 +3,7 @@
 
 use super::{digest_mismatch, digest_of, INLINE_LIMIT};
 use crate::{Client, Error, ErrorKind};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, kv, object_store, stream::StorageType};
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -194,12 +195,12 @@ pub(super) async fn get_blob(
     digest: &str,
 ) -> Result<Pin<Box<dyn AsyncRead + Send>>, Error> {
     let stores = stores(client).await?;
-    let object = match stores.blobs.get(key).await {
-        Ok(object) => object,
-        Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Err(not_found(uri)),
+    let info = match stores.blobs.info(key).await {
+        Ok(info) if !info.deleted => info,
+        Ok(_) => return Err(not_found(uri)),
+        Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => return Err(not_found(uri)),
         Err(e) => return Err(unreachable_store(BLOBS_BUCKET, e)),
     };
-    let info = object.info();
     if expired(&info.metadata) {
         let _ = stores.blobs.delete(key).await;
         return Err(not_found(uri));
@@ -211,13 +212,90 @@ pub(super) async fn get_blob(
             digest_mismatch(uri, digest, &stored).to_string(),
         ));
     }
-    // async-nats checks the chunks against the stored digest as the
-    // stream ends; its error is given our wording.
-    Ok(Box::pin(Checked {
-        object,
-        uri: uri.to_owned(),
-        digest: digest.to_owned(),
-    }))
+    if info.chunks == 0 {
+        return Ok(Box::pin(super::Verified::new(
+            tokio::io::empty(),
+            uri,
+            digest,
+        )));
+    }
+    // The chunks are pulled a few at a time: async-nats's own object
+    // reader takes pushed chunks as fast as the server sends them, and a
+    // reader slower than the network would buffer most of the object.
+    let stream = stores
+        .js
+        .get_stream(format!("OBJ_{BLOBS_BUCKET}"))
+        .await
+        .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: format!("$O.{BLOBS_BUCKET}.C.{}", info.nuid),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(CHUNKS_IN_FLIGHT)
+        .messages()
+        .await
+        .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?;
+    let chunks = Chunks {
+        messages,
+        current: Bytes::new(),
+        left: info.chunks,
+    };
+    Ok(Box::pin(super::Verified::new(chunks, uri, digest)))
+}
+
+/// Chunks of a blob fetched per pull: what a reader holds at most, besides
+/// the chunk it reads (128 KiB each by default).
+const CHUNKS_IN_FLIGHT: usize = 16;
+
+/// A blob's chunks, in order, as a byte stream.
+struct Chunks {
+    messages: pull::Stream,
+    current: Bytes,
+    left: usize,
+}
+
+impl AsyncRead for Chunks {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        use futures_util::StreamExt;
+        let this = &mut *self;
+        loop {
+            if !this.current.is_empty() {
+                let n = this.current.len().min(buf.remaining());
+                buf.put_slice(&this.current.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if this.left == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            match this.messages.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(message))) => {
+                    this.current = message.message.payload.clone();
+                    this.left -= 1;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(std::io::Error::other(e))),
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the object's chunks ended early",
+                    )))
+                }
+            }
+        }
+    }
 }
 
 fn expired(metadata: &HashMap<String, String>) -> bool {
@@ -225,28 +303,6 @@ fn expired(metadata: &HashMap<String, String>) -> bool {
         .get(EXPIRES)
         .and_then(|ms| ms.parse::<u64>().ok())
         .is_some_and(|at| at <= crate::context::unix_ms())
-}
-
-struct Checked {
-    object: object_store::Object,
-    uri: String,
-    digest: String,
-}
-
-impl AsyncRead for Checked {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.object).poll_read(cx, buf) {
-            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => Poll::Ready(Err(
-                digest_mismatch(&this.uri, &this.digest, "a different one"),
-            )),
-            other => other,
-        }
-    }
 }
 
 pub(super) async fn delete_inline(client: &Client, _uri: &str, key: &str) -> Result<(), Error> {

@@ -562,14 +562,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for Hashing<R> {
 
 /// A reader that checks, as it ends, that what it read has `expected` for
 /// a digest.
-struct Verified<R> {
+pub(crate) struct Verified<R> {
     hashing: Option<Hashing<R>>,
     uri: String,
     expected: String,
 }
 
 impl<R> Verified<R> {
-    fn new(inner: R, uri: &str, expected: &str) -> Self {
+    pub(crate) fn new(inner: R, uri: &str, expected: &str) -> Self {
         Verified {
             hashing: Some(Hashing::new(inner)),
             uri: uri.to_owned(),
