@@ -68,6 +68,29 @@ async def main(url: str) -> None:
     await nc.request("wharf._inst." + owner + "._end", txn.encode(), timeout=5)
     after_end = await nc.request("wharf.itest.accumulate", b'{"by": 1, "ms": 0}', timeout=5, headers=txn_headers)
 
+    # Objects: one put, then a put in parts; a Rust microservice reads both
+    # by reference, and the service reads a range back.
+    small = bytes((i * 7) % 256 for i in range(100_000))
+    small_ref = json.loads((await nc.request("wharf.objects.put", small, timeout=10)).data)
+    parts = [bytes((i * 13 + p) % 256 for i in range(600_000)) for p in range(3)]
+    upload = "py-upload-1"
+    for n, part in enumerate(parts):
+        await nc.request("wharf.objects.put", part, timeout=10,
+                         headers={"Wharf-Upload": upload, "Wharf-Part": str(n)})
+    big_ref = json.loads((await nc.request(
+        "wharf.objects.put", b"", timeout=30,
+        headers={"Wharf-Upload": upload, "Wharf-Parts": str(len(parts))})).data)
+    whole = b"".join(parts)
+    read_by_rust = []
+    for ref in (small_ref, big_ref):
+        reply = await nc.request("wharf.itest.blob_stats", json.dumps({"blob": ref}).encode(),
+                                 timeout=30, headers=json_headers)
+        read_by_rust.append(json.loads(reply.data))
+    ranged = await nc.request("wharf.objects.get", json.dumps(
+        {"uri": big_ref["uri"], "offset": 600_000, "length": 1000}).encode(), timeout=10)
+    missing = await nc.request("wharf.objects.get", json.dumps(
+        {"uri": "wharf://jetstream/wharf_objects/nope"}).encode(), timeout=10)
+
     def failure(msg):
         headers = msg.headers or {}
         return {
@@ -91,6 +114,11 @@ async def main(url: str) -> None:
         "txn_lease": lease,
         "txn_owner": owner,
         "txn_after_end": failure(after_end),
+        "objects_read_by_rust": read_by_rust,
+        "objects_expected": [[len(small), sum(small)], [len(whole), sum(whole)]],
+        "objects_big_ref": big_ref,
+        "objects_range_ok": ranged.data == whole[600_000:601_000],
+        "objects_missing": failure(missing),
     }))
     await nc.close()
 

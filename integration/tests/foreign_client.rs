@@ -24,6 +24,7 @@ async fn nats_py_calls_a_wharf_service() {
     let client = Client::connect(&server.url()).await.unwrap();
     let _worker = spawn_worker(&server.url());
     wait_for_workers(&client, 1).await;
+    let _objects = wharf::objects::service::serve(&client).await.unwrap();
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/foreign_client.py");
     let output = tokio::process::Command::new("python3")
@@ -63,4 +64,14 @@ async fn nats_py_calls_a_wharf_service() {
     assert_eq!(seen["txn_lease"]["service"], "itest");
     assert_eq!(seen["txn_after_end"]["code"], "404");
     assert_eq!(seen["txn_after_end"]["body"]["kind"], "unknown_transaction");
+    assert_eq!(seen["objects_read_by_rust"], seen["objects_expected"]);
+    assert_eq!(seen["objects_big_ref"]["type"], "bytes");
+    assert_eq!(seen["objects_big_ref"]["size"], 1_800_000);
+    assert!(seen["objects_big_ref"]["uri"]
+        .as_str()
+        .unwrap()
+        .starts_with("wharf://jetstream/wharf_blobs/"));
+    assert_eq!(seen["objects_range_ok"], true);
+    assert_eq!(seen["objects_missing"]["code"], "404");
+    assert_eq!(seen["objects_missing"]["body"]["kind"], "object_not_found");
 }

@@ -30,6 +30,8 @@ usage:
   wharf status [--json]      every instance: CPU, memory, load, health
   wharf events               follow the supervisor's decisions and their reasons
   wharf down                 stop what `wharf up` started
+  wharf objects              serve the object store (wharf.objects.put/get/stat/delete);
+                             `wharf up` serves it too
 
 Arguments are a JSON object keyed by parameter name, or a JSON array in
 declaration order ('{}' or '[]' for none).
@@ -65,6 +67,7 @@ enum Verb {
     Status { json: bool },
     Events,
     Down,
+    Objects,
 }
 
 fn parse_verb(argv: Vec<String>) -> Result<Verb, String> {
@@ -82,6 +85,7 @@ fn parse_verb(argv: Vec<String>) -> Result<Verb, String> {
         },
         Some("events") if rest.is_empty() => Ok(Verb::Events),
         Some("down") if rest.is_empty() => Ok(Verb::Down),
+        Some("objects") if rest.is_empty() => Ok(Verb::Objects),
         _ => parse(argv.into_iter()).map(Verb::Call),
     }
 }
@@ -94,7 +98,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Command, String> {
         "-h" | "--help" | "help" => return Err(String::new()),
         other => {
             return Err(format!(
-                "unknown command `{other}`: use call, bench, up, status, events or down"
+                "unknown command `{other}`: use call, bench, up, status, events, down or objects"
             ))
         }
     };
@@ -404,6 +408,7 @@ fn main() -> ExitCode {
             Verb::Status { json } => status(&client, json).await,
             Verb::Events => events(&client).await,
             Verb::Down => down(&client).await,
+            Verb::Objects => objects(&client).await,
             Verb::Up(_) => unreachable!("handled above"),
         }
     });
@@ -436,6 +441,8 @@ async fn up(path: &std::path::Path) -> Result<ExitCode, Error> {
         }
     };
     let client = Client::connect(&url).await?;
+    // Foreign clients read and write objects through it.
+    let _objects = wharf::objects::service::serve(&client).await?;
     let supervisor = wharf::supervisor::Supervisor::new(&client, &config).await?;
     eprintln!(
         "wharf up: supervising {} service(s) through {url}; `wharf events` follows its decisions",
@@ -451,6 +458,24 @@ async fn up(path: &std::path::Path) -> Result<ExitCode, Error> {
             }
         })
         .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wharf objects`: serves the object store until interrupted.
+async fn objects(client: &Client) -> Result<ExitCode, Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _service = wharf::objects::service::serve(client).await?;
+    eprintln!(
+        "wharf objects: serving {0}.objects.put/get/stat/delete through {1}",
+        client.prefix(),
+        client.url()
+    );
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
     Ok(ExitCode::SUCCESS)
 }
 
