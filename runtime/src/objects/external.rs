@@ -1,10 +1,9 @@
 //! Objects in any `object_store` backend, addressed by URL: `file://`,
 //! `memory://` and, with the `s3` feature, `s3://`.
 
-use super::Hashing;
+use super::{Algorithm, Hashing};
 use crate::{Error, ErrorKind};
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 use object_store::{path::Path, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -14,6 +13,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Objects this small are written in one request; larger ones in parts of
 /// this size (S3's smallest part), so memory stays bounded.
 const PART: usize = 5 << 20;
+
+/// Objects are read in ranges of this size: one request for most, and a
+/// bounded amount of memory for any.
+const RANGE: u64 = 4 << 20;
 
 /// One backend per scheme and host, so every URL of one `memory://`
 /// store (which lives in this process only) reaches the same objects.
@@ -105,7 +108,7 @@ pub(super) async fn put(
 ) -> Result<(String, u64, String), Error> {
     let url = join(base, key);
     let (store, path) = resolve(&url)?;
-    let mut hashing = Hashing::new(reader);
+    let mut hashing = Hashing::new(reader, Algorithm::Xxh3);
     let mut part = Vec::with_capacity(64 * 1024);
     (&mut hashing)
         .take(PART as u64)
@@ -149,6 +152,24 @@ pub(super) async fn put(
     Ok((url, size, digest))
 }
 
+/// Stores bytes already in memory under `<base>/<key>`, without a copy;
+/// returns the URL and digest.
+pub(super) async fn put_bytes(
+    base: &str,
+    key: &str,
+    bytes: Bytes,
+) -> Result<(String, String), Error> {
+    let url = join(base, key);
+    let (store, path) = resolve(&url)?;
+    let mut hasher = super::Hasher::new(Algorithm::Xxh3);
+    hasher.update(&bytes);
+    store
+        .put(&path, PutPayload::from(bytes))
+        .await
+        .map_err(|e| failed(&url, "write", e))?;
+    Ok((url, hasher.finish()))
+}
+
 fn read_failed(url: &str, e: std::io::Error) -> Error {
     Error::new(
         ErrorKind::Other,
@@ -156,12 +177,90 @@ fn read_failed(url: &str, e: std::io::Error) -> Error {
     )
 }
 
+/// The object at `url` in one piece when it fits one range, else `None`
+/// (read it as a stream).
+pub(super) async fn get_whole(url: &str) -> Result<Option<Bytes>, Error> {
+    let (store, path) = resolve(url)?;
+    let result = store.get(&path).await.map_err(|e| failed(url, "read", e))?;
+    if result.meta.size > RANGE {
+        return Ok(None);
+    }
+    let bytes = result.bytes().await.map_err(|e| failed(url, "read", e))?;
+    Ok(Some(bytes))
+}
+
 /// The object at `url`, as a stream.
 pub(super) async fn get(url: &str) -> Result<Pin<Box<dyn AsyncRead + Send>>, Error> {
     let (store, path) = resolve(url)?;
     let result = store.get(&path).await.map_err(|e| failed(url, "read", e))?;
-    let stream = result.into_stream().map_err(std::io::Error::other);
-    Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
+    let size = result.meta.size;
+    if size <= RANGE {
+        let bytes = result.bytes().await.map_err(|e| failed(url, "read", e))?;
+        return Ok(Box::pin(std::io::Cursor::new(bytes)));
+    }
+    // Larger: range by range (a backend's own stream may come in small
+    // pieces, each a request or a blocking read).
+    drop(result);
+    Ok(Box::pin(Ranges {
+        store,
+        path,
+        size,
+        next: 0,
+        current: std::io::Cursor::new(Bytes::new()),
+        pending: None,
+    }))
+}
+
+/// An object read in [`RANGE`]-sized requests, one at a time.
+struct Ranges {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+    next: u64,
+    current: std::io::Cursor<Bytes>,
+    pending: Option<futures_util::future::BoxFuture<'static, object_store::Result<Bytes>>>,
+}
+
+impl AsyncRead for Ranges {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            let before = buf.filled().len();
+            match Pin::new(&mut this.current).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            if this.next >= this.size {
+                return Poll::Ready(Ok(()));
+            }
+            let pending = this.pending.get_or_insert_with(|| {
+                let (store, path) = (this.store.clone(), this.path.clone());
+                let range = this.next..(this.next + RANGE).min(this.size);
+                Box::pin(async move { store.get_range(&path, range).await })
+            });
+            match pending.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(result) => {
+                    this.pending = None;
+                    let bytes = result.map_err(std::io::Error::other)?;
+                    if bytes.is_empty() {
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the object ended early",
+                        )));
+                    }
+                    this.next += bytes.len() as u64;
+                    this.current = std::io::Cursor::new(bytes);
+                }
+            }
+        }
+    }
 }
 
 /// Deletes the object at `url`; one already gone is not an error.

@@ -30,6 +30,8 @@ pub(crate) struct JsStores {
     js: jetstream::Context,
     kv: kv::Store,
     blobs: object_store::ObjectStore,
+    /// The stream under `blobs`, whose chunks readers pull.
+    blob_stream: jetstream::stream::Stream,
 }
 
 impl std::fmt::Debug for JsStores {
@@ -70,7 +72,16 @@ async fn stores(client: &Client) -> Result<&JsStores, Error> {
                     .await
                     .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?,
             };
-            Ok(JsStores { js, kv, blobs })
+            let blob_stream = js
+                .get_stream(format!("OBJ_{BLOBS_BUCKET}"))
+                .await
+                .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?;
+            Ok(JsStores {
+                js,
+                kv,
+                blobs,
+                blob_stream,
+            })
         })
         .await
 }
@@ -195,12 +206,13 @@ pub(super) async fn get_blob(
     digest: &str,
 ) -> Result<Pin<Box<dyn AsyncRead + Send>>, Error> {
     let stores = stores(client).await?;
-    let info = match stores.blobs.info(key).await {
-        Ok(info) if !info.deleted => info,
-        Ok(_) => return Err(not_found(uri)),
-        Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => return Err(not_found(uri)),
+    // `get` reads the object's info and subscribes only on the first read.
+    let object = match stores.blobs.get(key).await {
+        Ok(object) => object,
+        Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Err(not_found(uri)),
         Err(e) => return Err(unreachable_store(BLOBS_BUCKET, e)),
     };
+    let info = object.info().clone();
     if expired(&info.metadata) {
         let _ = stores.blobs.delete(key).await;
         return Err(not_found(uri));
@@ -212,32 +224,33 @@ pub(super) async fn get_blob(
             digest_mismatch(uri, digest, &stored).to_string(),
         ));
     }
-    if info.chunks == 0 {
-        return Ok(Box::pin(super::Verified::new(
-            tokio::io::empty(),
-            uri,
-            digest,
-        )));
+    if info.chunks <= CHUNKS_IN_FLIGHT {
+        // Small enough that however fast its chunks arrive they fit in
+        // memory: async-nats's own reader (which checks the digest) is
+        // one request cheaper than a pull consumer.
+        return Ok(Box::pin(Checked {
+            object,
+            uri: uri.to_owned(),
+            digest: digest.to_owned(),
+        }));
     }
+    drop(object);
     // The chunks are pulled a few at a time: async-nats's own object
     // reader takes pushed chunks as fast as the server sends them, and a
     // reader slower than the network would buffer most of the object.
-    let stream = stores
-        .js
-        .get_stream(format!("OBJ_{BLOBS_BUCKET}"))
-        .await
-        .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?;
+    let stream = stores.blob_stream.clone();
     let consumer = stream
         .create_consumer(pull::Config {
             filter_subject: format!("$O.{BLOBS_BUCKET}.C.{}", info.nuid),
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
+            inactive_threshold: Duration::from_secs(10),
             memory_storage: true,
             ..Default::default()
         })
         .await
         .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?;
+    let name = consumer.cached_info().name.clone();
     let messages = consumer
         .stream()
         .max_messages_per_batch(CHUNKS_IN_FLIGHT)
@@ -248,8 +261,32 @@ pub(super) async fn get_blob(
         messages,
         current: Bytes::new(),
         left: info.chunks,
+        cleanup: Some((stream, name)),
     };
     Ok(Box::pin(super::Verified::new(chunks, uri, digest)))
+}
+
+/// async-nats's object reader, with our wording for a digest mismatch.
+struct Checked {
+    object: object_store::Object,
+    uri: String,
+    digest: String,
+}
+
+impl AsyncRead for Checked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.object).poll_read(cx, buf) {
+            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => Poll::Ready(Err(
+                digest_mismatch(&this.uri, &this.digest, "a different one"),
+            )),
+            other => other,
+        }
+    }
 }
 
 /// Chunks of a blob fetched per pull: what a reader holds at most, besides
@@ -261,6 +298,22 @@ struct Chunks {
     messages: pull::Stream,
     current: Bytes,
     left: usize,
+    /// The consumer to delete when done: the server allows an account
+    /// only so many, and a busy reader would otherwise run out before the
+    /// inactive ones expire.
+    cleanup: Option<(jetstream::stream::Stream, String)>,
+}
+
+impl Drop for Chunks {
+    fn drop(&mut self) {
+        if let Some((stream, name)) = self.cleanup.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = stream.delete_consumer(&name).await;
+                });
+            }
+        }
+    }
 }
 
 impl AsyncRead for Chunks {

@@ -129,6 +129,18 @@ impl<T: 'static> ObjectRef<T> {
         open(client, self.uri.as_str(), &self.digest).await
     }
 
+    /// The stored bytes, whole, digest checked, through the client
+    /// [`crate::init`] set up. For large objects prefer
+    /// [`ObjectRef::reader`], which holds only a little at a time.
+    pub async fn bytes(&self) -> Result<bytes::Bytes, Error> {
+        self.bytes_with(crate::client::global()?).await
+    }
+
+    /// [`ObjectRef::bytes`] through `client`.
+    pub async fn bytes_with(&self, client: &Client) -> Result<bytes::Bytes, Error> {
+        fetch(client, &self.uri, &self.digest).await
+    }
+
     /// Deletes the object. Deleting one that is already gone succeeds.
     pub async fn delete(&self) -> Result<(), Error> {
         self.delete_with(crate::client::global()?).await
@@ -159,12 +171,7 @@ impl<T: DeserializeOwned + 'static> ObjectRef<T> {
                 ),
             ));
         }
-        let mut bytes = Vec::with_capacity(self.size.min(64 << 20) as usize);
-        self.reader_with(client)
-            .await?
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| read_error(&self.uri, e))?;
+        let bytes = self.bytes_with(client).await?;
         postcard::from_bytes(&bytes).map_err(|e| {
             Error::new(
                 ErrorKind::Codec,
@@ -294,6 +301,12 @@ impl Objects {
                     jetstream::put_inline(&self.client, &new_key(), &bytes, self.ttl).await?;
                 Ok(reference(uri, ty, bytes.len() as u64, digest))
             }
+            // Already in memory: written as it is, without a copy.
+            Target::External(base) if self.ttl.is_none() => {
+                let size = bytes.len() as u64;
+                let (uri, digest) = external::put_bytes(base, &new_key(), bytes).await?;
+                Ok(reference(uri, ty, size, digest))
+            }
             _ => self.put_reader(&mut &bytes[..], ty).await,
         }
     }
@@ -328,7 +341,7 @@ impl Objects {
             }
             Target::Custom(name) => {
                 let store = custom(name).ok_or_else(|| unknown_store(name))?;
-                let mut hashing = Hashing::new(reader);
+                let mut hashing = Hashing::new(reader, Algorithm::Xxh3);
                 store.put(&key, &mut hashing, self.ttl).await?;
                 let (size, digest) = hashing.finish();
                 (format!("wharf://{name}/{key}"), size, digest)
@@ -398,8 +411,26 @@ pub(crate) async fn open(client: &Client, uri: &str, digest: &str) -> Result<Obj
     Ok(ObjectReader { inner })
 }
 
-/// The whole object at `uri`, checked against `digest`.
+/// The whole object at `uri`, checked against `digest`. Objects a store
+/// hands over in one piece are not copied.
 pub(crate) async fn fetch(client: &Client, uri: &str, digest: &str) -> Result<bytes::Bytes, Error> {
+    let whole = match locate(uri)? {
+        Location::Inline(key) => Some(jetstream::get_inline(client, uri, key).await?),
+        Location::External => external::get_whole(uri).await?,
+        _ => None,
+    };
+    if let Some(bytes) = whole {
+        let mut hasher = Hasher::new(Algorithm::of(digest).unwrap_or(Algorithm::Sha256));
+        hasher.update(&bytes);
+        let actual = hasher.finish();
+        if actual != digest {
+            return Err(Error::new(
+                ErrorKind::DigestMismatch,
+                digest_mismatch(uri, digest, &actual).to_string(),
+            ));
+        }
+        return Ok(bytes);
+    }
     let mut bytes = Vec::new();
     open(client, uri, digest)
         .await?
@@ -507,38 +538,88 @@ fn unknown_store(name: &str) -> Error {
 // ---------------------------------------------------------------------------
 // Digests
 
-/// `SHA-256=<base64url>` of `bytes`, the NATS Object Store's digest form.
-pub(crate) fn digest_of(bytes: &[u8]) -> String {
-    format_digest(ring::digest::digest(&ring::digest::SHA256, bytes))
+/// How a store's objects are digested. The JetStream store uses SHA-256,
+/// the NATS Object Store's own digest, which it computes anyway; other
+/// stores use XXH3-128, which finds corruption and changed objects as
+/// well at a small fraction of the cost (SHA-256 would cost more than the
+/// write itself on a local disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Algorithm {
+    Sha256,
+    Xxh3,
 }
 
-fn format_digest(digest: ring::digest::Digest) -> String {
-    use base64::Engine;
-    format!(
-        "SHA-256={}",
-        base64::engine::general_purpose::URL_SAFE.encode(digest.as_ref())
-    )
+impl Algorithm {
+    /// The algorithm a digest string was made with.
+    fn of(digest: &str) -> Option<Algorithm> {
+        if digest.starts_with("SHA-256=") {
+            Some(Algorithm::Sha256)
+        } else if digest.starts_with("XXH3-128=") {
+            Some(Algorithm::Xxh3)
+        } else {
+            None
+        }
+    }
+}
+
+/// `SHA-256=<base64url>` of `bytes`, the NATS Object Store's digest form.
+pub(crate) fn digest_of(bytes: &[u8]) -> String {
+    let mut hasher = Hasher::new(Algorithm::Sha256);
+    hasher.update(bytes);
+    hasher.finish()
+}
+
+enum Hasher {
+    Sha256(Box<ring::digest::Context>),
+    Xxh3(Box<xxhash_rust::xxh3::Xxh3>),
+}
+
+impl Hasher {
+    fn new(algorithm: Algorithm) -> Hasher {
+        match algorithm {
+            Algorithm::Sha256 => {
+                Hasher::Sha256(Box::new(ring::digest::Context::new(&ring::digest::SHA256)))
+            }
+            Algorithm::Xxh3 => Hasher::Xxh3(Box::default()),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Hasher::Sha256(context) => context.update(bytes),
+            Hasher::Xxh3(state) => state.update(bytes),
+        }
+    }
+
+    fn finish(self) -> String {
+        use base64::Engine;
+        let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE.encode(bytes);
+        match self {
+            Hasher::Sha256(context) => format!("SHA-256={}", encode(context.finish().as_ref())),
+            Hasher::Xxh3(state) => format!("XXH3-128={}", encode(&state.digest128().to_be_bytes())),
+        }
+    }
 }
 
 /// Counts and hashes what passes through a reader.
 pub(crate) struct Hashing<R> {
     inner: R,
-    context: ring::digest::Context,
+    hasher: Hasher,
     size: u64,
 }
 
 impl<R> Hashing<R> {
-    pub(crate) fn new(inner: R) -> Self {
+    pub(crate) fn new(inner: R, algorithm: Algorithm) -> Self {
         Hashing {
             inner,
-            context: ring::digest::Context::new(&ring::digest::SHA256),
+            hasher: Hasher::new(algorithm),
             size: 0,
         }
     }
 
     /// Bytes read and their digest.
     pub(crate) fn finish(self) -> (u64, String) {
-        (self.size, format_digest(self.context.finish()))
+        (self.size, self.hasher.finish())
     }
 }
 
@@ -553,7 +634,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Hashing<R> {
         let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &poll {
             let new = &buf.filled()[before..];
-            this.context.update(new);
+            this.hasher.update(new);
             this.size += new.len() as u64;
         }
         poll
@@ -561,7 +642,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Hashing<R> {
 }
 
 /// A reader that checks, as it ends, that what it read has `expected` for
-/// a digest.
+/// a digest (in the algorithm `expected` names).
 pub(crate) struct Verified<R> {
     hashing: Option<Hashing<R>>,
     uri: String,
@@ -570,8 +651,11 @@ pub(crate) struct Verified<R> {
 
 impl<R> Verified<R> {
     pub(crate) fn new(inner: R, uri: &str, expected: &str) -> Self {
+        // A digest of an unknown form matches nothing, so the read fails
+        // at its end rather than passing unchecked.
+        let algorithm = Algorithm::of(expected).unwrap_or(Algorithm::Sha256);
         Verified {
-            hashing: Some(Hashing::new(inner)),
+            hashing: Some(Hashing::new(inner, algorithm)),
             uri: uri.to_owned(),
             expected: expected.to_owned(),
         }
@@ -622,6 +706,11 @@ mod tests {
             digest_of(b"abc"),
             "SHA-256=ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0="
         );
+        let mut xxh3 = Hasher::new(Algorithm::Xxh3);
+        xxh3.update(b"abc");
+        let digest = xxh3.finish();
+        assert!(digest.starts_with("XXH3-128="), "{digest}");
+        assert_eq!(Algorithm::of(&digest), Some(Algorithm::Xxh3));
     }
 
     #[tokio::test]
@@ -633,6 +722,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out, b"hello");
+        let mut other = Hasher::new(Algorithm::Xxh3);
+        other.update(b"hello");
+        let other = other.finish();
+        Verified::new(&b"hello"[..], "test://x", &other)
+            .read_to_end(&mut Vec::new())
+            .await
+            .unwrap();
         let error = Verified::new(&b"jello"[..], "test://x", &good)
             .read_to_end(&mut Vec::new())
             .await

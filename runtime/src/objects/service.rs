@@ -278,14 +278,14 @@ async fn stat_of(client: &Client, uri: &str) -> Result<(u64, String), Error> {
         super::Location::External => {
             // No digest is kept beside the object: hash it.
             let reader = super::external::get(uri).await?;
-            let mut hashing = super::Hashing::new(reader);
+            let mut hashing = super::Hashing::new(reader, super::Algorithm::Xxh3);
             tokio::io::copy(&mut hashing, &mut tokio::io::sink())
                 .await
                 .map_err(|e| super::read_error(uri, e))?;
             Ok(hashing.finish())
         }
         super::Location::Custom(store, key) => {
-            let mut hashing = super::Hashing::new(store.get(key).await?);
+            let mut hashing = super::Hashing::new(store.get(key).await?, super::Algorithm::Xxh3);
             tokio::io::copy(&mut hashing, &mut tokio::io::sink())
                 .await
                 .map_err(|e| super::read_error(uri, e))?;

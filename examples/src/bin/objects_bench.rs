@@ -1,0 +1,268 @@
+//! wharf's object store against the stores it is built on, in one run.
+//!
+//! `cargo run --release -p wharf-examples --bin objects_bench` starts a
+//! nats-server and one wharf worker, then measures in interleaved rounds:
+//! - put and get throughput (MB/s) for 1 KiB, 1 MiB and 64 MiB objects:
+//!   wharf's JetStream store against raw async-nats Object Store calls, and
+//!   wharf's `file://` store against raw `object_store` calls on the same
+//!   directory;
+//! - the latency of a call with a 4 MiB argument spilled automatically
+//!   against the same call with the argument put first and passed by
+//!   explicit reference.
+//!
+//! `--quick` runs a short smoke version.
+
+use bytes::Bytes;
+use object_store::{path::Path, ObjectStoreExt};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use wharf::objects::Objects;
+use wharf::testing::{NatsServer, Pattern};
+use wharf::ObjectRef;
+use wharf_examples::median;
+
+/// Takes a large argument inline: spilled on the way when it is large.
+#[wharf::microservice(service = "objects_bench", timeout = "60s")]
+pub async fn weigh(data: Vec<u8>) -> u64 {
+    data.len() as u64
+}
+
+/// Takes the same argument by reference and fetches it.
+#[wharf::microservice(service = "objects_bench", timeout = "60s")]
+pub async fn weigh_ref(data: ObjectRef<Vec<u8>>) -> Result<u64, String> {
+    let data = data.get().await.map_err(|e| e.to_string())?;
+    Ok(data.len() as u64)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[wharf::main]
+async fn main() -> Result<(), BoxError> {
+    let quick = match std::env::args().nth(1).as_deref() {
+        Some("--quick") => true,
+        None => false,
+        Some(other) => {
+            return Err(format!("unknown argument `{other}`; use --quick or nothing").into())
+        }
+    };
+    let rounds = if quick { 1 } else { 5 };
+    let sizes: &[(&str, usize, usize)] = if quick {
+        &[
+            ("1 KiB", 1 << 10, 20),
+            ("1 MiB", 1 << 20, 3),
+            ("64 MiB", 64 << 20, 1),
+        ]
+    } else {
+        &[
+            ("1 KiB", 1 << 10, 500),
+            ("1 MiB", 1 << 20, 40),
+            ("64 MiB", 64 << 20, 2),
+        ]
+    };
+
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let client = wharf::Client::connect(&url).await?;
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let dir = std::env::temp_dir().join(format!("wharf-objects-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let raw_fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)?;
+    let wharf_js = Objects::new(&client)?.store("jetstream")?;
+    let wharf_fs = Objects::new(&client)?.store(&format!("file://{}", dir.display()))?;
+
+    // (size, side) -> MB/s per round.
+    let mut results: Vec<(String, &str, Vec<f64>)> = Vec::new();
+    let mut record = |metric: String, side: &'static str, value: f64| match results
+        .iter_mut()
+        .find(|(m, s, _)| *m == metric && *s == side)
+    {
+        Some((_, _, values)) => values.push(value),
+        None => results.push((metric, side, vec![value])),
+    };
+    for round in 0..rounds {
+        eprintln!("round {} of {rounds}", round + 1);
+        // A bucket per round: raw async-nats reads leave an ordered
+        // consumer behind each (until it expires), and the server allows
+        // 1000 per stream.
+        let raw_blobs = js
+            .create_object_store(async_nats::jetstream::object_store::Config {
+                bucket: format!("raw_bench_{round}"),
+                ..Default::default()
+            })
+            .await?;
+        for &(label, size, count) in sizes {
+            let data = Bytes::from(Pattern::bytes(size as u64));
+            let mb = (size * count) as f64 / 1e6;
+            // Raw first on even rounds, wharf first on odd ones.
+            for first in [round % 2 == 0, round % 2 != 0] {
+                if first {
+                    let started = Instant::now();
+                    for i in 0..count {
+                        raw_blobs
+                            .put(format!("o{i}").as_str(), &mut &data[..])
+                            .await?;
+                    }
+                    record(
+                        format!("JetStream put {label}"),
+                        "raw",
+                        mb / started.elapsed().as_secs_f64(),
+                    );
+                    let started = Instant::now();
+                    for i in 0..count {
+                        let mut out = Vec::with_capacity(size);
+                        raw_blobs
+                            .get(format!("o{i}").as_str())
+                            .await?
+                            .read_to_end(&mut out)
+                            .await?;
+                    }
+                    record(
+                        format!("JetStream get {label}"),
+                        "raw",
+                        mb / started.elapsed().as_secs_f64(),
+                    );
+                    let started = Instant::now();
+                    for i in 0..count {
+                        raw_fs
+                            .put(&Path::from(format!("raw{i}")), data.clone().into())
+                            .await?;
+                    }
+                    record(
+                        format!("file put {label}"),
+                        "raw",
+                        mb / started.elapsed().as_secs_f64(),
+                    );
+                    let started = Instant::now();
+                    for i in 0..count {
+                        raw_fs
+                            .get(&Path::from(format!("raw{i}")))
+                            .await?
+                            .bytes()
+                            .await?;
+                    }
+                    record(
+                        format!("file get {label}"),
+                        "raw",
+                        mb / started.elapsed().as_secs_f64(),
+                    );
+                } else {
+                    for (store, name) in [(&wharf_js, "JetStream"), (&wharf_fs, "file")] {
+                        let started = Instant::now();
+                        let mut refs = Vec::with_capacity(count);
+                        for _ in 0..count {
+                            refs.push(store.put_bytes(data.clone()).await?);
+                        }
+                        record(
+                            format!("{name} put {label}"),
+                            "wharf",
+                            mb / started.elapsed().as_secs_f64(),
+                        );
+                        let started = Instant::now();
+                        for r in &refs {
+                            r.bytes_with(&client).await?;
+                        }
+                        record(
+                            format!("{name} get {label}"),
+                            "wharf",
+                            mb / started.elapsed().as_secs_f64(),
+                        );
+                        for r in &refs {
+                            r.delete_with(&client).await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // Spilled against explicit reference, through a worker process.
+    let mut worker = spawn_worker(&url)?;
+    let arg = Pattern::bytes(4 << 20);
+    let until = Instant::now() + Duration::from_secs(15);
+    while weigh::call(&client, vec![1]).await.is_err() {
+        if Instant::now() > until {
+            return Err("the worker did not answer within 15 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls = if quick { 3 } else { 30 };
+    let (mut spilled, mut explicit) = (Vec::new(), Vec::new());
+    for _ in 0..calls {
+        let started = Instant::now();
+        let n = weigh::call(&client, arg.clone()).await?;
+        spilled.push(started.elapsed().as_secs_f64() * 1e3);
+        let started = Instant::now();
+        let stored = wharf_js.put(&arg).await?;
+        let m = weigh_ref::call(&client, stored.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        explicit.push(started.elapsed().as_secs_f64() * 1e3);
+        stored.delete_with(&client).await?;
+        if n != arg.len() as u64 || m != n {
+            return Err(format!("wrong lengths {n}, {m}").into());
+        }
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("| store, operation, size | raw (MB/s) | wharf (MB/s) | wharf / raw | per-round ratio, min to max |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let metrics: Vec<String> = results
+        .iter()
+        .filter(|(_, side, _)| *side == "raw")
+        .map(|(m, _, _)| m.clone())
+        .collect();
+    for metric in metrics {
+        let of = |side: &str| {
+            results
+                .iter()
+                .find(|(m, s, _)| *m == metric && *s == side)
+                .map(|(_, _, values)| values.clone())
+                .unwrap_or_default()
+        };
+        let (raw, wharf) = (of("raw"), of("wharf"));
+        let ratios: Vec<f64> = raw.iter().zip(&wharf).map(|(r, w)| w / r).collect();
+        let low = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
+        let high = ratios.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "| {metric} | {:.1} | {:.1} | {:.3} | {low:.3} to {high:.3} |",
+            median(&raw),
+            median(&wharf),
+            median(&wharf) / median(&raw)
+        );
+    }
+    println!();
+    println!("| call with a 4 MiB argument | p50 (ms) | max (ms) |");
+    println!("| --- | ---: | ---: |");
+    for (label, values) in [
+        ("spilled automatically, `weigh(data)`", &spilled),
+        (
+            "by explicit reference, `put` then `weigh_ref(r)`",
+            &explicit,
+        ),
+    ] {
+        println!(
+            "| {label} | {:.1} | {:.1} |",
+            median(values),
+            values.iter().cloned().fold(0.0, f64::max)
+        );
+    }
+    println!();
+    println!(
+        "rounds: {rounds}, objects per size and round: {:?}, calls: {calls}",
+        sizes.iter().map(|s| s.2).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+fn spawn_worker(url: &str) -> std::io::Result<Child> {
+    Command::new(std::env::current_exe()?)
+        .env("NATS_URL", url)
+        .env("WHARF_ROLE", "worker")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
