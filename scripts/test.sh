@@ -19,6 +19,8 @@ say "stateful example (rate limiter)"
 cargo run -q -p wharf-examples --bin ratelimit >/dev/null
 say "bench smoke run (numbers need --release; see docs/BENCHMARKS.md)"
 cargo run -q -p wharf-examples --bin bench -- --quick >/dev/null
+say "objects bench smoke run"
+cargo run -q -p wharf-examples --bin objects_bench -- --quick >/dev/null
 say "cargo test"
 log="$(mktemp)"
 set +e
