@@ -17,6 +17,8 @@ say "demo (quickstart)"
 cargo run -q -p wharf-examples --bin quickstart >/dev/null
 say "stateful example (rate limiter)"
 cargo run -q -p wharf-examples --bin ratelimit >/dev/null
+say "objects example"
+cargo run -q -p wharf-examples --bin objects >/dev/null
 say "bench smoke run (numbers need --release; see docs/BENCHMARKS.md)"
 cargo run -q -p wharf-examples --bin bench -- --quick >/dev/null
 say "objects bench smoke run"
