@@ -90,6 +90,8 @@ async def main(url: str) -> None:
         {"uri": big_ref["uri"], "offset": 600_000, "length": 1000}).encode(), timeout=10)
     missing = await nc.request("wharf.objects.get", json.dumps(
         {"uri": "wharf://jetstream/wharf_objects/nope"}).encode(), timeout=10)
+    elsewhere = await nc.request("wharf.objects.get", json.dumps(
+        {"uri": "file:///etc/hostname"}).encode(), timeout=10)
 
     def failure(msg):
         headers = msg.headers or {}
@@ -119,6 +121,7 @@ async def main(url: str) -> None:
         "objects_big_ref": big_ref,
         "objects_range_ok": ranged.data == whole[600_000:601_000],
         "objects_missing": failure(missing),
+        "objects_elsewhere": failure(elsewhere),
     }))
     await nc.close()
 

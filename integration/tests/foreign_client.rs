@@ -74,4 +74,9 @@ async fn nats_py_calls_a_wharf_service() {
     assert_eq!(seen["objects_range_ok"], true);
     assert_eq!(seen["objects_missing"]["code"], "404");
     assert_eq!(seen["objects_missing"]["body"]["kind"], "object_not_found");
+    assert_eq!(seen["objects_elsewhere"]["code"], "400");
+    assert_eq!(
+        seen["objects_elsewhere"]["body"]["kind"],
+        "unsupported_store"
+    );
 }

@@ -37,7 +37,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             ))
         }
     };
-    let shape = Shape::read(&func)?;
+    let shape = Shape::read(&func, options.stateful)?;
     match shape.args.iter().filter(|arg| arg.state.is_some()).nth(usize::from(options.stateful)) {
         Some(arg) if options.stateful => {
             return Err(syn::Error::new_spanned(
@@ -85,7 +85,10 @@ struct Shape {
 }
 
 impl Shape {
-    fn read(func: &ItemFn) -> syn::Result<Shape> {
+    /// `stateful`: any `State<S>` argument is the transaction's state; in
+    /// other functions only `wharf::State<S>` is (and is then an error),
+    /// so a type of the user's own named `State` still crosses the wire.
+    fn read(func: &ItemFn, stateful: bool) -> syn::Result<Shape> {
         let sig = &func.sig;
         if let Some(token) = &sig.constness {
             return Err(unsupported(token.span(), "a `const fn`"));
@@ -129,7 +132,7 @@ impl Shape {
                             ))
                         }
                     };
-                    let state = state_type(&typed.ty);
+                    let state = state_type(&typed.ty, stateful);
                     if state.is_none() {
                         check_wire_type(&typed.ty, "argument")?;
                     }
@@ -234,10 +237,15 @@ fn check_wire_type(ty: &Type, position: &str) -> syn::Result<()> {
     }
 }
 
-/// `S` of an argument typed `State<S>` (`wharf::State<S>` or imported).
-fn state_type(ty: &Type) -> Option<Type> {
+/// `S` of an argument typed `State<S>`: written `wharf::State<S>`, or,
+/// in a stateful function, also imported as `State<S>`.
+fn state_type(ty: &Type, stateful: bool) -> Option<Type> {
     let Type::Path(path) = ty else { return None };
     if path.qself.is_some() {
+        return None;
+    }
+    let qualified = path.path.segments.len() == 2 && path.path.segments[0].ident == "wharf";
+    if !stateful && !qualified {
         return None;
     }
     let last = path.path.segments.last()?;

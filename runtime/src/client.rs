@@ -285,20 +285,34 @@ impl Client {
     ) -> Result<(Message, u32), Error> {
         // Kept a while past the deadline even if this process dies first.
         let ttl = call.deadline.saturating_duration_since(Instant::now()) + SPILL_GRACE;
-        let stored = crate::objects::Objects::new(self)?
+        let size = prepared.payload.len();
+        let stored = match crate::objects::Objects::new(self)?
             .store("jetstream")?
             .ttl(ttl)
             .put_bytes(prepared.payload.slice(prepared.args_at..))
-            .await?;
+            .await
+        {
+            Ok(stored) => stored,
+            Err(error) => {
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!(
+                        "call to `{}` not sent: its request is {size} bytes, more than the server's max_payload ({} bytes) allows, and storing the arguments as an object failed: {}; pass large values by reference (wharf::put), or raise max_payload in the nats-server configuration",
+                        spec.subject(&self.inner.prefix),
+                        self.inner.nats.server_info().max_payload,
+                        error.message()
+                    ),
+                ))
+            }
+        };
         prepared.payload = prepared.payload.slice(..prepared.args_at);
         let headers = prepared.headers.get_or_insert_with(HeaderMap::new);
         headers.insert(headers::SPILL, stored.uri.as_str());
         headers.insert(headers::SPILL_DIGEST, stored.digest.as_str());
         let result = self.invoke_tries(spec, prepared, call, options).await;
-        let client = self.clone();
-        tokio::spawn(async move {
-            let _ = stored.delete_with(&client).await;
-        });
+        // Released now, not left to its TTL (which covers a caller that
+        // dies mid-call).
+        let _ = stored.delete_with(self).await;
         let (message, attempts) = result?;
         if spilled(&message).is_some() {
             return Ok((self.unspill_reply(message).await?, attempts));
@@ -309,11 +323,8 @@ impl Client {
     /// A reply whose value was spilled: fetch it, then delete the object.
     async fn unspill_reply(&self, mut message: Message) -> Result<Message, Error> {
         let (uri, digest) = spilled(&message).expect("checked by the caller");
-        message.payload = crate::objects::fetch(self, &uri, &digest).await?;
-        let client = self.clone();
-        tokio::spawn(async move {
-            let _ = crate::objects::delete(&client, &uri).await;
-        });
+        message.payload = crate::objects::fetch_spilled(self, &uri, &digest).await?;
+        let _ = crate::objects::delete(self, &uri).await;
         Ok(message)
     }
 
@@ -339,7 +350,9 @@ impl Client {
                 },
                 Err(error) => error,
             };
-            if failure.kind() == ErrorKind::NoResponders && options.txn.is_none() {
+            // (A call to a known transaction owner that finds none fails as
+            // TransactionLost instead: its instance is gone, not scaled down.)
+            if failure.kind() == ErrorKind::NoResponders {
                 // A supervisor that scaled this service to zero starts one
                 // when someone asks for it (cold start).
                 let demand = crate::supervisor::demand_subject(&self.inner.prefix, spec.service);
@@ -551,12 +564,15 @@ const SPILL_GRACE: Duration = Duration::from_secs(60);
 /// `max_payload` less 8 KiB for headers and the envelope.
 pub(crate) fn spill_limit(nats: &async_nats::Client) -> usize {
     let max_payload = nats.server_info().max_payload;
+    // Room for headers and the envelope: 8 KiB, or an eighth of a small
+    // max_payload.
+    let room = (8 * 1024).min(max_payload / 8);
     std::env::var("WHARF_SPILL_BYTES")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|n| *n > 0)
         .unwrap_or(usize::MAX)
-        .min(max_payload.saturating_sub(8 * 1024).max(1))
+        .min(max_payload.saturating_sub(room).max(1))
 }
 
 /// The object a spilled message names: its URI and digest.

@@ -286,6 +286,8 @@ struct Managed {
     instance: Box<dyn Instance>,
     started: Instant,
     draining_since: Option<Instant>,
+    /// Seen holding open transactions while draining.
+    quiesced: bool,
     misses: u32,
 }
 
@@ -541,6 +543,7 @@ impl Supervisor {
                     instance: Adopted::from_heartbeat(&beat),
                     started: Instant::now(),
                     draining_since: None,
+                    quiesced: false,
                     misses: 0,
                 },
             );
@@ -599,7 +602,10 @@ impl Supervisor {
                         .unwrap()
                         .get(&id)
                         .is_some_and(|(beat, _)| beat.transactions > 0);
-                let limit = if quiescing {
+                // Once seen quiescing, it keeps the longer limit through the
+                // drain that follows the quiesce.
+                managed.quiesced |= quiescing;
+                let limit = if managed.quiesced {
                     crate::QUIESCE_LIMIT + DRAIN_GRACE
                 } else {
                     DRAIN_GRACE
@@ -815,6 +821,7 @@ impl Supervisor {
                         instance: handle,
                         started: Instant::now(),
                         draining_since: None,
+                        quiesced: false,
                         misses: 0,
                     },
                 );

@@ -372,8 +372,9 @@ impl Transaction {
                 }
             }
         }
+        // The purge marker expires too.
         store
-            .delete(id)
+            .purge_with_ttl(id, Duration::from_secs(1))
             .await
             .map_err(|e| kv_error("release", id, e))
     }
@@ -452,6 +453,8 @@ type Cell = Arc<tokio::sync::Mutex<Box<dyn Any + Send>>>;
 /// One transaction this instance owns.
 pub(crate) struct Slot {
     id: String,
+    /// The service that claimed it.
+    service: &'static str,
     lease: Duration,
     /// Revision of the lease record last written by this instance.
     revision: AtomicU64,
@@ -564,10 +567,6 @@ impl Owned {
         if let Some(in_use) = self.local(id) {
             return Ok(Admitted::Here(in_use));
         }
-        let _claiming = self.claiming.lock().await;
-        if let Some(in_use) = self.local(id) {
-            return Ok(Admitted::Here(in_use));
-        }
         loop {
             let Some((lease, revision)) = read_lease(&self.store, id).await? else {
                 return Err(unknown(id));
@@ -579,8 +578,12 @@ impl Owned {
                 ));
             }
             match lease.owner {
-                // Owned here before, and dropped since: it expired.
-                Some(owner) if owner == self.instance => return Err(unknown(id)),
+                Some(owner) if owner == self.instance => {
+                    // Claimed here by a call still finishing its claim (wait
+                    // for it), or owned here before and dropped: expired.
+                    let _claiming = self.claiming.lock().await;
+                    return self.local(id).map(Admitted::Here).ok_or_else(|| unknown(id));
+                }
                 Some(owner) => return Ok(Admitted::Forward(owner)),
                 None if !self.accepting.load(Ordering::Acquire) => {
                     return Err(Error::new(
@@ -589,6 +592,13 @@ impl Owned {
                     ))
                 }
                 None => {
+                    // Claims on this instance go one at a time, so a second
+                    // call of the same new transaction finds the first's
+                    // slot; reads and forwards above never wait here.
+                    let _claiming = self.claiming.lock().await;
+                    if let Some(in_use) = self.local(id) {
+                        return Ok(Admitted::Here(in_use));
+                    }
                     let claimed = Lease {
                         service: Some(spec.service.to_owned()),
                         owner: Some(self.instance.clone()),
@@ -602,6 +612,7 @@ impl Owned {
                     let now = crate::context::unix_ms();
                     let slot = Arc::new(Slot {
                         id: id.to_owned(),
+                        service: spec.service,
                         lease: Duration::from_secs(lease.lease_s.max(1)),
                         revision: AtomicU64::new(revision),
                         in_flight: AtomicUsize::new(0),
@@ -621,10 +632,35 @@ impl Owned {
     async fn release(&self, id: &str) {
         let slot = self.open.lock().unwrap().remove(id);
         if let Some(slot) = slot {
-            let revision = slot.revision.load(Ordering::Acquire);
-            let _ = self.store.delete_expect_revision(id, Some(revision)).await;
-            self.ended.notify_waiters();
+            self.release_lease(&slot).await;
         }
+    }
+
+    /// Deletes the lease of a slot no longer held; the purge marker expires
+    /// too, so ended transactions leave nothing in the bucket.
+    async fn release_lease(&self, slot: &Slot) {
+        let revision = slot.revision.load(Ordering::Acquire);
+        let _ = self
+            .store
+            .purge_expect_revision_with_ttl(slot.id.as_str(), revision, Duration::from_secs(1))
+            .await;
+        self.ended.notify_waiters();
+    }
+
+    /// Drops a slot idle for a whole lease; decided under the lock `local`
+    /// takes, so a call arriving meanwhile keeps it.
+    async fn release_if_idle(&self, slot: &Arc<Slot>, now: u64) -> bool {
+        let removed = {
+            let mut open = self.open.lock().unwrap();
+            let lease_ms = slot.lease.as_millis() as u64;
+            let idle = slot.in_flight.load(Ordering::Acquire) == 0
+                && now.saturating_sub(slot.last_used_ms.load(Ordering::Relaxed)) >= lease_ms;
+            idle && open.remove(&slot.id).is_some()
+        };
+        if removed {
+            self.release_lease(slot).await;
+        }
+        removed
     }
 
     /// Keeps the leases of transactions in use alive and ends those idle for
@@ -636,33 +672,29 @@ impl Owned {
             tick.tick().await;
             let now = crate::context::unix_ms();
             let slots: Vec<Arc<Slot>> = self.open.lock().unwrap().values().cloned().collect();
+            let mut due = Vec::new();
             for slot in slots {
-                let lease_ms = slot.lease.as_millis() as u64;
-                let idle = slot.in_flight.load(Ordering::Acquire) == 0
-                    && now.saturating_sub(slot.last_used_ms.load(Ordering::Relaxed)) >= lease_ms;
-                if idle {
-                    self.release(&slot.id).await;
-                } else if now.saturating_sub(slot.renewed_ms.load(Ordering::Relaxed))
-                    >= lease_ms / 3
-                {
-                    self.renew(&slot).await;
+                if self.release_if_idle(&slot, now).await {
+                    continue;
                 }
+                let lease_ms = slot.lease.as_millis() as u64;
+                if now.saturating_sub(slot.renewed_ms.load(Ordering::Relaxed)) >= lease_ms / 3 {
+                    due.push(slot);
+                }
+            }
+            // Renewed together, so thousands of transactions renew within
+            // a tick rather than one round trip after another.
+            for batch in due.chunks(256) {
+                futures_util::future::join_all(batch.iter().map(|slot| self.renew(slot))).await;
             }
         }
     }
 
     async fn renew(&self, slot: &Slot) {
         let lease = Lease {
-            service: None,
+            service: Some(slot.service.to_owned()),
             owner: Some(self.instance.clone()),
             lease_s: slot.lease.as_secs(),
-        };
-        let lease = match read_lease(&self.store, &slot.id).await {
-            Ok(Some((current, _))) => Lease {
-                service: current.service,
-                ..lease
-            },
-            _ => lease,
         };
         let revision = slot.revision.load(Ordering::Acquire);
         match write_lease(&self.js, &slot.id, &lease, revision).await {
@@ -770,6 +802,7 @@ mod tests {
         assert_eq!(*state, 6);
         let slot = Slot {
             id: "t".into(),
+            service: "s",
             lease: DEFAULT_LEASE,
             revision: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),

@@ -419,6 +419,20 @@ impl Worker {
                 micro::answer_discovery(&nats, Arc::new(info), data).await?,
             ));
         }
+        if jetstream {
+            // Spilled payloads and objects with a TTL in the Object Store
+            // expire by metadata; workers sweep them, a minute apart and
+            // out of step with each other.
+            let sweeper = self.client.clone();
+            let offset = u64::from(std::process::id()) % 30_000;
+            probes.push(Discovery(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(30_000 + offset)).await;
+                loop {
+                    let _ = crate::objects::jetstream::sweep(&sweeper).await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            })));
+        }
         if let Some(owned) = &owned {
             probes.push(Discovery(tokio::spawn(owned.clone().keep_leases())));
             probes.push(Discovery(owned.clone().answer_ends(nats.clone()).await?));
@@ -791,7 +805,9 @@ impl Endpoint {
         if let Ok(body) = &outcome {
             if body.len() > self.shared.spill_at {
                 let body = body.clone();
-                return Box::pin(self.respond_spilled(reply, codec, &meta, body, started)).await;
+                let owner = (!direct).then_some(owned.instance.as_str());
+                return Box::pin(self.respond_spilled(reply, codec, &meta, body, started, owner))
+                    .await;
             }
         }
         // Through the queue group the caller does not know the owner yet:
@@ -862,7 +878,14 @@ impl Endpoint {
                     .await;
             }
             // Timed out: the caller's own deadline has passed too.
-            Err(_) => {}
+            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {}
+            Err(e) => {
+                let fault = Fault::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot reach instance `{owner}`, which owns transaction `{txn}`: {e}; retry"),
+                );
+                self.respond_fault(reply, codec, fault, started).await;
+            }
         }
     }
 
@@ -997,7 +1020,7 @@ impl Endpoint {
 
     /// The arguments of a spilled call, from the object store.
     async fn unspill(&self, (uri, digest): &(String, String)) -> Result<Bytes, Fault> {
-        crate::objects::fetch(&self.shared.client, uri, digest)
+        crate::objects::fetch_spilled(&self.shared.client, uri, digest)
             .await
             .map_err(|e| {
                 let spec = self.registration.spec;
@@ -1022,6 +1045,7 @@ impl Endpoint {
         meta: &CallMeta,
         body: Bytes,
         started: SystemTime,
+        owner: Option<&str>,
     ) {
         let stored = match crate::objects::Objects::new(&self.shared.client)
             .and_then(|objects| objects.store("jetstream"))
@@ -1032,6 +1056,9 @@ impl Endpoint {
         match stored {
             Ok(stored) => {
                 let mut headers = self.reply_headers(codec, meta);
+                if let Some(owner) = owner {
+                    crate::txn::owner_header(&mut headers, owner);
+                }
                 headers.insert(headers::SPILL, stored.uri.as_str());
                 headers.insert(headers::SPILL_DIGEST, stored.digest.as_str());
                 let _ = self
@@ -1059,7 +1086,7 @@ impl Endpoint {
     ) {
         match outcome {
             Ok(body) if body.len() > self.shared.spill_at => {
-                Box::pin(self.respond_spilled(reply, codec, meta, body, started)).await
+                Box::pin(self.respond_spilled(reply, codec, meta, body, started, None)).await
             }
             Ok(body) => {
                 let nats = &self.shared.nats;
@@ -1133,8 +1160,14 @@ pub(crate) struct CallMeta {
     /// Transaction id of a stateful call; empty when none.
     pub(crate) txn: Bytes,
     /// The object holding the arguments, when they were spilled: URI and
-    /// digest.
-    pub(crate) spill: Option<(String, String)>,
+    /// digest. Boxed: every call's future carries this struct.
+    pub(crate) spill: Option<Box<(String, String)>>,
+}
+
+/// The spilled-arguments object a request names, if any.
+fn spilled(message: &async_nats::Message) -> Option<Box<(String, String)>> {
+    message.headers.as_ref()?;
+    crate::client::spilled(message).map(Box::new)
 }
 
 /// Reads the codec, the call metadata and the argument bytes of a request.
@@ -1170,7 +1203,7 @@ pub(crate) fn read_request(
                 } else {
                     message.payload.slice_ref(txn)
                 },
-                spill: crate::client::spilled(message),
+                spill: spilled(message),
             };
             Ok((codec, meta, message.payload.slice(at..)))
         }
@@ -1217,7 +1250,7 @@ pub(crate) fn read_request(
                 txn: header(headers::TXN)
                     .map(|id| Bytes::copy_from_slice(id.as_bytes()))
                     .unwrap_or_default(),
-                spill: crate::client::spilled(message),
+                spill: spilled(message),
             };
             Ok((codec, meta, message.payload.clone()))
         }

@@ -284,15 +284,49 @@ async fn an_unreachable_server_is_an_error_naming_the_url() {
 }
 
 #[tokio::test]
-async fn oversized_payloads_are_refused_before_sending() {
+async fn oversized_payloads_spill_or_are_refused_before_sending() {
+    // With JetStream, an argument and a result above max_payload travel
+    // through the object store.
     let server = NatsServer::start_with_config("max_payload: 4096").unwrap();
     let client = Client::connect(&server.url()).await.unwrap();
     let _worker = Worker::new(&client).start().await.unwrap();
-    let error = greet::call(&client, "x".repeat(8192)).await.unwrap_err();
-    assert_eq!(error.kind(), ErrorKind::PayloadTooLarge);
+    let long = "x".repeat(8192);
+    let greeting = greet::call(&client, long.clone()).await.unwrap();
+    assert_eq!(greeting, format!("Hello, {long}!"));
+    assert_eq!(greet::call(&client, "y".into()).await.unwrap(), "Hello, y!");
+
+    // Without it, nothing can hold the arguments: refused, and said why.
+    let config = std::env::temp_dir().join(format!("wharf-plain-{}.conf", std::process::id()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(&config, format!("port: {port}\nmax_payload: 4096\n")).unwrap();
+    let mut plain = std::process::Command::new(wharf::nats_server_binary().unwrap())
+        .arg("-c")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut connected = None;
+    for _ in 0..100 {
+        if let Ok(client) = Client::connect(&url).await {
+            connected = Some(client);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let plain_client = connected.expect("the plain server starts");
+    let error = greet::call(&plain_client, long).await.unwrap_err();
+    let _ = plain.kill();
+    let _ = plain.wait();
+    let _ = std::fs::remove_file(&config);
+    assert_eq!(error.kind(), ErrorKind::PayloadTooLarge, "{error}");
     assert!(error.message().contains("wharf.calls.greet"), "{error}");
     assert!(error.message().contains("4096"), "{error}");
-    assert_eq!(greet::call(&client, "y".into()).await.unwrap(), "Hello, y!");
 }
 
 /// A caller built against another signature of `calls.add`.

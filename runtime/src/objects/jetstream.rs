@@ -25,6 +25,20 @@ const EXPIRES: &str = "wharf.expires_ms";
 /// Object Store metadata: the type the object was stored as.
 const TYPE: &str = "wharf.type";
 
+/// The largest object kept in KV through `client`: [`INLINE_LIMIT`], or
+/// less when the server's max_payload is small.
+pub(super) fn inline_limit(client: &Client) -> usize {
+    INLINE_LIMIT.min(room(client))
+}
+
+/// What one message may carry with room for its headers.
+fn room(client: &Client) -> usize {
+    let max_payload = client.nats().server_info().max_payload;
+    max_payload
+        .saturating_sub((1024).min(max_payload / 4))
+        .max(1)
+}
+
 /// Both buckets, found or created once per client.
 pub(crate) struct JsStores {
     js: jetstream::Context,
@@ -149,24 +163,27 @@ pub(super) async fn put_stream(
 ) -> Result<(String, u64, String), Error> {
     // Read at most one byte past the inline limit to learn which store.
     let mut head = Vec::with_capacity(64 * 1024);
-    let mut limited = (&mut *reader).take(INLINE_LIMIT as u64 + 1);
+    let inline = inline_limit(client);
+    let mut limited = (&mut *reader).take(inline as u64 + 1);
     limited
         .read_to_end(&mut head)
         .await
         .map_err(|e| read_failed(key, e))?;
-    if head.len() <= INLINE_LIMIT {
+    if head.len() <= inline {
         let (uri, digest) = put_inline(client, key, &head, ttl).await?;
         return Ok((uri, head.len() as u64, digest));
     }
     let stores = stores(client).await?;
     let mut metadata = HashMap::from([(TYPE.to_owned(), ty.to_owned())]);
     if let Some(ttl) = ttl {
-        let expires = crate::context::unix_ms() + ttl.as_millis() as u64;
+        let expires = crate::context::unix_ms().saturating_add(ttl.as_millis() as u64);
         metadata.insert(EXPIRES.to_owned(), expires.to_string());
     }
     let meta = object_store::ObjectMetadata {
         name: key.to_owned(),
         metadata,
+        // 128 KiB chunks, or smaller when one would not fit a message.
+        chunk_size: Some((128 * 1024).min(room(client))),
         ..Default::default()
     };
     let mut rest = std::io::Cursor::new(head).chain(reader);
@@ -360,9 +377,10 @@ fn expired(metadata: &HashMap<String, String>) -> bool {
 
 pub(super) async fn delete_inline(client: &Client, _uri: &str, key: &str) -> Result<(), Error> {
     let stores = stores(client).await?;
+    // The purge marker expires too, so deleted keys leave nothing behind.
     stores
         .kv
-        .purge(key)
+        .purge_with_ttl(key, Duration::from_secs(1))
         .await
         .map_err(|e| unreachable_store(OBJECTS_BUCKET, e))
 }
@@ -378,7 +396,7 @@ pub(super) async fn delete_blob(client: &Client, _uri: &str, key: &str) -> Resul
 
 /// Deletes the blobs whose TTL has passed (KV values expire by
 /// themselves); returns how many.
-pub(super) async fn sweep(client: &Client) -> Result<usize, Error> {
+pub(crate) async fn sweep(client: &Client) -> Result<usize, Error> {
     use futures_util::StreamExt;
     let stores = stores(client).await?;
     let mut list = stores

@@ -16,7 +16,7 @@
 //! them; they end when deleted or when their TTL passes.
 
 mod external;
-mod jetstream;
+pub(crate) mod jetstream;
 pub mod service;
 
 use crate::{Client, Error, ErrorKind};
@@ -36,6 +36,9 @@ pub use jetstream::{BLOBS_BUCKET, OBJECTS_BUCKET};
 /// Values up to this size are kept in KV `wharf_objects`; larger ones in
 /// the Object Store `wharf_blobs`.
 pub const INLINE_LIMIT: usize = 256 * 1024;
+
+/// The longest TTL an object may be given (longer ones are cut to it).
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// The type name of raw bytes: what [`Blob`] references carry.
 pub const BYTES_TYPE: &str = "bytes";
@@ -272,7 +275,7 @@ impl Objects {
     /// (whole seconds, at least one). Supported by the JetStream store and
     /// by custom stores that honour it.
     pub fn ttl(mut self, ttl: Duration) -> Objects {
-        self.ttl = Some(ttl.max(Duration::from_secs(1)));
+        self.ttl = Some(ttl.clamp(Duration::from_secs(1), MAX_TTL));
         self
     }
 
@@ -296,7 +299,7 @@ impl Objects {
     async fn put_bytes_as(&self, bytes: bytes::Bytes, ty: &str) -> Result<ObjectRef<Blob>, Error> {
         match &self.target {
             // Small values skip the stream machinery.
-            Target::JetStream if bytes.len() <= INLINE_LIMIT => {
+            Target::JetStream if bytes.len() <= jetstream::inline_limit(&self.client) => {
                 let (uri, digest) =
                     jetstream::put_inline(&self.client, &new_key(), &bytes, self.ttl).await?;
                 Ok(reference(uri, ty, bytes.len() as u64, digest))
@@ -438,6 +441,22 @@ pub(crate) async fn fetch(client: &Client, uri: &str, digest: &str) -> Result<by
         .await
         .map_err(|e| read_error(uri, e))?;
     Ok(bytes.into())
+}
+
+/// A spilled payload: only the JetStream store holds those, so a message
+/// cannot make a process read (or later delete) anything else.
+pub(crate) async fn fetch_spilled(
+    client: &Client,
+    uri: &str,
+    digest: &str,
+) -> Result<bytes::Bytes, Error> {
+    match locate(uri)? {
+        Location::Inline(_) | Location::Blob(_) => fetch(client, uri, digest).await,
+        _ => Err(Error::new(
+            ErrorKind::BadRequest,
+            format!("`{uri}` cannot hold a spilled payload: spilled payloads live in the JetStream store (wharf://jetstream/...)"),
+        )),
+    }
 }
 
 /// Deletes the object at `uri`.

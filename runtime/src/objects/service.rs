@@ -208,16 +208,32 @@ struct Locator {
     length: Option<u64>,
 }
 
-fn locator(message: &Message) -> Result<Locator, Error> {
-    serde_json::from_slice(&message.payload).map_err(|e| {
+/// The request's locator, when it names an object this service may touch:
+/// the JetStream store, registered stores, and its own configured store,
+/// never an arbitrary file or bucket.
+fn locator(objects: &Objects, message: &Message) -> Result<Locator, Error> {
+    let locator: Locator = serde_json::from_slice(&message.payload).map_err(|e| {
         bad(format!(
             "the request must be JSON {{\"uri\": .., \"digest\": .. (optional), \"offset\": .., \"length\": ..}}: {e}"
         ))
-    })
+    })?;
+    let own = match &objects.target {
+        super::Target::External(base) => locator
+            .uri
+            .starts_with(&format!("{}/", base.trim_end_matches('/'))),
+        _ => false,
+    };
+    match super::locate(&locator.uri)? {
+        super::Location::External if !own => Err(Error::new(
+            ErrorKind::UnsupportedStore,
+            format!("`{}` is not in a store this service serves: it serves the JetStream store, registered stores and the store WHARF_OBJECT_STORE names", locator.uri),
+        )),
+        _ => Ok(locator),
+    }
 }
 
 async fn get(objects: &Objects, message: &Message) -> Answer {
-    let request = locator(message)?;
+    let request = locator(objects, message)?;
     let client = &objects.client;
     let max = client.nats().server_info().max_payload.saturating_sub(4096);
     let digest = match &request.digest {
@@ -295,13 +311,13 @@ async fn stat_of(client: &Client, uri: &str) -> Result<(u64, String), Error> {
 }
 
 async fn stat(objects: &Objects, message: &Message) -> Answer {
-    let request = locator(message)?;
+    let request = locator(objects, message)?;
     let (size, digest) = stat_of(&objects.client, &request.uri).await?;
     json(&serde_json::json!({ "uri": request.uri, "size": size, "digest": digest }))
 }
 
 async fn remove(objects: &Objects, message: &Message) -> Answer {
-    let request = locator(message)?;
+    let request = locator(objects, message)?;
     super::delete(&objects.client, &request.uri).await?;
     json(&serde_json::json!({ "deleted": true }))
 }
