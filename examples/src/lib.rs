@@ -23,18 +23,7 @@ pub fn cpu_ticks(pids: &[u32]) -> Vec<u64> {
         .collect()
 }
 
-/// Resident set size of `pid` in KiB, from /proc; 0 when it is gone.
-pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
+pub use wharf::testing::rss_kib;
 
 /// The median of `values` (the upper one for an even count); 0 for none.
 pub fn median(values: &[f64]) -> f64 {
@@ -61,4 +50,18 @@ pub fn burn_cpu(ms: u64) -> u64 {
         rounds = std::hint::black_box(rounds.wrapping_add(1));
     }
     rounds
+}
+
+/// One table row comparing `ours` with `base`, per round: `| label | base
+/// median | ours median | ratio of medians | per-round ratio, min to max |`.
+pub fn ratio_row(label: &str, base: &[f64], ours: &[f64]) -> String {
+    let ratios: Vec<f64> = base.iter().zip(ours).map(|(b, o)| o / b).collect();
+    let low = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
+    let high = ratios.iter().cloned().fold(0.0, f64::max);
+    format!(
+        "| {label} | {:.1} | {:.1} | {:.3} | {low:.3} to {high:.3} |",
+        median(base),
+        median(ours),
+        median(ours) / median(base)
+    )
 }

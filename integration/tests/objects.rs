@@ -7,23 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wharf::objects::Objects;
-use wharf::testing::{NatsServer, Pattern};
+use wharf::testing::{rss_kib, NatsServer, Pattern};
 use wharf::Client;
 use wharf_integration::{blob_stats, byte_sum, pattern, spawn_svc, spawn_worker, wait_for_workers};
-
-/// Resident set of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_256_mib_object_passes_through_a_microservice_in_bounded_memory() {

@@ -213,6 +213,31 @@ impl Drop for Scene {
     }
 }
 
+/// Four callers that keep an instance's blocking pool burning CPU until
+/// `stop` is set; each returns how many calls it made, none failed.
+fn burn_load(
+    client: &Client,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    Vec<tokio::task::JoinHandle<u64>>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers = (0..4)
+        .map(|_| {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut calls = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    burn::call(&client, 100).await.expect("no call fails");
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    (stop, callers)
+}
+
 fn nuid_like() -> String {
     format!(
         "{}-{}",
@@ -346,21 +371,7 @@ async fn scales_up_and_down(runs: Runs) {
             live.len() == 1
         })
         .await;
-    // Four callers keep the one instance's blocking pool burning CPU.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let callers: Vec<_> = (0..4)
-        .map(|_| {
-            let (client, stop) = (scene.client.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut calls = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    burn::call(&client, 100).await.expect("no call fails");
-                    calls += 1;
-                }
-                calls
-            })
-        })
-        .collect();
+    let (stop, callers) = burn_load(&scene.client);
     let peak = scene
         .wait_for("more instances", Duration::from_secs(30), |live| {
             live.len() >= 2
@@ -477,6 +488,14 @@ async fn scale_to_zero_and_a_cold_start_on_the_first_call() {
         .events_of("scale")
         .iter()
         .any(|e| e.reason.contains("cold start")));
+    // Its heartbeat may trail its first answer: see it, then see it go.
+    scene
+        .wait_for(
+            "the cold-started instance",
+            Duration::from_secs(10),
+            |live| live.len() == 1,
+        )
+        .await;
     // Idle for idle_to_zero: back to none.
     scene
         .wait_for("scale to zero", Duration::from_secs(20), |live| {
@@ -530,17 +549,7 @@ async fn a_supervised_scale_down_waits_for_open_transactions() {
         })
         .await;
     // Load scales the service up...
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let callers: Vec<_> = (0..4)
-        .map(|_| {
-            let (client, stop) = (scene.client.clone(), stop.clone());
-            tokio::spawn(async move {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    burn::call(&client, 100).await.expect("no call fails");
-                }
-            })
-        })
-        .collect();
+    let (stop, callers) = burn_load(&scene.client);
     scene
         .wait_for("more instances", Duration::from_secs(30), |live| {
             live.len() >= 2

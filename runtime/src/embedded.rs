@@ -64,11 +64,13 @@ fn is_executable(path: &Path) -> bool {
 /// A nats-server with JetStream on a loopback port of its own choosing
 /// (`-p -1`, so no other process can take the port between choosing and
 /// binding), its store under `dir`, reporting its port in a file in `dir`.
-pub(crate) fn nats_command(binary: &Path, dir: &Path) -> Command {
+pub(crate) fn nats_command(binary: &Path, dir: &Path, jetstream: bool) -> Command {
     let mut command = Command::new(binary);
+    command.args(["-a", "127.0.0.1", "-p", "-1"]);
+    if jetstream {
+        command.arg("-js").arg("-sd").arg(dir.join("jetstream"));
+    }
     command
-        .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
-        .arg(dir.join("jetstream"))
         .arg("--ports_file_dir")
         .arg(dir)
         .stdin(Stdio::null())
@@ -115,7 +117,7 @@ pub async fn start_nats_server_on(port: Option<u16>) -> Result<String, Error> {
         )
     })?;
     let log = scratch.join("nats-server.log");
-    let mut command = nats_command(&binary, &scratch);
+    let mut command = nats_command(&binary, &scratch, true);
     command.arg("-l").arg(&log);
     if let Some(port) = port {
         // The last `-p` wins over nats_command's free port.

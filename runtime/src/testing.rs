@@ -21,6 +21,7 @@ pub struct NatsServer {
     port: u16,
     monitoring: u16,
     dir: PathBuf,
+    jetstream: bool,
 }
 
 impl NatsServer {
@@ -33,6 +34,16 @@ impl NatsServer {
     /// syntax, for example `max_payload: 4096`. Address, port and the
     /// JetStream store are set by the helper.
     pub fn start_with_config(config: &str) -> Result<NatsServer, Error> {
+        NatsServer::launch(config, true)
+    }
+
+    /// Starts a server without JetStream (and with extra `config`): no
+    /// durable calls, transactions or object store.
+    pub fn start_without_jetstream(config: &str) -> Result<NatsServer, Error> {
+        NatsServer::launch(config, false)
+    }
+
+    fn launch(config: &str, jetstream: bool) -> Result<NatsServer, Error> {
         let binary = crate::nats_server_binary()?;
         let dir = std::env::temp_dir().join(format!("wharf-test-nats-{}", nuid::next().as_str()));
         std::fs::create_dir_all(&dir)
@@ -44,12 +55,13 @@ impl NatsServer {
                 format!("cannot write {config_file:?}: {e}"),
             )
         })?;
-        let child = spawn(&binary, &dir, None)?;
+        let child = spawn(&binary, &dir, None, jetstream)?;
         let mut server = NatsServer {
             child,
             port: 0,
             monitoring: 0,
             dir,
+            jetstream,
         };
         server.wait_listening()?;
         Ok(server)
@@ -66,7 +78,12 @@ impl NatsServer {
             self.dir
                 .join(format!("nats-server_{}.ports", self.child.id())),
         );
-        self.child = spawn(&binary, &self.dir, Some((self.port, self.monitoring)))?;
+        self.child = spawn(
+            &binary,
+            &self.dir,
+            Some((self.port, self.monitoring)),
+            self.jetstream,
+        )?;
         self.wait_listening()
     }
 
@@ -177,8 +194,9 @@ fn spawn(
     binary: &std::path::Path,
     dir: &std::path::Path,
     ports: Option<(u16, u16)>,
+    jetstream: bool,
 ) -> Result<Child, Error> {
-    let mut command = crate::embedded::nats_command(binary, dir);
+    let mut command = crate::embedded::nats_command(binary, dir, jetstream);
     command.arg("-c").arg(dir.join("server.conf"));
     match ports {
         // The last `-p` wins over the free-port one nats_command sets.
@@ -198,6 +216,19 @@ impl Drop for NatsServer {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Resident set size of `pid` in KiB, from /proc; 0 when it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// `len` bytes of a fixed pseudo-random pattern, made as they are read:

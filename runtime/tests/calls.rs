@@ -296,34 +296,9 @@ async fn oversized_payloads_spill_or_are_refused_before_sending() {
     assert_eq!(greet::call(&client, "y".into()).await.unwrap(), "Hello, y!");
 
     // Without it, nothing can hold the arguments: refused, and said why.
-    let config = std::env::temp_dir().join(format!("wharf-plain-{}.conf", std::process::id()));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    std::fs::write(&config, format!("port: {port}\nmax_payload: 4096\n")).unwrap();
-    let mut plain = std::process::Command::new(wharf::nats_server_binary().unwrap())
-        .arg("-c")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("nats://127.0.0.1:{port}");
-    let mut connected = None;
-    for _ in 0..100 {
-        if let Ok(client) = Client::connect(&url).await {
-            connected = Some(client);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let plain_client = connected.expect("the plain server starts");
+    let plain = NatsServer::start_without_jetstream("max_payload: 4096").unwrap();
+    let plain_client = Client::connect(&plain.url()).await.unwrap();
     let error = greet::call(&plain_client, long).await.unwrap_err();
-    let _ = plain.kill();
-    let _ = plain.wait();
-    let _ = std::fs::remove_file(&config);
     assert_eq!(error.kind(), ErrorKind::PayloadTooLarge, "{error}");
     assert!(error.message().contains("wharf.calls.greet"), "{error}");
     assert!(error.message().contains("4096"), "{error}");

@@ -265,33 +265,13 @@ async fn bad_references_get_distinct_errors() {
     assert_eq!(error.kind(), ErrorKind::StoreUnavailable, "{error}");
 
     // A server without JetStream has no default store.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut plain = std::process::Command::new(wharf::nats_server_binary().unwrap())
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("nats://127.0.0.1:{port}");
-    let mut plain_client = None;
-    for _ in 0..100 {
-        if let Ok(connected) = Client::connect(&url).await {
-            plain_client = Some(connected);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let error = Objects::new(&plain_client.expect("the plain server starts"))
+    let plain = NatsServer::start_without_jetstream("").unwrap();
+    let plain_client = Client::connect(&plain.url()).await.unwrap();
+    let error = Objects::new(&plain_client)
         .unwrap()
         .put(&1u8)
         .await
         .unwrap_err();
-    let _ = plain.kill();
-    let _ = plain.wait();
     assert_eq!(error.kind(), ErrorKind::StoreUnavailable, "{error}");
     assert!(error.message().contains("JetStream"), "{error}");
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use wharf::testing::NatsServer;
-use wharf_examples::{cpu_ticks, median, rss_kib};
+use wharf_examples::{cpu_ticks, median, ratio_row, rss_kib};
 
 /// The function under test: the same work the raw responder does.
 #[wharf::microservice(service = "bench")]
@@ -239,18 +239,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("| stateful call (in a transaction) vs stateless | stateless | stateful | stateful / stateless | per-round ratio, min to max |");
         println!("| --- | ---: | ---: | ---: | ---: |");
         for metric in STATEFUL_METRICS.into_iter().chain(STATEFUL_CPU) {
-            let (plain, stateful) = (
-                of_metric(metric, "stateless"),
-                of_metric(metric, "stateful"),
-            );
-            let ratios: Vec<f64> = stateful.iter().zip(&plain).map(|(s, p)| s / p).collect();
-            let low = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
-            let high = ratios.iter().cloned().fold(0.0, f64::max);
             println!(
-                "| {metric} | {:.1} | {:.1} | {:.3} | {low:.3} to {high:.3} |",
-                median(&plain),
-                median(&stateful),
-                median(&stateful) / median(&plain)
+                "{}",
+                ratio_row(
+                    metric,
+                    &of_metric(metric, "stateless"),
+                    &of_metric(metric, "stateful")
+                )
             );
         }
         println!();
@@ -291,25 +286,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|(m, _, _)| *m)
         .collect();
     for metric in metrics {
-        let of = |side: &str| {
-            results
-                .iter()
-                .find(|(m, s, _)| *m == metric && *s == side)
-                .map(|(_, _, values)| values.clone())
-                .unwrap_or_default()
-        };
-        let (raw_values, wharf_values) = (of("raw"), of("wharf"));
-        let (r, w) = (median(&raw_values), median(&wharf_values));
-        let ratios: Vec<f64> = raw_values
-            .iter()
-            .zip(&wharf_values)
-            .map(|(r, w)| w / r)
-            .collect();
-        let low = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
-        let high = ratios.iter().cloned().fold(0.0, f64::max);
         println!(
-            "| {metric} | {r:.1} | {w:.1} | {:.3} | {low:.3} to {high:.3} |",
-            w / r
+            "{}",
+            ratio_row(
+                metric,
+                &of_metric(metric, "raw"),
+                &of_metric(metric, "wharf")
+            )
         );
     }
     if !focus {

@@ -20,7 +20,7 @@ use tokio::io::AsyncReadExt;
 use wharf::objects::Objects;
 use wharf::testing::{NatsServer, Pattern};
 use wharf::ObjectRef;
-use wharf_examples::median;
+use wharf_examples::{median, ratio_row};
 
 /// Takes a large argument inline: spilled on the way when it is large.
 #[wharf::microservice(service = "objects_bench", timeout = "60s")]
@@ -222,16 +222,7 @@ async fn main() -> Result<(), BoxError> {
                 .map(|(_, _, values)| values.clone())
                 .unwrap_or_default()
         };
-        let (raw, wharf) = (of("raw"), of("wharf"));
-        let ratios: Vec<f64> = raw.iter().zip(&wharf).map(|(r, w)| w / r).collect();
-        let low = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
-        let high = ratios.iter().cloned().fold(0.0, f64::max);
-        println!(
-            "| {metric} | {:.1} | {:.1} | {:.3} | {low:.3} to {high:.3} |",
-            median(&raw),
-            median(&wharf),
-            median(&wharf) / median(&raw)
-        );
+        println!("{}", ratio_row(&metric, &of("raw"), &of("wharf")));
     }
     println!();
     println!("| call with a 4 MiB argument | p50 (ms) | max (ms) |");

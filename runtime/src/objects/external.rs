@@ -201,66 +201,21 @@ pub(super) async fn get(url: &str) -> Result<Pin<Box<dyn AsyncRead + Send>>, Err
     // Larger: range by range (a backend's own stream may come in small
     // pieces, each a request or a blocking read).
     drop(result);
-    Ok(Box::pin(Ranges {
-        store,
-        path,
-        size,
-        next: 0,
-        current: std::io::Cursor::new(Bytes::new()),
-        pending: None,
-    }))
-}
-
-/// An object read in [`RANGE`]-sized requests, one at a time.
-struct Ranges {
-    store: Arc<dyn ObjectStore>,
-    path: Path,
-    size: u64,
-    next: u64,
-    current: std::io::Cursor<Bytes>,
-    pending: Option<futures_util::future::BoxFuture<'static, object_store::Result<Bytes>>>,
-}
-
-impl AsyncRead for Ranges {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::Poll;
-        let this = &mut *self;
-        loop {
-            let before = buf.filled().len();
-            match Pin::new(&mut this.current).poll_read(cx, buf) {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => {}
-                other => return other,
-            }
-            if this.next >= this.size {
-                return Poll::Ready(Ok(()));
-            }
-            let pending = this.pending.get_or_insert_with(|| {
-                let (store, path) = (this.store.clone(), this.path.clone());
-                let range = this.next..(this.next + RANGE).min(this.size);
-                Box::pin(async move { store.get_range(&path, range).await })
-            });
-            match pending.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(result) => {
-                    this.pending = None;
-                    let bytes = result.map_err(std::io::Error::other)?;
-                    if bytes.is_empty() {
-                        return Poll::Ready(Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "the object ended early",
-                        )));
-                    }
-                    this.next += bytes.len() as u64;
-                    this.current = std::io::Cursor::new(bytes);
-                }
-            }
+    let mut offset = 0;
+    Ok(Box::pin(super::Pieces::new(move || {
+        if offset >= size {
+            return None;
         }
-    }
+        let range = offset..(offset + RANGE).min(size);
+        offset = range.end;
+        let (store, path) = (store.clone(), path.clone());
+        Some(Box::pin(async move {
+            store
+                .get_range(&path, range)
+                .await
+                .map_err(std::io::Error::other)
+        }))
+    })))
 }
 
 /// Deletes the object at `url`; one already gone is not an error.

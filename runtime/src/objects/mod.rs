@@ -490,6 +490,59 @@ impl std::fmt::Debug for ObjectReader {
     }
 }
 
+/// The future of one piece of a [`Pieces`] stream.
+pub(crate) type Piece = BoxFuture<'static, std::io::Result<bytes::Bytes>>;
+
+/// A byte stream fetched piece by piece, one piece in memory at a time:
+/// `next` gives the next piece's fetch, or `None` at the end.
+pub(crate) struct Pieces {
+    next: Box<dyn FnMut() -> Option<Piece> + Send>,
+    current: std::io::Cursor<bytes::Bytes>,
+    pending: Option<Piece>,
+}
+
+impl Pieces {
+    pub(crate) fn new(next: impl FnMut() -> Option<Piece> + Send + 'static) -> Pieces {
+        Pieces {
+            next: Box::new(next),
+            current: std::io::Cursor::new(bytes::Bytes::new()),
+            pending: None,
+        }
+    }
+}
+
+impl AsyncRead for Pieces {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            let before = buf.filled().len();
+            match Pin::new(&mut this.current).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            if this.pending.is_none() {
+                match (this.next)() {
+                    Some(piece) => this.pending = Some(piece),
+                    None => return Poll::Ready(Ok(())),
+                }
+            }
+            let pending = this.pending.as_mut().expect("set above");
+            match pending.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(result) => {
+                    this.pending = None;
+                    this.current = std::io::Cursor::new(result?);
+                }
+            }
+        }
+    }
+}
+
 /// A store of your own: bytes in, bytes out, by key. Register it with
 /// [`register_store`]; its objects get URIs `wharf://<name>/<key>`.
 /// Digests are computed and checked by wharf around it.

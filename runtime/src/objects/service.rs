@@ -18,11 +18,9 @@ use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 
 /// The service's name: its subjects are `<prefix>.objects.<verb>`.
@@ -182,14 +180,16 @@ async fn put(objects: &Objects, message: &Message) -> Answer {
         ));
     };
     // The parts are read one at a time, in order, into the store.
-    let mut reader = Parts {
-        store: store.clone(),
-        upload: upload.to_owned(),
-        next: 0,
-        count,
-        current: std::io::Cursor::new(Bytes::new()),
-        pending: None,
-    };
+    let mut next = 0;
+    let (parts, id) = (store.clone(), upload.to_owned());
+    let mut reader = super::Pieces::new(move || {
+        if next >= count {
+            return None;
+        }
+        let (parts, id, part) = (parts.clone(), id.clone(), next);
+        next += 1;
+        Some(Box::pin(async move { parts.get_part(&id, part).await }))
+    });
     let stored: ObjectRef<Blob> = objects.put_reader(&mut reader, ty).await?;
     for part in 0..count {
         store.delete_part(upload, part).await;
@@ -366,48 +366,5 @@ impl PartsStore {
 
     async fn delete_part(&self, upload: &str, part: u64) {
         let _ = self.kv.purge(Self::key(upload, part)).await;
-    }
-}
-
-/// Reads the parts of an upload in order, one in memory at a time.
-struct Parts {
-    store: Arc<PartsStore>,
-    upload: String,
-    next: u64,
-    count: u64,
-    current: std::io::Cursor<Bytes>,
-    pending: Option<futures_util::future::BoxFuture<'static, std::io::Result<Bytes>>>,
-}
-
-impl AsyncRead for Parts {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        loop {
-            let before = buf.filled().len();
-            match Pin::new(&mut this.current).poll_read(cx, buf) {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => {}
-                other => return other,
-            }
-            if this.next >= this.count {
-                return Poll::Ready(Ok(()));
-            }
-            let pending = this.pending.get_or_insert_with(|| {
-                let (store, upload, part) = (this.store.clone(), this.upload.clone(), this.next);
-                Box::pin(async move { store.get_part(&upload, part).await })
-            });
-            match pending.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(result) => {
-                    this.pending = None;
-                    this.current = std::io::Cursor::new(result?);
-                    this.next += 1;
-                }
-            }
-        }
     }
 }
