@@ -180,12 +180,10 @@ pub(crate) async fn answer_discovery(
             format!("$SRV.{verb}.{}", service.name),
             format!("$SRV.{verb}.{}.{}", service.name, service.id),
         ] {
-            let subscriber = nats.subscribe(subject.clone()).await.map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot subscribe `{subject}`: {e}"),
-                )
-            })?;
+            let subscriber = nats
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| subscribe_failed(&subject, e))?;
             subscriptions.push(subscriber.map(move |message| (verb, message)));
         }
     }
@@ -233,6 +231,14 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+/// The error for a subscription to `subject` the server did not take.
+pub(crate) fn subscribe_failed(subject: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Connection,
+        format!("cannot subscribe `{subject}`: {e}"),
+    )
 }
 
 #[cfg(test)]

@@ -723,12 +723,10 @@ impl Owned {
     ) -> Result<tokio::task::JoinHandle<()>, Error> {
         use futures_util::StreamExt;
         let subject = end_subject(&self.prefix, &self.instance);
-        let mut requests = nats.subscribe(subject.clone()).await.map_err(|e| {
-            Error::new(
-                ErrorKind::Connection,
-                format!("cannot subscribe `{subject}`: {e}"),
-            )
-        })?;
+        let mut requests = nats
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| crate::micro::subscribe_failed(&subject, e))?;
         Ok(tokio::spawn(async move {
             while let Some(request) = requests.next().await {
                 let id = String::from_utf8_lossy(&request.payload).into_owned();

@@ -351,12 +351,7 @@ impl Worker {
                 let subscriber = nats
                     .queue_subscribe(subject.clone(), micro::QUEUE_GROUP.into())
                     .await
-                    .map_err(|e| {
-                        Error::new(
-                            ErrorKind::Connection,
-                            format!("cannot subscribe `{subject}`: {e}"),
-                        )
-                    })?;
+                    .map_err(|e| crate::micro::subscribe_failed(&subject, e))?;
                 let stats = Arc::new(micro::EndpointStats::default());
                 all_stats.push(stats.clone());
                 endpoints.push(micro::EndpointInfo {
@@ -382,12 +377,10 @@ impl Worker {
                 if let Some(owned) = &owned {
                     if spec.stateful {
                         let direct = crate::txn::instance_subject(&prefix, &owned.instance, spec);
-                        let direct = nats.subscribe(direct.clone()).await.map_err(|e| {
-                            Error::new(
-                                ErrorKind::Connection,
-                                format!("cannot subscribe `{direct}`: {e}"),
-                            )
-                        })?;
+                        let direct = nats
+                            .subscribe(direct.clone())
+                            .await
+                            .map_err(|e| crate::micro::subscribe_failed(&direct, e))?;
                         tasks.spawn(endpoint.clone().serve(direct, stopped_direct.clone(), true));
                     }
                 }
@@ -463,12 +456,10 @@ impl Worker {
             None
         };
         let control = crate::heartbeat::control_subject(&prefix, &instance);
-        let mut requests = nats.subscribe(control.clone()).await.map_err(|e| {
-            Error::new(
-                ErrorKind::Connection,
-                format!("cannot subscribe `{control}`: {e}"),
-            )
-        })?;
+        let mut requests = nats
+            .subscribe(control.clone())
+            .await
+            .map_err(|e| crate::micro::subscribe_failed(&control, e))?;
         let control_nats = nats.clone();
         probes.push(Discovery(tokio::spawn(async move {
             while let Some(request) = requests.next().await {
@@ -1301,12 +1292,10 @@ async fn answer_probes(
     shared: Arc<Shared>,
 ) -> Result<JoinHandle<()>, Error> {
     let subject = format!("{prefix}.{}.{service}", crate::client::STATUS_TOKEN);
-    let mut probes = nats.subscribe(subject.clone()).await.map_err(|e| {
-        Error::new(
-            ErrorKind::Connection,
-            format!("cannot subscribe `{subject}`: {e}"),
-        )
-    })?;
+    let mut probes = nats
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| crate::micro::subscribe_failed(&subject, e))?;
     let nats = nats.clone();
     Ok(tokio::spawn(async move {
         while let Some(probe) = probes.next().await {

@@ -9,6 +9,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
@@ -274,12 +275,30 @@ pub(super) async fn get_blob(
         .messages()
         .await
         .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?;
-    let chunks = Chunks {
-        messages,
-        current: Bytes::new(),
-        left: info.chunks,
-        cleanup: Some((stream, name)),
-    };
+    // One chunk in memory at a time (beyond the pull's batch); the guard
+    // deletes the consumer when the reader is dropped.
+    let messages = Arc::new(tokio::sync::Mutex::new(messages));
+    let cleanup = DeleteConsumer(Some((stream, name)));
+    let mut left = info.chunks;
+    let chunks = super::Pieces::new(move || {
+        let _ = &cleanup;
+        if left == 0 {
+            return None;
+        }
+        left -= 1;
+        let messages = messages.clone();
+        Some(Box::pin(async move {
+            use futures_util::StreamExt;
+            match messages.lock().await.next().await {
+                Some(Ok(message)) => Ok(message.message.payload.clone()),
+                Some(Err(e)) => Err(std::io::Error::other(e)),
+                None => Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the object's chunks ended early",
+                )),
+            }
+        }))
+    });
     Ok(Box::pin(super::Verified::new(chunks, uri, digest)))
 }
 
@@ -310,59 +329,18 @@ impl AsyncRead for Checked {
 /// the chunk it reads (128 KiB each by default).
 const CHUNKS_IN_FLIGHT: usize = 16;
 
-/// A blob's chunks, in order, as a byte stream.
-struct Chunks {
-    messages: pull::Stream,
-    current: Bytes,
-    left: usize,
-    /// The consumer to delete when done: the server allows an account
-    /// only so many, and a busy reader would otherwise run out before the
-    /// inactive ones expire.
-    cleanup: Option<(jetstream::stream::Stream, String)>,
-}
+/// Deletes a blob reader's consumer when dropped: the server allows an
+/// account only so many, and a busy reader would otherwise run out before
+/// the inactive ones expire.
+struct DeleteConsumer(Option<(jetstream::stream::Stream, String)>);
 
-impl Drop for Chunks {
+impl Drop for DeleteConsumer {
     fn drop(&mut self) {
-        if let Some((stream, name)) = self.cleanup.take() {
+        if let Some((stream, name)) = self.0.take() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
                     let _ = stream.delete_consumer(&name).await;
                 });
-            }
-        }
-    }
-}
-
-impl AsyncRead for Chunks {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        use futures_util::StreamExt;
-        let this = &mut *self;
-        loop {
-            if !this.current.is_empty() {
-                let n = this.current.len().min(buf.remaining());
-                buf.put_slice(&this.current.split_to(n));
-                return Poll::Ready(Ok(()));
-            }
-            if this.left == 0 {
-                return Poll::Ready(Ok(()));
-            }
-            match this.messages.poll_next_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(message))) => {
-                    this.current = message.message.payload.clone();
-                    this.left -= 1;
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(std::io::Error::other(e))),
-                Poll::Ready(None) => {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the object's chunks ended early",
-                    )))
-                }
             }
         }
     }

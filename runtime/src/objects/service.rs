@@ -63,12 +63,7 @@ pub async fn serve(client: &Client) -> Result<ObjectService, Error> {
             .nats()
             .queue_subscribe(subject.clone(), crate::micro::QUEUE_GROUP.into())
             .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot subscribe `{subject}`: {e}"),
-                )
-            })?;
+            .map_err(|e| crate::micro::subscribe_failed(&subject, e))?;
         let objects = objects.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(message) = requests.next().await {
