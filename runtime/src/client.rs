@@ -403,9 +403,12 @@ impl Client {
         }
         let reply = self.inner.nats.send_request(subject.clone(), request);
         let result = if spec.idempotent {
+            // Boxed: the watch's own requests and timer would otherwise
+            // enlarge every call's future, idempotent or not, and the
+            // future is moved on each level of the call path.
             tokio::select! {
                 result = reply => result,
-                lost = self.watch_call(spec, call) => return Err(lost),
+                lost = Box::pin(self.watch_call(spec, call)) => return Err(lost),
             }
         } else {
             reply.await

@@ -587,6 +587,29 @@ impl Shared {
     }
 }
 
+/// A call's place among the calls a worker runs at once.
+enum Admission {
+    /// It holds a permit and runs now.
+    Running(tokio::sync::OwnedSemaphorePermit),
+    /// It waits in the backlog (already counted there) for a permit.
+    Queued,
+}
+
+impl Admission {
+    /// The permit the call runs under; `None` once the worker closed.
+    async fn run(self, shared: &Shared) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match self {
+            Admission::Running(permit) => Some(permit),
+            Admission::Queued => {
+                // Boxed: only a queued call's task carries the wait.
+                let permit = Box::pin(shared.permits.clone().acquire_owned()).await;
+                shared.backlog.fetch_sub(1, Ordering::Relaxed);
+                permit.ok()
+            }
+        }
+    }
+}
+
 /// One function served by this worker.
 pub(crate) struct Endpoint {
     pub(crate) registration: &'static Registration,
@@ -647,14 +670,8 @@ impl Endpoint {
             let Some(message) = message else { return };
             received += 1;
             let shared = &endpoint.shared;
-            match shared.permits.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let call = endpoint.handle(message, direct);
-                    tokio::spawn(async move {
-                        call.await;
-                        drop(permit);
-                    });
-                }
+            let admission = match shared.permits.clone().try_acquire_owned() {
+                Ok(permit) => Admission::Running(permit),
                 Err(tokio::sync::TryAcquireError::NoPermits) => {
                     // At the limit: wait in a bounded local queue (the
                     // semaphore is fair, so in arrival order), and past its
@@ -664,19 +681,14 @@ impl Endpoint {
                         tokio::spawn(endpoint.clone().refuse(message));
                         continue;
                     }
-                    let call = endpoint.handle(message, direct);
-                    let waiting = endpoint.clone();
-                    tokio::spawn(async move {
-                        let permit = waiting.shared.permits.clone().acquire_owned().await;
-                        waiting.shared.backlog.fetch_sub(1, Ordering::Relaxed);
-                        if let Ok(permit) = permit {
-                            call.await;
-                            drop(permit);
-                        }
-                    });
+                    Admission::Queued
                 }
                 Err(tokio::sync::TryAcquireError::Closed) => return,
-            }
+            };
+            // The call's future is spawned as it is, with no wrapper around
+            // it: a wrapper that awaits it doubles the task's size, and
+            // tokio moves the whole task several times per call.
+            tokio::spawn(Box::pin(endpoint.handle(message, direct, admission)));
         }
     }
 
@@ -705,6 +717,7 @@ impl Endpoint {
         self: &Arc<Self>,
         message: async_nats::Message,
         direct: bool,
+        admission: Admission,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         use futures_util::future::Either;
         // One clock read serves the deadline check and the processing time.
@@ -714,6 +727,9 @@ impl Endpoint {
             // Boxed: the stateless path's task keeps its size.
             let endpoint = self.clone();
             return Either::Left(Box::pin(async move {
+                let Some(_permit) = admission.run(&endpoint.shared).await else {
+                    return;
+                };
                 if let Some(reply) = reply {
                     endpoint.run_stateful(reply, message, direct, started).await;
                 }
@@ -728,6 +744,9 @@ impl Endpoint {
             }
         }
         Either::Right(async move {
+            let Some(_permit) = admission.run(&endpoint.shared).await else {
+                return;
+            };
             let Some(reply) = reply else {
                 // A publish, not a request: nobody waits for an answer.
                 return;
