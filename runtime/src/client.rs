@@ -250,11 +250,14 @@ impl Client {
         options: &CallOptions,
     ) -> Result<(Message, u32), Error> {
         if prepared.payload.len() > self.spill_at() {
-            return Box::pin(self.invoke_spilled(spec, prepared, call, options)).await;
+            return crate::out_of_line(|| self.invoke_spilled(spec, prepared, call, options)).await;
         }
         let (message, attempts) = self.invoke_tries(spec, prepared, call, options).await?;
         if spilled(&message).is_some() {
-            return Ok((Box::pin(self.unspill_reply(message)).await?, attempts));
+            return Ok((
+                crate::out_of_line(|| self.unspill_reply(message)).await?,
+                attempts,
+            ));
         }
         Ok((message, attempts))
     }
@@ -356,7 +359,7 @@ impl Client {
                 // A supervisor that scaled this service to zero starts one
                 // when someone asks for it (cold start).
                 let demand = crate::supervisor::demand_subject(&self.inner.prefix, spec.service);
-                let _ = self.inner.nats.publish(demand, Bytes::new()).await;
+                let _ = crate::out_of_line(|| self.inner.nats.publish(demand, Bytes::new())).await;
             }
             if call.attempt >= policy.attempts
                 || !crate::retry::retryable(failure.kind(), spec.idempotent)
@@ -403,12 +406,11 @@ impl Client {
         }
         let reply = self.inner.nats.send_request(subject.clone(), request);
         let result = if spec.idempotent {
-            // Boxed: the watch's own requests and timer would otherwise
-            // enlarge every call's future, idempotent or not, and the
-            // future is moved on each level of the call path.
+            // Out of line: the watch's own requests and timer would
+            // otherwise enlarge every call's future, idempotent or not.
             tokio::select! {
                 result = reply => result,
-                lost = Box::pin(self.watch_call(spec, call)) => return Err(lost),
+                lost = crate::out_of_line(|| self.watch_call(spec, call)) => return Err(lost),
             }
         } else {
             reply.await

@@ -724,9 +724,9 @@ impl Endpoint {
         let started = SystemTime::now();
         let reply = message.reply.clone();
         if self.registration.spec.stateful {
-            // Boxed: the stateless path's task keeps its size.
+            // Out of line: the stateless path's task keeps its size.
             let endpoint = self.clone();
-            return Either::Left(Box::pin(async move {
+            return Either::Left(crate::out_of_line(|| async move {
                 let Some(_permit) = admission.run(&endpoint.shared).await else {
                     return;
                 };
@@ -768,7 +768,8 @@ impl Endpoint {
         let (codec, mut meta, mut args) = match read_request(&message) {
             Ok(parts) => parts,
             Err((codec, fault)) => {
-                return Box::pin(self.respond_fault(reply, codec, fault, started)).await
+                return crate::out_of_line(|| self.respond_fault(reply, codec, fault, started))
+                    .await
             }
         };
         let owned = self
@@ -786,25 +787,34 @@ impl Endpoint {
         // not make every call's future large.
         let admitted = match txn.and_then(|id| owned.local(id)) {
             Some(in_use) => Ok(crate::txn::Admitted::Here(in_use)),
-            None => Box::pin(owned.admit(spec, txn)).await,
+            None => crate::out_of_line(|| owned.admit(spec, txn)).await,
         };
         let in_use = match admitted {
             Ok(crate::txn::Admitted::Here(in_use)) if meta.spill.is_some() => {
                 let spilled = meta.spill.take().expect("checked");
-                match Box::pin(self.unspill(&spilled)).await {
+                match crate::out_of_line(|| self.unspill(&spilled)).await {
                     Ok(bytes) => args = bytes,
                     Err(fault) => {
-                        return Box::pin(self.respond_fault(reply, codec, fault, started)).await
+                        return crate::out_of_line(|| {
+                            self.respond_fault(reply, codec, fault, started)
+                        })
+                        .await
                     }
                 }
                 in_use
             }
             Ok(crate::txn::Admitted::Here(in_use)) => in_use,
             Ok(crate::txn::Admitted::Forward(owner)) => {
-                return Box::pin(self.forward(reply, message, &owner, codec, &meta, started)).await
+                return crate::out_of_line(|| {
+                    self.forward(reply, message, &owner, codec, &meta, started)
+                })
+                .await
             }
             Err(error) => {
-                return Box::pin(self.respond_fault(reply, codec, error.into(), started)).await
+                return crate::out_of_line(|| {
+                    self.respond_fault(reply, codec, error.into(), started)
+                })
+                .await
             }
         };
         drop(message);
@@ -816,8 +826,10 @@ impl Endpoint {
             if body.len() > self.shared.spill_at {
                 let body = body.clone();
                 let owner = (!direct).then_some(owned.instance.as_str());
-                return Box::pin(self.respond_spilled(reply, codec, &meta, body, started, owner))
-                    .await;
+                return crate::out_of_line(|| {
+                    self.respond_spilled(reply, codec, &meta, body, started, owner)
+                })
+                .await;
             }
         }
         // Through the queue group the caller does not know the owner yet:
@@ -932,20 +944,23 @@ impl Endpoint {
         let (codec, mut meta, mut args) = match parts {
             Ok(parts) => parts,
             Err((codec, fault)) => {
-                return Box::pin(self.respond_fault(reply, codec, fault, started)).await
+                return crate::out_of_line(|| self.respond_fault(reply, codec, fault, started))
+                    .await
             }
         };
         if let Some(spilled) = meta.spill.take() {
-            match Box::pin(self.unspill(&spilled)).await {
+            match crate::out_of_line(|| self.unspill(&spilled)).await {
                 Ok(bytes) => args = bytes,
                 Err(fault) => {
-                    return Box::pin(self.respond_fault(reply, codec, fault, started)).await
+                    return crate::out_of_line(|| self.respond_fault(reply, codec, fault, started))
+                        .await
                 }
             }
         }
         if spec.idempotent {
-            // Boxed: only idempotent functions pay for this larger future.
-            return Box::pin(self.run_idempotent(reply, codec, meta, args, started)).await;
+            // Out of line: only idempotent functions pay for this larger future.
+            return crate::out_of_line(|| self.run_idempotent(reply, codec, meta, args, started))
+                .await;
         }
         let outcome = self.execute(codec, &meta, args, started, None).await;
         self.respond(reply, codec, &meta, outcome, started).await;
@@ -1096,7 +1111,8 @@ impl Endpoint {
     ) {
         match outcome {
             Ok(body) if body.len() > self.shared.spill_at => {
-                Box::pin(self.respond_spilled(reply, codec, meta, body, started, None)).await
+                crate::out_of_line(|| self.respond_spilled(reply, codec, meta, body, started, None))
+                    .await
             }
             Ok(body) => {
                 let nats = &self.shared.nats;
@@ -1105,18 +1121,19 @@ impl Endpoint {
                 let _ = if codec == Codec::Postcard && !meta.report_instance {
                     nats.publish(reply, body).await
                 } else {
-                    // Boxed: the rarer path should not enlarge every call's task.
-                    Box::pin(nats.publish_with_headers(
-                        reply,
-                        self.reply_headers(codec, meta),
-                        body,
-                    ))
+                    // Out of line: the rarer path should not enlarge every
+                    // call's task.
+                    crate::out_of_line(|| {
+                        nats.publish_with_headers(reply, self.reply_headers(codec, meta), body)
+                    })
                     .await
                 };
                 self.stats
                     .record(started.elapsed().unwrap_or_default(), None);
             }
-            Err(fault) => Box::pin(self.respond_fault(reply, codec, fault, started)).await,
+            Err(fault) => {
+                crate::out_of_line(|| self.respond_fault(reply, codec, fault, started)).await
+            }
         }
     }
 
