@@ -685,10 +685,10 @@ impl Endpoint {
                 }
                 Err(tokio::sync::TryAcquireError::Closed) => return,
             };
-            // The call's future is spawned as it is, with no wrapper around
-            // it: a wrapper that awaits it doubles the task's size, and
-            // tokio moves the whole task several times per call.
-            tokio::spawn(Box::pin(endpoint.handle(message, direct, admission)));
+            // The call's future is boxed and spawned with no wrapper around
+            // it (the permit rides inside): tokio moves a task several
+            // times per call, and a box is all it then moves.
+            tokio::spawn(endpoint.handle(message, direct, admission));
         }
     }
 
@@ -710,49 +710,95 @@ impl Endpoint {
             .await;
     }
 
-    /// Reads the request now and returns the rest of the call as a future
-    /// that holds only what it needs (the message itself is not kept, which
-    /// keeps each call's task small).
+    /// Reads the request now and returns the rest of the call as a boxed
+    /// future, spawned as it is. The common call (not spilled, not
+    /// idempotent, signature and deadline checked here) gets a future of its
+    /// own that holds only what it needs: every call allocates and moves
+    /// its future, and that one stays small enough for the allocator's
+    /// fast path.
     fn handle(
         self: &Arc<Self>,
         message: async_nats::Message,
         direct: bool,
         admission: Admission,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        use futures_util::future::Either;
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         // One clock read serves the deadline check and the processing time.
         let started = SystemTime::now();
-        let reply = message.reply.clone();
-        if self.registration.spec.stateful {
-            // Out of line: the stateless path's task keeps its size.
-            let endpoint = self.clone();
-            return Either::Left(crate::out_of_line(|| async move {
+        let endpoint = self.clone();
+        let spec = endpoint.registration.spec;
+        if spec.stateful {
+            return Box::pin(async move {
                 let Some(_permit) = admission.run(&endpoint.shared).await else {
                     return;
                 };
-                if let Some(reply) = reply {
+                if let Some(reply) = message.reply.clone() {
                     endpoint.run_stateful(reply, message, direct, started).await;
                 }
-            }));
+            });
         }
+        let Some(reply) = message.reply.clone() else {
+            // A publish, not a request: nobody waits for an answer.
+            return Box::pin(std::future::ready(()));
+        };
         let parts = read_request(&message);
         drop(message);
-        let endpoint = self.clone();
-        if endpoint.registration.spec.idempotent && reply.is_some() {
+        let parts = match parts {
+            Ok((codec, meta, args)) if meta.spill.is_none() && !spec.idempotent => {
+                match admit(spec, &meta, started) {
+                    Ok(()) => {
+                        return Box::pin(
+                            endpoint.run_plain(admission, reply, codec, meta, args, started),
+                        )
+                    }
+                    Err(fault) => Err((codec, fault)),
+                }
+            }
+            parts => parts,
+        };
+        if spec.idempotent {
             if let Ok((_, meta, _)) = &parts {
                 endpoint.track(&meta.call_id);
             }
         }
-        Either::Right(async move {
+        Box::pin(async move {
             let Some(_permit) = admission.run(&endpoint.shared).await else {
-                return;
-            };
-            let Some(reply) = reply else {
-                // A publish, not a request: nobody waits for an answer.
                 return;
             };
             endpoint.run(reply, parts, started).await;
         })
+    }
+
+    /// The common call, admitted by [`Endpoint::handle`]: runs the function
+    /// and publishes a plain reply here; any other answer (an error, a
+    /// spill, headers) goes through [`Endpoint::respond`].
+    async fn run_plain(
+        self: Arc<Self>,
+        admission: Admission,
+        reply: async_nats::Subject,
+        codec: Codec,
+        meta: CallMeta,
+        args: Bytes,
+        started: SystemTime,
+    ) {
+        let Some(_permit) = admission.run(&self.shared).await else {
+            return;
+        };
+        let deadline_ms = meta.deadline_ms.unwrap_or(0);
+        match self.call_handler(codec, deadline_ms, args, None).await {
+            Ok(body)
+                if codec == Codec::Postcard
+                    && !meta.report_instance
+                    && body.len() <= self.shared.spill_at =>
+            {
+                // A failed publish means the connection is gone; the
+                // caller times out and nothing here can do better.
+                let _ = self.shared.nats.publish(reply, body).await;
+                self.record(started, None);
+            }
+            outcome => {
+                crate::out_of_line(|| self.respond(reply, codec, &meta, outcome, started)).await
+            }
+        }
     }
 
     /// A call of a stateful function: runs here when this instance owns
@@ -1027,9 +1073,21 @@ impl Endpoint {
         started: SystemTime,
         txn: Option<Arc<crate::txn::Slot>>,
     ) -> Result<Bytes, Fault> {
+        admit(self.registration.spec, meta, started)?;
+        self.call_handler(codec, meta.deadline_ms.unwrap_or(0), args, txn)
+            .await
+    }
+
+    /// Decodes, calls and encodes, within the call's deadline; a panic
+    /// becomes a 500.
+    async fn call_handler(
+        &self,
+        codec: Codec,
+        deadline_ms: u64,
+        args: Bytes,
+        txn: Option<Arc<crate::txn::Slot>>,
+    ) -> Result<Bytes, Fault> {
         let spec = self.registration.spec;
-        admit(spec, meta, started)?;
-        let deadline_ms = meta.deadline_ms.unwrap_or(0);
         let incoming = Incoming {
             codec,
             payload: args,

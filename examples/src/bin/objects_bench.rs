@@ -5,7 +5,7 @@
 //! - put and get throughput (MB/s) for 1 KiB, 1 MiB and 64 MiB objects:
 //!   wharf's JetStream store against raw async-nats Object Store calls, and
 //!   wharf's `file://` store against raw `object_store` calls on the same
-//!   directory;
+//!   directory, paired operation by operation in alternating order;
 //! - the latency of a call with a 4 MiB argument spilled automatically
 //!   against the same call with the argument put first and passed by
 //!   explicit reference.
@@ -94,83 +94,54 @@ async fn main() -> Result<(), BoxError> {
         for &(label, size, count) in sizes {
             let data = Bytes::from(Pattern::bytes(size as u64));
             let mb = (size * count) as f64 / 1e6;
-            // Raw first on even rounds, wharf first on odd ones.
-            for first in [round % 2 == 0, round % 2 != 0] {
-                if first {
-                    let started = Instant::now();
-                    for i in 0..count {
-                        raw_blobs
-                            .put(format!("o{i}").as_str(), &mut &data[..])
-                            .await?;
-                    }
-                    record(
-                        format!("JetStream put {label}"),
-                        "raw",
-                        mb / started.elapsed().as_secs_f64(),
-                    );
-                    let started = Instant::now();
-                    for i in 0..count {
-                        let mut out = Vec::with_capacity(size);
-                        raw_blobs
-                            .get(format!("o{i}").as_str())
-                            .await?
-                            .read_to_end(&mut out)
-                            .await?;
-                    }
-                    record(
-                        format!("JetStream get {label}"),
-                        "raw",
-                        mb / started.elapsed().as_secs_f64(),
-                    );
-                    let started = Instant::now();
-                    for i in 0..count {
-                        raw_fs
-                            .put(&Path::from(format!("raw{i}")), data.clone().into())
-                            .await?;
-                    }
-                    record(
-                        format!("file put {label}"),
-                        "raw",
-                        mb / started.elapsed().as_secs_f64(),
-                    );
-                    let started = Instant::now();
-                    for i in 0..count {
-                        raw_fs
-                            .get(&Path::from(format!("raw{i}")))
-                            .await?
-                            .bytes()
-                            .await?;
-                    }
-                    record(
-                        format!("file get {label}"),
-                        "raw",
-                        mb / started.elapsed().as_secs_f64(),
-                    );
-                } else {
-                    for (store, name) in [(&wharf_js, "JetStream"), (&wharf_fs, "file")] {
+            let stores = [
+                ("JetStream", Raw::JetStream(&raw_blobs), &wharf_js),
+                ("file", Raw::File(&raw_fs), &wharf_fs),
+            ];
+            for (name, raw, wharf) in stores {
+                // Paired by operation, in alternating order: raw and wharf
+                // see the same disk, page cache and server state, which
+                // whole loops one after the other do not.
+                let (mut puts, mut gets) = ([Duration::ZERO; 2], [Duration::ZERO; 2]);
+                let keys: Vec<String> = (0..count).map(|i| format!("r{round}-{i}")).collect();
+                let mut refs = Vec::with_capacity(count);
+                for (i, key) in keys.iter().enumerate() {
+                    for raw_turn in order(round + i) {
                         let started = Instant::now();
-                        let mut refs = Vec::with_capacity(count);
-                        for _ in 0..count {
-                            refs.push(store.put_bytes(data.clone()).await?);
-                        }
-                        record(
-                            format!("{name} put {label}"),
-                            "wharf",
-                            mb / started.elapsed().as_secs_f64(),
-                        );
-                        let started = Instant::now();
-                        for r in &refs {
-                            r.bytes_with(&client).await?;
-                        }
-                        record(
-                            format!("{name} get {label}"),
-                            "wharf",
-                            mb / started.elapsed().as_secs_f64(),
-                        );
-                        for r in &refs {
-                            r.delete_with(&client).await?;
+                        if raw_turn {
+                            raw.put(key, &data).await?;
+                            puts[0] += started.elapsed();
+                        } else {
+                            refs.push(wharf.put_bytes(data.clone()).await?);
+                            puts[1] += started.elapsed();
                         }
                     }
+                }
+                for (i, (key, r)) in keys.iter().zip(&refs).enumerate() {
+                    for raw_turn in order(round + i) {
+                        let started = Instant::now();
+                        let read = if raw_turn {
+                            let read = raw.get(key, size).await?;
+                            gets[0] += started.elapsed();
+                            read
+                        } else {
+                            let read = r.bytes_with(&client).await?.len();
+                            gets[1] += started.elapsed();
+                            read
+                        };
+                        if read != size {
+                            return Err(format!("{name} read {read} bytes of {size}").into());
+                        }
+                    }
+                }
+                for (key, r) in keys.iter().zip(&refs) {
+                    raw.delete(key).await?;
+                    r.delete_with(&client).await?;
+                }
+                for (side, at) in [("raw", 0), ("wharf", 1)] {
+                    let rate = |time: Duration| mb / time.as_secs_f64();
+                    record(format!("{name} put {label}"), side, rate(puts[at]));
+                    record(format!("{name} get {label}"), side, rate(gets[at]));
                 }
             }
         }
@@ -256,4 +227,53 @@ fn spawn_worker(url: &str) -> std::io::Result<Child> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+}
+
+/// Which side goes first for the `n`th operation: raw (`true`) on even.
+fn order(n: usize) -> [bool; 2] {
+    let raw_first = n % 2 == 0;
+    [raw_first, !raw_first]
+}
+
+/// A store used directly, as its own client library offers it.
+#[derive(Clone, Copy)]
+enum Raw<'a> {
+    /// An async-nats Object Store bucket.
+    JetStream(&'a async_nats::jetstream::object_store::ObjectStore),
+    /// `object_store` on a local directory.
+    File(&'a object_store::local::LocalFileSystem),
+}
+
+impl Raw<'_> {
+    async fn put(self, key: &str, data: &Bytes) -> Result<(), BoxError> {
+        match self {
+            Raw::JetStream(store) => {
+                store.put(key, &mut &data[..]).await?;
+            }
+            Raw::File(store) => {
+                store.put(&Path::from(key), data.clone().into()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the object whole; returns its length.
+    async fn get(self, key: &str, size: usize) -> Result<usize, BoxError> {
+        match self {
+            Raw::JetStream(store) => {
+                let mut out = Vec::with_capacity(size);
+                store.get(key).await?.read_to_end(&mut out).await?;
+                Ok(out.len())
+            }
+            Raw::File(store) => Ok(store.get(&Path::from(key)).await?.bytes().await?.len()),
+        }
+    }
+
+    async fn delete(self, key: &str) -> Result<(), BoxError> {
+        match self {
+            Raw::JetStream(store) => store.delete(key).await?,
+            Raw::File(store) => store.delete(&Path::from(key)).await?,
+        }
+        Ok(())
+    }
 }
