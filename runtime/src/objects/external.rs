@@ -4,7 +4,9 @@
 use super::{Algorithm, Hashing};
 use crate::{Error, ErrorKind};
 use bytes::Bytes;
-use object_store::{path::Path, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{
+    path::Path, GetResultPayload, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
+};
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -178,15 +180,51 @@ fn read_failed(url: &str, e: std::io::Error) -> Error {
 }
 
 /// The object at `url` in one piece when it fits one range, else `None`
-/// (read it as a stream).
-pub(super) async fn get_whole(url: &str) -> Result<Option<Bytes>, Error> {
+/// (read it as a stream), with its digest by `algorithm`.
+pub(super) async fn get_whole(
+    url: &str,
+    algorithm: Algorithm,
+) -> Result<Option<(Bytes, String)>, Error> {
     let (store, path) = resolve(url)?;
     let result = store.get(&path).await.map_err(|e| failed(url, "read", e))?;
     if result.meta.size > RANGE {
         return Ok(None);
     }
-    let bytes = result.bytes().await.map_err(|e| failed(url, "read", e))?;
-    Ok(Some(bytes))
+    let mut hasher = super::Hasher::new(algorithm);
+    match result.payload {
+        GetResultPayload::File(file, _) => {
+            let range = result.range;
+            // Hashed on the thread that read it, while the bytes are still
+            // in that core's cache: a hop to another thread first costs the
+            // digest a trip through memory.
+            let whole = tokio::task::spawn_blocking(move || {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut file = file;
+                file.seek(SeekFrom::Start(range.start))?;
+                let len = range.end - range.start;
+                let mut buffer = Vec::with_capacity(len as usize);
+                file.take(len).read_to_end(&mut buffer)?;
+                if buffer.len() as u64 != len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the file ended after {} of {len} bytes", buffer.len()),
+                    ));
+                }
+                hasher.update(&buffer);
+                Ok((Bytes::from(buffer), hasher.finish()))
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|read| read)
+            .map_err(|e| read_failed(url, e))?;
+            Ok(Some(whole))
+        }
+        GetResultPayload::Stream(_) => {
+            let bytes = result.bytes().await.map_err(|e| failed(url, "read", e))?;
+            hasher.update(&bytes);
+            Ok(Some((bytes, hasher.finish())))
+        }
+    }
 }
 
 /// The object at `url`, as a stream.
