@@ -9,7 +9,7 @@ use crate::durable::Pending;
 use crate::headers;
 use crate::RetryPolicy;
 use crate::{Error, ErrorKind, FnSpec};
-use async_nats::{HeaderMap, Message, RequestErrorKind};
+use async_nats::{HeaderMap, Message, RequestErrorKind, Subject};
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::{Future, IntoFuture};
@@ -242,24 +242,24 @@ impl Client {
     /// deadline allow, under one call id. Returns the reply message (error
     /// replies other than 503 included; [`Returns`] interprets them) and the
     /// number of tries it took.
-    pub(crate) async fn invoke(
-        &self,
+    ///
+    /// Not itself async: each level of `async fn` moves the future below it
+    /// into its own, once per call, so the call path keeps its levels few.
+    pub(crate) fn invoke<'a>(
+        &'a self,
         spec: &'static FnSpec,
         prepared: Prepared,
         call: CallState,
-        options: &CallOptions,
-    ) -> Result<(Message, u32), Error> {
+        options: &'a CallOptions,
+    ) -> impl Future<Output = Result<(Message, u32), Error>> + Send + 'a {
+        use futures_util::future::Either;
         if prepared.payload.len() > self.spill_at() {
-            return crate::out_of_line(|| self.invoke_spilled(spec, prepared, call, options)).await;
+            Either::Left(crate::out_of_line(move || {
+                self.invoke_spilled(spec, prepared, call, options)
+            }))
+        } else {
+            Either::Right(self.invoke_tries(spec, prepared, call, options))
         }
-        let (message, attempts) = self.invoke_tries(spec, prepared, call, options).await?;
-        if spilled(&message).is_some() {
-            return Ok((
-                crate::out_of_line(|| self.unspill_reply(message)).await?,
-                attempts,
-            ));
-        }
-        Ok((message, attempts))
     }
 
     /// Payloads above this many bytes are stored as objects and passed by
@@ -316,11 +316,7 @@ impl Client {
         // Released now, not left to its TTL (which covers a caller that
         // dies mid-call).
         let _ = stored.delete_with(self).await;
-        let (message, attempts) = result?;
-        if spilled(&message).is_some() {
-            return Ok((self.unspill_reply(message).await?, attempts));
-        }
-        Ok((message, attempts))
+        result
     }
 
     /// A reply whose value was spilled: fetch it, then delete the object.
@@ -339,16 +335,37 @@ impl Client {
         options: &CallOptions,
     ) -> Result<(Message, u32), Error> {
         let policy = options.retry.unwrap_or(spec.retry);
+        let txn = options.txn.as_ref();
         loop {
-            let failure = match self
-                .send(spec, &call, prepared.clone(), options.txn.as_ref())
-                .await
-            {
+            // One try, awaited here rather than in a function of its own
+            // (see `invoke`).
+            let result = match self.request(spec, &call, prepared.clone(), txn) {
+                Ok((subject, owner, request)) => {
+                    let reply = self.inner.nats.send_request(subject.clone(), request);
+                    let settle = |result| self.settle(spec, &call, txn, &subject, owner, result);
+                    if spec.idempotent {
+                        // Out of line: the watch's own requests and timer
+                        // would otherwise enlarge every call's future.
+                        tokio::select! {
+                            result = reply => settle(result),
+                            lost = crate::out_of_line(|| self.watch_call(spec, &call)) => Err(lost),
+                        }
+                    } else {
+                        settle(reply.await)
+                    }
+                }
+                Err(error) => Err(error),
+            };
+            let failure = match result {
                 Ok(message) => match status_code(&message) {
                     // Draining or overloaded: the call did not run here.
                     Some(503) => remote_failure(options.codec, &message)
                         .map(|(_, error)| error)
                         .unwrap_or_else(|| Error::new(ErrorKind::Unavailable, "unavailable")),
+                    _ if spilled(&message).is_some() => {
+                        let message = crate::out_of_line(|| self.unspill_reply(message)).await?;
+                        return Ok((message, call.attempt));
+                    }
                     _ => return Ok((message, call.attempt)),
                 },
                 Err(error) => error,
@@ -376,20 +393,19 @@ impl Client {
         }
     }
 
-    /// Sends one try and waits for its reply until the call's deadline.
-    /// While an idempotent call waits, the worker holding it is asked now
-    /// and then whether it still runs the call, so a worker that died is
-    /// noticed in well under a second instead of at the deadline.
-    ///
-    /// A call in a transaction whose owner is known goes to the owner's own
-    /// subject; the reply that first names the owner is remembered.
-    async fn send(
+    /// One try of a call, ready to send: its subject (a transaction's
+    /// owner's own, once known), that owner, and the request, which expires
+    /// at the call's deadline. While an idempotent call waits, the worker
+    /// holding it is asked now and then whether it still runs the call
+    /// ([`Client::watch_call`]), so a worker that died is noticed in well
+    /// under a second instead of at the deadline.
+    fn request(
         &self,
         spec: &'static FnSpec,
         call: &CallState,
         prepared: Prepared,
         txn: Option<&crate::Transaction>,
-    ) -> Result<Message, Error> {
+    ) -> Result<(Subject, Option<Arc<str>>, async_nats::Request), Error> {
         let (owner, subject) = match txn.and_then(|t| t.route(&self.inner.prefix, spec)) {
             Some((owner, subject)) => (Some(owner), subject),
             None => (None, spec.subject(&self.inner.prefix)),
@@ -404,17 +420,20 @@ impl Client {
         if let Some(headers) = prepared.headers {
             request = request.headers(headers);
         }
-        let reply = self.inner.nats.send_request(subject.clone(), request);
-        let result = if spec.idempotent {
-            // Out of line: the watch's own requests and timer would
-            // otherwise enlarge every call's future, idempotent or not.
-            tokio::select! {
-                result = reply => result,
-                lost = crate::out_of_line(|| self.watch_call(spec, call)) => return Err(lost),
-            }
-        } else {
-            reply.await
-        };
+        Ok((subject, owner, request))
+    }
+
+    /// The outcome of one try: the reply (remembering the transaction's
+    /// owner when it first names one), or the error, said plainly.
+    fn settle(
+        &self,
+        spec: &'static FnSpec,
+        call: &CallState,
+        txn: Option<&crate::Transaction>,
+        subject: &Subject,
+        owner: Option<Arc<str>>,
+        result: Result<Message, async_nats::RequestError>,
+    ) -> Result<Message, Error> {
         if let (Ok(message), Some(txn)) = (&result, txn) {
             if let Some(named) = message
                 .headers
