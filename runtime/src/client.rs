@@ -451,7 +451,7 @@ impl Client {
                 ErrorKind::NoResponders,
                 format!("no worker serves `{subject}` ({}): start a worker for service `{}` (`<binary> worker` with NATS_URL set), or check the service and function names", spec.path, spec.service),
             ),
-            RequestErrorKind::TimedOut => call.deadline_passed(spec, &subject),
+            RequestErrorKind::TimedOut => call.deadline_passed(spec, subject),
             RequestErrorKind::MaxPayloadExceeded => Error::new(
                 ErrorKind::PayloadTooLarge,
                 format!("call to `{subject}` not sent: {e}; pass large values by reference, or raise max_payload in the nats-server configuration"),
