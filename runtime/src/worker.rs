@@ -608,6 +608,13 @@ impl Admission {
             }
         }
     }
+
+    /// Gives up the call's place without running it.
+    fn leave(self, shared: &Shared) {
+        if let Admission::Queued = self {
+            shared.backlog.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One function served by this worker.
@@ -738,6 +745,7 @@ impl Endpoint {
         }
         let Some(reply) = message.reply.clone() else {
             // A publish, not a request: nobody waits for an answer.
+            admission.leave(&endpoint.shared);
             return Box::pin(std::future::ready(()));
         };
         let parts = read_request(&message);
