@@ -1006,8 +1006,10 @@ impl Endpoint {
             match crate::out_of_line(|| self.unspill(&spilled)).await {
                 Ok(bytes) => args = bytes,
                 Err(fault) => {
+                    // Not run: a probe must not find it running.
+                    self.untrack(&meta.call_id);
                     return crate::out_of_line(|| self.respond_fault(reply, codec, fault, started))
-                        .await
+                        .await;
                 }
             }
         }

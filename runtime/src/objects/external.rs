@@ -216,7 +216,12 @@ pub(super) async fn get_whole(
             .await
             .map_err(std::io::Error::other)
             .and_then(|read| read)
-            .map_err(|e| read_failed(url, e))?;
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::StoreUnavailable,
+                    format!("cannot read object `{url}`: {e}"),
+                )
+            })?;
             Ok(Some(whole))
         }
         GetResultPayload::Stream(_) => {
