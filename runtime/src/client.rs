@@ -327,6 +327,10 @@ impl Client {
         Ok(message)
     }
 
+    /// The tries of a call that fits one message. While an idempotent call
+    /// waits, the worker holding it is asked now and then whether it still
+    /// runs the call ([`Client::watch_call`]), so a worker that died is
+    /// noticed in well under a second instead of at the deadline.
     async fn invoke_tries(
         &self,
         spec: &'static FnSpec,
@@ -395,10 +399,7 @@ impl Client {
 
     /// One try of a call, ready to send: its subject (a transaction's
     /// owner's own, once known), that owner, and the request, which expires
-    /// at the call's deadline. While an idempotent call waits, the worker
-    /// holding it is asked now and then whether it still runs the call
-    /// ([`Client::watch_call`]), so a worker that died is noticed in well
-    /// under a second instead of at the deadline.
+    /// at the call's deadline.
     fn request(
         &self,
         spec: &'static FnSpec,

@@ -733,21 +733,19 @@ impl Endpoint {
         let started = SystemTime::now();
         let endpoint = self.clone();
         let spec = endpoint.registration.spec;
-        if spec.stateful {
-            return Box::pin(async move {
-                let Some(_permit) = admission.run(&endpoint.shared).await else {
-                    return;
-                };
-                if let Some(reply) = message.reply.clone() {
-                    endpoint.run_stateful(reply, message, direct, started).await;
-                }
-            });
-        }
         let Some(reply) = message.reply.clone() else {
             // A publish, not a request: nobody waits for an answer.
             admission.leave(&endpoint.shared);
             return Box::pin(std::future::ready(()));
         };
+        if spec.stateful {
+            return Box::pin(async move {
+                let Some(_permit) = admission.run(&endpoint.shared).await else {
+                    return;
+                };
+                endpoint.run_stateful(reply, message, direct, started).await;
+            });
+        }
         let parts = read_request(&message);
         drop(message);
         let parts = match parts {

@@ -163,13 +163,12 @@ pub(super) async fn put_bytes(
 ) -> Result<(String, String), Error> {
     let url = join(base, key);
     let (store, path) = resolve(&url)?;
-    let mut hasher = super::Hasher::new(Algorithm::Xxh3);
-    hasher.update(&bytes);
+    let digest = Algorithm::Xxh3.digest(&bytes);
     store
         .put(&path, PutPayload::from(bytes))
         .await
         .map_err(|e| failed(&url, "write", e))?;
-    Ok((url, hasher.finish()))
+    Ok((url, digest))
 }
 
 fn read_failed(url: &str, e: std::io::Error) -> Error {
@@ -190,16 +189,14 @@ pub(super) async fn get_whole(
     if result.meta.size > RANGE {
         return Ok(None);
     }
-    let mut hasher = super::Hasher::new(algorithm);
     match result.payload {
-        GetResultPayload::File(file, _) => {
+        GetResultPayload::File(mut file, _) => {
             let range = result.range;
             // Hashed on the thread that read it, while the bytes are still
             // in that core's cache: a hop to another thread first costs the
             // digest a trip through memory.
             let whole = tokio::task::spawn_blocking(move || {
                 use std::io::{Read, Seek, SeekFrom};
-                let mut file = file;
                 file.seek(SeekFrom::Start(range.start))?;
                 let len = range.end - range.start;
                 let mut buffer = Vec::with_capacity(len as usize);
@@ -210,8 +207,8 @@ pub(super) async fn get_whole(
                         format!("the file ended after {} of {len} bytes", buffer.len()),
                     ));
                 }
-                hasher.update(&buffer);
-                Ok((Bytes::from(buffer), hasher.finish()))
+                let digest = algorithm.digest(&buffer);
+                Ok((Bytes::from(buffer), digest))
             })
             .await
             .map_err(std::io::Error::other)
@@ -226,8 +223,8 @@ pub(super) async fn get_whole(
         }
         GetResultPayload::Stream(_) => {
             let bytes = result.bytes().await.map_err(|e| failed(url, "read", e))?;
-            hasher.update(&bytes);
-            Ok(Some((bytes, hasher.finish())))
+            let digest = algorithm.digest(&bytes);
+            Ok(Some((bytes, digest)))
         }
     }
 }

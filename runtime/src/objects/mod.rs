@@ -421,9 +421,8 @@ pub(crate) async fn fetch(client: &Client, uri: &str, digest: &str) -> Result<by
     let whole = match locate(uri)? {
         Location::Inline(key) => {
             let bytes = jetstream::get_inline(client, uri, key).await?;
-            let mut hasher = Hasher::new(algorithm);
-            hasher.update(&bytes);
-            Some((bytes, hasher.finish()))
+            let actual = algorithm.digest(&bytes);
+            Some((bytes, actual))
         }
         Location::External => external::get_whole(uri, algorithm).await?,
         _ => None,
@@ -625,6 +624,13 @@ pub(crate) enum Algorithm {
 }
 
 impl Algorithm {
+    /// The digest of `bytes`, in its `<name>=<base64url>` form.
+    pub(crate) fn digest(self, bytes: &[u8]) -> String {
+        let mut hasher = Hasher::new(self);
+        hasher.update(bytes);
+        hasher.finish()
+    }
+
     /// The algorithm a digest string was made with.
     fn of(digest: &str) -> Option<Algorithm> {
         if digest.starts_with("SHA-256=") {
@@ -639,9 +645,7 @@ impl Algorithm {
 
 /// `SHA-256=<base64url>` of `bytes`, the NATS Object Store's digest form.
 pub(crate) fn digest_of(bytes: &[u8]) -> String {
-    let mut hasher = Hasher::new(Algorithm::Sha256);
-    hasher.update(bytes);
-    hasher.finish()
+    Algorithm::Sha256.digest(bytes)
 }
 
 enum Hasher {
