@@ -2,36 +2,72 @@
 # Every check and test of the workspace: formatting, clippy, the demo and
 # bench as smoke runs, then the whole test suite (unit, real nats-server,
 # worker processes, containers, trybuild, a Python client).
-set -euo pipefail
+#
+# Every step and every test binary runs even when an earlier one fails, so
+# one run shows every failure; the last line is `N passed, M failed` over
+# all of them, and the exit status is non-zero if anything failed.
+set -uo pipefail
 source "$(dirname "$0")/bootstrap.sh"
 ensure_nats_server
 ensure_nats_py
 ensure_docker
 cd "$repo_root"
 
-say "cargo fmt --check"
-cargo fmt --all -- --check
-say "cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
-say "demo (quickstart)"
-cargo run -q -p wharf-examples --bin quickstart >/dev/null
-say "stateful example (rate limiter)"
-cargo run -q -p wharf-examples --bin ratelimit >/dev/null
-say "objects example"
-cargo run -q -p wharf-examples --bin objects >/dev/null
-say "bench smoke run (numbers need --release; see docs/BENCHMARKS.md)"
-cargo run -q -p wharf-examples --bin bench -- --quick >/dev/null
-say "objects bench smoke run"
-cargo run -q -p wharf-examples --bin objects_bench -- --quick >/dev/null
-say "cargo test"
+failed_steps=()
+step() {
+    local name="$1"
+    shift
+    say "$name"
+    if ! "$@"; then
+        failed_steps+=("$name")
+        say "FAILED: $name"
+    fi
+}
+quietly() { "$@" >/dev/null; }
+
+started=$SECONDS
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+step "demo (quickstart)" quietly cargo run -q -p wharf-examples --bin quickstart
+step "stateful example (rate limiter)" quietly cargo run -q -p wharf-examples --bin ratelimit
+step "objects example" quietly cargo run -q -p wharf-examples --bin objects
+step "bench smoke run (numbers need --release; see docs/BENCHMARKS.md)" \
+    quietly cargo run -q -p wharf-examples --bin bench -- --quick
+step "objects bench smoke run" quietly cargo run -q -p wharf-examples --bin objects_bench -- --quick
+
+say "cargo test (every test binary, even after a failure)"
 log="$(mktemp)"
-set +e
-cargo test --workspace 2>&1 | tee "$log"
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-set -e
-# One closing line over every test binary of the workspace.
-passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{ s += $1 } END { print s + 0 }')
-failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{ s += $1 } END { print s + 0 }')
+
+# Sums over every binary's `test result:` line.
+passed=$(sed -nE 's/^test result: .* ([0-9]+) passed; .*/\1/p' "$log" | awk '{ s += $1 } END { print s + 0 }')
+failed=$(sed -nE 's/^test result: .* ([0-9]+) failed; .*/\1/p' "$log" | awk '{ s += $1 } END { print s + 0 }')
+# A binary that crashed (or did not build) prints no result line; cargo
+# names it among the failed targets.
+failed_targets=$(sed -nE 's/^error: ([0-9]+) targets? failed:.*/\1/p' "$log" | tail -n 1)
+binaries_with_failures=$(grep -c '^test result: FAILED' "$log")
+crashed=$(( ${failed_targets:-0} - binaries_with_failures ))
+if [ "$status" -ne 0 ] && [ "${failed_targets:-0}" -eq 0 ] && [ "$failed" -eq 0 ]; then
+    crashed=1 # cargo itself failed (a build error): count it
+fi
+[ "$crashed" -lt 0 ] && crashed=0
+failing_tests=$(grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/')
 rm -f "$log"
-echo "total: $passed passed, $failed failed"
-exit "$status"
+
+echo
+if [ -n "$failing_tests" ]; then
+    echo "failed tests:"
+    printf '  %s\n' $failing_tests
+fi
+if [ "$crashed" -gt 0 ]; then
+    echo "test binaries (or builds) that ended without a result: $crashed (see cargo's error above)"
+fi
+if [ "${#failed_steps[@]}" -gt 0 ]; then
+    echo "failed steps:"
+    printf '  %s\n' "${failed_steps[@]}"
+fi
+echo "took $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
+total_failed=$(( failed + crashed + ${#failed_steps[@]} ))
+echo "$passed passed, $total_failed failed"
+[ "$status" -eq 0 ] && [ "$total_failed" -eq 0 ]

@@ -16,19 +16,19 @@ async def main(url: str) -> None:
     nc = await nats.connect(url)
     json_headers = {"Content-Type": "application/json"}
 
-    info = json.loads((await nc.request("$SRV.INFO.itest", b"", timeout=5)).data)
+    info = json.loads((await nc.request("$SRV.INFO.itest", b"", timeout=30)).data)
     endpoints = {e["name"]: e for e in info["endpoints"]}
 
-    by_name = await nc.request("wharf.itest.add", b'{"a": 2, "b": 40}', timeout=5, headers=json_headers)
-    by_position = await nc.request("wharf.itest.add", b"[1, 2]", timeout=5, headers=json_headers)
-    app_error = await nc.request("wharf.itest.take", b'{"count": 99}', timeout=5, headers=json_headers)
-    bad_request = await nc.request("wharf.itest.add", b'{"a": "x"}', timeout=5, headers=json_headers)
+    by_name = await nc.request("wharf.itest.add", b'{"a": 2, "b": 40}', timeout=30, headers=json_headers)
+    by_position = await nc.request("wharf.itest.add", b"[1, 2]", timeout=30, headers=json_headers)
+    app_error = await nc.request("wharf.itest.take", b'{"count": 99}', timeout=30, headers=json_headers)
+    bad_request = await nc.request("wharf.itest.add", b'{"a": "x"}', timeout=30, headers=json_headers)
     mismatch = await nc.request(
-        "wharf.itest.add", b"[1, 2]", timeout=5,
+        "wharf.itest.add", b"[1, 2]", timeout=30,
         headers={**json_headers, "Wharf-Sig": "0000000000000001"},
     )
     # postcard: the six-byte empty envelope, then zigzag varints 2 and 3.
-    postcard = await nc.request("wharf.itest.add", bytes([1, 0, 0, 0, 0, 0, 4, 6]), timeout=5)
+    postcard = await nc.request("wharf.itest.add", bytes([1, 0, 0, 0, 0, 0, 4, 6]), timeout=30)
 
     # A durable call: published into the service's work queue, answered on
     # the Wharf-Reply subject, its result also kept in KV wharf_results.
@@ -41,7 +41,7 @@ async def main(url: str) -> None:
         headers={**json_headers, "Wharf-Call-Id": call_id, "Wharf-Reply": inbox,
                  "Nats-Msg-Id": call_id},
     )
-    durable = json.loads((await replies.next_msg(timeout=10)).data)
+    durable = json.loads((await replies.next_msg(timeout=30)).data)
     stored = await (await js.key_value("wharf_results")).get(call_id)
     # code (2 bytes, big endian), codec (1 byte, 1 = JSON), then the body.
     stored_code = int.from_bytes(stored.value[:2], "big")
@@ -55,27 +55,27 @@ async def main(url: str) -> None:
         headers={"Nats-Expected-Last-Subject-Sequence": "0", "Nats-TTL": "30s"},
     )
     txn_headers = {**json_headers, "Wharf-Txn": txn}
-    first = await nc.request("wharf.itest.accumulate", b'{"by": 5, "ms": 0}', timeout=5, headers=txn_headers)
+    first = await nc.request("wharf.itest.accumulate", b'{"by": 5, "ms": 0}', timeout=30, headers=txn_headers)
     owner = first.headers["Wharf-Txn-Owner"]
     totals = [json.loads(first.data)[0]]
     for by in (6, 7):
         later = await nc.request(
             "wharf._inst." + owner + ".itest.accumulate",
-            json.dumps({"by": by, "ms": 0}).encode(), timeout=5, headers=txn_headers,
+            json.dumps({"by": by, "ms": 0}).encode(), timeout=30, headers=txn_headers,
         )
         totals.append(json.loads(later.data)[0])
     lease = json.loads((await (await js.key_value("wharf_txn")).get(txn)).value)
-    await nc.request("wharf._inst." + owner + "._end", txn.encode(), timeout=5)
-    after_end = await nc.request("wharf.itest.accumulate", b'{"by": 1, "ms": 0}', timeout=5, headers=txn_headers)
+    await nc.request("wharf._inst." + owner + "._end", txn.encode(), timeout=30)
+    after_end = await nc.request("wharf.itest.accumulate", b'{"by": 1, "ms": 0}', timeout=30, headers=txn_headers)
 
     # Objects: one put, then a put in parts; a Rust microservice reads both
     # by reference, and the service reads a range back.
     small = bytes((i * 7) % 256 for i in range(100_000))
-    small_ref = json.loads((await nc.request("wharf.objects.put", small, timeout=10)).data)
+    small_ref = json.loads((await nc.request("wharf.objects.put", small, timeout=30)).data)
     parts = [bytes((i * 13 + p) % 256 for i in range(600_000)) for p in range(3)]
     upload = "py-upload-1"
     for n, part in enumerate(parts):
-        await nc.request("wharf.objects.put", part, timeout=10,
+        await nc.request("wharf.objects.put", part, timeout=30,
                          headers={"Wharf-Upload": upload, "Wharf-Part": str(n)})
     big_ref = json.loads((await nc.request(
         "wharf.objects.put", b"", timeout=30,
@@ -87,11 +87,11 @@ async def main(url: str) -> None:
                                  timeout=30, headers=json_headers)
         read_by_rust.append(json.loads(reply.data))
     ranged = await nc.request("wharf.objects.get", json.dumps(
-        {"uri": big_ref["uri"], "offset": 600_000, "length": 1000}).encode(), timeout=10)
+        {"uri": big_ref["uri"], "offset": 600_000, "length": 1000}).encode(), timeout=30)
     missing = await nc.request("wharf.objects.get", json.dumps(
-        {"uri": "wharf://jetstream/wharf_objects/nope"}).encode(), timeout=10)
+        {"uri": "wharf://jetstream/wharf_objects/nope"}).encode(), timeout=30)
     elsewhere = await nc.request("wharf.objects.get", json.dumps(
-        {"uri": "file:///etc/hostname"}).encode(), timeout=10)
+        {"uri": "file:///etc/hostname"}).encode(), timeout=30)
 
     def failure(msg):
         headers = msg.headers or {}

@@ -241,20 +241,19 @@ impl WorkerProcess {
         let _ = self.0.wait();
     }
 
-    /// Waits for it to exit (after a signal) and returns its status.
+    /// Waits (up to 30 s) for it to exit, after a signal, and returns its
+    /// status.
     pub async fn exit_status(mut self) -> std::process::ExitStatus {
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.0.try_wait().expect("waitpid") {
-                return status;
-            }
-            assert!(
-                Instant::now() < until,
-                "worker {} did not exit within 20 s",
-                self.pid()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let pid = self.pid();
+        wharf::testing::eventually(
+            &format!("process {pid} to exit"),
+            Duration::from_secs(30),
+            || {
+                let status = self.0.try_wait().expect("waitpid");
+                async move { status.ok_or_else(|| "it still runs".to_owned()) }
+            },
+        )
+        .await
     }
 }
 
@@ -289,24 +288,65 @@ pub fn spawn_svc(args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
     WorkerProcess(command.spawn().expect("the svc binary starts"))
 }
 
-/// Waits until `count` distinct processes answer `whoami` through `client`.
+/// Waits (up to 60 s) until `count` distinct processes answer `whoami`
+/// through `client`; returns their pids.
 pub async fn wait_for_workers(client: &wharf::Client, count: usize) -> Vec<u32> {
-    let until = Instant::now() + Duration::from_secs(20);
-    let mut seen = std::collections::BTreeSet::new();
-    while seen.len() < count {
-        assert!(
-            Instant::now() < until,
-            "only {} of {count} workers answered within 20 s",
-            seen.len()
-        );
-        match whoami::call(client).await {
-            Ok(pid) => {
-                seen.insert(pid);
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    wharf::testing::eventually(
+        &format!("{count} workers to answer"),
+        Duration::from_secs(60),
+        || {
+            let seen = &seen;
+            async move {
+                // A burst of calls per look: the queue group picks at random.
+                for _ in 0..10 * count {
+                    let Ok(pid) = whoami::call(client).await else {
+                        break;
+                    };
+                    if seen.lock().unwrap().insert(pid) && seen.lock().unwrap().len() >= count {
+                        break;
+                    }
+                }
+                let seen = seen.lock().unwrap();
+                if seen.len() >= count {
+                    Ok(seen.iter().copied().collect())
+                } else {
+                    Err(format!("{} answered: {seen:?}", seen.len()))
+                }
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
+        },
+    )
+    .await
+}
+
+/// Calls in flight on the workers of `service` right now, summed over their
+/// `$SRV.STATS` replies (each worker reports its own in `data.in_flight`).
+pub async fn in_flight(client: &wharf::Client, service: &str) -> u64 {
+    use futures_util::StreamExt;
+    let inbox = client.nats().new_inbox();
+    let mut replies = client
+        .nats()
+        .subscribe(inbox.clone())
+        .await
+        .expect("subscribe");
+    client
+        .nats()
+        .publish_with_reply(format!("$SRV.STATS.{service}"), inbox, "".into())
+        .await
+        .expect("publish");
+    let mut total = 0;
+    // Every worker answers at once; a short quiet spell ends the count.
+    while let Ok(Some(reply)) =
+        tokio::time::timeout(Duration::from_millis(200), replies.next()).await
+    {
+        let stats: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+        total += stats["endpoints"]
+            .as_array()
+            .and_then(|e| e.first())
+            .and_then(|e| e["data"]["in_flight"].as_u64())
+            .unwrap_or(0);
     }
-    seen.into_iter().collect()
+    total
 }
 
 /// Sends `signal` to `pid`.
@@ -323,13 +363,80 @@ pub use wharf::backend::process_alive as alive;
 /// Waits until none of `pids` is alive; false if some still are at `within`.
 pub fn wait_gone(pids: &[u32], within: Duration) -> bool {
     let until = Instant::now() + within;
-    while Instant::now() < until {
+    loop {
         if pids.iter().all(|pid| !alive(*pid)) {
             return true;
         }
+        if Instant::now() >= until {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    false
+}
+
+/// The live descendants of `pid` (children, their children, ...), from
+/// /proc: what a process started, to clean up after it.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in text
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+            {
+                if !found.contains(&child) {
+                    found.push(child);
+                    queue.push(child);
+                }
+            }
+        }
+    }
+    found.retain(|p| alive(*p));
+    found
+}
+
+/// Force-removes every container (running or not) carrying `label`
+/// (`key=value`); a no-op without Docker.
+pub fn remove_containers(label: &str) {
+    let listed = Command::new("docker")
+        .args(["ps", "--all", "--quiet", "--filter"])
+        .arg(format!("label={label}"))
+        .stderr(Stdio::null())
+        .output();
+    let Ok(listed) = listed else {
+        return;
+    };
+    let ids: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if !ids.is_empty() {
+        let _ = Command::new("docker")
+            .args(["rm", "--force"])
+            .args(&ids)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A name no other test of any test process uses at the same time: for
+/// subject prefixes, temporary directories and Docker names.
+pub fn unique_name(stem: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{stem}_{}_{}_{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 /// Whether tests that need Docker may skip when it is missing. Under CI or
@@ -427,7 +534,8 @@ pub fn svc_image() -> Option<&'static str> {
 
 fn build_svc_image() {
     let binary = svc_binary();
-    let context = std::env::temp_dir().join(format!("wharf-svc-image-{}", std::process::id()));
+    let dir = wharf::testing::TempDir::new("svc-image");
+    let context = dir.path();
     let rootfs = context.join("rootfs");
     std::fs::create_dir_all(&rootfs).expect("build context");
     std::fs::copy(&binary, rootfs.join("svc")).expect("copy svc");
@@ -453,28 +561,26 @@ fn build_svc_image() {
     .expect("Dockerfile");
     let status = Command::new("docker")
         .args(["build", "-q", "-t", SVC_IMAGE])
-        .arg(&context)
+        .arg(context)
         .stdout(Stdio::null())
         .status()
         .expect("docker build runs");
-    let _ = std::fs::remove_dir_all(&context);
     assert!(status.success(), "docker build of {SVC_IMAGE} failed");
 }
 
 fn build_nats_image(tag: &str) {
     let binary = static_nats_server();
-    let context = std::env::temp_dir().join(format!("wharf-nats-image-{}", std::process::id()));
-    std::fs::create_dir_all(&context).expect("build context");
+    let dir = wharf::testing::TempDir::new("nats-image");
+    let context = dir.path();
     std::fs::copy(&binary, context.join("nats-server")).expect("copy nats-server");
     let dockerfile =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker-config/docker/nats.Dockerfile");
     let status = Command::new("docker")
         .args(["build", "-q", "-t", tag, "-f"])
         .arg(&dockerfile)
-        .arg(&context)
+        .arg(context)
         .stdout(Stdio::null())
         .status()
         .expect("docker build runs");
-    let _ = std::fs::remove_dir_all(&context);
     assert!(status.success(), "docker build of {tag} failed");
 }

@@ -19,9 +19,22 @@ fn report(line: String) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+/// Calls a [`load`] has completed so far.
+type Progress = Arc<AtomicU64>;
+
 /// Runs `calls` calls from `callers` concurrent tasks; `call(i)` makes call
 /// `i` and returns the tries it took. Panics on the first failed call.
 async fn load<F, Fut>(calls: u64, callers: u64, call: F) -> (u64, Duration)
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<u32, String>> + Send,
+{
+    load_counted(calls, callers, call, Progress::default()).await
+}
+
+/// [`load`], counting completed calls in `done` as it goes, so a test can
+/// wait until the load is well under way before it injects a fault.
+async fn load_counted<F, Fut>(calls: u64, callers: u64, call: F, done: Progress) -> (u64, Duration)
 where
     F: Fn(u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<u32, String>> + Send,
@@ -31,7 +44,8 @@ where
     let started = Instant::now();
     let tasks: Vec<_> = (0..callers)
         .map(|_| {
-            let (next, retries, call) = (next.clone(), retries.clone(), call.clone());
+            let (next, retries, call, done) =
+                (next.clone(), retries.clone(), call.clone(), done.clone());
             tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -41,6 +55,7 @@ where
                     match call(i).await {
                         Ok(tries) => {
                             retries.fetch_add(u64::from(tries - 1), Ordering::Relaxed);
+                            done.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => panic!("call {i} failed: {e}"),
                     }
@@ -52,6 +67,21 @@ where
         task.await.expect("no caller panicked");
     }
     (retries.load(Ordering::Relaxed), started.elapsed())
+}
+
+/// Waits (up to 60 s) until `done` counts at least `calls` completed calls.
+async fn wait_for_progress(what: &str, done: &Progress, calls: u64) {
+    wharf::testing::eventually(
+        &format!("{calls} {what} calls to complete"),
+        Duration::from_secs(60),
+        || async {
+            match done.load(Ordering::Relaxed) {
+                n if n >= calls => Ok(()),
+                n => Err(format!("{n} completed")),
+            }
+        },
+    )
+    .await;
 }
 
 /// Kills one of `workers` (round robin) every `every` and starts a new one
@@ -144,27 +174,38 @@ async fn durable_calls_survive_every_worker_killed_mid_run() {
         .collect();
     wait_for_workers(&client, 3).await;
     let calls = 10_000;
+    let done = Progress::default();
     let load = tokio::spawn({
         let client = client.clone();
-        load(calls, 64, move |i| {
-            let client = client.clone();
-            async move {
-                let n = tally::request(i, 2)
-                    .client(&client)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if n != i {
-                    return Err(format!("wrong answer {n} for {i}"));
+        let done = done.clone();
+        load_counted(
+            calls,
+            64,
+            move |i| {
+                let client = client.clone();
+                async move {
+                    let n = tally::request(i, 2)
+                        .client(&client)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if n != i {
+                        return Err(format!("wrong answer {n} for {i}"));
+                    }
+                    Ok(1)
                 }
-                Ok(1)
-            }
-        })
+            },
+            done,
+        )
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Kill mid-run: once a tenth of the calls are done, every worker dies
+    // (SIGKILL) with calls in its hands.
+    wait_for_progress("durable", &done, calls / 10).await;
     for worker in &mut workers {
-        worker.kill(); // SIGKILL, every one of them
+        worker.kill();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Calls pile up with no worker at all until the server has seen every
+    // killed connection go; only then do new workers start.
+    server.wait_for_connections(1).await.unwrap();
     let _workers: Vec<_> = (0..3)
         .map(|_| spawn_worker_with(&server.url(), &env))
         .collect();
@@ -186,21 +227,28 @@ async fn a_worker_drained_during_load_fails_no_call() {
     let workers: Vec<_> = (0..3).map(|_| spawn_worker(&server.url())).collect();
     wait_for_workers(&client, 3).await;
     let drained = workers[0].pid();
+    let done = Progress::default();
     let load = tokio::spawn({
         let client = client.clone();
+        let done = done.clone();
         // Not idempotent: a lost call would fail, not be retried.
-        load(3_000, 64, move |i| {
-            let client = client.clone();
-            async move {
-                let ms = sleep_ms::call(&client, 5 + i % 5)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                assert_eq!(ms, 5 + i % 5);
-                Ok(1)
-            }
-        })
+        load_counted(
+            3_000,
+            64,
+            move |i| {
+                let client = client.clone();
+                async move {
+                    let ms = sleep_ms::call(&client, 5 + i % 5)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    assert_eq!(ms, 5 + i % 5);
+                    Ok(1)
+                }
+            },
+            done,
+        )
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_progress("plain", &done, 300).await;
     wharf_integration::signal(drained, libc::SIGTERM);
     load.await.expect("every call succeeded");
     let mut workers = workers.into_iter();
@@ -222,38 +270,53 @@ async fn a_broker_restart_under_load_loses_nothing() {
         .map(|_| spawn_worker_with(&server.url(), &[("WHARF_ACK_WAIT", "2000")]))
         .collect();
     wait_for_workers(&client, 2).await;
+    let (core_done, durable_done) = (Progress::default(), Progress::default());
     let core = tokio::spawn({
         let client = client.clone();
-        load(4_000, 32, move |i| {
-            let client = client.clone();
-            async move {
-                let reply = echo_slowly::request(i, 2)
-                    .client(&client)
-                    .retry(wharf::RetryPolicy::attempts(30).unwrap())
-                    .send_detailed()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                assert_eq!(reply.value, i);
-                Ok(reply.attempts)
-            }
-        })
+        let done = core_done.clone();
+        load_counted(
+            4_000,
+            32,
+            move |i| {
+                let client = client.clone();
+                async move {
+                    let reply = echo_slowly::request(i, 2)
+                        .client(&client)
+                        .retry(wharf::RetryPolicy::attempts(30).unwrap())
+                        .send_detailed()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    assert_eq!(reply.value, i);
+                    Ok(reply.attempts)
+                }
+            },
+            done,
+        )
     });
     let durable = tokio::spawn({
         let client = client.clone();
-        load(2_000, 32, move |i| {
-            let client = client.clone();
-            async move {
-                let n = tally::request(i, 2)
-                    .client(&client)
-                    .retry(wharf::RetryPolicy::attempts(30).unwrap())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                assert_eq!(n, i);
-                Ok(1)
-            }
-        })
+        let done = durable_done.clone();
+        load_counted(
+            2_000,
+            32,
+            move |i| {
+                let client = client.clone();
+                async move {
+                    let n = tally::request(i, 2)
+                        .client(&client)
+                        .retry(wharf::RetryPolicy::attempts(30).unwrap())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    assert_eq!(n, i);
+                    Ok(1)
+                }
+            },
+            done,
+        )
     });
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Restart with both loads under way and far from done.
+    wait_for_progress("core", &core_done, 400).await;
+    wait_for_progress("durable", &durable_done, 100).await;
     server.restart().unwrap();
     let (core_retries, core_took) = core.await.expect("core calls resumed");
     let (_, durable_took) = durable.await.expect("durable calls completed");
@@ -278,9 +341,12 @@ async fn a_call_that_kills_every_worker_ends_in_the_dead_letter_stream() {
         async move { crash_worker::request().client(&client).await }
     });
     let mut restarts = 0;
-    let until = Instant::now() + Duration::from_secs(60);
+    let until = Instant::now() + Duration::from_secs(120);
     while !call.is_finished() {
-        assert!(Instant::now() < until, "the poisonous call never ended");
+        assert!(
+            Instant::now() < until,
+            "the poisonous call did not end within 120 s; {restarts} workers restarted so far"
+        );
         if !wharf_integration::alive(worker.pid()) {
             // The supervisor's job, done by hand here.
             worker = spawn_worker_with(&server.url(), &env);

@@ -101,11 +101,17 @@ async fn large_arguments_and_results_spill_to_the_object_store() {
     );
 
     // The spilled objects are released after the calls.
-    let until = Instant::now() + Duration::from_secs(5);
-    while blobs(&client).await > 0 {
-        assert!(Instant::now() < until, "spilled objects were not released");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wharf::testing::eventually(
+        "the spilled objects to be released",
+        Duration::from_secs(30),
+        || async {
+            match blobs(&client).await {
+                0 => Ok(()),
+                n => Err(format!("{n} objects left")),
+            }
+        },
+    )
+    .await;
     eprintln!(
         "REPORT spill: 10 MiB argument in {argument_time:.1?}, 3 MiB result in {result_time:.1?}; nothing left in the store"
     );

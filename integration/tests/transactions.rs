@@ -6,7 +6,7 @@
 use futures_util::{stream, StreamExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
-use wharf::testing::NatsServer;
+use wharf::testing::{eventually, NatsServer};
 use wharf::{Client, ErrorKind, Transaction};
 use wharf_integration::{accumulate, spawn_worker, wait_for_workers, wait_gone, WorkerProcess};
 
@@ -107,6 +107,7 @@ async fn a_scale_down_breaks_no_open_transaction() {
             "a quiescing instance took a new transaction"
         );
         fresh.end().await.unwrap();
+        // Spaced rounds: an instance that left too early would show it.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
@@ -119,8 +120,8 @@ async fn a_scale_down_breaks_no_open_transaction() {
         tx.end().await.unwrap();
     }
     assert!(
-        wait_gone(&[leaving_pid], Duration::from_secs(10)),
-        "the quiesced instance did not exit"
+        wait_gone(&[leaving_pid], Duration::from_secs(30)),
+        "the quiesced instance did not exit within 30 s of its transactions' end"
     );
     println!(
         "REPORT scale-down: {held} open transactions kept through 5 rounds; the instance exited {} ms after they ended",
@@ -213,18 +214,40 @@ async fn bad_transactions_get_clear_errors() {
         .await
         .unwrap();
     add(&short, 1).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let error = add(&short, 1).await.unwrap_err();
-    assert_eq!(error.kind(), ErrorKind::UnknownTransaction, "{error}");
-    // ... while a lease in use is renewed past its length.
-    let busy = client
-        .transaction_with_lease(Duration::from_secs(1))
+    // Left alone, its lease expires in KV (read there, so the wait itself
+    // does not renew it).
+    let leases = async_nats::jetstream::new(client.nats().clone())
+        .get_key_value(wharf::TXN_BUCKET)
         .await
         .unwrap();
-    for n in 1..=10 {
+    eventually(
+        "the idle transaction's lease to expire",
+        Duration::from_secs(30),
+        || async {
+            match leases.entry(short.id()).await {
+                Ok(Some(entry)) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
+                    Err(format!("lease at revision {}", entry.revision))
+                }
+                Ok(_) => Ok(()),
+                Err(error) => Err(error.to_string()),
+            }
+        },
+    )
+    .await;
+    let error = add(&short, 1).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::UnknownTransaction, "{error}");
+    // ... while a lease in use is renewed past its length: calls spaced a
+    // quarter of the lease apart, for twice its length.
+    let busy = client
+        .transaction_with_lease(Duration::from_secs(2))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for n in 1..=8 {
         assert_eq!(add(&busy, 1).await.unwrap().0, n);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    assert!(started.elapsed() > Duration::from_secs(2));
 
     // A foreign client: JSON with a malformed, then a missing Wharf-Txn.
     for txn in [Some("bad.id"), None] {

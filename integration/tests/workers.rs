@@ -6,7 +6,8 @@ use std::time::Duration;
 use wharf::testing::NatsServer;
 use wharf::{Client, ErrorKind};
 use wharf_integration::{
-    add, add_remotely, sleep_ms, spawn_worker, take, wait_for_workers, whoami, InventoryError,
+    add, add_remotely, in_flight, sleep_ms, spawn_worker, take, wait_for_workers, whoami,
+    InventoryError,
 };
 
 #[tokio::test]
@@ -66,15 +67,26 @@ async fn sigterm_drains_calls_in_flight() {
     let calls: Vec<_> = (0..20)
         .map(|_| {
             let client = client.clone();
-            tokio::spawn(async move { sleep_ms::call(&client, 300).await })
+            tokio::spawn(async move { sleep_ms::call(&client, 3_000).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // SIGTERM only once every call is running on the worker.
+    wharf::testing::eventually(
+        "20 calls in flight on the worker",
+        Duration::from_secs(30),
+        || async {
+            match in_flight(&client, "itest").await {
+                20 => Ok(()),
+                n => Err(format!("{n} in flight")),
+            }
+        },
+    )
+    .await;
     wharf_integration::signal(worker.pid(), libc::SIGTERM);
     for call in calls {
         assert_eq!(
             call.await.unwrap().unwrap(),
-            300,
+            3_000,
             "no call in flight is lost"
         );
     }

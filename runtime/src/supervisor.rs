@@ -256,8 +256,9 @@ pub struct Event {
     pub at_ms: u64,
     /// The service, if the event is about one.
     pub service: Option<String>,
-    /// What happened: `leader`, `start`, `exited`, `hung`, `scale`,
-    /// `drain`, `drained`, `crash-loop`, `adopt`, `stop`.
+    /// What happened: `leader`, `standby`, `start`, `start-failed`,
+    /// `exited`, `hung`, `scale`, `drain`, `drained`, `killed`,
+    /// `crash-loop`, `adopt`, `stop`.
     pub kind: String,
     /// The instance concerned, if any.
     pub instance: Option<String>,
@@ -318,6 +319,8 @@ pub struct Supervisor {
     lease_revision: Option<u64>,
     quiet: bool,
     rounds: u64,
+    /// Whether the `standby` event for this spell without the lease went out.
+    standing_by: bool,
 }
 
 impl Supervisor {
@@ -419,6 +422,7 @@ impl Supervisor {
             lease_revision: None,
             quiet: false,
             rounds: 0,
+            standing_by: false,
         })
     }
 
@@ -483,9 +487,22 @@ impl Supervisor {
                 .await;
                 // Another supervisor runs the instances now.
                 self.managed.clear();
+            } else if !self.standing_by {
+                self.event(
+                    None,
+                    "standby",
+                    None,
+                    format!(
+                        "supervisor {} stands by: another supervisor holds the lease",
+                        self.id
+                    ),
+                )
+                .await;
             }
+            self.standing_by = true;
             return;
         }
+        self.standing_by = false;
         if !was_leader {
             self.event(
                 None,
@@ -808,6 +825,7 @@ impl Supervisor {
         let launch = Launch {
             service: service.to_owned(),
             instance: instance.clone(),
+            prefix: self.client.prefix().to_owned(),
             env,
         };
         match entry.backend.start(&launch) {

@@ -10,6 +10,7 @@
 //! ```
 
 use crate::{Error, ErrorKind};
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -89,7 +90,7 @@ impl NatsServer {
 
     /// Waits until the server wrote its ports file, and reads the ports.
     fn wait_listening(&mut self) -> Result<(), Error> {
-        let until = Instant::now() + Duration::from_secs(10);
+        let until = Instant::now() + Duration::from_secs(30);
         loop {
             let pid = self.child.id();
             let ports = (
@@ -112,7 +113,7 @@ impl NatsServer {
             if Instant::now() > until {
                 return Err(Error::new(
                     ErrorKind::Process,
-                    "nats-server reported no port within 10 s",
+                    "nats-server reported no port within 30 s",
                 ));
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -144,24 +145,33 @@ impl NatsServer {
             .ok_or_else(|| Error::new(ErrorKind::Other, "`connections` missing from /varz"))
     }
 
-    /// Waits until the server holds exactly `count` client connections, so
-    /// a test knows a killed process is gone from the server's view too
-    /// (its subscriptions with it), not only from the operating system's.
+    /// Waits (up to 30 s) until the server holds exactly `count` client
+    /// connections, so a test knows a killed process is gone from the
+    /// server's view too (its subscriptions with it), not only from the
+    /// operating system's.
     pub async fn wait_for_connections(&self, count: u64) -> Result<(), Error> {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let now = self.connections()?;
-            if now == count {
-                return Ok(());
-            }
-            if Instant::now() > until {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!("the server holds {now} connections, not {count}, after 10 s"),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(
+            &format!("the server to hold {count} client connections"),
+            Duration::from_secs(30),
+            || async {
+                match self.connections() {
+                    Ok(now) if now == count => Ok(()),
+                    Ok(now) => Err(format!("{now} connections")),
+                    Err(error) => Err(error.to_string()),
+                }
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Messages the server has received from clients so far (its `/varz`
+    /// `in_msgs`): a test can wait until a request was really sent.
+    pub fn messages_in(&self) -> Result<u64, Error> {
+        let varz = self.monitor("/varz")?;
+        varz["in_msgs"]
+            .as_u64()
+            .ok_or_else(|| Error::new(ErrorKind::Other, "`in_msgs` missing from /varz"))
     }
 
     /// GETs a monitoring endpoint and parses its JSON.
@@ -215,6 +225,127 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits until `probe` succeeds and returns its value, asking again (at
+/// first every few milliseconds, then every 200 ms) for at most `within`.
+/// `probe` answers `Ok(value)` when the condition holds and `Err(what it
+/// saw)` when it does not yet; if it still does not at the deadline, this
+/// panics naming `what` was awaited, for how long, and the last thing seen.
+///
+/// Tests wait with this instead of sleeping a fixed time: on a loaded
+/// machine a condition can take many times longer than on an idle one, and
+/// the deadline is only the point where waiting longer means a bug.
+///
+/// ```no_run
+/// # async fn run(server: wharf::testing::NatsServer) {
+/// use std::time::Duration;
+/// wharf::testing::eventually("the server to hold 2 connections", Duration::from_secs(30), || async {
+///     match server.connections() {
+///         Ok(2) => Ok(()),
+///         other => Err(format!("{other:?}")),
+///     }
+/// })
+/// .await;
+/// # }
+/// ```
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(seen) if started.elapsed() >= within => panic!(
+                "waited {:.1?} for {what} (the limit is {within:?}); last seen: {seen}",
+                started.elapsed()
+            ),
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// [`eventually`] for tests without an async runtime: the same contract,
+/// blocking the thread between probes.
+pub fn eventually_blocking<T>(
+    what: &str,
+    within: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match probe() {
+            Ok(value) => return value,
+            Err(seen) if started.elapsed() >= within => panic!(
+                "waited {:.1?} for {what} (the limit is {within:?}); last seen: {seen}",
+                started.elapsed()
+            ),
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Checks that `probe` keeps succeeding for the whole of `window`, asking
+/// every 100 ms; panics at the first failure with what it saw.
+///
+/// For properties that are an absence (a standby starts nothing, an
+/// instance does not leave while it holds transactions): a wait cannot
+/// show those, so a test first waits for the state that makes the absence
+/// meaningful, then watches it for a while.
+pub async fn holds_for<F, Fut>(what: &str, window: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Err(seen) = probe().await {
+            panic!(
+                "{what} stopped holding after {:.1?} of {window:?}: {seen}",
+                started.elapsed()
+            );
+        }
+        if started.elapsed() >= window {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A directory of its own under the system's temporary directory, removed
+/// with everything in it when dropped (a failing test included).
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `wharf-<stem>-<unique>`.
+    pub fn new(stem: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("wharf-{stem}-{}", nuid::next().as_str()));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        TempDir(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use wharf::testing::NatsServer;
+use wharf::testing::{eventually, NatsServer};
 use wharf::{CallError, Client, Codec, ErrorKind, RetryPolicy, Worker};
 
 /// `divide`'s own error.
@@ -440,16 +440,25 @@ async fn drain_finishes_calls_in_flight() {
     let long = tokio::spawn({
         let client = client.clone();
         async move {
-            slow::request(150)
+            slow::request(1_000)
                 .client(&client)
-                .timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(10))
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(worker.in_flight(), 1);
-    worker.drain(Duration::from_secs(5)).await;
-    assert_eq!(long.await.unwrap().unwrap(), 150);
+    eventually(
+        "the slow call to be in flight",
+        Duration::from_secs(30),
+        || async {
+            match worker.in_flight() {
+                1 => Ok(()),
+                n => Err(format!("{n} in flight")),
+            }
+        },
+    )
+    .await;
+    worker.drain(Duration::from_secs(10)).await;
+    assert_eq!(long.await.unwrap().unwrap(), 1_000);
     let error = add::request(1, 1)
         .client(&client)
         .retry(RetryPolicy::NONE)
@@ -466,7 +475,19 @@ async fn a_call_waits_for_a_worker_to_appear() {
         let client = client.clone();
         async move { add::request(20, 22).client(&client).send_detailed().await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The worker starts only once the first try reached the server (and,
+    // with no one subscribed, got no responders).
+    eventually(
+        "the first try to reach the server",
+        Duration::from_secs(30),
+        || async {
+            match server.messages_in() {
+                Ok(n) if n >= 1 => Ok(()),
+                other => Err(format!("{other:?} messages in")),
+            }
+        },
+    )
+    .await;
     let _worker = Worker::new(&client).start().await.unwrap();
     let reply = call.await.unwrap().unwrap();
     assert_eq!(reply.value, 42);
@@ -477,7 +498,7 @@ async fn a_call_waits_for_a_worker_to_appear() {
 async fn an_overloaded_worker_answers_503_and_the_caller_retries() {
     let server = NatsServer::start().unwrap();
     let client = Client::connect(&server.url()).await.unwrap();
-    let _worker = Worker::new(&client)
+    let worker = Worker::new(&client)
         .concurrency(1)
         .backlog(0)
         .start()
@@ -486,13 +507,23 @@ async fn an_overloaded_worker_answers_503_and_the_caller_retries() {
     let busy = tokio::spawn({
         let client = client.clone();
         async move {
-            slow::request(300)
+            slow::request(1_000)
                 .client(&client)
-                .timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(10))
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(
+        "the slow call to take the only slot",
+        Duration::from_secs(30),
+        || async {
+            match worker.in_flight() {
+                1 => Ok(()),
+                n => Err(format!("{n} in flight")),
+            }
+        },
+    )
+    .await;
     let refused = add::request(1, 2)
         .client(&client)
         .retry(RetryPolicy::NONE)
@@ -509,7 +540,7 @@ async fn an_overloaded_worker_answers_503_and_the_caller_retries() {
         .unwrap();
     assert_eq!(retried.value, 3);
     assert!(retried.attempts > 1);
-    assert_eq!(busy.await.unwrap().unwrap(), 300);
+    assert_eq!(busy.await.unwrap().unwrap(), 1_000);
 }
 
 static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -535,8 +566,22 @@ async fn a_retried_idempotent_call_that_completed_is_not_run_again() {
     };
     let first = raw_request(&client, "wharf.calls.count_runs", &headers("2"), r#"["x"]"#).await;
     let first: (String, u64) = serde_json::from_slice(&first.payload).unwrap();
-    // The record is written without waiting; give it a moment to land.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The record is written without waiting for it to land: wait for it.
+    let results = async_nats::jetstream::new(client.nats().clone())
+        .get_key_value("wharf_results")
+        .await
+        .unwrap();
+    eventually(
+        "the kept result of dedupe-1",
+        Duration::from_secs(30),
+        || async {
+            match results.get("dedupe-1").await {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
     let again = raw_request(&client, "wharf.calls.count_runs", &headers("3"), r#"["x"]"#).await;
     let again: (String, u64) = serde_json::from_slice(&again.payload).unwrap();
     assert_eq!(again, first, "the stored result, not a second run");

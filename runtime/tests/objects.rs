@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use wharf::objects::{register_store, Objects, Store};
-use wharf::testing::{NatsServer, Pattern};
+use wharf::testing::{eventually, NatsServer, Pattern, TempDir};
 use wharf::{Blob, Client, Error, ErrorKind, ObjectRef};
 
 async fn setup() -> (NatsServer, Client) {
@@ -88,23 +88,34 @@ async fn objects_with_a_ttl_expire() {
         .await
         .unwrap();
     assert_eq!(small.get_with(&client).await.unwrap(), "short-lived");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(
-        small.get_with(&client).await.unwrap_err().kind(),
-        ErrorKind::ObjectNotFound
-    );
-    assert_eq!(
-        large.reader_with(&client).await.unwrap_err().kind(),
-        ErrorKind::ObjectNotFound
-    );
+    eventually(
+        "both objects to expire",
+        Duration::from_secs(30),
+        || async {
+            let small = small.get_with(&client).await.map(|_| ());
+            let large = large.reader_with(&client).await.map(|_| ());
+            match (&small, &large) {
+                (Err(a), Err(b))
+                    if a.kind() == ErrorKind::ObjectNotFound
+                        && b.kind() == ErrorKind::ObjectNotFound =>
+                {
+                    Ok(())
+                }
+                _ => Err(format!("small: {small:?}; large: {large:?}")),
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn file_and_memory_stores_round_trip() {
     let (_server, client) = setup().await;
-    let dir = std::env::temp_dir().join(format!("wharf-objects-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for store in [format!("file://{}", dir.display()), "memory://".to_owned()] {
+    let dir = TempDir::new("objects");
+    for store in [
+        format!("file://{}", dir.path().display()),
+        "memory://".to_owned(),
+    ] {
         let objects = Objects::new(&client).unwrap().store(&store).unwrap();
         let value: HashMap<String, u32> = [("a".to_owned(), 1), ("b".to_owned(), 2)].into();
         let stored = objects.put(&value).await.unwrap();
@@ -124,7 +135,6 @@ async fn file_and_memory_stores_round_trip() {
             ErrorKind::ObjectNotFound
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A store of our own: a map in memory.

@@ -10,6 +10,11 @@ use std::process::{Command, Stdio};
 /// Label every container started by wharf carries.
 pub const MANAGED_LABEL: &str = "wharf.managed";
 
+/// Label naming the subject prefix of the deployment a container belongs
+/// to, so one deployment's containers can be found (and removed) without
+/// touching another's on the same host.
+pub const PREFIX_LABEL: &str = "wharf.prefix";
+
 /// Runs each instance as `docker run <image> <args>`.
 #[derive(Debug, Clone)]
 pub struct DockerBackend {
@@ -49,6 +54,7 @@ impl Backend for DockerBackend {
             &name,
         ]);
         command.args(["--label", &format!("{MANAGED_LABEL}=1")]);
+        command.args(["--label", &format!("{PREFIX_LABEL}={}", launch.prefix)]);
         command.args(["--label", &format!("wharf.service={}", launch.service)]);
         command.args(["--label", &format!("wharf.instance={}", launch.instance)]);
         for (key, value) in &launch.env {

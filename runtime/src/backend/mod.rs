@@ -19,6 +19,9 @@ pub struct Launch {
     /// The id the instance announces in its heartbeats
     /// (`WHARF_INSTANCE_ID`).
     pub instance: String,
+    /// The subject prefix of the deployment it belongs to (`WHARF_PREFIX`):
+    /// two deployments sharing a host tell their instances apart by it.
+    pub prefix: String,
     /// Environment for the instance: `NATS_URL`, `WHARF_PREFIX`,
     /// `WHARF_INSTANCE_ID`, `WHARF_ROLE`, and the service's own.
     pub env: BTreeMap<String, String>,
