@@ -202,6 +202,21 @@ impl Scene {
         .await
     }
 
+    /// `Ok` while the supervisors have started exactly `starts` instances
+    /// and none has exited, hung, been killed or drained.
+    fn no_changes_since(&self, starts: usize) -> Result<(), String> {
+        let started = self.events_of("start").len();
+        let gone: usize = ["exited", "hung", "killed", "drain"]
+            .iter()
+            .map(|kind| self.events_of(kind).len())
+            .sum();
+        if started == starts && gone == 0 {
+            Ok(())
+        } else {
+            Err(self.seen_so_far(&[]))
+        }
+    }
+
     /// The live instances and the events so far, for failure messages.
     fn seen_so_far(&self, live: &[Heartbeat]) -> String {
         let events = self.events.lock().unwrap();
@@ -487,16 +502,9 @@ async fn a_standby_takes_over_from_a_killed_leader_without_duplicates() {
         .wait_for_events("standby", 1, Duration::from_secs(60))
         .await;
     holds_for(
-        "the standby starting nothing",
+        "the standby starting and stopping nothing",
         Duration::from_secs(2),
-        || async {
-            let now: HashSet<String> = scene.live().await.into_iter().map(|b| b.instance).collect();
-            if now == before {
-                Ok(())
-            } else {
-                Err(scene.seen_so_far(&scene.live().await))
-            }
-        },
+        || async { scene.no_changes_since(2) },
     )
     .await;
 
@@ -532,19 +540,31 @@ async fn a_standby_takes_over_from_a_killed_leader_without_duplicates() {
     scene
         .wait_for_events("adopt", 2, Duration::from_secs(30))
         .await;
+    let pids: Vec<u32> = scene.live().await.iter().map(|b| b.pid).collect();
     holds_for(
         "the same two instances, neither lost nor duplicated",
         Duration::from_secs(3),
         || async {
-            let now: HashSet<String> = scene.live().await.into_iter().map(|b| b.instance).collect();
-            if now == before {
-                Ok(())
-            } else {
-                Err(scene.seen_so_far(&scene.live().await))
+            scene.no_changes_since(2)?;
+            match pids.iter().find(|pid| !wharf_integration::alive(**pid)) {
+                Some(pid) => Err(format!("instance process {pid} died")),
+                None => Ok(()),
             }
         },
     )
     .await;
+    scene
+        .wait_for(
+            "the two adopted instances",
+            Duration::from_secs(30),
+            |live| {
+                live.iter()
+                    .map(|b| b.instance.clone())
+                    .collect::<HashSet<_>>()
+                    == before
+            },
+        )
+        .await;
     assert_eq!(scene.events_of("adopt").len(), 2);
     scene.down().await;
 }
@@ -557,12 +577,7 @@ async fn scale_to_zero_and_a_cold_start_on_the_first_call() {
         .wait_for_events("leader", 1, Duration::from_secs(60))
         .await;
     holds_for("min 0 starting nothing", Duration::from_secs(2), || async {
-        let live = scene.live().await;
-        if live.is_empty() {
-            Ok(())
-        } else {
-            Err(scene.seen_so_far(&live))
-        }
+        scene.no_changes_since(0)
     })
     .await;
     // No worker: the call announces demand, the supervisor starts one, and
@@ -716,17 +731,24 @@ async fn a_supervised_scale_down_waits_for_open_transactions() {
         "a quiescing instance was killed: {:?}",
         scene.events_of("killed")
     );
-    let quiescing: Vec<Heartbeat> = wharf::supervisor::instances(&scene.client)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|b| b.draining && b.transactions > 0)
-        .collect();
-    assert!(
-        !quiescing.is_empty(),
-        "drained instances wait for their transactions: {}",
-        scene.seen_so_far(&scene.live().await)
-    );
+    let quiescing: Vec<Heartbeat> = eventually(
+        "drained instances waiting for their transactions",
+        Duration::from_secs(30),
+        || async {
+            let all = wharf::supervisor::instances(&scene.client).await.unwrap();
+            let quiescing: Vec<Heartbeat> = all
+                .iter()
+                .filter(|b| b.draining && b.transactions > 0)
+                .cloned()
+                .collect();
+            if quiescing.is_empty() {
+                Err(format!("instances: {all:?}"))
+            } else {
+                Ok(quiescing)
+            }
+        },
+    )
+    .await;
     // Once the transactions end, the drained instances leave.
     for (tx, _, _) in open {
         tx.end().await.unwrap();
