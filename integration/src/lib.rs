@@ -331,7 +331,11 @@ pub async fn in_flight(client: &wharf::Client, service: &str) -> u64 {
         .expect("subscribe");
     client
         .nats()
-        .publish_with_reply(format!("$SRV.STATS.{service}"), inbox, "".into())
+        .publish_with_reply(
+            wharf::wire::subjects::discovery_of("STATS", service),
+            inbox,
+            "".into(),
+        )
         .await
         .expect("publish");
     let mut total = 0;

@@ -119,7 +119,7 @@ impl Scene {
         let events = Arc::new(Mutex::new(Vec::new()));
         let mut feed = client
             .nats()
-            .subscribe(wharf::supervisor::events_subject(&prefix))
+            .subscribe(wharf::wire::subjects::events(&prefix))
             .await
             .unwrap();
         let log = events.clone();
@@ -251,7 +251,10 @@ impl Scene {
         let _ = self
             .client
             .nats()
-            .send_request(wharf::supervisor::down_subject(&self.prefix), request)
+            .send_request(
+                wharf::wire::subjects::supervisor_down(&self.prefix),
+                request,
+            )
             .await;
         for supervisor in self.supervisors.drain(..) {
             let status = supervisor.exit_status().await;

@@ -82,7 +82,7 @@ async fn a_scale_down_breaks_no_open_transaction() {
     client
         .nats()
         .request(
-            wharf::heartbeat::control_subject(client.prefix(), &leaving),
+            wharf::wire::subjects::control(client.prefix(), &leaving),
             "drain".into(),
         )
         .await

@@ -1,12 +1,13 @@
 //! The caller's side: a [`Client`] and the request path every generated stub
 //! goes through.
 
-use crate::codec::{
-    self, ApplicationErrorBody, Codec, Envelope, ErrorBody, ENVELOPE_VERSION, FLAG_REPORT_INSTANCE,
-    FLAG_TXN,
-};
 use crate::durable::Pending;
-use crate::headers;
+use crate::wire::codec::Codec;
+use crate::wire::reply::{
+    self, mark_spilled, remote_failure, spilled, status_code, ApplicationErrorBody,
+};
+use crate::wire::request::{self, Outgoing, Prepared};
+use crate::wire::subjects;
 use crate::RetryPolicy;
 use crate::{Error, ErrorKind, FnSpec};
 use async_nats::{HeaderMap, Message, RequestErrorKind, Subject};
@@ -17,10 +18,6 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-
-/// Subject prefix when neither `WHARF_PREFIX` nor [`Client::with_prefix`]
-/// sets one.
-pub const DEFAULT_PREFIX: &str = "wharf";
 
 /// A connection to NATS through which microservices are called and served.
 /// Cheap to clone; clones share the connection.
@@ -79,7 +76,7 @@ impl Client {
         let prefix = std::env::var("WHARF_PREFIX")
             .ok()
             .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+            .unwrap_or_else(|| subjects::DEFAULT_PREFIX.to_owned());
         Client {
             inner: Arc::new(Inner {
                 nats,
@@ -145,97 +142,21 @@ impl Client {
         options: &CallOptions,
         call: &CallState,
     ) -> Result<Prepared, Error> {
-        let encode_error = |e: String| {
+        let outgoing = Outgoing {
+            codec: options.codec,
+            sig: spec.sig,
+            deadline_ms: call.deadline_ms,
+            call_id: call.id.as_str(),
+            attempt: call.attempt,
+            report_instance: options.report_instance,
+            txn: options.txn.as_ref().map(|txn| txn.id()),
+        };
+        request::encode(&outgoing, args).map_err(|e| {
             Error::new(
                 ErrorKind::Codec,
                 format!("cannot encode the arguments of `{}`: {e}", spec.path),
             )
-        };
-        let prepared = match options.codec {
-            Codec::Postcard => {
-                let envelope = Envelope {
-                    version: ENVELOPE_VERSION,
-                    sig: spec.sig,
-                    deadline_ms: call.deadline_ms,
-                    call_id: call.id.as_bytes(),
-                    attempt: call.attempt,
-                    flags: if options.report_instance {
-                        FLAG_REPORT_INSTANCE
-                    } else {
-                        0
-                    } | if options.txn.is_some() { FLAG_TXN } else { 0 },
-                };
-                let mut buffer = postcard::to_extend(&envelope, Vec::with_capacity(64))
-                    .map_err(|e| encode_error(e.to_string()))?;
-                if let Some(txn) = &options.txn {
-                    buffer = postcard::to_extend(txn.id().as_bytes(), buffer)
-                        .map_err(|e| encode_error(e.to_string()))?;
-                }
-                let args_at = buffer.len();
-                let buffer =
-                    postcard::to_extend(args, buffer).map_err(|e| encode_error(e.to_string()))?;
-                (buffer.into(), None, args_at)
-            }
-            Codec::Json => {
-                let mut headers = HeaderMap::new();
-                headers.insert(headers::CONTENT_TYPE, codec::JSON);
-                if spec.sig != 0 {
-                    headers.insert(headers::SIG, spec.sig_hex());
-                }
-                headers.insert(headers::DEADLINE, call.deadline_ms.to_string());
-                headers.insert(headers::CALL_ID, call.id.as_str());
-                headers.insert(headers::ATTEMPT, call.attempt.to_string());
-                if options.report_instance {
-                    headers.insert(headers::REPORT, "instance");
-                }
-                let payload = Codec::Json.encode(args).map_err(encode_error)?;
-                (payload, Some(headers), 0)
-            }
-        };
-        let (payload, mut headers, args_at) = prepared;
-        if let (Some(txn), Some(headers)) = (&options.txn, &mut headers) {
-            headers.insert(headers::TXN, txn.id());
-        }
-        Ok(Prepared {
-            payload,
-            headers,
-            args_at,
         })
-    }
-
-    /// The next try of a prepared call: the same arguments under a new
-    /// envelope (postcard) or new `Wharf-Attempt` header (JSON).
-    fn next_try(&self, prepared: &Prepared, options: &CallOptions, call: &CallState) -> Prepared {
-        match options.codec {
-            Codec::Postcard => {
-                let (envelope, at) = Envelope::split(&prepared.payload)
-                    .expect("a prepared postcard call starts with a valid envelope");
-                let envelope = Envelope {
-                    attempt: call.attempt,
-                    ..envelope
-                };
-                let mut buffer =
-                    postcard::to_allocvec(&envelope).expect("an envelope always encodes");
-                // What follows the envelope (a transaction id, the
-                // arguments) stays as it was.
-                let args_at = buffer.len() + (prepared.args_at - at);
-                buffer.extend_from_slice(&prepared.payload[at..]);
-                Prepared {
-                    payload: buffer.into(),
-                    headers: prepared.headers.clone(),
-                    args_at,
-                }
-            }
-            Codec::Json => {
-                let mut headers = prepared.headers.clone().unwrap_or_default();
-                headers.insert(headers::ATTEMPT, call.attempt.to_string());
-                Prepared {
-                    payload: prepared.payload.clone(),
-                    headers: Some(headers),
-                    args_at: 0,
-                }
-            }
-        }
     }
 
     /// Makes a call: one try after another, as the retry policy and the
@@ -310,8 +231,7 @@ impl Client {
         };
         prepared.payload = prepared.payload.slice(..prepared.args_at);
         let headers = prepared.headers.get_or_insert_with(HeaderMap::new);
-        headers.insert(headers::SPILL, stored.uri.as_str());
-        headers.insert(headers::SPILL_DIGEST, stored.digest.as_str());
+        mark_spilled(headers, &stored.uri, &stored.digest);
         let result = self.invoke_tries(spec, prepared, call, options).await;
         // Released now, not left to its TTL (which covers a caller that
         // dies mid-call).
@@ -379,7 +299,7 @@ impl Client {
             if failure.kind() == ErrorKind::NoResponders {
                 // A supervisor that scaled this service to zero starts one
                 // when someone asks for it (cold start).
-                let demand = crate::supervisor::demand_subject(&self.inner.prefix, spec.service);
+                let demand = subjects::demand(&self.inner.prefix, spec.service);
                 let _ = crate::out_of_line(|| self.inner.nats.publish(demand, Bytes::new())).await;
             }
             if call.attempt >= policy.attempts
@@ -393,7 +313,7 @@ impl Client {
             }
             tokio::time::sleep(delay).await;
             call.attempt += 1;
-            prepared = self.next_try(&prepared, options, &call);
+            prepared = request::with_attempt(&prepared, options.codec, call.attempt);
         }
     }
 
@@ -436,12 +356,8 @@ impl Client {
         result: Result<Message, async_nats::RequestError>,
     ) -> Result<Message, Error> {
         if let (Ok(message), Some(txn)) = (&result, txn) {
-            if let Some(named) = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(headers::TXN_OWNER))
-            {
-                txn.set_owner(named.as_str());
+            if let Some(named) = reply::owner(message) {
+                txn.set_owner(named);
             }
         }
         result.map_err(|e| match e.kind() {
@@ -467,7 +383,7 @@ impl Client {
     /// Resolves with [`ErrorKind::WorkerLost`] once two probes in a row
     /// find no worker running `call`; pends forever otherwise.
     async fn watch_call(&self, spec: &'static FnSpec, call: &CallState) -> Error {
-        let subject = format!("{}.{}.{}", self.inner.prefix, STATUS_TOKEN, spec.service);
+        let subject = subjects::call_status(&self.inner.prefix, spec.service);
         let mut misses = 0;
         loop {
             tokio::time::sleep(PROBE_INTERVAL).await;
@@ -501,11 +417,6 @@ impl Client {
         }
     }
 }
-
-/// Subject token of the call-status probe: `<prefix>._status.<service>`,
-/// payload the call id; the worker running that call answers, others stay
-/// silent.
-pub(crate) const STATUS_TOKEN: &str = "_status";
 
 /// How long an idempotent call waits before its first probe, and between
 /// probes.
@@ -598,32 +509,6 @@ pub(crate) fn spill_limit(nats: &async_nats::Client) -> usize {
         .filter(|n| *n > 0)
         .unwrap_or(usize::MAX)
         .min(max_payload.saturating_sub(room).max(1))
-}
-
-/// The object a spilled message names: its URI and digest.
-pub(crate) fn spilled(message: &Message) -> Option<(String, String)> {
-    let headers = message.headers.as_ref()?;
-    let uri = headers.get(headers::SPILL)?.as_str().to_owned();
-    let digest = headers
-        .get(headers::SPILL_DIGEST)
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default();
-    Some((uri, digest))
-}
-
-/// The status code of an error reply.
-fn status_code(message: &Message) -> Option<u16> {
-    let code = message.headers.as_ref()?.get(headers::SERVICE_ERROR_CODE)?;
-    code.as_str().trim().parse().ok()
-}
-
-/// An encoded try, ready to send.
-#[derive(Clone)]
-pub(crate) struct Prepared {
-    pub(crate) payload: Bytes,
-    pub(crate) headers: Option<HeaderMap>,
-    /// Where the arguments start in a postcard payload (after the envelope).
-    args_at: usize,
 }
 
 /// A new call id. Each thread keeps its own generator: the global one in
@@ -730,27 +615,6 @@ fn decode_value<T: DeserializeOwned>(
             ),
         )
     })
-}
-
-/// The status code and error of an error reply, `None` for a success.
-fn remote_failure(codec: Codec, message: &Message) -> Option<(u16, Error)> {
-    let headers = message.headers.as_ref()?;
-    let code = headers.get(headers::SERVICE_ERROR_CODE)?.as_str();
-    let code: u16 = code.trim().parse().unwrap_or(0);
-    let header_text = headers
-        .get(headers::SERVICE_ERROR)
-        .map(|v| v.as_str().to_owned());
-    // A 422 body has a trailing `error` field; the lenient decode reads
-    // `{kind, message}` and leaves the rest.
-    let (body_kind, body_message) = match codec.decode_lenient::<ErrorBody>(&message.payload) {
-        Ok(body) => (Some(body.kind), Some(body.message)),
-        Err(_) => (None, None),
-    };
-    let text = body_message
-        .or(header_text)
-        .unwrap_or_else(|| format!("the worker answered with status {code}"));
-    let kind = ErrorKind::from_wire(code, body_kind.as_deref());
-    Some((code, Error::new(kind, text)))
 }
 
 /// A call being prepared: set options, then `.await` it (or call
@@ -893,11 +757,7 @@ impl<A: Serialize, R: Returns> Request<A, R> {
             (message, self.options.codec, attempts)
         };
         let value = R::decode(self.spec, codec, &message)?;
-        let instance = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::INSTANCE))
-            .map(|v| v.as_str().to_owned());
+        let instance = reply::instance(&message);
         Ok(Reply {
             value,
             instance,

@@ -10,23 +10,24 @@
 //! `max_deliver` times, moves to the dead-letter stream and its caller gets
 //! [`ErrorKind::DeadLetter`].
 
-use crate::client::{CallOptions, CallState, Client, Prepared};
-use crate::codec::{Codec, ErrorBody};
+use crate::client::{CallOptions, CallState, Client};
+use crate::wire::codec::Codec;
+use crate::wire::reply::{one_line, reply_codec};
+use crate::wire::request::Prepared;
+use crate::wire::subjects::{self, RESULTS_BUCKET};
+use crate::wire::{headers, record};
 use crate::worker::{read_request, Endpoint, Fault};
-use crate::{headers, Error, ErrorKind, FnSpec, Returns};
+use crate::{Error, ErrorKind, FnSpec, Returns};
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use async_nats::{HeaderMap, Message};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, watch};
-
-/// KV bucket holding durable results and idempotency records.
-pub const RESULTS_BUCKET: &str = "wharf_results";
 
 /// How long a stored result stays collectable unless `WHARF_RESULTS_TTL`
 /// (seconds) says otherwise.
@@ -40,38 +41,6 @@ pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
 /// Deliveries of one durable call before it is dead-lettered, unless
 /// `WHARF_MAX_DELIVER` says otherwise.
 pub const DEFAULT_MAX_DELIVER: i64 = 5;
-
-/// Status code of a successful call in a stored result.
-const OK: u16 = 200;
-
-/// The stream holding `service`'s durable calls.
-pub fn stream_name(prefix: &str, service: &str) -> String {
-    format!("{}_calls_{service}", token(prefix))
-}
-
-/// The subject a durable call of `service.function` is published on.
-pub fn call_subject(prefix: &str, service: &str, function: &str) -> String {
-    format!("{prefix}.durable.{service}.{function}")
-}
-
-/// The dead-letter stream of a prefix (subjects `<prefix>.dead.>`).
-pub fn dead_letter_stream(prefix: &str) -> String {
-    format!("{}_dead_letters", token(prefix))
-}
-
-/// A subject prefix as one stream-name token.
-fn token(prefix: &str) -> String {
-    prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
 
 fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.trim().parse().ok()
@@ -89,15 +58,6 @@ pub(crate) fn max_deliver() -> i64 {
         .filter(|n| *n >= 1)
         .map(|n| n as i64)
         .unwrap_or(DEFAULT_MAX_DELIVER)
-}
-
-/// A call id usable as a KV key and a subject token.
-pub(crate) fn valid_call_id(id: &[u8]) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
 }
 
 /// Creates (or finds) the results bucket.
@@ -122,11 +82,11 @@ pub(crate) async fn calls_stream(
     prefix: &str,
     service: &str,
 ) -> Result<stream::Stream, Error> {
-    let name = stream_name(prefix, service);
+    let name = subjects::calls_stream(prefix, service);
     js.get_or_create_stream(stream::Config {
         name: name.clone(),
         description: Some(format!("wharf: durable calls of service {service}")),
-        subjects: vec![format!("{prefix}.durable.{service}.*")],
+        subjects: vec![subjects::durable_calls(prefix, service)],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         // A caller that re-publishes after a lost ack stores its call once.
@@ -139,11 +99,11 @@ pub(crate) async fn calls_stream(
 
 /// Creates (or finds) the dead-letter stream.
 pub(crate) async fn dead_letters(js: &jetstream::Context, prefix: &str) -> Result<(), Error> {
-    let name = dead_letter_stream(prefix);
+    let name = subjects::dead_letter_stream(prefix);
     js.get_or_create_stream(stream::Config {
         name: name.clone(),
         description: Some("wharf: durable calls given up on".to_owned()),
-        subjects: vec![format!("{prefix}.dead.>")],
+        subjects: vec![subjects::dead_letters(prefix)],
         storage: stream::StorageType::File,
         ..Default::default()
     })
@@ -161,11 +121,11 @@ pub(crate) async fn consumer(
 ) -> Result<jetstream::consumer::Consumer<pull::Config>, Error> {
     stream
         .get_or_create_consumer(
-            spec.name,
+            &subjects::durable_consumer(spec.name),
             pull::Config {
-                durable_name: Some(spec.name.to_owned()),
+                durable_name: Some(subjects::durable_consumer(spec.name)),
                 description: Some(format!("wharf: workers of {}.{}", spec.service, spec.name)),
-                filter_subject: call_subject(prefix, spec.service, spec.name),
+                filter_subject: subjects::durable_call(prefix, spec.service, spec.name),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: ack_wait(),
                 // Workers count deliveries themselves, so the last one is
@@ -188,67 +148,6 @@ fn jetstream_error(message: String) -> Error {
         ErrorKind::Connection,
         format!("{message}; durable calls need JetStream (nats-server -js)"),
     )
-}
-
-/// A result as stored in `wharf_results`: status code (2 bytes, big
-/// endian; 200 for success), codec (1 byte: 0 postcard, 1 JSON), then the
-/// reply body.
-pub(crate) fn encode_record(code: u16, codec: Codec, body: &[u8]) -> Bytes {
-    let mut record = BytesMut::with_capacity(3 + body.len());
-    record.put_u16(code);
-    record.put_u8(match codec {
-        Codec::Postcard => 0,
-        Codec::Json => 1,
-    });
-    record.put_slice(body);
-    record.freeze()
-}
-
-/// Reads a stored result back as the reply message it stands for.
-pub(crate) fn decode_record(record: Bytes) -> Result<(Message, Codec), Error> {
-    if record.len() < 3 {
-        return Err(Error::new(
-            ErrorKind::Codec,
-            format!(
-                "a stored result is {} bytes, shorter than its 3-byte header",
-                record.len()
-            ),
-        ));
-    }
-    let code = u16::from_be_bytes([record[0], record[1]]);
-    let codec = if record[2] == 1 {
-        Codec::Json
-    } else {
-        Codec::Postcard
-    };
-    let payload = record.slice(3..);
-    let headers = (code != OK).then(|| {
-        let text = codec
-            .decode_lenient::<ErrorBody>(&payload)
-            .map(|b| b.message)
-            .unwrap_or_else(|_| format!("status {code}"));
-        let mut headers = HeaderMap::new();
-        headers.insert(headers::SERVICE_ERROR, one_line(&text).as_str());
-        headers.insert(headers::SERVICE_ERROR_CODE, code.to_string());
-        headers
-    });
-    let message = Message {
-        subject: async_nats::Subject::from_static(""),
-        reply: None,
-        length: payload.len(),
-        payload,
-        headers,
-        status: None,
-        description: None,
-    };
-    Ok((message, codec))
-}
-
-/// A header value is one line.
-pub(crate) fn one_line(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }
 
 /// A client's durable-call state: its JetStream context, the streams it
@@ -301,13 +200,16 @@ struct Replies {
 
 impl Replies {
     async fn start(nats: &async_nats::Client) -> Result<Arc<Replies>, Error> {
-        let prefix = format!("{}.durable", nats.new_inbox());
-        let mut subscription = nats.subscribe(format!("{prefix}.*")).await.map_err(|e| {
-            Error::new(
-                ErrorKind::Connection,
-                format!("cannot subscribe for durable replies: {e}"),
-            )
-        })?;
+        let prefix = subjects::durable_replies(&nats.new_inbox());
+        let mut subscription = nats
+            .subscribe(subjects::durable_replies_any(&prefix))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot subscribe for durable replies: {e}"),
+                )
+            })?;
         let replies = Arc::new(Replies {
             prefix,
             waiting: Mutex::new(HashMap::new()),
@@ -318,7 +220,7 @@ impl Replies {
                 let Some(replies) = routes.upgrade() else {
                     return;
                 };
-                let id = message.subject.rsplit('.').next().unwrap_or("");
+                let id = subjects::durable_reply_id(&message.subject);
                 let waiter = replies.waiting.lock().unwrap().remove(id);
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(message);
@@ -329,7 +231,7 @@ impl Replies {
     }
 
     fn subject(&self, id: &str) -> String {
-        format!("{}.{id}", self.prefix)
+        subjects::durable_reply(&self.prefix, id)
     }
 
     fn register(&self, id: &str) -> oneshot::Receiver<Message> {
@@ -361,7 +263,7 @@ impl Client {
         let mut headers = prepared.headers.unwrap_or_default();
         headers.insert(headers::REPLY, durable.replies.subject(&id).as_str());
         headers.insert(headers::CALL_ID, id.as_str());
-        let subject = call_subject(self.prefix(), spec.service, spec.name);
+        let subject = subjects::durable_call(self.prefix(), spec.service, spec.name);
         let reply = durable.replies.register(&id);
         let policy = options.retry.unwrap_or(spec.retry);
         let mut attempt = 1;
@@ -478,7 +380,7 @@ impl<R: Returns> Pending<R> {
             None => crate::client::global()?.clone(),
         };
         let durable = client.durable_state().await?;
-        if !valid_call_id(self.id.as_bytes()) {
+        if !subjects::valid_id(self.id.as_bytes()) {
             return Err(Error::new(
                 ErrorKind::Config,
                 format!(
@@ -497,12 +399,7 @@ impl<R: Returns> Pending<R> {
                 message = async { reply.as_mut().expect("checked").await }, if reply.is_some() => {
                     match message {
                         Ok(message) => {
-                            let codec = message
-                                .headers
-                                .as_ref()
-                                .and_then(|h| h.get(headers::CONTENT_TYPE))
-                                .map(|v| v.as_str());
-                            let codec = Codec::from_content_type(codec).unwrap_or(Codec::Postcard);
+                            let codec = reply_codec(&message);
                             return Ok((message, codec, 1));
                         }
                         Err(_) => reply = None,
@@ -512,7 +409,7 @@ impl<R: Returns> Pending<R> {
                     let results = durable.results().await?;
                     if let Ok(Some(record)) = results.get(self.id.as_str()).await {
                         durable.replies.waiting.lock().unwrap().remove(&self.id);
-                        let (message, codec) = decode_record(record)?;
+                        let (message, codec) = record::decode(record)?;
                         return Ok((message, codec, 1));
                     }
                     if Instant::now() >= until {
@@ -618,8 +515,8 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
             return dead_letter(endpoint, js, &message, fate, fault.message()).await;
         }
     };
-    let id =
-        valid_call_id(&meta.call_id).then(|| String::from_utf8_lossy(&meta.call_id).into_owned());
+    let id = subjects::valid_id(&meta.call_id)
+        .then(|| String::from_utf8_lossy(&meta.call_id).into_owned());
     let fate = Fate {
         codec,
         id: id.clone(),
@@ -640,7 +537,7 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         // A redelivery of a call that completed but whose ack was lost:
         // answer from the stored result instead of running it again.
         if let Ok(Some(record)) = results.get(id.as_str()).await {
-            if let Ok((stored, _)) = decode_record(record) {
+            if let Ok((stored, _)) = record::decode(record) {
                 let headers = stored.headers.unwrap_or_default();
                 answer(endpoint, fate.reply, headers, stored.payload).await;
             }
@@ -662,7 +559,11 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         never = keep_claimed => never,
     };
     let (code, headers, body) = match &outcome {
-        Ok(body) => (OK, endpoint.reply_headers(codec, &meta), body.clone()),
+        Ok(body) => (
+            record::OK,
+            endpoint.reply_headers(codec, &meta),
+            body.clone(),
+        ),
         // Arguments that cannot be decoded never will be: no redelivery.
         Err(fault) if fault.kind() == ErrorKind::BadRequest => {
             return dead_letter(endpoint, js, &message, fate, fault.message()).await;
@@ -672,7 +573,7 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
     // Stored before the reply and the ack: a caller that misses the reply
     // still finds the result, and a crash before the ack at worst runs the
     // call again.
-    if store(js, &id, encode_record(code, codec, &body))
+    if store(js, &id, record::encode(code, codec, &body))
         .await
         .is_err()
     {
@@ -713,7 +614,7 @@ struct Fate {
 
 /// Stores a result record under `id`, waiting for JetStream to confirm.
 async fn store(js: &jetstream::Context, id: &str, record: Bytes) -> Result<(), String> {
-    js.publish(format!("$KV.{RESULTS_BUCKET}.{id}"), record)
+    js.publish(subjects::kv_key(RESULTS_BUCKET, id), record)
         .await
         .map_err(|e| e.to_string())?
         .await
@@ -738,7 +639,7 @@ async fn dead_letter(
     let publish = jetstream::message::PublishMessage::build()
         .payload(message.payload.clone())
         .headers(headers);
-    let subject = format!("{prefix}.dead.{}.{}", spec.service, spec.name);
+    let subject = subjects::dead_letter(prefix, spec.service, spec.name);
     let moved = match js.send_publish(subject, publish).await {
         Ok(ack) => ack.await.is_ok(),
         Err(_) => false,
@@ -750,7 +651,7 @@ async fn dead_letter(
             .await;
         return;
     }
-    let stream = dead_letter_stream(prefix);
+    let stream = subjects::dead_letter_stream(prefix);
     let fault = Fault::new(
         ErrorKind::DeadLetter,
         format!(
@@ -762,56 +663,9 @@ async fn dead_letter(
     );
     let (code, headers, body) = fault.answer(fate.codec);
     if let Some(id) = &fate.id {
-        let _ = store(js, id, encode_record(code, fate.codec, &body)).await;
+        let _ = store(js, id, record::encode(code, fate.codec, &body)).await;
     }
     answer(endpoint, fate.reply, headers, body).await;
     endpoint.record(SystemTime::now(), Some((code, fault.message())));
     let _ = message.ack_with(AckKind::Term).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_round_trip() {
-        let (message, codec) = decode_record(encode_record(OK, Codec::Json, b"42")).unwrap();
-        assert_eq!(codec, Codec::Json);
-        assert_eq!(&message.payload[..], b"42");
-        assert!(message.headers.is_none());
-
-        let body = Codec::Postcard
-            .encode(&ErrorBody {
-                kind: "dead_letter".into(),
-                message: "moved\nto dead letters".into(),
-            })
-            .unwrap();
-        let (message, codec) = decode_record(encode_record(500, Codec::Postcard, &body)).unwrap();
-        assert_eq!(codec, Codec::Postcard);
-        let headers = message.headers.unwrap();
-        assert_eq!(
-            headers.get(headers::SERVICE_ERROR_CODE).unwrap().as_str(),
-            "500"
-        );
-        assert_eq!(
-            headers.get(headers::SERVICE_ERROR).unwrap().as_str(),
-            "moved to dead letters"
-        );
-        assert!(decode_record(Bytes::from_static(b"\x00")).is_err());
-    }
-
-    #[test]
-    fn names() {
-        assert_eq!(stream_name("wharf", "math"), "wharf_calls_math");
-        assert_eq!(stream_name("a.b", "math"), "a_b_calls_math");
-        assert_eq!(
-            call_subject("wharf", "math", "add"),
-            "wharf.durable.math.add"
-        );
-        assert_eq!(dead_letter_stream("wharf"), "wharf_dead_letters");
-        assert!(valid_call_id(b"AbC123_-x"));
-        assert!(!valid_call_id(b""));
-        assert!(!valid_call_id(b"a.b"));
-        assert!(!valid_call_id(b"a b"));
-    }
 }

@@ -172,7 +172,7 @@ pub(crate) async fn supervise_workers(
             format!("cannot find the current executable to start workers: {e}"),
         )
     })?;
-    let ready_subject = format!("_WHARF.ready.{}", nuid::next().as_str());
+    let ready_subject = crate::wire::subjects::worker_ready(nuid::next().as_str());
     let mut ready = client
         .nats()
         .subscribe(ready_subject.clone())
@@ -186,7 +186,7 @@ pub(crate) async fn supervise_workers(
     let name = exe
         .file_stem()
         .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| crate::durable::valid_call_id(n.as_bytes()))
+        .filter(|n| crate::wire::subjects::valid_id(n.as_bytes()))
         .unwrap_or_else(|| "local".to_owned());
     let mut service = crate::supervisor::ServiceConfig::process(&name, Vec::new());
     service.min = min;

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
-/// KV bucket of heartbeats, one key per instance.
-pub const INSTANCES_BUCKET: &str = "wharf_instances";
+pub use crate::wire::subjects::INSTANCES_BUCKET;
 
 /// How often a worker writes its heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -168,9 +167,4 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
         }
         tokio::time::sleep(HEARTBEAT_INTERVAL).await;
     }
-}
-
-/// The subject on which the supervisor asks instance `instance` to drain.
-pub fn control_subject(prefix: &str, instance: &str) -> String {
-    format!("{prefix}._control.{instance}")
 }

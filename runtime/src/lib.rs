@@ -38,7 +38,6 @@ pub mod backend;
 mod bucket;
 mod children;
 mod client;
-pub mod codec;
 mod context;
 pub mod durable;
 mod embedded;
@@ -53,10 +52,10 @@ mod spec;
 pub mod supervisor;
 pub mod testing;
 mod txn;
+pub mod wire;
 pub mod worker;
 
 pub use client::{global as client, Client, Fallible, Plain, Reply, Request, Returns};
-pub use codec::Codec;
 pub use context::{deadline, time_left};
 pub use durable::Pending;
 pub use embedded::{nats_server_binary, start_nats_server_on};
@@ -64,10 +63,11 @@ pub use error::{CallError, Error, ErrorKind};
 pub use objects::{put, Blob, ObjectRef};
 pub use retry::RetryPolicy;
 pub use spec::{registered, ArgSpec, FnSpec};
-pub use txn::{
-    transaction, valid_txn_id, State, Transaction, DEFAULT_LEASE, QUIESCE_LIMIT, TXN_BUCKET,
-};
+pub use txn::{transaction, State, Transaction, DEFAULT_LEASE, QUIESCE_LIMIT};
 pub use wharf_macros::{main, microservice};
+pub use wire::codec::Codec;
+pub use wire::subjects::{valid_txn_id, TXN_BUCKET};
+pub use wire::{codec, headers};
 pub use worker::{RunningWorker, Worker};
 
 use std::time::Duration;
@@ -87,46 +87,6 @@ where
     F: std::future::Future + Send + 'a,
 {
     Box::pin(make())
-}
-
-/// Header names of the wire contract, as async-nats header names (built
-/// without allocating, so the call path can use them freely).
-pub mod headers {
-    use async_nats::HeaderName;
-
-    /// Codec of the payload; absent means postcard.
-    pub const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
-    /// Absolute deadline of the call, unix milliseconds.
-    pub const DEADLINE: HeaderName = HeaderName::from_static("Wharf-Deadline");
-    /// Unique per logical call, kept across retries.
-    pub const CALL_ID: HeaderName = HeaderName::from_static("Wharf-Call-Id");
-    /// Attempt number of a retried call, from 1.
-    pub const ATTEMPT: HeaderName = HeaderName::from_static("Wharf-Attempt");
-    /// Signature hash the caller was built against.
-    pub const SIG: HeaderName = HeaderName::from_static("Wharf-Sig");
-    /// Transaction id of a stateful call.
-    pub const TXN: HeaderName = HeaderName::from_static("Wharf-Txn");
-    /// Reply header of a stateful call that reached its owner through the
-    /// queue group: the owning instance, whose own subject later calls of
-    /// the transaction go to.
-    pub const TXN_OWNER: HeaderName = HeaderName::from_static("Wharf-Txn-Owner");
-    /// `instance`: ask the worker to name itself in [`INSTANCE`].
-    pub const REPORT: HeaderName = HeaderName::from_static("Wharf-Report");
-    /// Durable calls: the subject the worker replies to.
-    pub const REPLY: HeaderName = HeaderName::from_static("Wharf-Reply");
-    /// Dead-lettered calls: why the call was given up.
-    pub const DEAD_REASON: HeaderName = HeaderName::from_static("Wharf-Dead-Reason");
-    /// A spilled payload: the URI of the object holding the arguments
-    /// (request) or the return value (reply), which the payload leaves out.
-    pub const SPILL: HeaderName = HeaderName::from_static("Wharf-Spill");
-    /// The digest of the spilled object.
-    pub const SPILL_DIGEST: HeaderName = HeaderName::from_static("Wharf-Spill-Digest");
-    /// Reply header: `<instance id> <pid> <host>` of the serving worker.
-    pub const INSTANCE: HeaderName = HeaderName::from_static("Wharf-Instance");
-    /// ADR-32 error text.
-    pub const SERVICE_ERROR: HeaderName = HeaderName::from_static("Nats-Service-Error");
-    /// ADR-32 error code.
-    pub const SERVICE_ERROR_CODE: HeaderName = HeaderName::from_static("Nats-Service-Error-Code");
 }
 
 /// How [`init_with`] sets wharf up.

@@ -8,6 +8,7 @@
 //! subscriptions with lock-free counters, and this module answers
 //! `$SRV.PING|INFO|STATS` with the documents ADR-32 defines.
 
+use crate::wire::subjects;
 use crate::{Error, ErrorKind};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -16,9 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::task::JoinHandle;
-
-/// The queue group of every endpoint: ADR-32's default.
-pub(crate) const QUEUE_GROUP: &str = "q";
 
 /// Calls per latency sample (see [`EndpointStats::record`]).
 const LATENCY_SAMPLE: u64 = 4;
@@ -124,7 +122,7 @@ impl ServiceInfo {
                 json!({
                     "name": e.name,
                     "subject": e.subject,
-                    "queue_group": QUEUE_GROUP,
+                    "queue_group": subjects::QUEUE_GROUP,
                     "metadata": e.metadata,
                 })
             })
@@ -148,7 +146,7 @@ impl ServiceInfo {
                 let mut stats = e.stats.to_json();
                 stats["name"] = json!(e.name);
                 stats["subject"] = json!(e.subject);
-                stats["queue_group"] = json!(QUEUE_GROUP);
+                stats["queue_group"] = json!(subjects::QUEUE_GROUP);
                 stats["data"] = data.clone();
                 stats
             })
@@ -176,9 +174,9 @@ pub(crate) async fn answer_discovery(
     let mut subscriptions = Vec::new();
     for verb in ["PING", "INFO", "STATS"] {
         for subject in [
-            format!("$SRV.{verb}"),
-            format!("$SRV.{verb}.{}", service.name),
-            format!("$SRV.{verb}.{}.{}", service.name, service.id),
+            subjects::discovery(verb),
+            subjects::discovery_of(verb, &service.name),
+            subjects::discovery_at(verb, &service.name, &service.id),
         ] {
             let subscriber = nats
                 .subscribe(subject.clone())

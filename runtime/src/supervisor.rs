@@ -9,6 +9,7 @@
 use crate::backend::{Adopted, Backend, DockerBackend, Instance, Launch, ProcessBackend};
 use crate::heartbeat::{self, Heartbeat, HEARTBEAT_INTERVAL};
 use crate::scaler::{Decision, Observed, ScalePolicy, Scaler};
+use crate::wire::subjects;
 use crate::{Client, Error, ErrorKind};
 use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
@@ -17,8 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// KV bucket holding the leader lease.
-pub const LEASE_BUCKET: &str = "wharf_supervisor";
+pub use crate::wire::subjects::LEASE_BUCKET;
 
 /// How long a lease outlives its last renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
@@ -266,22 +266,6 @@ pub struct Event {
     pub reason: String,
 }
 
-/// The subject events are published on.
-pub fn events_subject(prefix: &str) -> String {
-    format!("{prefix}._events")
-}
-
-/// The subject `wharf down` asks on.
-pub fn down_subject(prefix: &str) -> String {
-    format!("{prefix}._supervisor.down")
-}
-
-/// The subject a caller that found no worker announces demand on (cold
-/// start of a service scaled to zero).
-pub fn demand_subject(prefix: &str, service: &str) -> String {
-    format!("{prefix}._demand.{service}")
-}
-
 struct Managed {
     service: String,
     instance: Box<dyn Instance>,
@@ -371,7 +355,7 @@ impl Supervisor {
         let mut watch = store.watch_all().await.map_err(|e| {
             Error::new(
                 ErrorKind::Connection,
-                format!("cannot watch `{}`: {e}", heartbeat::INSTANCES_BUCKET),
+                format!("cannot watch `{}`: {e}", subjects::INSTANCES_BUCKET),
             )
         })?;
         let seen = beats.clone();
@@ -393,7 +377,7 @@ impl Supervisor {
         let demand: Arc<Mutex<HashSet<String>>> = Arc::default();
         let mut wanted = client
             .nats()
-            .subscribe(format!("{}._demand.*", client.prefix()))
+            .subscribe(subjects::demand_any(client.prefix()))
             .await
             .map_err(|e| {
                 Error::new(
@@ -404,7 +388,7 @@ impl Supervisor {
         let noted = demand.clone();
         tokio::spawn(async move {
             while let Some(message) = wanted.next().await {
-                if let Some(service) = message.subject.rsplit('.').next() {
+                if let Some(service) = subjects::demanded_service(&message.subject) {
                     noted.lock().unwrap().insert(service.to_owned());
                 }
             }
@@ -444,7 +428,7 @@ impl Supervisor {
         let mut down = self
             .client
             .nats()
-            .subscribe(down_subject(self.client.prefix()))
+            .subscribe(subjects::supervisor_down(self.client.prefix()))
             .await
             .map_err(|e| {
                 Error::new(
@@ -523,10 +507,14 @@ impl Supervisor {
         self.lease_revision = match self.lease_revision {
             Some(revision) => self
                 .lease
-                .update("leader", value.into(), revision)
+                .update(subjects::LEADER_KEY, value.into(), revision)
                 .await
                 .ok(),
-            None => self.lease.create("leader", value.into()).await.ok(),
+            None => self
+                .lease
+                .create(subjects::LEADER_KEY, value.into())
+                .await
+                .ok(),
         };
     }
 
@@ -591,7 +579,7 @@ impl Supervisor {
         let ids: Vec<String> = self.managed.keys().cloned().collect();
         let pings = futures_util::future::join_all(ids.iter().map(|id| {
             let service = &self.managed[id].service;
-            let subject = format!("$SRV.PING.{service}.{id}");
+            let subject = subjects::discovery_at("PING", service, id);
             let request = async_nats::Request::new().timeout(Some(Duration::from_millis(500)));
             let nats = self.client.nats().clone();
             async move { !probe || nats.send_request(subject, request).await.is_ok() }
@@ -867,7 +855,7 @@ impl Supervisor {
     /// Asks an instance to drain over NATS (it finishes its calls and
     /// exits); a signal if it does not answer.
     async fn drain(&mut self, id: &str, why: &str) {
-        let subject = heartbeat::control_subject(self.client.prefix(), id);
+        let subject = subjects::control(self.client.prefix(), id);
         let request = async_nats::Request::new()
             .payload("drain".into())
             .timeout(Some(Duration::from_secs(1)));
@@ -914,7 +902,7 @@ impl Supervisor {
         }
         self.managed.clear();
         if self.is_leader() {
-            let _ = self.lease.purge("leader").await;
+            let _ = self.lease.purge(subjects::LEADER_KEY).await;
         }
     }
 
@@ -954,7 +942,7 @@ impl Supervisor {
             let _ = self
                 .client
                 .nats()
-                .publish(events_subject(self.client.prefix()), json.into())
+                .publish(subjects::events(self.client.prefix()), json.into())
                 .await;
         }
     }

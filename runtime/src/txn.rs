@@ -16,7 +16,8 @@
 //! call whose owner is gone fails with [`ErrorKind::TransactionLost`]; it
 //! never runs elsewhere on empty state.
 
-use crate::{headers, Client, Error, ErrorKind, FnSpec};
+use crate::wire::subjects::{self, TXN_BUCKET};
+use crate::{Client, Error, ErrorKind, FnSpec};
 use async_nats::jetstream::{self, kv};
 use async_nats::{HeaderMap, Subject};
 use serde::{Deserialize, Serialize};
@@ -29,18 +30,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The KV bucket holding one lease per open transaction.
-pub const TXN_BUCKET: &str = "wharf_txn";
-
 /// How long a transaction lives after its last call unless
 /// `WHARF_TXN_LEASE` (seconds) or [`Client::transaction_with_lease`] says
 /// otherwise.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-
-/// Subject token of an instance's own subjects:
-/// `<prefix>._inst.<instance>.<service>.<fn>` for calls and
-/// `<prefix>._inst.<instance>._end` to end a transaction.
-pub(crate) const INSTANCE_TOKEN: &str = "_inst";
 
 /// The longest a quiescing instance waits for its transactions to end.
 pub const QUIESCE_LIMIT: Duration = Duration::from_secs(600);
@@ -59,14 +52,7 @@ pub(crate) struct Lease {
     pub(crate) lease_s: u64,
 }
 
-/// Whether `id` is a well-formed transaction id: 1 to 64 characters of
-/// `A-Z a-z 0-9 _ -` (one NATS subject token and one KV key).
-pub fn valid_txn_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
+use crate::wire::subjects::valid_txn_id;
 
 fn malformed(id: &str) -> Error {
     Error::new(
@@ -87,19 +73,6 @@ pub(crate) fn lost(id: &str, owner: &str) -> Error {
         ErrorKind::TransactionLost,
         format!("transaction `{id}` is lost: instance `{owner}`, which owned it and held its state, is gone; open a new transaction"),
     )
-}
-
-/// The subject on which `instance` serves `spec` to the transactions it
-/// owns.
-pub(crate) fn instance_subject(prefix: &str, instance: &str, spec: &FnSpec) -> Subject {
-    Subject::from(format!(
-        "{prefix}.{INSTANCE_TOKEN}.{instance}.{}.{}",
-        spec.service, spec.name
-    ))
-}
-
-fn end_subject(prefix: &str, instance: &str) -> String {
-    format!("{prefix}.{INSTANCE_TOKEN}.{instance}._end")
 }
 
 /// The lease bucket, found or created with per-key TTLs.
@@ -142,7 +115,7 @@ async fn write_lease(
     headers.insert(NATS_MESSAGE_TTL, format!("{}s", lease.lease_s.max(1)));
     let body = serde_json::to_vec(lease).expect("a lease always encodes");
     let ack = js
-        .publish_with_headers(format!("$KV.{TXN_BUCKET}.{id}"), headers, body.into())
+        .publish_with_headers(subjects::kv_key(TXN_BUCKET, id), headers, body.into())
         .await
         .map_err(|e| kv_error("write", id, e))?
         .await;
@@ -321,7 +294,12 @@ impl Transaction {
         let subject = match route.subjects.iter().find(|(k, _)| *k == key) {
             Some((_, subject)) => subject.clone(),
             None => {
-                let subject = instance_subject(prefix, &route.owner, spec);
+                let subject = Subject::from(subjects::instance_call(
+                    prefix,
+                    &route.owner,
+                    spec.service,
+                    spec.name,
+                ));
                 route.subjects.push((key, subject.clone()));
                 subject
             }
@@ -356,7 +334,7 @@ impl Transaction {
             return Ok(());
         };
         if let Some(owner) = &lease.owner {
-            let subject = end_subject(client.prefix(), owner);
+            let subject = subjects::transaction_end(client.prefix(), owner);
             let request = async_nats::Request::new()
                 .payload(id.as_bytes().to_vec().into())
                 .timeout(Some(Duration::from_secs(5)));
@@ -722,7 +700,7 @@ impl Owned {
         nats: async_nats::Client,
     ) -> Result<tokio::task::JoinHandle<()>, Error> {
         use futures_util::StreamExt;
-        let subject = end_subject(&self.prefix, &self.instance);
+        let subject = subjects::transaction_end(&self.prefix, &self.instance);
         let mut requests = nats
             .subscribe(subject.clone())
             .await
@@ -757,25 +735,9 @@ impl Owned {
     }
 }
 
-/// The `Wharf-Txn-Owner` header naming `instance`.
-pub(crate) fn owner_header(headers: &mut HeaderMap, instance: &str) {
-    headers.insert(headers::TXN_OWNER, instance);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids() {
-        assert!(valid_txn_id("abcXYZ019_-"));
-        assert!(valid_txn_id(nuid::next().as_str()));
-        assert!(!valid_txn_id(""));
-        assert!(!valid_txn_id("a.b"));
-        assert!(!valid_txn_id("a b"));
-        assert!(!valid_txn_id("*"));
-        assert!(!valid_txn_id(&"a".repeat(65)));
-    }
 
     #[test]
     fn lease_json_is_readable_by_any_client() {

@@ -5,10 +5,13 @@
 //! panicking handler is answered with code 500 and the worker keeps serving;
 //! sync functions run on the blocking pool.
 
-use crate::codec::{ApplicationErrorBody, Codec, Envelope, ErrorBody, FLAG_REPORT_INSTANCE};
 use crate::micro;
 use crate::spec::{registrations, Registration};
-use crate::{headers, Client, Error, ErrorKind, FnSpec};
+use crate::wire::codec::Codec;
+use crate::wire::reply::{self, error_reply, mark_spilled, name_owner, ApplicationErrorBody};
+use crate::wire::request::{self, CallMeta};
+use crate::wire::{record, subjects};
+use crate::{Client, Error, ErrorKind, FnSpec};
 use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -176,26 +179,7 @@ impl Fault {
     /// The wire form of this failure: status code, ADR-32 headers and the
     /// `{kind, message}` body (or the application error's body).
     pub(crate) fn answer(&self, codec: Codec) -> (u16, HeaderMap, Bytes) {
-        let code = self.kind.code().unwrap_or(500);
-        let body = match &self.body {
-            Some(body) => body.clone(),
-            None => codec
-                .encode(&ErrorBody {
-                    kind: self.kind.as_str().to_owned(),
-                    message: self.message.clone(),
-                })
-                .unwrap_or_default(),
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            headers::SERVICE_ERROR,
-            crate::durable::one_line(&self.message).as_str(),
-        );
-        headers.insert(headers::SERVICE_ERROR_CODE, code.to_string());
-        if codec != Codec::Postcard {
-            headers.insert(headers::CONTENT_TYPE, codec.content_type());
-        }
-        (code, headers, body)
+        error_reply(self.kind, &self.message, self.body.as_ref(), codec)
     }
 }
 
@@ -282,7 +266,7 @@ impl Worker {
         // their heartbeats.
         let instance = std::env::var("WHARF_INSTANCE_ID")
             .ok()
-            .filter(|id| crate::durable::valid_call_id(id.as_bytes()))
+            .filter(|id| subjects::valid_id(id.as_bytes()))
             .unwrap_or_else(|| nuid::next().as_str().to_owned());
         let identity = format!("{instance} {} {}", std::process::id(), hostname());
         let nats = self.client.nats().clone();
@@ -349,7 +333,7 @@ impl Worker {
                 let spec = registration.spec;
                 let subject = spec.subject(self.client.prefix());
                 let subscriber = nats
-                    .queue_subscribe(subject.clone(), micro::QUEUE_GROUP.into())
+                    .queue_subscribe(subject.clone(), subjects::QUEUE_GROUP.into())
                     .await
                     .map_err(|e| crate::micro::subscribe_failed(&subject, e))?;
                 let stats = Arc::new(micro::EndpointStats::default());
@@ -376,7 +360,12 @@ impl Worker {
                 }
                 if let Some(owned) = &owned {
                     if spec.stateful {
-                        let direct = crate::txn::instance_subject(&prefix, &owned.instance, spec);
+                        let direct = subjects::instance_call(
+                            &prefix,
+                            &owned.instance,
+                            spec.service,
+                            spec.name,
+                        );
                         let direct = nats
                             .subscribe(direct.clone())
                             .await
@@ -455,7 +444,7 @@ impl Worker {
         } else {
             None
         };
-        let control = crate::heartbeat::control_subject(&prefix, &instance);
+        let control = subjects::control(&prefix, &instance);
         let mut requests = nats
             .subscribe(control.clone())
             .await
@@ -894,7 +883,7 @@ impl Endpoint {
             }
         };
         if !direct {
-            crate::txn::owner_header(&mut headers, &owned.instance);
+            name_owner(&mut headers, &owned.instance);
         }
         let nats = &self.shared.nats;
         // An empty header block still costs both sides a parse.
@@ -922,7 +911,7 @@ impl Endpoint {
         started: SystemTime,
     ) {
         let spec = self.registration.spec;
-        let subject = crate::txn::instance_subject(&self.shared.prefix, owner, spec);
+        let subject = subjects::instance_call(&self.shared.prefix, owner, spec.service, spec.name);
         let timeout = meta
             .deadline_ms
             .map(|deadline| {
@@ -939,7 +928,7 @@ impl Endpoint {
         match self.shared.nats.send_request(subject, request).await {
             Ok(answer) => {
                 let mut headers = answer.headers.unwrap_or_default();
-                crate::txn::owner_header(&mut headers, owner);
+                name_owner(&mut headers, owner);
                 let _ = self
                     .shared
                     .nats
@@ -1035,12 +1024,12 @@ impl Endpoint {
             .shared
             .results
             .as_ref()
-            .filter(|_| crate::durable::valid_call_id(&meta.call_id));
+            .filter(|_| subjects::valid_id(&meta.call_id));
         let key = results.map(|_| String::from_utf8_lossy(&meta.call_id).into_owned());
         if let (Some(results), Some(key), true) = (results, &key, meta.attempt > 1) {
             if let Ok(Some(record)) = results.get(key.as_str()).await {
                 self.untrack(&meta.call_id);
-                if let Ok((message, _)) = crate::durable::decode_record(record) {
+                if let Ok((message, _)) = record::decode(record) {
                     let headers = message.headers.unwrap_or_default();
                     let _ = self
                         .shared
@@ -1055,16 +1044,13 @@ impl Endpoint {
         let probed = self.untrack(&meta.call_id);
         if let (Some(key), Ok(body)) = (&key, &outcome) {
             if probed || meta.attempt > 1 {
-                let record = crate::durable::encode_record(200, codec, body);
+                let record = record::encode(record::OK, codec, body);
                 // Best effort: losing the record costs a re-run, which an
                 // idempotent function allows.
                 let _ = self
                     .shared
                     .nats
-                    .publish(
-                        format!("$KV.{}.{key}", crate::durable::RESULTS_BUCKET),
-                        record,
-                    )
+                    .publish(subjects::kv_key(subjects::RESULTS_BUCKET, key), record)
                     .await;
             }
         }
@@ -1148,10 +1134,9 @@ impl Endpoint {
             Ok(stored) => {
                 let mut headers = self.reply_headers(codec, meta);
                 if let Some(owner) = owner {
-                    crate::txn::owner_header(&mut headers, owner);
+                    name_owner(&mut headers, owner);
                 }
-                headers.insert(headers::SPILL, stored.uri.as_str());
-                headers.insert(headers::SPILL_DIGEST, stored.digest.as_str());
+                mark_spilled(&mut headers, &stored.uri, &stored.digest);
                 let _ = self
                     .shared
                     .nats
@@ -1206,14 +1191,10 @@ impl Endpoint {
     /// Headers of a successful reply that needs any: its codec when not
     /// postcard, the worker's identity when asked for.
     pub(crate) fn reply_headers(&self, codec: Codec, meta: &CallMeta) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        if codec != Codec::Postcard {
-            headers.insert(headers::CONTENT_TYPE, codec.content_type());
-        }
-        if meta.report_instance {
-            headers.insert(headers::INSTANCE, self.shared.identity.as_str());
-        }
-        headers
+        let identity = meta
+            .report_instance
+            .then_some(self.shared.identity.as_str());
+        reply::success_headers(codec, identity)
     }
 
     /// Counts a finished call in the endpoint's stats.
@@ -1239,115 +1220,11 @@ impl Endpoint {
     }
 }
 
-/// What a request says about itself, from the envelope (postcard) or the
-/// `Wharf-*` headers (JSON).
-#[derive(Debug, Default, PartialEq)]
-pub(crate) struct CallMeta {
-    sig: Option<u64>,
-    deadline_ms: Option<u64>,
-    report_instance: bool,
-    /// Unique per logical call; empty when the caller sent none.
-    pub(crate) call_id: Bytes,
-    /// Attempt number from 1; 0 when not counted.
-    pub(crate) attempt: u32,
-    /// Transaction id of a stateful call; empty when none.
-    pub(crate) txn: Bytes,
-    /// The object holding the arguments, when they were spilled: URI and
-    /// digest. Boxed: every call's future carries this struct.
-    pub(crate) spill: Option<Box<(String, String)>>,
-}
-
-/// The spilled-arguments object a request names, if any.
-fn spilled(message: &async_nats::Message) -> Option<Box<(String, String)>> {
-    message.headers.as_ref()?;
-    crate::client::spilled(message).map(Box::new)
-}
-
-/// Reads the codec, the call metadata and the argument bytes of a request.
+/// Reads a request; one that cannot be read is answered as a fault.
 pub(crate) fn read_request(
     message: &async_nats::Message,
 ) -> Result<(Codec, CallMeta, Bytes), (Codec, Fault)> {
-    let headers = message.headers.as_ref();
-    let header =
-        |name: async_nats::HeaderName| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
-    // An unknown codec cannot be answered in kind; JSON is what a human reads.
-    let codec = Codec::from_content_type(header(headers::CONTENT_TYPE))
-        .map_err(|e| (Codec::Json, Fault::from(e)))?;
-    match codec {
-        Codec::Postcard => {
-            let (envelope, at) = Envelope::split(&message.payload)
-                .map_err(|e| (codec, Fault::new(ErrorKind::BadRequest, e)))?;
-            let (txn, at) = envelope
-                .split_txn(&message.payload, at)
-                .map_err(|e| (codec, Fault::new(ErrorKind::BadRequest, e)))?;
-            let meta = CallMeta {
-                sig: (envelope.sig != 0).then_some(envelope.sig),
-                deadline_ms: (envelope.deadline_ms != 0).then_some(envelope.deadline_ms),
-                report_instance: envelope.flags & FLAG_REPORT_INSTANCE != 0,
-                // A view into the payload, not a copy.
-                call_id: if envelope.call_id.is_empty() {
-                    Bytes::new()
-                } else {
-                    message.payload.slice_ref(envelope.call_id)
-                },
-                attempt: envelope.attempt,
-                txn: if txn.is_empty() {
-                    Bytes::new()
-                } else {
-                    message.payload.slice_ref(txn)
-                },
-                spill: spilled(message),
-            };
-            Ok((codec, meta, message.payload.slice(at..)))
-        }
-        Codec::Json => {
-            let bad = |what: &str, value: &str| {
-                (
-                    codec,
-                    Fault::new(
-                        ErrorKind::BadRequest,
-                        format!("header {what}, got `{value}`"),
-                    ),
-                )
-            };
-            let sig = match header(headers::SIG) {
-                Some(text) => Some(
-                    u64::from_str_radix(text.trim(), 16)
-                        .map_err(|_| bad("Wharf-Sig must be 16 hex digits", text))?,
-                ),
-                None => None,
-            };
-            let deadline_ms = match header(headers::DEADLINE) {
-                Some(text) => Some(
-                    text.trim()
-                        .parse()
-                        .map_err(|_| bad("Wharf-Deadline must be unix milliseconds", text))?,
-                ),
-                None => None,
-            };
-            let attempt = match header(headers::ATTEMPT) {
-                Some(text) => text
-                    .trim()
-                    .parse()
-                    .map_err(|_| bad("Wharf-Attempt must be a number", text))?,
-                None => 0,
-            };
-            let meta = CallMeta {
-                sig,
-                deadline_ms,
-                report_instance: header(headers::REPORT) == Some("instance"),
-                call_id: header(headers::CALL_ID)
-                    .map(|id| Bytes::copy_from_slice(id.as_bytes()))
-                    .unwrap_or_default(),
-                attempt,
-                txn: header(headers::TXN)
-                    .map(|id| Bytes::copy_from_slice(id.as_bytes()))
-                    .unwrap_or_default(),
-                spill: spilled(message),
-            };
-            Ok((codec, meta, message.payload.clone()))
-        }
-    }
+    request::read(message).map_err(|(codec, error)| (codec, Fault::from(error)))
 }
 
 /// Checks what must hold before a call runs: matching signature, deadline
@@ -1393,7 +1270,7 @@ async fn answer_probes(
     service: &str,
     shared: Arc<Shared>,
 ) -> Result<JoinHandle<()>, Error> {
-    let subject = format!("{prefix}.{}.{service}", crate::client::STATUS_TOKEN);
+    let subject = subjects::call_status(prefix, service);
     let mut probes = nats
         .subscribe(subject.clone())
         .await

@@ -105,8 +105,8 @@ async fn raw_request(
 
 /// A postcard request as a foreign client writes it: envelope, then args.
 fn postcard_request(sig: u64, deadline_ms: u64, args: &[u8]) -> Vec<u8> {
-    let envelope = wharf::codec::Envelope {
-        version: wharf::codec::ENVELOPE_VERSION,
+    let envelope = wharf::wire::envelope::Envelope {
+        version: wharf::wire::envelope::ENVELOPE_VERSION,
         sig,
         deadline_ms,
         call_id: b"test-call",
@@ -213,7 +213,7 @@ async fn undecodable_arguments_get_400_and_the_worker_keeps_serving() {
     let text = header(&reply, "Nats-Service-Error").unwrap();
     assert!(text.contains("calls.add"), "{text}");
     assert!(text.contains("add(a:i64,b:i64)->i64"), "{text}");
-    let body: wharf::codec::ErrorBody = postcard::from_bytes(&reply.payload).unwrap();
+    let body: wharf::wire::reply::ErrorBody = postcard::from_bytes(&reply.payload).unwrap();
     assert_eq!(body.kind, "bad_request");
 
     // Arguments without the envelope.

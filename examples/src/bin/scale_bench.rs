@@ -120,7 +120,10 @@ async fn stop_supervisor(client: &wharf::Client, mut supervisor: Child) -> Falli
     let request = async_nats::Request::new().timeout(Some(Duration::from_secs(5)));
     let _ = client
         .nats()
-        .send_request(wharf::supervisor::down_subject(client.prefix()), request)
+        .send_request(
+            wharf::wire::subjects::supervisor_down(client.prefix()),
+            request,
+        )
         .await;
     let until = Instant::now() + Duration::from_secs(40);
     while supervisor.try_wait()?.is_none() {
@@ -209,7 +212,7 @@ async fn load_step(
     let first = wait_live(client, 1).await?;
     let mut events = client
         .nats()
-        .subscribe(wharf::supervisor::events_subject(client.prefix()))
+        .subscribe(wharf::wire::subjects::events(client.prefix()))
         .await?;
     client.nats().flush().await?;
     let step = Instant::now();

@@ -532,7 +532,7 @@ async fn status(client: &Client, json: bool) -> Result<ExitCode, Error> {
 /// UTC).
 async fn events(client: &Client) -> Result<ExitCode, Error> {
     use futures_util::StreamExt;
-    let subject = wharf::supervisor::events_subject(client.prefix());
+    let subject = wharf::wire::subjects::events(client.prefix());
     let mut events = client.nats().subscribe(subject).await.map_err(|e| {
         Error::new(
             ErrorKind::Connection,
@@ -560,7 +560,7 @@ async fn events(client: &Client) -> Result<ExitCode, Error> {
 
 /// `wharf down`: asks the running `wharf up` to stop its instances and exit.
 async fn down(client: &Client) -> Result<ExitCode, Error> {
-    let subject = wharf::supervisor::down_subject(client.prefix());
+    let subject = wharf::wire::subjects::supervisor_down(client.prefix());
     let request = async_nats::Request::new().timeout(Some(Duration::from_secs(5)));
     match client.nats().send_request(subject, request).await {
         Ok(_) => {

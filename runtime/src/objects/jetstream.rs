@@ -2,6 +2,7 @@
 //! ones chunked into the Object Store `wharf_blobs`.
 
 use super::{digest_mismatch, digest_of, INLINE_LIMIT};
+use crate::wire::subjects;
 use crate::{Client, Error, ErrorKind};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, kv, object_store, stream::StorageType};
@@ -14,11 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
-/// KV bucket of values up to [`INLINE_LIMIT`].
-pub const OBJECTS_BUCKET: &str = "wharf_objects";
-
-/// Object Store bucket of larger values.
-pub const BLOBS_BUCKET: &str = "wharf_blobs";
+pub use crate::wire::subjects::{BLOBS_BUCKET, OBJECTS_BUCKET};
 
 /// Object Store metadata: unix ms after which the object is expired.
 const EXPIRES: &str = "wharf.expires_ms";
@@ -142,7 +139,7 @@ pub(super) async fn put_inline(
     stores
         .js
         .publish_with_headers(
-            format!("$KV.{OBJECTS_BUCKET}.{key}"),
+            subjects::kv_key(OBJECTS_BUCKET, key),
             headers,
             Bytes::copy_from_slice(bytes),
         )
@@ -259,7 +256,7 @@ pub(super) async fn get_blob(
     let stream = stores.blob_stream.clone();
     let consumer = stream
         .create_consumer(pull::Config {
-            filter_subject: format!("$O.{BLOBS_BUCKET}.C.{}", info.nuid),
+            filter_subject: subjects::object_chunks(BLOBS_BUCKET, &info.nuid),
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::None,
             inactive_threshold: Duration::from_secs(10),

@@ -13,7 +13,10 @@
 //! every wharf call. `docs/protocol.md` has the details.
 
 use super::{jetstream, Blob, ObjectRef, Objects, BYTES_TYPE};
-use crate::{headers, Client, Error, ErrorKind};
+use crate::wire::codec::{self, Codec};
+use crate::wire::reply::error_reply;
+use crate::wire::{headers, subjects};
+use crate::{Client, Error, ErrorKind};
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -58,10 +61,10 @@ pub async fn serve(client: &Client) -> Result<ObjectService, Error> {
     let objects = Objects::new(client)?;
     let mut tasks = Vec::new();
     for verb in ["put", "get", "stat", "delete"] {
-        let subject = format!("{}.{SERVICE}.{verb}", client.prefix());
+        let subject = subjects::objects(client.prefix(), verb);
         let mut requests = client
             .nats()
-            .queue_subscribe(subject.clone(), crate::micro::QUEUE_GROUP.into())
+            .queue_subscribe(subject.clone(), subjects::QUEUE_GROUP.into())
             .await
             .map_err(|e| crate::micro::subscribe_failed(&subject, e))?;
         let objects = objects.clone();
@@ -108,7 +111,7 @@ type Answer = Result<(HeaderMap, Bytes), Error>;
 
 fn json(value: &impl serde::Serialize) -> Answer {
     let mut headers = HeaderMap::new();
-    headers.insert(headers::CONTENT_TYPE, crate::codec::JSON);
+    headers.insert(headers::CONTENT_TYPE, codec::JSON);
     Ok((
         headers,
         serde_json::to_vec(value).unwrap_or_default().into(),
@@ -116,8 +119,7 @@ fn json(value: &impl serde::Serialize) -> Answer {
 }
 
 fn failure(error: &Error) -> (HeaderMap, Bytes) {
-    let fault = crate::worker::Fault::from(error.clone());
-    let (_, headers, body) = fault.answer(crate::Codec::Json);
+    let (_, headers, body) = error_reply(error.kind(), error.message(), None, Codec::Json);
     (headers, body)
 }
 
@@ -156,7 +158,7 @@ async fn put(objects: &Objects, message: &Message) -> Answer {
         let stored = objects.put_bytes_as(message.payload.clone(), ty).await?;
         return json(&stored);
     };
-    if !crate::valid_txn_id(upload) {
+    if !subjects::valid_txn_id(upload) {
         return Err(bad(format!(
             "Wharf-Upload `{upload}` must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'"
         )));
@@ -335,7 +337,7 @@ async fn parts_store(client: &Client) -> Result<Arc<PartsStore>, Error> {
 
 impl PartsStore {
     fn key(upload: &str, part: u64) -> String {
-        format!("_upload.{upload}.{part}")
+        subjects::upload_part(upload, part)
     }
 
     async fn put_part(&self, upload: &str, part: u64, bytes: Bytes) -> Result<(), Error> {

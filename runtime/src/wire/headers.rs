@@ -1,0 +1,38 @@
+//! Header names of the wire contract, as async-nats header names (built
+//! without allocating, so the call path can use them freely).
+
+use async_nats::HeaderName;
+
+/// Codec of the payload; absent means postcard.
+pub const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
+/// Absolute deadline of the call, unix milliseconds.
+pub const DEADLINE: HeaderName = HeaderName::from_static("Wharf-Deadline");
+/// Unique per logical call, kept across retries.
+pub const CALL_ID: HeaderName = HeaderName::from_static("Wharf-Call-Id");
+/// Attempt number of a retried call, from 1.
+pub const ATTEMPT: HeaderName = HeaderName::from_static("Wharf-Attempt");
+/// Signature hash the caller was built against.
+pub const SIG: HeaderName = HeaderName::from_static("Wharf-Sig");
+/// Transaction id of a stateful call.
+pub const TXN: HeaderName = HeaderName::from_static("Wharf-Txn");
+/// Reply header of a stateful call that reached its owner through the
+/// queue group: the owning instance, whose own subject later calls of
+/// the transaction go to.
+pub const TXN_OWNER: HeaderName = HeaderName::from_static("Wharf-Txn-Owner");
+/// `instance`: ask the worker to name itself in [`INSTANCE`].
+pub const REPORT: HeaderName = HeaderName::from_static("Wharf-Report");
+/// Durable calls: the subject the worker replies to.
+pub const REPLY: HeaderName = HeaderName::from_static("Wharf-Reply");
+/// Dead-lettered calls: why the call was given up.
+pub const DEAD_REASON: HeaderName = HeaderName::from_static("Wharf-Dead-Reason");
+/// A spilled payload: the URI of the object holding the arguments
+/// (request) or the return value (reply), which the payload leaves out.
+pub const SPILL: HeaderName = HeaderName::from_static("Wharf-Spill");
+/// The digest of the spilled object.
+pub const SPILL_DIGEST: HeaderName = HeaderName::from_static("Wharf-Spill-Digest");
+/// Reply header: `<instance id> <pid> <host>` of the serving worker.
+pub const INSTANCE: HeaderName = HeaderName::from_static("Wharf-Instance");
+/// ADR-32 error text.
+pub const SERVICE_ERROR: HeaderName = HeaderName::from_static("Nats-Service-Error");
+/// ADR-32 error code.
+pub const SERVICE_ERROR_CODE: HeaderName = HeaderName::from_static("Nats-Service-Error-Code");

@@ -1,0 +1,287 @@
+//! Requests: how a call is encoded by the caller (envelope or `Wharf-*`
+//! headers, then the arguments) and read back by the worker.
+
+use crate::error::{Error, ErrorKind};
+use crate::wire::codec::{self, Codec};
+use crate::wire::envelope::{Envelope, ENVELOPE_VERSION, FLAG_REPORT_INSTANCE, FLAG_TXN};
+use crate::wire::headers;
+use crate::wire::reply::spilled;
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+use serde::Serialize;
+
+/// What a caller says about one try of a call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outgoing<'a> {
+    pub(crate) codec: Codec,
+    /// Signature hash the caller was built against; 0 skips the check.
+    pub(crate) sig: u64,
+    /// Absolute deadline, unix milliseconds.
+    pub(crate) deadline_ms: u64,
+    pub(crate) call_id: &'a str,
+    /// Attempt number from 1.
+    pub(crate) attempt: u32,
+    /// Ask the worker to name itself in the reply.
+    pub(crate) report_instance: bool,
+    /// The transaction of a stateful call.
+    pub(crate) txn: Option<&'a str>,
+}
+
+/// An encoded try, ready to send.
+#[derive(Clone)]
+pub(crate) struct Prepared {
+    pub(crate) payload: Bytes,
+    pub(crate) headers: Option<HeaderMap>,
+    /// Where the arguments start in a postcard payload (after the envelope).
+    pub(crate) args_at: usize,
+}
+
+/// Encodes one try: for postcard the envelope and the arguments in one
+/// buffer and no headers; for JSON the arguments and `Wharf-*` headers.
+/// The error is the encoder's own message.
+pub(crate) fn encode<A: Serialize>(call: &Outgoing, args: &A) -> Result<Prepared, String> {
+    match call.codec {
+        Codec::Postcard => {
+            let envelope = Envelope {
+                version: ENVELOPE_VERSION,
+                sig: call.sig,
+                deadline_ms: call.deadline_ms,
+                call_id: call.call_id.as_bytes(),
+                attempt: call.attempt,
+                flags: if call.report_instance {
+                    FLAG_REPORT_INSTANCE
+                } else {
+                    0
+                } | if call.txn.is_some() { FLAG_TXN } else { 0 },
+            };
+            let mut buffer = postcard::to_extend(&envelope, Vec::with_capacity(64))
+                .map_err(|e| e.to_string())?;
+            if let Some(txn) = call.txn {
+                buffer = postcard::to_extend(txn.as_bytes(), buffer).map_err(|e| e.to_string())?;
+            }
+            let args_at = buffer.len();
+            let buffer = postcard::to_extend(args, buffer).map_err(|e| e.to_string())?;
+            Ok(Prepared {
+                payload: buffer.into(),
+                headers: None,
+                args_at,
+            })
+        }
+        Codec::Json => {
+            let mut headers = HeaderMap::new();
+            headers.insert(headers::CONTENT_TYPE, codec::JSON);
+            if call.sig != 0 {
+                headers.insert(headers::SIG, format!("{:016x}", call.sig));
+            }
+            headers.insert(headers::DEADLINE, call.deadline_ms.to_string());
+            headers.insert(headers::CALL_ID, call.call_id);
+            headers.insert(headers::ATTEMPT, call.attempt.to_string());
+            if call.report_instance {
+                headers.insert(headers::REPORT, "instance");
+            }
+            if let Some(txn) = call.txn {
+                headers.insert(headers::TXN, txn);
+            }
+            Ok(Prepared {
+                payload: Codec::Json.encode(args)?,
+                headers: Some(headers),
+                args_at: 0,
+            })
+        }
+    }
+}
+
+/// The same prepared call as try `attempt`: a new envelope (postcard) or a
+/// new `Wharf-Attempt` header (JSON) in front of the same arguments.
+pub(crate) fn with_attempt(prepared: &Prepared, codec: Codec, attempt: u32) -> Prepared {
+    match codec {
+        Codec::Postcard => {
+            let (envelope, at) = Envelope::split(&prepared.payload)
+                .expect("a prepared postcard call starts with a valid envelope");
+            let envelope = Envelope {
+                attempt,
+                ..envelope
+            };
+            let mut buffer = postcard::to_allocvec(&envelope).expect("an envelope always encodes");
+            // What follows the envelope (a transaction id, the arguments)
+            // stays as it was.
+            let args_at = buffer.len() + (prepared.args_at - at);
+            buffer.extend_from_slice(&prepared.payload[at..]);
+            Prepared {
+                payload: buffer.into(),
+                headers: prepared.headers.clone(),
+                args_at,
+            }
+        }
+        Codec::Json => {
+            let mut headers = prepared.headers.clone().unwrap_or_default();
+            headers.insert(headers::ATTEMPT, attempt.to_string());
+            Prepared {
+                payload: prepared.payload.clone(),
+                headers: Some(headers),
+                args_at: 0,
+            }
+        }
+    }
+}
+
+/// What a request says about itself, from the envelope (postcard) or the
+/// `Wharf-*` headers (JSON).
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct CallMeta {
+    pub(crate) sig: Option<u64>,
+    pub(crate) deadline_ms: Option<u64>,
+    pub(crate) report_instance: bool,
+    /// Unique per logical call; empty when the caller sent none.
+    pub(crate) call_id: Bytes,
+    /// Attempt number from 1; 0 when not counted.
+    pub(crate) attempt: u32,
+    /// Transaction id of a stateful call; empty when none.
+    pub(crate) txn: Bytes,
+    /// The object holding the arguments, when they were spilled: URI and
+    /// digest. Boxed: every call's future carries this struct.
+    pub(crate) spill: Option<Box<(String, String)>>,
+}
+
+/// The spilled-arguments object a request names, if any.
+fn spilled_args(message: &Message) -> Option<Box<(String, String)>> {
+    message.headers.as_ref()?;
+    spilled(message).map(Box::new)
+}
+
+/// Reads the codec, the call metadata and the argument bytes of a request.
+/// A request that cannot be read is a `bad_request`, to be answered in the
+/// returned codec.
+pub(crate) fn read(message: &Message) -> Result<(Codec, CallMeta, Bytes), (Codec, Error)> {
+    let headers = message.headers.as_ref();
+    let header =
+        |name: async_nats::HeaderName| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+    // An unknown codec cannot be answered in kind; JSON is what a human reads.
+    let codec =
+        Codec::from_content_type(header(headers::CONTENT_TYPE)).map_err(|e| (Codec::Json, e))?;
+    let bad = |text: String| (codec, Error::new(ErrorKind::BadRequest, text));
+    match codec {
+        Codec::Postcard => {
+            let (envelope, at) = Envelope::split(&message.payload).map_err(bad)?;
+            let (txn, at) = envelope.split_txn(&message.payload, at).map_err(bad)?;
+            let meta = CallMeta {
+                sig: (envelope.sig != 0).then_some(envelope.sig),
+                deadline_ms: (envelope.deadline_ms != 0).then_some(envelope.deadline_ms),
+                report_instance: envelope.flags & FLAG_REPORT_INSTANCE != 0,
+                // A view into the payload, not a copy.
+                call_id: if envelope.call_id.is_empty() {
+                    Bytes::new()
+                } else {
+                    message.payload.slice_ref(envelope.call_id)
+                },
+                attempt: envelope.attempt,
+                txn: if txn.is_empty() {
+                    Bytes::new()
+                } else {
+                    message.payload.slice_ref(txn)
+                },
+                spill: spilled_args(message),
+            };
+            Ok((codec, meta, message.payload.slice(at..)))
+        }
+        Codec::Json => {
+            let invalid = |what: &str, value: &str| bad(format!("header {what}, got `{value}`"));
+            let sig = match header(headers::SIG) {
+                Some(text) => Some(
+                    u64::from_str_radix(text.trim(), 16)
+                        .map_err(|_| invalid("Wharf-Sig must be 16 hex digits", text))?,
+                ),
+                None => None,
+            };
+            let deadline_ms = match header(headers::DEADLINE) {
+                Some(text) => Some(
+                    text.trim()
+                        .parse()
+                        .map_err(|_| invalid("Wharf-Deadline must be unix milliseconds", text))?,
+                ),
+                None => None,
+            };
+            let attempt = match header(headers::ATTEMPT) {
+                Some(text) => text
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid("Wharf-Attempt must be a number", text))?,
+                None => 0,
+            };
+            let meta = CallMeta {
+                sig,
+                deadline_ms,
+                report_instance: header(headers::REPORT) == Some("instance"),
+                call_id: header(headers::CALL_ID)
+                    .map(|id| Bytes::copy_from_slice(id.as_bytes()))
+                    .unwrap_or_default(),
+                attempt,
+                txn: header(headers::TXN)
+                    .map(|id| Bytes::copy_from_slice(id.as_bytes()))
+                    .unwrap_or_default(),
+                spill: spilled_args(message),
+            };
+            Ok((codec, meta, message.payload.clone()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(prepared: Prepared) -> Message {
+        Message {
+            subject: async_nats::Subject::from_static("w.s.f"),
+            reply: None,
+            length: prepared.payload.len(),
+            payload: prepared.payload,
+            headers: prepared.headers,
+            status: None,
+            description: None,
+        }
+    }
+
+    #[test]
+    fn both_codecs_read_back_what_was_encoded() {
+        for codec in [Codec::Postcard, Codec::Json] {
+            let call = Outgoing {
+                codec,
+                sig: 0xab,
+                deadline_ms: 1_700_000_000_000,
+                call_id: "call-1",
+                attempt: 1,
+                report_instance: true,
+                txn: Some("tx_1"),
+            };
+            let prepared = encode(&call, &(2i64, 3i64)).unwrap();
+            let again = with_attempt(&prepared, codec, 2);
+            let (read_codec, meta, args) = read(&message(again)).unwrap_or_else(|_| panic!());
+            assert_eq!(read_codec, codec);
+            assert_eq!(meta.sig, Some(0xab));
+            assert_eq!(meta.deadline_ms, Some(1_700_000_000_000));
+            assert_eq!(&meta.call_id[..], b"call-1");
+            assert_eq!(meta.attempt, 2);
+            assert!(meta.report_instance);
+            assert_eq!(&meta.txn[..], b"tx_1");
+            let decoded: (i64, i64) = codec.decode_args(&args).unwrap();
+            assert_eq!(decoded, (2, 3));
+        }
+    }
+
+    #[test]
+    fn bad_headers_are_bad_requests() {
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::CONTENT_TYPE, codec::JSON);
+        headers.insert(headers::SIG, "xyz");
+        let prepared = Prepared {
+            payload: Bytes::from_static(b"{}"),
+            headers: Some(headers),
+            args_at: 0,
+        };
+        let (codec, error) = read(&message(prepared)).unwrap_err();
+        assert_eq!(codec, Codec::Json);
+        assert_eq!(error.kind(), ErrorKind::BadRequest);
+        assert!(error.message().contains("Wharf-Sig"), "{error}");
+    }
+}

@@ -1,0 +1,273 @@
+//! Every subject, queue group, stream, consumer and bucket name wharf uses,
+//! built here and nowhere else (docs/protocol.md describes them).
+//!
+//! `prefix` is the deployment's subject prefix (`WHARF_PREFIX`, default
+//! [`DEFAULT_PREFIX`]); services and functions are single subject tokens.
+
+/// Subject prefix when neither `WHARF_PREFIX` nor
+/// [`Client::with_prefix`](crate::Client::with_prefix) sets one.
+pub const DEFAULT_PREFIX: &str = "wharf";
+
+/// The queue group every worker of a function joins (ADR-32's default).
+pub const QUEUE_GROUP: &str = "q";
+
+/// KV bucket of durable results and idempotency records.
+pub const RESULTS_BUCKET: &str = "wharf_results";
+
+/// KV bucket of transaction leases, one per open transaction.
+pub const TXN_BUCKET: &str = "wharf_txn";
+
+/// KV bucket of worker heartbeats, one key per instance.
+pub const INSTANCES_BUCKET: &str = "wharf_instances";
+
+/// KV bucket of the acting supervisor's lease.
+pub const LEASE_BUCKET: &str = "wharf_supervisor";
+
+/// KV bucket of objects small enough to keep inline.
+pub const OBJECTS_BUCKET: &str = "wharf_objects";
+
+/// Object Store bucket of larger objects.
+pub const BLOBS_BUCKET: &str = "wharf_blobs";
+
+/// The key of the supervisor lease in [`LEASE_BUCKET`].
+pub const LEADER_KEY: &str = "leader";
+
+/// Subject token of an instance's own subjects.
+const INSTANCE_TOKEN: &str = "_inst";
+
+/// The subject of `service.function`: `<prefix>.<service>.<function>`.
+pub fn call(prefix: &str, service: &str, function: &str) -> String {
+    format!("{prefix}.{service}.{function}")
+}
+
+/// Where a caller asks whether an idempotent call still runs:
+/// `<prefix>._status.<service>`, payload the call id.
+pub fn call_status(prefix: &str, service: &str) -> String {
+    format!("{prefix}._status.{service}")
+}
+
+/// The subject on which `instance` serves `service.function` to the
+/// transactions it owns: `<prefix>._inst.<instance>.<service>.<function>`.
+pub fn instance_call(prefix: &str, instance: &str, service: &str, function: &str) -> String {
+    format!("{prefix}.{INSTANCE_TOKEN}.{instance}.{service}.{function}")
+}
+
+/// Where a transaction owned by `instance` is ended:
+/// `<prefix>._inst.<instance>._end`, payload the transaction id.
+pub fn transaction_end(prefix: &str, instance: &str) -> String {
+    format!("{prefix}.{INSTANCE_TOKEN}.{instance}._end")
+}
+
+/// Where a supervisor asks `instance` to drain: `<prefix>._control.<instance>`.
+pub fn control(prefix: &str, instance: &str) -> String {
+    format!("{prefix}._control.{instance}")
+}
+
+/// Where the supervisor publishes its decisions: `<prefix>._events`.
+pub fn events(prefix: &str) -> String {
+    format!("{prefix}._events")
+}
+
+/// Where `wharf down` asks the supervisor to stop: `<prefix>._supervisor.down`.
+pub fn supervisor_down(prefix: &str) -> String {
+    format!("{prefix}._supervisor.down")
+}
+
+/// Where a caller that found no worker of `service` announces demand (cold
+/// start of a service scaled to zero): `<prefix>._demand.<service>`.
+pub fn demand(prefix: &str, service: &str) -> String {
+    format!("{prefix}._demand.{service}")
+}
+
+/// The wildcard a supervisor hears demand on: `<prefix>._demand.*`.
+pub fn demand_any(prefix: &str) -> String {
+    format!("{prefix}._demand.*")
+}
+
+/// The service a [`demand`] subject names.
+pub fn demanded_service(subject: &str) -> Option<&str> {
+    subject.rsplit('.').next().filter(|s| !s.is_empty())
+}
+
+/// The subject a durable call of `service.function` is published on:
+/// `<prefix>.durable.<service>.<function>`.
+pub fn durable_call(prefix: &str, service: &str, function: &str) -> String {
+    format!("{prefix}.durable.{service}.{function}")
+}
+
+/// The subjects of `service`'s durable calls: `<prefix>.durable.<service>.*`.
+pub fn durable_calls(prefix: &str, service: &str) -> String {
+    format!("{prefix}.durable.{service}.*")
+}
+
+/// The work-queue stream of `service`'s durable calls: `<prefix>_calls_<service>`.
+pub fn calls_stream(prefix: &str, service: &str) -> String {
+    format!("{}_calls_{service}", stream_token(prefix))
+}
+
+/// The pull consumer through which workers take `function`'s durable calls.
+pub fn durable_consumer(function: &str) -> String {
+    function.to_owned()
+}
+
+/// Where a given-up durable call of `service.function` is kept:
+/// `<prefix>.dead.<service>.<function>`.
+pub fn dead_letter(prefix: &str, service: &str, function: &str) -> String {
+    format!("{prefix}.dead.{service}.{function}")
+}
+
+/// The subjects of the dead-letter stream: `<prefix>.dead.>`.
+pub fn dead_letters(prefix: &str) -> String {
+    format!("{prefix}.dead.>")
+}
+
+/// The dead-letter stream of a prefix: `<prefix>_dead_letters`.
+pub fn dead_letter_stream(prefix: &str) -> String {
+    format!("{}_dead_letters", stream_token(prefix))
+}
+
+/// The base of a client's durable replies, under its own inbox.
+pub fn durable_replies(inbox: &str) -> String {
+    format!("{inbox}.durable")
+}
+
+/// Every durable reply under `base` ([`durable_replies`]).
+pub fn durable_replies_any(base: &str) -> String {
+    format!("{base}.*")
+}
+
+/// The reply subject of durable call `id` under `base`.
+pub fn durable_reply(base: &str, id: &str) -> String {
+    format!("{base}.{id}")
+}
+
+/// The call id a [`durable_reply`] subject names.
+pub fn durable_reply_id(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or("")
+}
+
+/// The subject of the object service's `verb`: `<prefix>.objects.<verb>`.
+pub fn objects(prefix: &str, verb: &str) -> String {
+    format!("{prefix}.objects.{verb}")
+}
+
+/// The KV key of part `part` of an object upload.
+pub fn upload_part(upload: &str, part: u64) -> String {
+    format!("_upload.{upload}.{part}")
+}
+
+/// ADR-32 discovery of every service: `$SRV.<verb>`.
+pub fn discovery(verb: &str) -> String {
+    format!("$SRV.{verb}")
+}
+
+/// ADR-32 discovery of one service: `$SRV.<verb>.<service>`.
+pub fn discovery_of(verb: &str, service: &str) -> String {
+    format!("$SRV.{verb}.{service}")
+}
+
+/// ADR-32 discovery of one instance: `$SRV.<verb>.<service>.<instance>`.
+pub fn discovery_at(verb: &str, service: &str, instance: &str) -> String {
+    format!("$SRV.{verb}.{service}.{instance}")
+}
+
+/// The subject a KV write of `key` goes to (`$KV.<bucket>.<key>`), for
+/// writes that need headers `kv::Store` does not set.
+pub fn kv_key(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+/// The chunk subjects of one object in an Object Store bucket.
+pub fn object_chunks(bucket: &str, object_nuid: &str) -> String {
+    format!("$O.{bucket}.C.{object_nuid}")
+}
+
+/// Where a local-mode worker announces that it serves, once.
+pub fn worker_ready(token: &str) -> String {
+    format!("_WHARF.ready.{token}")
+}
+
+/// Whether `id` is usable as one subject token and one KV key: 1 to 128
+/// bytes of `A-Z a-z 0-9 - _` (call ids, instance ids).
+pub fn valid_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+}
+
+/// Whether `id` is a well-formed transaction id: 1 to 64 characters of
+/// `A-Z a-z 0-9 _ -` (one NATS subject token and one KV key).
+pub fn valid_txn_id(id: &str) -> bool {
+    id.len() <= 64 && valid_id(id.as_bytes())
+}
+
+/// Whether `prefix` can start every subject: dot-separated tokens of
+/// printable characters without spaces or wildcards.
+pub fn valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .chars()
+                    .all(|c| c.is_ascii_graphic() && c != '*' && c != '>')
+        })
+}
+
+/// A subject prefix as one stream-name token.
+fn stream_token(prefix: &str) -> String {
+    prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(call("wharf", "math", "add"), "wharf.math.add");
+        assert_eq!(calls_stream("wharf", "math"), "wharf_calls_math");
+        assert_eq!(calls_stream("a.b", "math"), "a_b_calls_math");
+        assert_eq!(
+            durable_call("wharf", "math", "add"),
+            "wharf.durable.math.add"
+        );
+        assert_eq!(dead_letter_stream("wharf"), "wharf_dead_letters");
+        assert_eq!(
+            instance_call("w", "i1", "math", "add"),
+            "w._inst.i1.math.add"
+        );
+        assert_eq!(demanded_service(&demand("w", "math")), Some("math"));
+        assert_eq!(
+            durable_reply_id(&durable_reply("_INBOX.x.durable", "id7")),
+            "id7"
+        );
+    }
+
+    #[test]
+    fn ids_and_prefixes() {
+        assert!(valid_id(b"AbC123_-x"));
+        assert!(!valid_id(b""));
+        assert!(!valid_id(b"a.b"));
+        assert!(!valid_id(b"a b"));
+        assert!(valid_txn_id("abcXYZ019_-"));
+        assert!(!valid_txn_id("*"));
+        assert!(!valid_txn_id(&"a".repeat(65)));
+        assert!(valid_prefix("wharf"));
+        assert!(valid_prefix("team.a"));
+        assert!(!valid_prefix("a..b"));
+        assert!(!valid_prefix("a b"));
+        assert!(!valid_prefix("a.*"));
+        assert!(!valid_prefix(""));
+    }
+}
