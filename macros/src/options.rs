@@ -129,20 +129,11 @@ fn subject_token(lit: &LitStr, what: &str) -> syn::Result<String> {
     }
 }
 
-/// Parses `"250ms"`, `"5s"`, `"2m"` into milliseconds.
+/// Parses `"250ms"`, `"5s"`, `"2m"` (humantime, as every duration in
+/// wharf) into milliseconds.
 pub(crate) fn parse_duration_ms(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let factor = match unit.trim() {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return None,
-    };
-    number.checked_mul(factor)
+    let duration = humantime::parse_duration(text.trim()).ok()?;
+    u64::try_from(duration.as_millis()).ok()
 }
 
 /// FNV-1a, 64 bit: a stable hash of the signature text, the same in every
@@ -167,7 +158,8 @@ mod tests {
         assert_eq!(parse_duration_ms("2m"), Some(120_000));
         assert_eq!(parse_duration_ms("5"), None);
         assert_eq!(parse_duration_ms("s"), None);
-        assert_eq!(parse_duration_ms("5 years"), None);
+        assert_eq!(parse_duration_ms("5 fortnights"), None);
+        assert_eq!(parse_duration_ms("1h 30m"), Some(5_400_000));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! goes through.
 
 use crate::durable::Pending;
+use crate::settings::{redact, Settings};
 use crate::wire::codec::Codec;
 use crate::wire::reply::{
     self, mark_spilled, remote_failure, spilled, status_code, ApplicationErrorBody,
@@ -53,6 +54,8 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn connect(url: &str) -> Result<Client, Error> {
+        // Settings that do not validate fail here, before any call.
+        Settings::get()?;
         let servers: Vec<&str> = url
             .split(',')
             .map(str::trim)
@@ -65,7 +68,7 @@ impl Client {
             .map_err(|e| {
                 Error::new(
                     ErrorKind::Connection,
-                    format!("cannot connect to NATS at `{url}`: {e}; start nats-server there, or unset NATS_URL to let wharf::init() start one"),
+                    format!("cannot connect to NATS at `{}`: {e}; start nats-server there, or unset NATS_URL to let wharf::init() start one", redact(url)),
                 )
             })?;
         Ok(Client::from_nats(nats, url))
@@ -73,10 +76,10 @@ impl Client {
 
     /// Wraps an existing async-nats connection (`url` is used in messages).
     pub fn from_nats(nats: async_nats::Client, url: impl Into<String>) -> Client {
-        let prefix = std::env::var("WHARF_PREFIX")
-            .ok()
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| subjects::DEFAULT_PREFIX.to_owned());
+        // `connect` has reported settings that do not validate.
+        let prefix = Settings::get()
+            .map(|s| s.prefix.clone())
+            .unwrap_or_else(|_| subjects::DEFAULT_PREFIX.to_owned());
         Client {
             inner: Arc::new(Inner {
                 nats,
@@ -375,7 +378,7 @@ impl Client {
             ),
             _ => Error::new(
                 ErrorKind::Connection,
-                format!("call to `{subject}` failed on the connection to `{}`: {e}", self.inner.url),
+                format!("call to `{subject}` failed on the connection to `{}`: {e}", redact(&self.inner.url)),
             ),
         })
     }
@@ -503,10 +506,9 @@ pub(crate) fn spill_limit(nats: &async_nats::Client) -> usize {
     // Room for headers and the envelope: 8 KiB, or an eighth of a small
     // max_payload.
     let room = (8 * 1024).min(max_payload / 8);
-    std::env::var("WHARF_SPILL_BYTES")
+    Settings::get()
         .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
+        .and_then(|s| s.spill_bytes)
         .unwrap_or(usize::MAX)
         .min(max_payload.saturating_sub(room).max(1))
 }

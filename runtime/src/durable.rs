@@ -11,6 +11,7 @@
 //! [`ErrorKind::DeadLetter`].
 
 use crate::client::{CallOptions, CallState, Client};
+use crate::settings::Settings;
 use crate::wire::codec::Codec;
 use crate::wire::reply::{one_line, reply_codec};
 use crate::wire::request::Prepared;
@@ -29,43 +30,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, watch};
 
-/// How long a stored result stays collectable unless `WHARF_RESULTS_TTL`
-/// (seconds) says otherwise.
-pub const DEFAULT_RESULTS_TTL: Duration = Duration::from_secs(3600);
+pub use crate::settings::{DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER, DEFAULT_RESULTS_TTL};
 
-/// A consumer's ack wait unless `WHARF_ACK_WAIT` (milliseconds) says
-/// otherwise: how long a call held by a dead worker waits for redelivery.
-/// A live worker extends it while a long call runs.
-pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
-
-/// Deliveries of one durable call before it is dead-lettered, unless
-/// `WHARF_MAX_DELIVER` says otherwise.
-pub const DEFAULT_MAX_DELIVER: i64 = 5;
-
-fn env_number(name: &str) -> Option<u64> {
-    std::env::var(name).ok()?.trim().parse().ok()
+fn ack_wait() -> Duration {
+    Settings::get().map_or(DEFAULT_ACK_WAIT, |s| s.ack_wait)
 }
 
-pub(crate) fn ack_wait() -> Duration {
-    env_number("WHARF_ACK_WAIT")
-        .filter(|ms| *ms >= 100)
-        .map(Duration::from_millis)
-        .unwrap_or(DEFAULT_ACK_WAIT)
-}
-
-pub(crate) fn max_deliver() -> i64 {
-    env_number("WHARF_MAX_DELIVER")
-        .filter(|n| *n >= 1)
-        .map(|n| n as i64)
-        .unwrap_or(DEFAULT_MAX_DELIVER)
+fn max_deliver() -> i64 {
+    Settings::get().map_or(DEFAULT_MAX_DELIVER, |s| s.max_deliver)
 }
 
 /// Creates (or finds) the results bucket.
 pub(crate) async fn results_bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
-    let ttl = env_number("WHARF_RESULTS_TTL")
-        .filter(|s| *s > 0)
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_RESULTS_TTL);
+    let ttl = Settings::get()?.results_ttl;
     crate::bucket::bucket(
         js,
         RESULTS_BUCKET,

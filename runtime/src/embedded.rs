@@ -16,8 +16,7 @@ const SCRATCH_PREFIX: &str = "wharf-nats-";
 /// `.tools/bin/` folder in the working directory or one of its parents (where
 /// the project's set-up scripts install it).
 pub fn nats_server_binary() -> Result<PathBuf, Error> {
-    if let Some(path) = std::env::var_os("WHARF_NATS_SERVER") {
-        let path = PathBuf::from(path);
+    if let Some(path) = crate::settings::Settings::get()?.nats_server.clone() {
         return if is_executable(&path) {
             Ok(path)
         } else {

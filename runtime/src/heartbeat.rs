@@ -101,7 +101,9 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
     let mut last_ns = 0;
     let mut last = std::time::Instant::now();
     let mut last_latencies = [0u64; crate::histogram::BUCKETS];
-    let container = std::env::var("WHARF_CONTAINER").ok();
+    let container = crate::settings::Settings::get()
+        .ok()
+        .and_then(|s| s.container.clone());
     loop {
         system.refresh_processes_specifics(
             ProcessesToUpdate::Some(&[Pid::from_u32(pid)]),

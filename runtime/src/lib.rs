@@ -48,6 +48,7 @@ mod micro;
 pub mod objects;
 mod retry;
 pub mod scaler;
+pub mod settings;
 mod spec;
 pub mod supervisor;
 pub mod testing;
@@ -62,8 +63,9 @@ pub use embedded::{nats_server_binary, start_nats_server_on};
 pub use error::{CallError, Error, ErrorKind};
 pub use objects::{put, Blob, ObjectRef};
 pub use retry::RetryPolicy;
+pub use settings::{Settings, DEFAULT_LEASE};
 pub use spec::{registered, ArgSpec, FnSpec};
-pub use txn::{transaction, State, Transaction, DEFAULT_LEASE, QUIESCE_LIMIT};
+pub use txn::{transaction, State, Transaction, QUIESCE_LIMIT};
 pub use wharf_macros::{main, microservice};
 pub use wire::codec::Codec;
 pub use wire::subjects::{valid_txn_id, TXN_BUCKET};
@@ -94,28 +96,20 @@ where
 pub struct Config {
     nats_url: Option<String>,
     workers: usize,
+    max_workers: usize,
     drain_grace: Duration,
 }
 
 impl Config {
-    /// Reads `NATS_URL` (absent: local mode) and `WHARF_WORKERS` (local
-    /// mode's worker count, default 2).
+    /// Reads `NATS_URL` (absent: local mode), `WHARF_WORKERS` (local
+    /// mode's worker count, default 2) and `WHARF_MAX_WORKERS` (default 4),
+    /// through [`Settings`].
     pub fn from_env() -> Result<Config, Error> {
-        let nats_url = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty());
-        let workers = match std::env::var("WHARF_WORKERS") {
-            Ok(text) => text.trim().parse().map_err(|_| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!(
-                        "WHARF_WORKERS must be a whole number of worker processes, got `{text}`"
-                    ),
-                )
-            })?,
-            Err(_) => 2,
-        };
+        let settings = Settings::get()?;
         Ok(Config {
-            nats_url,
-            workers,
+            nats_url: settings.nats_url.clone(),
+            workers: settings.workers,
+            max_workers: settings.max_workers,
             drain_grace: Duration::from_secs(10),
         })
     }
@@ -129,6 +123,13 @@ impl Config {
     /// How many worker processes local mode starts.
     pub fn workers(mut self, workers: usize) -> Config {
         self.workers = workers;
+        self.max_workers = self.max_workers.max(workers);
+        self
+    }
+
+    /// How many worker processes local mode may scale up to.
+    pub fn max_workers(mut self, max_workers: usize) -> Config {
+        self.max_workers = max_workers.max(self.workers).max(1);
         self
     }
 }
@@ -186,11 +187,8 @@ async fn start_local(config: &Config) -> Result<Client, Error> {
     children::stop_on_signals();
     let client = Client::connect(&url).await?;
     if registered().next().is_some() && config.workers > 0 {
-        let max = std::env::var("WHARF_MAX_WORKERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(4);
-        let supervisor = embedded::supervise_workers(&client, config.workers, max).await?;
+        let supervisor =
+            embedded::supervise_workers(&client, config.workers, config.max_workers).await?;
         *LOCAL_SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = Some(supervisor);
     }
     Ok(client)
@@ -229,18 +227,26 @@ pub fn local_server() -> Option<u32> {
 /// Whether this process was started to serve: `WHARF_ROLE=worker`, or
 /// `worker` as its first argument.
 pub fn is_worker_role() -> bool {
-    std::env::var("WHARF_ROLE").is_ok_and(|role| role == "worker")
+    // With settings that do not validate, `init()` reports why.
+    Settings::get().is_ok_and(|s| s.role == settings::Role::Worker)
         || std::env::args().nth(1).is_some_and(|arg| arg == "worker")
 }
 
 /// The worker role's whole life: connect, serve, drain on SIGTERM/SIGINT.
 /// Returns the process exit code.
 async fn worker_process(grace: Duration) -> i32 {
-    let Some(url) = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty()) else {
+    let settings = match Settings::get() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("wharf worker: {error}");
+            return 2;
+        }
+    };
+    let Some(url) = settings.nats_url.as_deref() else {
         eprintln!("wharf worker: NATS_URL is not set; a worker serves through the NATS server its callers use, e.g. NATS_URL=nats://127.0.0.1:4222");
         return 2;
     };
-    match serve_until_signal(&url, grace).await {
+    match serve_until_signal(url, grace).await {
         Ok(()) => 0,
         Err(error) => {
             eprintln!("wharf worker: {error}");
@@ -260,7 +266,7 @@ async fn serve_until_signal(url: &str, grace: Duration) -> Result<(), Error> {
         .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;
     let mut int = signal(SignalKind::interrupt())
         .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGINT: {e}")))?;
-    if let Ok(subject) = std::env::var("WHARF_READY_SUBJECT") {
+    if let Some(subject) = Settings::get()?.ready_subject.clone() {
         let note = format!("{} {}", std::process::id(), worker.instance());
         let _ = client.nats().publish(subject, note.into()).await;
         let _ = client.nats().flush().await;
@@ -292,10 +298,7 @@ async fn serve_until_signal(url: &str, grace: Duration) -> Result<(), Error> {
 /// Whether this worker was started by a local-mode program that has since
 /// exited (it is then reparented, so its parent pid changes).
 fn parent_is_gone() -> bool {
-    let Some(parent) = std::env::var("WHARF_PARENT_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-    else {
+    let Some(parent) = Settings::get().ok().and_then(|s| s.parent_pid) else {
         return false;
     };
     std::os::unix::process::parent_id() != parent

@@ -9,6 +9,7 @@
 use crate::backend::{Adopted, Backend, DockerBackend, Instance, Launch, ProcessBackend};
 use crate::heartbeat::{self, Heartbeat, HEARTBEAT_INTERVAL};
 use crate::scaler::{Decision, Observed, ScalePolicy, Scaler};
+use crate::settings::{parse_duration, FileSettings, Settings};
 use crate::wire::subjects;
 use crate::{Client, Error, ErrorKind};
 use async_nats::jetstream::{self, kv};
@@ -58,8 +59,10 @@ pub struct UpConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// NATS URL(s), comma-separated.
+    /// NATS URL(s), comma-separated; `NATS_URL` overrides it.
     pub url: Option<String>,
+    /// Subject prefix; `WHARF_PREFIX` overrides it.
+    pub prefix: Option<String>,
 }
 
 /// One `[[service]]` of `wharf.toml`.
@@ -146,6 +149,15 @@ impl UpConfig {
         Ok(config)
     }
 
+    /// The settings of a process run by this file: its `[broker]` keys,
+    /// overridden by the environment, checked by the same rules.
+    pub fn settings(&self) -> Result<Settings, Error> {
+        Settings::with_file(&FileSettings {
+            url: self.broker.url.clone(),
+            prefix: self.broker.prefix.clone(),
+        })
+    }
+
     /// Reads and checks a `wharf.toml` file.
     pub fn load(path: &std::path::Path) -> Result<UpConfig, Error> {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -198,7 +210,7 @@ impl ServiceConfig {
             )));
         }
         let duration = |text: &str, what: &str| {
-            parse_duration(text).ok_or_else(|| {
+            parse_duration(text).map_err(|_| {
                 bad(format!(
                     "{what} `{text}` is not a duration such as \"500ms\", \"10s\" or \"2m\""
                 ))
@@ -231,22 +243,6 @@ impl ServiceConfig {
             )),
         }
     }
-}
-
-/// Parses `"500ms"`, `"10s"`, `"2m"`, `"1h"`.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let ms = match unit.trim() {
-        "ms" => number,
-        "s" => number.checked_mul(1_000)?,
-        "m" => number.checked_mul(60_000)?,
-        "h" => number.checked_mul(3_600_000)?,
-        _ => return None,
-    };
-    Some(Duration::from_millis(ms))
 }
 
 /// One health or scaling decision, published on `<prefix>._events`.
@@ -954,16 +950,17 @@ impl Supervisor {
 pub async fn supervise_file(path: &std::path::Path) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = UpConfig::load(path)?;
-    let url = config.broker.url.clone().ok_or_else(|| {
+    let settings = config.settings()?;
+    let url = settings.nats_url.clone().ok_or_else(|| {
         Error::new(
             ErrorKind::Config,
             format!(
-                "{}: set broker.url to the NATS server to supervise through",
+                "{}: set broker.url (or NATS_URL) to the NATS server to supervise through",
                 path.display()
             ),
         )
     })?;
-    let client = Client::connect(&url).await?;
+    let client = Client::connect(&url).await?.with_prefix(settings.prefix);
     let supervisor = Supervisor::new(&client, &config).await?;
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;
@@ -1046,9 +1043,9 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("ten"), None);
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
     }
 }

@@ -30,10 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How long a transaction lives after its last call unless
-/// `WHARF_TXN_LEASE` (seconds) or [`Client::transaction_with_lease`] says
-/// otherwise.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+use crate::settings::DEFAULT_LEASE;
 
 /// The longest a quiescing instance waits for its transactions to end.
 pub const QUIESCE_LIMIT: Duration = Duration::from_secs(600);
@@ -151,11 +148,7 @@ fn kv_error(what: &str, id: &str, e: impl std::fmt::Display) -> Error {
 /// The lease length of new transactions: `WHARF_TXN_LEASE` seconds, or
 /// [`DEFAULT_LEASE`].
 fn default_lease() -> Duration {
-    std::env::var("WHARF_TXN_LEASE")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|s| *s > 0)
-        .map_or(DEFAULT_LEASE, Duration::from_secs)
+    crate::settings::Settings::get().map_or(DEFAULT_LEASE, |s| s.txn_lease)
 }
 
 // ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 //! sync functions run on the blocking pool.
 
 use crate::micro;
+use crate::settings::Settings;
 use crate::spec::{registrations, Registration};
 use crate::wire::codec::Codec;
 use crate::wire::reply::{self, error_reply, mark_spilled, name_owner, ApplicationErrorBody};
@@ -27,9 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-/// Calls one worker runs at once unless `WHARF_CONCURRENCY` or
-/// [`Worker::concurrency`] says otherwise.
-pub const DEFAULT_CONCURRENCY: usize = 1024;
+pub use crate::settings::{DEFAULT_CONCURRENCY, MAX_CONCURRENCY};
 
 /// Calls a draining endpoint may still be sent, beyond those it has taken:
 /// more than can be in flight between the server and the endpoint loop.
@@ -40,9 +39,6 @@ const SPILLED_RESULT_TTL: Duration = Duration::from_secs(300);
 
 /// How long a draining endpoint waits without a call before it leaves.
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
-
-/// The most calls one worker runs at once (permits are counted in `u32`).
-pub const MAX_CONCURRENCY: usize = 1 << 20;
 
 /// The future a generated handler returns.
 #[doc(hidden)]
@@ -219,15 +215,10 @@ pub struct Worker {
 impl Worker {
     /// A worker serving through `client`.
     pub fn new(client: &Client) -> Worker {
-        let concurrency = std::env::var("WHARF_CONCURRENCY")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|n| *n > 0)
-            .unwrap_or(DEFAULT_CONCURRENCY)
-            .min(MAX_CONCURRENCY);
-        let backlog = std::env::var("WHARF_BACKLOG")
-            .ok()
-            .and_then(|v| v.parse().ok());
+        // `start` reports settings that do not validate.
+        let settings = Settings::get().ok();
+        let concurrency = settings.map_or(DEFAULT_CONCURRENCY, |s| s.concurrency);
+        let backlog = settings.and_then(|s| s.backlog);
         Worker {
             client: client.clone(),
             concurrency,
@@ -264,9 +255,9 @@ impl Worker {
 
         // A supervisor names the instances it starts, to know them again in
         // their heartbeats.
-        let instance = std::env::var("WHARF_INSTANCE_ID")
-            .ok()
-            .filter(|id| subjects::valid_id(id.as_bytes()))
+        let instance = Settings::get()?
+            .instance_id
+            .clone()
             .unwrap_or_else(|| nuid::next().as_str().to_owned());
         let identity = format!("{instance} {} {}", std::process::id(), hostname());
         let nats = self.client.nats().clone();

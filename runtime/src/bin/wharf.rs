@@ -397,9 +397,9 @@ fn main() -> ExitCode {
         if let Verb::Up(path) = &verb {
             return up(path).await;
         }
-        let url = std::env::var("NATS_URL")
-            .ok()
-            .filter(|u| !u.trim().is_empty())
+        let url = wharf::Settings::get()?
+            .nats_url
+            .clone()
             .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
         let client = Client::connect(&url).await?;
         match verb {
@@ -423,14 +423,16 @@ fn main() -> ExitCode {
 async fn up(path: &std::path::Path) -> Result<ExitCode, Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = wharf::supervisor::UpConfig::load(path)?;
-    let url = match &config.broker.url {
+    // `NATS_URL` and `WHARF_PREFIX` override the file's `[broker]` keys.
+    let settings = config.settings()?;
+    let url = match &settings.nats_url {
         Some(url) => url.clone(),
         None => {
             let url = wharf::start_nats_server_on(Some(4222)).await.map_err(|e| {
                 Error::new(
                     e.kind(),
                     format!(
-                        "{}; if a nats-server already runs on 4222, set broker.url in {}",
+                        "{}; if a nats-server already runs on 4222, set NATS_URL or broker.url in {}",
                         e.message(),
                         path.display()
                     ),
@@ -440,13 +442,16 @@ async fn up(path: &std::path::Path) -> Result<ExitCode, Error> {
             url
         }
     };
-    let client = Client::connect(&url).await?;
+    let client = Client::connect(&url)
+        .await?
+        .with_prefix(settings.prefix.clone());
     // Foreign clients read and write objects through it.
     let _objects = wharf::objects::service::serve(&client).await?;
     let supervisor = wharf::supervisor::Supervisor::new(&client, &config).await?;
     eprintln!(
-        "wharf up: supervising {} service(s) through {url}; `wharf events` follows its decisions",
-        config.services.len()
+        "wharf up: supervising {} service(s) through {}; `wharf events` follows its decisions",
+        config.services.len(),
+        wharf::settings::redact(&url)
     );
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;

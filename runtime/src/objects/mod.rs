@@ -252,9 +252,9 @@ impl Objects {
     /// Objects through `client`, into the store `WHARF_OBJECT_STORE`
     /// names (`jetstream` when unset).
     pub fn new(client: &Client) -> Result<Objects, Error> {
-        let target = match std::env::var("WHARF_OBJECT_STORE") {
-            Ok(spec) => Target::parse(&spec)?,
-            Err(_) => Target::JetStream,
+        let target = match &crate::settings::Settings::get()?.object_store {
+            Some(spec) => Target::parse(spec)?,
+            None => Target::JetStream,
         };
         Ok(Objects {
             client: client.clone(),

@@ -1,0 +1,474 @@
+//! Settings: every `WHARF_*` variable (and `NATS_URL`) read and checked in
+//! one place, once per process, with one rule: a value that is set but
+//! invalid is an error naming the variable, the value and what is allowed;
+//! an unset (or empty) variable takes its default.
+//!
+//! `wharf.toml`'s `[broker]` keys are read through the same rules
+//! ([`Settings::with_file`]); the environment overrides the file.
+
+use crate::error::{Error, ErrorKind};
+use crate::wire::subjects;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Calls one worker runs at once unless `WHARF_CONCURRENCY` says otherwise.
+pub const DEFAULT_CONCURRENCY: usize = 1024;
+
+/// The most calls one worker runs at once (permits are counted in `u32`).
+pub const MAX_CONCURRENCY: usize = 1 << 20;
+
+/// How long a result stays collectable unless `WHARF_RESULTS_TTL` says
+/// otherwise.
+pub const DEFAULT_RESULTS_TTL: Duration = Duration::from_secs(3600);
+
+/// A consumer's ack wait unless `WHARF_ACK_WAIT` says otherwise: how long a
+/// call held by a dead worker waits for redelivery. A live worker extends
+/// it while a long call runs.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// Deliveries of one durable call before it is dead-lettered, unless
+/// `WHARF_MAX_DELIVER` says otherwise.
+pub const DEFAULT_MAX_DELIVER: i64 = 5;
+
+/// How long a transaction lives after its last call unless
+/// `WHARF_TXN_LEASE` says otherwise.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+/// Worker processes local mode starts unless `WHARF_WORKERS` says otherwise.
+pub const DEFAULT_WORKERS: usize = 2;
+
+/// Most worker processes local mode scales to unless `WHARF_MAX_WORKERS`
+/// says otherwise.
+pub const DEFAULT_MAX_WORKERS: usize = 4;
+
+/// What this process was started as (`WHARF_ROLE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A program that calls (and, in local mode, starts workers).
+    Caller,
+    /// A worker: it serves every microservice linked into it.
+    Worker,
+}
+
+/// Every setting of this process, checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `NATS_URL`: the server(s) to connect to; `None` means local mode.
+    pub nats_url: Option<String>,
+    /// `WHARF_PREFIX`: the subject prefix.
+    pub prefix: String,
+    /// `WHARF_ROLE` (or a first argument `worker`).
+    pub role: Role,
+    /// `WHARF_WORKERS`: local mode's worker processes.
+    pub workers: usize,
+    /// `WHARF_MAX_WORKERS`: local mode scales up to this many.
+    pub max_workers: usize,
+    /// `WHARF_CONCURRENCY`: calls one worker runs at once.
+    pub concurrency: usize,
+    /// `WHARF_BACKLOG`: calls that may wait for a slot; `None`: as many as
+    /// `concurrency`.
+    pub backlog: Option<usize>,
+    /// `WHARF_INSTANCE_ID`: the instance id a supervisor gave this worker.
+    pub instance_id: Option<String>,
+    /// `WHARF_CONTAINER`: the container this worker runs in, if any.
+    pub container: Option<String>,
+    /// `WHARF_OBJECT_STORE`: where new objects go; `None`: JetStream.
+    pub object_store: Option<String>,
+    /// `WHARF_TXN_LEASE`: the lease of new transactions.
+    pub txn_lease: Duration,
+    /// `WHARF_SPILL_BYTES`: payloads above this go to the object store;
+    /// `None`: the server's `max_payload` decides.
+    pub spill_bytes: Option<usize>,
+    /// `WHARF_ACK_WAIT`: durable consumers' ack wait.
+    pub ack_wait: Duration,
+    /// `WHARF_MAX_DELIVER`: deliveries before a durable call is dead-lettered.
+    pub max_deliver: i64,
+    /// `WHARF_RESULTS_TTL`: how long results stay collectable.
+    pub results_ttl: Duration,
+    /// `WHARF_NATS_SERVER`: the nats-server binary local mode starts.
+    pub nats_server: Option<PathBuf>,
+    /// `WHARF_READY_SUBJECT`: where a local-mode worker says it serves.
+    pub ready_subject: Option<String>,
+    /// `WHARF_PARENT_PID`: the local-mode program that started this worker.
+    pub parent_pid: Option<u32>,
+}
+
+/// The `[broker]` keys of `wharf.toml` that settings read.
+#[derive(Debug, Clone, Default)]
+pub struct FileSettings {
+    /// `[broker] url`.
+    pub url: Option<String>,
+    /// `[broker] prefix`.
+    pub prefix: Option<String>,
+}
+
+impl Settings {
+    /// This process's settings, read from the environment on first use.
+    /// Every later call returns the same settings (or the same error).
+    pub fn get() -> Result<&'static Settings, Error> {
+        static SETTINGS: OnceLock<Result<Settings, Error>> = OnceLock::new();
+        SETTINGS
+            .get_or_init(|| Settings::read(&|name| std::env::var(name).ok(), None))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// The settings of a process that also reads `wharf.toml`: its keys,
+    /// overridden by the environment.
+    pub fn with_file(file: &FileSettings) -> Result<Settings, Error> {
+        Settings::read(&|name| std::env::var(name).ok(), Some(file))
+    }
+
+    /// Reads every setting through `env`, then `file` for what `env` does
+    /// not set.
+    pub(crate) fn read(
+        env: &dyn Fn(&str) -> Option<String>,
+        file: Option<&FileSettings>,
+    ) -> Result<Settings, Error> {
+        let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        let nats_url = match var("NATS_URL") {
+            Some(url) => Some(check_url("NATS_URL", &url)?),
+            None => match file.and_then(|f| f.url.clone()) {
+                Some(url) => Some(check_url("wharf.toml [broker] url", &url)?),
+                None => None,
+            },
+        };
+        let prefix = match var("WHARF_PREFIX") {
+            Some(prefix) => check_prefix("WHARF_PREFIX", prefix)?,
+            None => match file.and_then(|f| f.prefix.clone()) {
+                Some(prefix) => check_prefix("wharf.toml [broker] prefix", prefix)?,
+                None => subjects::DEFAULT_PREFIX.to_owned(),
+            },
+        };
+        let role = match var("WHARF_ROLE").as_deref().map(str::trim) {
+            None => Role::Caller,
+            Some("worker") => Role::Worker,
+            Some(other) => {
+                return Err(invalid(
+                    "WHARF_ROLE",
+                    other,
+                    "`worker` (or unset, for a program that calls)",
+                ))
+            }
+        };
+        let workers = number(&var, "WHARF_WORKERS", 0, 1024)?.unwrap_or(DEFAULT_WORKERS);
+        let max_workers = match number(&var, "WHARF_MAX_WORKERS", 1, 1024)? {
+            Some(max) if max < workers => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("WHARF_MAX_WORKERS is {max}, fewer than WHARF_WORKERS ({workers}): set it to at least {workers}, or unset it"),
+                ))
+            }
+            Some(max) => max,
+            None => DEFAULT_MAX_WORKERS.max(workers),
+        };
+        let concurrency =
+            number(&var, "WHARF_CONCURRENCY", 1, MAX_CONCURRENCY)?.unwrap_or(DEFAULT_CONCURRENCY);
+        let backlog = number(&var, "WHARF_BACKLOG", 0, MAX_CONCURRENCY)?;
+        let instance_id = match var("WHARF_INSTANCE_ID") {
+            Some(id) if !subjects::valid_id(id.as_bytes()) => {
+                return Err(invalid(
+                    "WHARF_INSTANCE_ID",
+                    &id,
+                    "1 to 128 characters of A-Z, a-z, 0-9, '-' and '_'",
+                ))
+            }
+            id => id,
+        };
+        let txn_lease = duration(
+            &var,
+            "WHARF_TXN_LEASE",
+            Unit::Seconds,
+            Duration::from_secs(1),
+        )?
+        .unwrap_or(DEFAULT_LEASE);
+        let spill_bytes = number(&var, "WHARF_SPILL_BYTES", 1, usize::MAX)?;
+        let ack_wait = duration(
+            &var,
+            "WHARF_ACK_WAIT",
+            Unit::Millis,
+            Duration::from_millis(100),
+        )?
+        .unwrap_or(DEFAULT_ACK_WAIT);
+        let max_deliver = number(&var, "WHARF_MAX_DELIVER", 1, i64::MAX as usize)?
+            .map_or(DEFAULT_MAX_DELIVER, |n| n as i64);
+        let results_ttl = duration(
+            &var,
+            "WHARF_RESULTS_TTL",
+            Unit::Seconds,
+            Duration::from_secs(1),
+        )?
+        .unwrap_or(DEFAULT_RESULTS_TTL);
+        let parent_pid = number(&var, "WHARF_PARENT_PID", 1, u32::MAX as usize)?.map(|p| p as u32);
+        Ok(Settings {
+            nats_url,
+            prefix,
+            role,
+            workers,
+            max_workers,
+            concurrency,
+            backlog,
+            instance_id,
+            container: var("WHARF_CONTAINER"),
+            object_store: var("WHARF_OBJECT_STORE"),
+            txn_lease,
+            spill_bytes,
+            ack_wait,
+            max_deliver,
+            results_ttl,
+            nats_server: var("WHARF_NATS_SERVER").map(PathBuf::from),
+            ready_subject: var("WHARF_READY_SUBJECT"),
+            parent_pid,
+        })
+    }
+}
+
+/// Parses a duration as people write them: `500ms`, `10s`, `2m`, `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| e.to_string())
+}
+
+/// The unit of a bare number in a duration variable (kept for the
+/// variables documented with one).
+#[derive(Clone, Copy)]
+enum Unit {
+    Millis,
+    Seconds,
+}
+
+fn invalid(name: &str, value: &str, allowed: &str) -> Error {
+    Error::new(
+        ErrorKind::Config,
+        format!("{name} must be {allowed}, got `{value}`"),
+    )
+}
+
+/// A whole number in `min..=max`, or `None` when unset.
+fn number(
+    var: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+    min: usize,
+    max: usize,
+) -> Result<Option<usize>, Error> {
+    let Some(text) = var(name) else {
+        return Ok(None);
+    };
+    let allowed = if max == usize::MAX {
+        format!("a whole number of at least {min}")
+    } else {
+        format!("a whole number from {min} to {max}")
+    };
+    match text.trim().parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+        _ => Err(invalid(name, &text, &allowed)),
+    }
+}
+
+/// A duration of at least `min`: humantime text (`30s`, `1m`) or a bare
+/// number in `unit`; `None` when unset.
+fn duration(
+    var: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+    unit: Unit,
+    min: Duration,
+) -> Result<Option<Duration>, Error> {
+    let Some(text) = var(name) else {
+        return Ok(None);
+    };
+    let trimmed = text.trim();
+    let parsed = match trimmed.parse::<u64>() {
+        Ok(n) => Ok(match unit {
+            Unit::Millis => Duration::from_millis(n),
+            Unit::Seconds => Duration::from_secs(n),
+        }),
+        Err(_) => parse_duration(trimmed),
+    };
+    let bare = match unit {
+        Unit::Millis => "milliseconds",
+        Unit::Seconds => "seconds",
+    };
+    match parsed {
+        Ok(d) if d >= min => Ok(Some(d)),
+        _ => Err(invalid(
+            name,
+            &text,
+            &format!(
+                "a duration of at least {} such as \"500ms\", \"30s\" or \"2m\" (a bare number is {bare})",
+                humantime::format_duration(min)
+            ),
+        )),
+    }
+}
+
+fn check_prefix(name: &str, prefix: String) -> Result<String, Error> {
+    let prefix = prefix.trim().to_owned();
+    if subjects::valid_prefix(&prefix) {
+        Ok(prefix)
+    } else {
+        Err(invalid(
+            name,
+            &prefix,
+            "subject tokens separated by '.', without spaces, '*' or '>' (for example `wharf` or `team.a`)",
+        ))
+    }
+}
+
+/// Checks a comma-separated list of server URLs; the error shows the list
+/// without any password in it.
+fn check_url(name: &str, urls: &str) -> Result<String, Error> {
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+        let known = matches!(scheme, None | Some("nats" | "tls" | "ws" | "wss"));
+        let host = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
+        if !known || host.is_empty() || host.contains(char::is_whitespace) {
+            return Err(invalid(
+                name,
+                &redact(urls),
+                "one or more server URLs, comma-separated, such as `nats://127.0.0.1:4222` (schemes nats, tls, ws, wss)",
+            ));
+        }
+    }
+    Ok(urls.trim().to_owned())
+}
+
+/// A server URL list as it may be shown: any password or token in it
+/// replaced by `***`.
+pub fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let (scheme, rest) = match url.split_once("://") {
+                Some((scheme, rest)) => (Some(scheme), rest),
+                None => (None, url),
+            };
+            let rest = match rest.rsplit_once('@') {
+                Some((user, host)) => match user.split_once(':') {
+                    Some((name, _)) => format!("{name}:***@{host}"),
+                    // A lone token.
+                    None => format!("***@{host}"),
+                },
+                None => rest.to_owned(),
+            };
+            match scheme {
+                Some(scheme) => format!("{scheme}://{rest}"),
+                None => rest,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn read(vars: &[(&str, &str)]) -> Result<Settings, Error> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::read(&|name| vars.get(name).cloned(), None)
+    }
+
+    #[test]
+    fn defaults() {
+        let settings = read(&[]).unwrap();
+        assert_eq!(settings.nats_url, None);
+        assert_eq!(settings.prefix, "wharf");
+        assert_eq!(settings.role, Role::Caller);
+        assert_eq!(settings.workers, DEFAULT_WORKERS);
+        assert_eq!(settings.max_workers, DEFAULT_MAX_WORKERS);
+        assert_eq!(settings.concurrency, DEFAULT_CONCURRENCY);
+        assert_eq!(settings.ack_wait, DEFAULT_ACK_WAIT);
+        assert_eq!(settings.txn_lease, DEFAULT_LEASE);
+        // Empty means unset.
+        assert_eq!(read(&[("WHARF_WORKERS", "")]).unwrap().workers, 2);
+    }
+
+    #[test]
+    fn every_bad_value_is_an_error_naming_variable_value_and_rule() {
+        for (name, value, allowed) in [
+            ("WHARF_WORKERS", "two", "whole number"),
+            ("WHARF_MAX_WORKERS", "0", "from 1 to 1024"),
+            ("WHARF_CONCURRENCY", "-1", "whole number"),
+            ("WHARF_BACKLOG", "lots", "whole number"),
+            ("WHARF_ACK_WAIT", "soon", "duration"),
+            ("WHARF_ACK_WAIT", "5", "at least 100ms"),
+            ("WHARF_TXN_LEASE", "0", "at least 1s"),
+            ("WHARF_RESULTS_TTL", "1 fortnight", "duration"),
+            ("WHARF_MAX_DELIVER", "0", "whole number"),
+            ("WHARF_SPILL_BYTES", "big", "whole number"),
+            ("WHARF_PREFIX", "a b", "subject tokens"),
+            ("WHARF_ROLE", "wroker", "`worker`"),
+            ("WHARF_INSTANCE_ID", "a.b", "A-Z"),
+            ("NATS_URL", "http://x:80", "server URLs"),
+        ] {
+            let error = read(&[(name, value)]).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Config);
+            let text = error.message();
+            assert!(text.contains(name), "{text}");
+            assert!(text.contains(&format!("`{value}`")), "{text}");
+            assert!(text.contains(allowed), "{name}: {text}");
+        }
+        let error = read(&[("WHARF_WORKERS", "6"), ("WHARF_MAX_WORKERS", "3")]).unwrap_err();
+        assert!(error.message().contains("at least 6"), "{error}");
+    }
+
+    #[test]
+    fn durations_take_units_or_the_documented_bare_unit() {
+        let settings = read(&[
+            ("WHARF_ACK_WAIT", "250"),
+            ("WHARF_TXN_LEASE", "2m"),
+            ("WHARF_RESULTS_TTL", "90"),
+        ])
+        .unwrap();
+        assert_eq!(settings.ack_wait, Duration::from_millis(250));
+        assert_eq!(settings.txn_lease, Duration::from_secs(120));
+        assert_eq!(settings.results_ttl, Duration::from_secs(90));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("ten").is_err());
+    }
+
+    #[test]
+    fn more_workers_raise_the_default_maximum() {
+        let settings = read(&[("WHARF_WORKERS", "6")]).unwrap();
+        assert_eq!((settings.workers, settings.max_workers), (6, 6));
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let file = FileSettings {
+            url: Some("nats://file:4222".into()),
+            prefix: Some("from_file".into()),
+        };
+        let env = |name: &str| (name == "NATS_URL").then(|| "nats://env:4222".to_owned());
+        let settings = Settings::read(&env, Some(&file)).unwrap();
+        assert_eq!(settings.nats_url.as_deref(), Some("nats://env:4222"));
+        assert_eq!(settings.prefix, "from_file");
+        let error = Settings::read(
+            &|_| None,
+            Some(&FileSettings {
+                url: None,
+                prefix: Some("a b".into()),
+            }),
+        )
+        .unwrap_err();
+        assert!(
+            error.message().contains("wharf.toml [broker] prefix"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn passwords_are_never_shown() {
+        assert_eq!(
+            redact("nats://alice:secret@h:4222,nats://tok@g:4222"),
+            "nats://alice:***@h:4222,nats://***@g:4222"
+        );
+        let error = read(&[("NATS_URL", "http://alice:secret@h:1")]).unwrap_err();
+        assert!(!error.message().contains("secret"), "{error}");
+        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
+}
