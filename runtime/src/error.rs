@@ -2,6 +2,7 @@
 //! from the function's own error type through [`CallError`].
 
 use std::fmt;
+use std::sync::Arc;
 
 /// What went wrong, as a closed set a caller can match on.
 ///
@@ -163,11 +164,24 @@ impl fmt::Display for ErrorKind {
 
 /// An infrastructure or remote-runtime failure: connection, routing,
 /// encoding, panics, deadlines. Never the function's own error.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The error underneath (an async-nats or I/O error, say) is kept as its
+/// [`source`](std::error::Error::source); two errors are equal when their
+/// kinds and messages are.
+#[derive(Debug, Clone)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
+
+impl PartialEq for Error {
+    fn eq(&self, other: &Error) -> bool {
+        self.kind == other.kind && self.message == other.message
+    }
+}
+
+impl Eq for Error {}
 
 impl Error {
     /// Creates an error of `kind` with a message that says what was wrong
@@ -176,7 +190,20 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            source: None,
         }
+    }
+
+    /// The same error, caused by `source`.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// The same error (kind and source) with another message.
+    pub(crate) fn with_message(mut self, message: String) -> Error {
+        self.message = message;
+        self
     }
 
     /// What went wrong.
@@ -196,7 +223,13 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// The outcome of calling a function that returns `Result<T, E>`: either
 /// its own error value `E`, or a wharf [`Error`].
@@ -292,6 +325,18 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "no_responders: no worker serves `wharf.m.add`"
+        );
+    }
+
+    #[test]
+    fn the_cause_is_the_source() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let error = Error::new(ErrorKind::Connection, "cannot connect: refused").with_source(io);
+        assert_eq!(error.source().unwrap().to_string(), "refused");
+        assert_eq!(
+            error,
+            Error::new(ErrorKind::Connection, "cannot connect: refused")
         );
     }
 

@@ -2,8 +2,8 @@
 //! `wharf_instances` once a second, and listens for a drain request from
 //! the supervisor on `<prefix>._control.<instance>`.
 
+use crate::error::Error;
 use crate::micro::EndpointStats;
-use crate::Error;
 use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

@@ -1,9 +1,10 @@
 //! Retries: which failures a call may be retried after, and how long to
 //! wait between attempts (exponential backoff with full jitter).
 
-use crate::{Error, ErrorKind};
+use crate::error::{Error, ErrorKind};
 use std::cell::Cell;
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 /// How a call is retried: at most `attempts` tries (the first included),
 /// waiting a random time in `[0, min(max_backoff, backoff * 2^(n-1))]`
@@ -95,6 +96,40 @@ pub(crate) fn retryable(kind: ErrorKind, idempotent: bool) -> bool {
     }
 }
 
+/// Runs `attempt` (given the try's number, from 1) until it succeeds or the
+/// call must fail: out of tries, a failure that may not be retried (see
+/// [`retryable`]), or a wait that would pass `deadline`. Between tries it
+/// waits [`RetryPolicy::delay`]. Returns the value or the last error, with
+/// the number of tries made. Every retried operation of a call goes
+/// through here, plain requests and durable publishes alike.
+pub(crate) async fn with_retries<T, F, Fut>(
+    policy: &RetryPolicy,
+    idempotent: bool,
+    deadline: Instant,
+    mut attempt: F,
+) -> Result<(T, u32), (Error, u32)>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let mut tries = 1;
+    loop {
+        let failure = match attempt(tries).await {
+            Ok(value) => return Ok((value, tries)),
+            Err(failure) => failure,
+        };
+        if tries >= policy.attempts || !retryable(failure.kind(), idempotent) {
+            return Err((failure, tries));
+        }
+        let delay = policy.delay(tries);
+        if Instant::now() + delay >= deadline {
+            return Err((failure, tries));
+        }
+        tokio::time::sleep(delay).await;
+        tries += 1;
+    }
+}
+
 /// A per-thread xorshift generator seeded from the clock and the thread:
 /// jitter needs spread, not cryptographic randomness.
 fn random() -> u64 {
@@ -121,6 +156,33 @@ fn random() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn tries_until_success_or_a_failure_that_may_not_be_retried() {
+        let policy = RetryPolicy::attempts(5)
+            .unwrap()
+            .backoff(Duration::ZERO, Duration::ZERO);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let outcome = with_retries(&policy, false, deadline, |n| async move {
+            if n < 3 {
+                Err(Error::new(ErrorKind::NoResponders, "none yet"))
+            } else {
+                Ok(n * 10)
+            }
+        })
+        .await;
+        assert_eq!(outcome.ok(), Some((30, 3)));
+        // A timeout may have run: not retried unless idempotent.
+        let late = || async { Err::<(), _>(Error::new(ErrorKind::Timeout, "late")) };
+        let (error, tries) = with_retries(&policy, false, deadline, |_| late())
+            .await
+            .unwrap_err();
+        assert_eq!((error.kind(), tries), (ErrorKind::Timeout, 1));
+        let (_, tries) = with_retries(&policy, true, deadline, |_| late())
+            .await
+            .unwrap_err();
+        assert_eq!(tries, 5);
+    }
 
     #[test]
     fn delays_grow_and_stay_bounded() {

@@ -45,7 +45,7 @@ impl NatsServer {
     }
 
     fn launch(config: &str, jetstream: bool) -> Result<NatsServer, Error> {
-        let binary = crate::nats_server_binary()?;
+        let binary = crate::local::server::nats_server_binary()?;
         let dir = std::env::temp_dir().join(format!("wharf-test-nats-{}", nuid::next().as_str()));
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::new(ErrorKind::Process, format!("cannot create {dir:?}: {e}")))?;
@@ -74,7 +74,7 @@ impl NatsServer {
     pub fn restart(&mut self) -> Result<(), Error> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let binary = crate::nats_server_binary()?;
+        let binary = crate::local::server::nats_server_binary()?;
         let _ = std::fs::remove_file(
             self.dir
                 .join(format!("nats-server_{}.ports", self.child.id())),
@@ -94,8 +94,8 @@ impl NatsServer {
         loop {
             let pid = self.child.id();
             let ports = (
-                crate::embedded::reported_port(&self.dir, pid, "nats"),
-                crate::embedded::reported_port(&self.dir, pid, "monitoring"),
+                crate::local::server::reported_port(&self.dir, pid, "nats"),
+                crate::local::server::reported_port(&self.dir, pid, "monitoring"),
             );
             if let (Some(port), Some(monitoring)) = ports {
                 self.port = port;
@@ -206,7 +206,7 @@ fn spawn(
     ports: Option<(u16, u16)>,
     jetstream: bool,
 ) -> Result<Child, Error> {
-    let mut command = crate::embedded::nats_command(binary, dir, jetstream);
+    let mut command = crate::local::server::nats_command(binary, dir, jetstream);
     command.arg("-c").arg(dir.join("server.conf"));
     match ports {
         // The last `-p` wins over the free-port one nats_command sets.

@@ -3,7 +3,7 @@
 //! own. Containers use the host's network, so the supervisor's `NATS_URL`
 //! works inside them unchanged.
 
-use super::{Backend, Instance, Launch};
+use super::instance::{Backend, Instance, Launch};
 use crate::{Error, ErrorKind};
 use std::process::{Command, Stdio};
 
@@ -82,7 +82,7 @@ impl Backend for DockerBackend {
                 ),
             ));
         }
-        Ok(Box::new(Container::new(launch.instance.clone(), name)))
+        Ok(Box::new(Container::new(name)))
     }
 }
 
@@ -93,7 +93,6 @@ pub fn container_name(instance: &str) -> String {
 
 /// A container, by name.
 pub(super) struct Container {
-    id: String,
     name: String,
     /// When `docker inspect` last found it running: the supervisor asks
     /// every tick, and one `docker` process per container per tick is more
@@ -102,9 +101,8 @@ pub(super) struct Container {
 }
 
 impl Container {
-    pub(super) fn new(id: String, name: String) -> Container {
+    pub(super) fn new(name: String) -> Container {
         Container {
-            id,
             name,
             seen_running: None,
         }
@@ -112,10 +110,6 @@ impl Container {
 }
 
 impl Instance for Container {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
     fn location(&self) -> String {
         format!("container {}", self.name)
     }

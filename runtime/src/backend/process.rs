@@ -1,6 +1,6 @@
 //! The process backend: each instance is a subprocess on this host.
 
-use super::{Backend, Instance, Launch};
+use super::instance::{Backend, Instance, Launch};
 use crate::{Error, ErrorKind};
 use std::process::{Child, Command, Stdio};
 
@@ -45,23 +45,15 @@ impl Backend for ProcessBackend {
                 ),
             )
         })?;
-        Ok(Box::new(ChildInstance {
-            id: launch.instance.clone(),
-            child,
-        }))
+        Ok(Box::new(ChildInstance { child }))
     }
 }
 
 struct ChildInstance {
-    id: String,
     child: Child,
 }
 
 impl Instance for ChildInstance {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
     fn location(&self) -> String {
         format!("pid {}", self.child.id())
     }
@@ -77,26 +69,6 @@ impl Instance for ChildInstance {
     }
 
     fn terminate(&mut self) {
-        signal(self.child.id(), libc::SIGTERM);
-    }
-}
-
-/// Sends `signal` to `pid`.
-pub(super) fn signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid as libc::pid_t, signal);
-    }
-}
-
-/// Whether `pid` is a live process (not gone, not a zombie).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
+        crate::process::terminate(self.child.id());
     }
 }

@@ -1,7 +1,7 @@
 //! Objects in any `object_store` backend, addressed by URL: `file://`,
 //! `memory://` and, with the `s3` feature, `s3://`.
 
-use super::{Algorithm, Hashing};
+use super::bytes::{Algorithm, Hashing, Pieces};
 use crate::{Error, ErrorKind};
 use bytes::Bytes;
 use object_store::{
@@ -242,7 +242,7 @@ pub(super) async fn get(url: &str) -> Result<Pin<Box<dyn AsyncRead + Send>>, Err
     // pieces, each a request or a blocking read).
     drop(result);
     let mut offset = 0;
-    Ok(Box::pin(super::Pieces::new(move || {
+    Ok(Box::pin(Pieces::new(move || {
         if offset >= size {
             return None;
         }

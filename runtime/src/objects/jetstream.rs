@@ -1,7 +1,7 @@
 //! The default object store: small values in KV `wharf_objects`, larger
 //! ones chunked into the Object Store `wharf_blobs`.
 
-use super::{digest_mismatch, digest_of, INLINE_LIMIT};
+use super::bytes::{digest_mismatch, digest_of, Pieces, Verified, BYTES_TYPE};
 use crate::wire::subjects;
 use crate::{Client, Error, ErrorKind};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -16,6 +16,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 pub use crate::wire::subjects::{BLOBS_BUCKET, OBJECTS_BUCKET};
+
+/// Values up to this size are kept in KV `wharf_objects`; larger ones in
+/// the Object Store `wharf_blobs`.
+pub const INLINE_LIMIT: usize = 256 * 1024;
 
 /// Object Store metadata: unix ms after which the object is expired.
 const EXPIRES: &str = "wharf.expires_ms";
@@ -52,10 +56,9 @@ impl std::fmt::Debug for JsStores {
     }
 }
 
-async fn stores(client: &Client) -> Result<&JsStores, Error> {
+async fn stores(client: &Client) -> Result<Arc<JsStores>, Error> {
     client
-        .objects_cell()
-        .get_or_try_init(|| async {
+        .extension(|| async {
             let js = jetstream::new(client.nats().clone());
             let kv = match js.get_key_value(OBJECTS_BUCKET).await {
                 Ok(kv) => kv,
@@ -85,7 +88,7 @@ async fn stores(client: &Client) -> Result<&JsStores, Error> {
                     .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?,
             };
             let blob_stream = js
-                .get_stream(format!("OBJ_{BLOBS_BUCKET}"))
+                .get_stream(subjects::object_store_stream(BLOBS_BUCKET))
                 .await
                 .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?;
             Ok(JsStores {
@@ -277,7 +280,7 @@ pub(super) async fn get_blob(
     let messages = Arc::new(tokio::sync::Mutex::new(messages));
     let cleanup = DeleteConsumer(Some((stream, name)));
     let mut left = info.chunks;
-    let chunks = super::Pieces::new(move || {
+    let chunks = Pieces::new(move || {
         let _ = &cleanup;
         if left == 0 {
             return None;
@@ -296,7 +299,7 @@ pub(super) async fn get_blob(
             }
         }))
     });
-    Ok(Box::pin(super::Verified::new(chunks, uri, digest)))
+    Ok(Box::pin(Verified::new(chunks, uri, digest)))
 }
 
 /// async-nats's object reader, with our wording for a digest mismatch.
@@ -407,7 +410,7 @@ pub(super) async fn stat_blob(
             info.metadata
                 .get(TYPE)
                 .cloned()
-                .unwrap_or_else(|| super::BYTES_TYPE.to_owned()),
+                .unwrap_or_else(|| BYTES_TYPE.to_owned()),
         )),
         Ok(_) => Err(not_found(uri)),
         Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Err(not_found(uri)),

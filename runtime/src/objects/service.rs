@@ -12,7 +12,10 @@
 //! Errors are ADR-32 headers and a JSON `{kind, message}` body, as for
 //! every wharf call. `docs/protocol.md` has the details.
 
-use super::{jetstream, Blob, ObjectRef, Objects, BYTES_TYPE};
+use super::bytes::{digest_of, read_error, Algorithm, Hashing, Pieces, BYTES_TYPE};
+use super::reference::{Blob, ObjectRef, Objects};
+use super::store::{self, Location, Target};
+use super::{external, jetstream};
 use crate::wire::codec::{self, Codec};
 use crate::wire::reply::error_reply;
 use crate::wire::{headers, subjects};
@@ -179,7 +182,7 @@ async fn put(objects: &Objects, message: &Message) -> Answer {
     // The parts are read one at a time, in order, into the store.
     let mut next = 0;
     let (parts, id) = (store.clone(), upload.to_owned());
-    let mut reader = super::Pieces::new(move || {
+    let mut reader = Pieces::new(move || {
         if next >= count {
             return None;
         }
@@ -215,13 +218,13 @@ fn locator(objects: &Objects, message: &Message) -> Result<Locator, Error> {
         ))
     })?;
     let own = match &objects.target {
-        super::Target::External(base) => locator
+        Target::External(base) => locator
             .uri
             .starts_with(&format!("{}/", base.trim_end_matches('/'))),
         _ => false,
     };
-    match super::locate(&locator.uri)? {
-        super::Location::External if !own => Err(Error::new(
+    match store::locate(&locator.uri)? {
+        Location::External if !own => Err(Error::new(
             ErrorKind::UnsupportedStore,
             format!("`{}` is not in a store this service serves: it serves the JetStream store, registered stores and the store WHARF_OBJECT_STORE names", locator.uri),
         )),
@@ -237,14 +240,14 @@ async fn get(objects: &Objects, message: &Message) -> Answer {
         Some(digest) => digest.clone(),
         None => stat_of(client, &request.uri).await?.1,
     };
-    let mut reader = super::open(client, &request.uri, &digest).await?;
+    let mut reader = store::open(client, &request.uri, &digest).await?;
     // Skip to the offset; what is skipped still counts towards the digest.
     tokio::io::copy(
         &mut (&mut reader).take(request.offset),
         &mut tokio::io::sink(),
     )
     .await
-    .map_err(|e| super::read_error(&request.uri, e))?;
+    .map_err(|e| read_error(&request.uri, e))?;
     let length = request.length.unwrap_or(max as u64);
     if length > max as u64 {
         return Err(bad(format!(
@@ -256,7 +259,7 @@ async fn get(objects: &Objects, message: &Message) -> Answer {
         .take(length)
         .read_to_end(&mut body)
         .await
-        .map_err(|e| super::read_error(&request.uri, e))?;
+        .map_err(|e| read_error(&request.uri, e))?;
     if request.length.is_none() {
         // The whole object was asked for: it must have ended here, and the
         // rest is read to check the digest.
@@ -264,7 +267,7 @@ async fn get(objects: &Objects, message: &Message) -> Answer {
         let more = reader
             .read(&mut rest)
             .await
-            .map_err(|e| super::read_error(&request.uri, e))?;
+            .map_err(|e| read_error(&request.uri, e))?;
         if more > 0 {
             return Err(bad(format!(
                 "object `{}` is larger than one reply can carry ({max} bytes): read it in ranges with offset and length",
@@ -279,29 +282,29 @@ async fn get(objects: &Objects, message: &Message) -> Answer {
 
 /// Size and digest of the object at `uri`.
 async fn stat_of(client: &Client, uri: &str) -> Result<(u64, String), Error> {
-    match super::locate(uri)? {
-        super::Location::Blob(key) => {
+    match store::locate(uri)? {
+        Location::Blob(key) => {
             let (size, digest, _) = jetstream::stat_blob(client, uri, key).await?;
             Ok((size, digest))
         }
-        super::Location::Inline(key) => {
+        Location::Inline(key) => {
             let bytes = jetstream::get_inline(client, uri, key).await?;
-            Ok((bytes.len() as u64, super::digest_of(&bytes)))
+            Ok((bytes.len() as u64, digest_of(&bytes)))
         }
-        super::Location::External => {
+        Location::External => {
             // No digest is kept beside the object: hash it.
-            let reader = super::external::get(uri).await?;
-            let mut hashing = super::Hashing::new(reader, super::Algorithm::Xxh3);
+            let reader = external::get(uri).await?;
+            let mut hashing = Hashing::new(reader, Algorithm::Xxh3);
             tokio::io::copy(&mut hashing, &mut tokio::io::sink())
                 .await
-                .map_err(|e| super::read_error(uri, e))?;
+                .map_err(|e| read_error(uri, e))?;
             Ok(hashing.finish())
         }
-        super::Location::Custom(store, key) => {
-            let mut hashing = super::Hashing::new(store.get(key).await?, super::Algorithm::Xxh3);
+        Location::Custom(store, key) => {
+            let mut hashing = Hashing::new(store.get(key).await?, Algorithm::Xxh3);
             tokio::io::copy(&mut hashing, &mut tokio::io::sink())
                 .await
-                .map_err(|e| super::read_error(uri, e))?;
+                .map_err(|e| read_error(uri, e))?;
             Ok(hashing.finish())
         }
     }
@@ -315,7 +318,7 @@ async fn stat(objects: &Objects, message: &Message) -> Answer {
 
 async fn remove(objects: &Objects, message: &Message) -> Answer {
     let request = locator(objects, message)?;
-    super::delete(&objects.client, &request.uri).await?;
+    store::delete(&objects.client, &request.uri).await?;
     json(&serde_json::json!({ "deleted": true }))
 }
 

@@ -177,6 +177,11 @@ pub fn kv_key(bucket: &str, key: &str) -> String {
     format!("$KV.{bucket}.{key}")
 }
 
+/// The stream under an Object Store bucket.
+pub fn object_store_stream(bucket: &str) -> String {
+    format!("OBJ_{bucket}")
+}
+
 /// The chunk subjects of one object in an Object Store bucket.
 pub fn object_chunks(bucket: &str, object_nuid: &str) -> String {
     format!("$O.{bucket}.C.{object_nuid}")

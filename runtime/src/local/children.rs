@@ -183,11 +183,8 @@ pub(crate) fn stop_all(grace: Duration) {
 fn stop_group(mut group: Vec<&mut Tracked>, grace: Duration) {
     for tracked in group.iter_mut() {
         if let Ok(None) = tracked.child.try_wait() {
-            // SAFETY: plain kill(2) on a child we have not reaped yet, so the
-            // pid still names it.
-            unsafe {
-                libc::kill(tracked.child.id() as libc::pid_t, libc::SIGTERM);
-            }
+            // Not reaped yet, so the pid still names it.
+            crate::process::terminate(tracked.child.id());
         }
     }
     let until = Instant::now() + grace;
@@ -252,9 +249,7 @@ pub(crate) fn stop_on_signals() {
                 }
             });
         if let Err(error) = watcher {
-            eprintln!(
-                "wharf: cannot watch for Ctrl-C ({error}); children are still stopped at exit"
-            );
+            tracing::warn!("cannot watch for Ctrl-C ({error}); children are still stopped at exit");
         }
     });
 }

@@ -1,0 +1,42 @@
+//! The contract between the supervisor and a backend: what to start
+//! ([`Launch`]), how a backend starts it ([`Backend`]), and what it reports
+//! on a running instance ([`Instance`]).
+
+use crate::error::Error;
+use std::collections::BTreeMap;
+
+/// What to start: one instance of a service.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The service the instance serves.
+    pub service: String,
+    /// The id the instance announces in its heartbeats
+    /// (`WHARF_INSTANCE_ID`).
+    pub instance: String,
+    /// The subject prefix of the deployment it belongs to (`WHARF_PREFIX`):
+    /// two deployments sharing a host tell their instances apart by it.
+    pub prefix: String,
+    /// Environment for the instance: `NATS_URL`, `WHARF_PREFIX`,
+    /// `WHARF_INSTANCE_ID`, `WHARF_ROLE`, and the service's own.
+    pub env: BTreeMap<String, String>,
+}
+
+/// A running instance, as its backend sees it.
+pub trait Instance: Send + Sync {
+    /// Where it runs, for `wharf status`: a pid or a container id.
+    fn location(&self) -> String;
+    /// Whether it still runs.
+    fn alive(&mut self) -> bool;
+    /// Stops it at once (SIGKILL or equivalent), for a hung instance.
+    fn kill(&mut self);
+    /// Asks it to stop gracefully (SIGTERM or equivalent): it drains.
+    fn terminate(&mut self);
+}
+
+/// Starts instances.
+pub trait Backend: Send + Sync {
+    /// The backend's name, for events.
+    fn name(&self) -> &'static str;
+    /// Starts one instance.
+    fn start(&self, launch: &Launch) -> Result<Box<dyn Instance>, Error>;
+}

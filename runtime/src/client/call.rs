@@ -1,0 +1,395 @@
+//! One call, end to end on the caller's side: its deadline and id, the
+//! encoded request, the tries the retry policy allows, the watch on the
+//! worker of an idempotent call, and spilled arguments and results.
+
+use super::Client;
+use crate::boxed::out_of_line;
+use crate::error::{Error, ErrorKind};
+use crate::objects::store as objects;
+use crate::retry::{with_retries, RetryPolicy};
+use crate::spec::FnSpec;
+use crate::txn::lease::lost;
+use crate::txn::route::TxnRoute;
+use crate::wire::codec::Codec;
+use crate::wire::reply::{self, mark_spilled, remote_failure, spilled, status_code};
+use crate::wire::request::{self, Outgoing, Prepared};
+use crate::wire::subjects;
+use async_nats::{HeaderMap, Message, RequestErrorKind, Subject};
+use bytes::Bytes;
+use serde::Serialize;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long an idempotent call waits before its first probe, and between
+/// probes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long a probe waits for the worker's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(150);
+
+/// How long a spilled object outlives the call's deadline.
+const SPILL_GRACE: Duration = Duration::from_secs(60);
+
+/// Per-call settings. Unset fields fall back to the function's attribute.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) codec: Codec,
+    pub(crate) report_instance: bool,
+    pub(crate) retry: Option<RetryPolicy>,
+    pub(crate) durable: Option<bool>,
+    pub(crate) txn: Option<Arc<TxnRoute>>,
+}
+
+/// One logical call across its tries: id and deadline.
+pub(crate) struct CallState {
+    pub(crate) id: nuid::NUIDStr,
+    /// Absolute deadline, unix milliseconds (what travels on the wire).
+    pub(crate) deadline_ms: u64,
+    /// The same deadline on the monotonic clock (what the caller waits on).
+    pub(crate) deadline: Instant,
+}
+
+impl CallState {
+    /// A new call: its timeout from the options or the function, cut to
+    /// the deadline of the call this code runs in, if any.
+    pub(crate) fn new(spec: &FnSpec, options: &CallOptions) -> Result<CallState, Error> {
+        let timeout = options.timeout.unwrap_or_else(|| spec.timeout());
+        let now_ms = crate::context::unix_ms();
+        let now = Instant::now();
+        let own = now_ms.saturating_add(timeout.as_millis().min(u64::MAX as u128) as u64);
+        let deadline_ms = match crate::context::inherited_deadline_ms() {
+            Some(inherited) if inherited < own => {
+                if inherited <= now_ms {
+                    return Err(Error::new(
+                        ErrorKind::DeadlineExceeded,
+                        format!(
+                            "`{}` not called: the deadline of the call this code runs in passed {} ms ago",
+                            spec.path,
+                            now_ms - inherited
+                        ),
+                    ));
+                }
+                inherited
+            }
+            _ => own,
+        };
+        let deadline = now
+            .checked_add(Duration::from_millis(deadline_ms - now_ms))
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+        Ok(CallState {
+            id: call_id(),
+            deadline_ms,
+            deadline,
+        })
+    }
+
+    fn deadline_passed(&self, spec: &FnSpec, subject: &str) -> Error {
+        Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "no reply from `{subject}` ({}) before the call's deadline; raise the timeout (#[microservice(timeout = \"..\")] or .timeout(..) on the request) or add workers",
+                spec.path
+            ),
+        )
+    }
+}
+
+/// Adds the number of tries to the message of a call's final error.
+pub(crate) fn annotate(error: Error, tries: u32) -> Error {
+    if tries == 1 {
+        error
+    } else {
+        let message = format!("{} (after {tries} tries)", error.message());
+        error.with_message(message)
+    }
+}
+
+/// A new call id. Each thread keeps its own generator: the global one in
+/// `nuid` sits behind a mutex that every concurrent call would contend on.
+fn call_id() -> nuid::NUIDStr {
+    thread_local! {
+        // `NUID::new` is a placeholder state; the first `next` seeds it from
+        // the OS random source, so threads never share a sequence.
+        static NUID: std::cell::RefCell<nuid::NUID> = const { std::cell::RefCell::new(nuid::NUID::new()) };
+    }
+    NUID.with(|n| n.borrow_mut().next())
+}
+
+impl Client {
+    /// Encodes the first try of a call. Synchronous, so `args` is not held
+    /// across an await.
+    pub(crate) fn prepare<A: Serialize>(
+        &self,
+        spec: &'static FnSpec,
+        args: &A,
+        options: &CallOptions,
+        call: &CallState,
+    ) -> Result<Prepared, Error> {
+        let outgoing = Outgoing {
+            codec: options.codec,
+            sig: spec.sig,
+            deadline_ms: call.deadline_ms,
+            call_id: call.id.as_str(),
+            attempt: 1,
+            report_instance: options.report_instance,
+            txn: options.txn.as_ref().map(|txn| txn.id()),
+        };
+        request::encode(&outgoing, args).map_err(|e| {
+            Error::new(
+                ErrorKind::Codec,
+                format!("cannot encode the arguments of `{}`: {e}", spec.path),
+            )
+        })
+    }
+
+    /// Makes a call: one try after another, as the retry policy and the
+    /// deadline allow, under one call id. Returns the reply message (error
+    /// replies other than 503 included; [`super::returns::Returns`]
+    /// interprets them) and the number of tries it took.
+    ///
+    /// Not itself async: each level of `async fn` moves the future below it
+    /// into its own, once per call, so the call path keeps its levels few.
+    pub(crate) fn invoke<'a>(
+        &'a self,
+        spec: &'static FnSpec,
+        prepared: Prepared,
+        call: CallState,
+        options: &'a CallOptions,
+    ) -> impl Future<Output = Result<(Message, u32), Error>> + Send + 'a {
+        use futures_util::future::Either;
+        if prepared.payload.len() > self.spill_at() {
+            Either::Left(out_of_line(move || {
+                self.invoke_spilled(spec, prepared, call, options)
+            }))
+        } else {
+            Either::Right(self.invoke_tries(spec, prepared, call, options))
+        }
+    }
+
+    /// A call whose arguments are too large for one message: they are
+    /// stored as an object, the request names it (`Wharf-Spill`), and the
+    /// object is deleted once the call is over.
+    async fn invoke_spilled(
+        &self,
+        spec: &'static FnSpec,
+        mut prepared: Prepared,
+        call: CallState,
+        options: &CallOptions,
+    ) -> Result<(Message, u32), Error> {
+        // Kept a while past the deadline even if this process dies first.
+        let ttl = call.deadline.saturating_duration_since(Instant::now()) + SPILL_GRACE;
+        let size = prepared.payload.len();
+        let args = prepared.payload.slice(prepared.args_at..);
+        let (uri, digest) = match objects::put_spilled(self, args, ttl).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!(
+                        "call to `{}` not sent: its request is {size} bytes, more than the server's max_payload ({} bytes) allows, and storing the arguments as an object failed: {}; pass large values by reference (wharf::put), or raise max_payload in the nats-server configuration",
+                        spec.subject(self.prefix()),
+                        self.nats().server_info().max_payload,
+                        error.message()
+                    ),
+                ).with_source(error))
+            }
+        };
+        prepared.payload = prepared.payload.slice(..prepared.args_at);
+        let headers = prepared.headers.get_or_insert_with(HeaderMap::new);
+        mark_spilled(headers, &uri, &digest);
+        let result = self.invoke_tries(spec, prepared, call, options).await;
+        // Released now, not left to its TTL (which covers a caller that
+        // dies mid-call).
+        let _ = objects::delete(self, &uri).await;
+        result
+    }
+
+    /// A reply whose value was spilled: fetch it, then delete the object.
+    async fn unspill_reply(&self, mut message: Message) -> Result<Message, Error> {
+        let (uri, digest) = spilled(&message).expect("checked by the caller");
+        message.payload = objects::fetch_spilled(self, &uri, &digest).await?;
+        let _ = objects::delete(self, &uri).await;
+        Ok(message)
+    }
+
+    /// The tries of a call that fits one message. While an idempotent call
+    /// waits, the worker holding it is asked now and then whether it still
+    /// runs the call ([`Client::watch_call`]), so a worker that died is
+    /// noticed in well under a second instead of at the deadline.
+    async fn invoke_tries(
+        &self,
+        spec: &'static FnSpec,
+        prepared: Prepared,
+        call: CallState,
+        options: &CallOptions,
+    ) -> Result<(Message, u32), Error> {
+        let policy = options.retry.unwrap_or(spec.retry);
+        let txn = options.txn.as_deref();
+        let (call, prepared) = (&call, &prepared);
+        let outcome = with_retries(&policy, spec.idempotent, call.deadline, |attempt| {
+            // The same arguments under a new envelope or `Wharf-Attempt`.
+            let prepared = if attempt == 1 {
+                prepared.clone()
+            } else {
+                request::with_attempt(prepared, options.codec, attempt)
+            };
+            self.try_once(spec, call, prepared, options.codec, txn)
+        })
+        .await;
+        match outcome {
+            Ok((message, tries)) if spilled(&message).is_some() => {
+                let message = out_of_line(|| self.unspill_reply(message)).await?;
+                Ok((message, tries))
+            }
+            Ok(done) => Ok(done),
+            Err((failure, tries)) => Err(annotate(failure, tries)),
+        }
+    }
+
+    /// One try: the reply, or the failure (a 503 reply included: the call
+    /// did not run there).
+    async fn try_once(
+        &self,
+        spec: &'static FnSpec,
+        call: &CallState,
+        prepared: Prepared,
+        codec: Codec,
+        txn: Option<&TxnRoute>,
+    ) -> Result<Message, Error> {
+        let (subject, owner, request) = self.request(spec, call, prepared, txn)?;
+        let reply = self.nats().send_request(subject.clone(), request);
+        let settle = |result| self.settle(spec, call, txn, &subject, owner, result);
+        let result = if spec.idempotent {
+            // Out of line: the watch's own requests and timer would
+            // otherwise enlarge every call's future.
+            tokio::select! {
+                result = reply => settle(result),
+                lost = out_of_line(|| self.watch_call(spec, call)) => Err(lost),
+            }
+        } else {
+            settle(reply.await)
+        };
+        let failure = match result {
+            // Draining or overloaded: the call did not run here.
+            Ok(message) if status_code(&message) == Some(503) => remote_failure(codec, &message)
+                .map(|(_, error)| error)
+                .unwrap_or_else(|| Error::new(ErrorKind::Unavailable, "unavailable")),
+            Ok(message) => return Ok(message),
+            Err(error) => error,
+        };
+        // (A call to a known transaction owner that finds none fails as
+        // TransactionLost instead: its instance is gone, not scaled down.)
+        if failure.kind() == ErrorKind::NoResponders {
+            // A supervisor that scaled this service to zero starts one
+            // when someone asks for it (cold start).
+            let demand = subjects::demand(self.prefix(), spec.service);
+            let _ = out_of_line(|| self.nats().publish(demand, Bytes::new())).await;
+        }
+        Err(failure)
+    }
+
+    /// One try of a call, ready to send: its subject (a transaction's
+    /// owner's own, once known), that owner, and the request, which expires
+    /// at the call's deadline.
+    fn request(
+        &self,
+        spec: &'static FnSpec,
+        call: &CallState,
+        prepared: Prepared,
+        txn: Option<&TxnRoute>,
+    ) -> Result<(Subject, Option<Arc<str>>, async_nats::Request), Error> {
+        let (owner, subject) = match txn.and_then(|t| t.route(self.prefix(), spec)) {
+            Some((owner, subject)) => (Some(owner), subject),
+            None => (None, spec.subject(self.prefix())),
+        };
+        let timeout = call.deadline.saturating_duration_since(Instant::now());
+        if timeout.is_zero() {
+            return Err(call.deadline_passed(spec, &subject));
+        }
+        let mut request = async_nats::Request::new()
+            .payload(prepared.payload)
+            .timeout(Some(timeout));
+        if let Some(headers) = prepared.headers {
+            request = request.headers(headers);
+        }
+        Ok((subject, owner, request))
+    }
+
+    /// The outcome of one try: the reply (remembering the transaction's
+    /// owner when it first names one), or the error, said plainly.
+    fn settle(
+        &self,
+        spec: &'static FnSpec,
+        call: &CallState,
+        txn: Option<&TxnRoute>,
+        subject: &Subject,
+        owner: Option<Arc<str>>,
+        result: Result<Message, async_nats::RequestError>,
+    ) -> Result<Message, Error> {
+        if let (Ok(message), Some(txn)) = (&result, txn) {
+            if let Some(named) = reply::owner(message) {
+                txn.set_owner(named);
+            }
+        }
+        result.map_err(|e| {
+            let error = match e.kind() {
+                RequestErrorKind::NoResponders if owner.is_some() => {
+                    lost(txn.map_or("", |t| t.id()), owner.as_deref().unwrap_or(""))
+                }
+                RequestErrorKind::NoResponders => Error::new(
+                    ErrorKind::NoResponders,
+                    format!("no worker serves `{subject}` ({}): start a worker for service `{}` (`<binary> worker` with NATS_URL set), or check the service and function names", spec.path, spec.service),
+                ),
+                RequestErrorKind::TimedOut => call.deadline_passed(spec, subject),
+                RequestErrorKind::MaxPayloadExceeded => Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!("call to `{subject}` not sent: {e}; pass large values by reference, or raise max_payload in the nats-server configuration"),
+                ),
+                _ => Error::new(
+                    ErrorKind::Connection,
+                    format!("call to `{subject}` failed on the connection to `{}`: {e}", crate::settings::redact(self.url())),
+                ),
+            };
+            error.with_source(e)
+        })
+    }
+
+    /// Resolves with [`ErrorKind::WorkerLost`] once two probes in a row
+    /// find no worker running `call`; pends forever otherwise.
+    async fn watch_call(&self, spec: &'static FnSpec, call: &CallState) -> Error {
+        let subject = subjects::call_status(self.prefix(), spec.service);
+        let mut misses = 0;
+        loop {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            let probe = async_nats::Request::new()
+                .payload(Bytes::copy_from_slice(call.id.as_bytes()))
+                .timeout(Some(PROBE_TIMEOUT));
+            match self.nats().send_request(subject.clone(), probe).await {
+                Ok(_) => misses = 0,
+                // A probe lost to a broken connection says nothing about
+                // the worker; the connection's own errors decide the call.
+                Err(e)
+                    if !matches!(
+                        e.kind(),
+                        RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
+                    ) => {}
+                Err(_) => {
+                    misses += 1;
+                    // Two misses, not one: a call still in the worker's
+                    // socket buffer is not registered yet.
+                    if misses >= 2 {
+                        return Error::new(
+                            ErrorKind::WorkerLost,
+                            format!(
+                                "no worker of `{}` runs call {} of `{}` any more: the worker that took it stopped before answering",
+                                spec.service, call.id, spec.path
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The caller's side of durable calls: publishing a call into its
+//! service's work queue, the one subscription on which every durable reply
+//! of a connection arrives, and collecting a result ([`Pending`]), here or
+//! by id in any process.
+
+use super::streams::{calls_stream, results_bucket};
+use crate::client::call::{annotate, CallOptions, CallState};
+use crate::client::returns::Returns;
+use crate::client::Client;
+use crate::error::{Error, ErrorKind};
+use crate::retry::with_retries;
+use crate::spec::FnSpec;
+use crate::wire::codec::Codec;
+use crate::wire::reply::reply_codec;
+use crate::wire::request::Prepared;
+use crate::wire::{headers, record, subjects};
+use async_nats::jetstream::{self, context::PublishErrorKind, kv};
+use async_nats::Message;
+use futures_util::StreamExt;
+use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// A client's durable-call state: its JetStream context, the streams it
+/// knows exist, and the subscription on which workers' replies arrive.
+pub(crate) struct DurableClient {
+    js: jetstream::Context,
+    streams: Mutex<HashSet<&'static str>>,
+    replies: Arc<Replies>,
+    results: tokio::sync::OnceCell<kv::Store>,
+}
+
+impl std::fmt::Debug for DurableClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableClient").finish_non_exhaustive()
+    }
+}
+
+impl DurableClient {
+    pub(crate) async fn new(nats: &async_nats::Client) -> Result<DurableClient, Error> {
+        Ok(DurableClient {
+            js: jetstream::new(nats.clone()),
+            streams: Mutex::new(HashSet::new()),
+            replies: Replies::start(nats).await?,
+            results: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    async fn results(&self) -> Result<&kv::Store, Error> {
+        self.results
+            .get_or_try_init(|| results_bucket(&self.js))
+            .await
+    }
+
+    async fn ensure_stream(&self, prefix: &str, service: &'static str) -> Result<(), Error> {
+        if self.streams.lock().unwrap().contains(service) {
+            return Ok(());
+        }
+        calls_stream(&self.js, prefix, service).await?;
+        self.streams.lock().unwrap().insert(service);
+        Ok(())
+    }
+}
+
+/// Routes replies of durable calls, all on one wildcard subscription, to
+/// the calls waiting for them.
+struct Replies {
+    prefix: String,
+    waiting: Mutex<HashMap<String, oneshot::Sender<Message>>>,
+}
+
+impl Replies {
+    async fn start(nats: &async_nats::Client) -> Result<Arc<Replies>, Error> {
+        let prefix = subjects::durable_replies(&nats.new_inbox());
+        let mut subscription = nats
+            .subscribe(subjects::durable_replies_any(&prefix))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot subscribe for durable replies: {e}"),
+                )
+            })?;
+        let replies = Arc::new(Replies {
+            prefix,
+            waiting: Mutex::new(HashMap::new()),
+        });
+        let routes = Arc::downgrade(&replies);
+        tokio::spawn(async move {
+            while let Some(message) = subscription.next().await {
+                let Some(replies) = routes.upgrade() else {
+                    return;
+                };
+                let id = subjects::durable_reply_id(&message.subject);
+                let waiter = replies.waiting.lock().unwrap().remove(id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(message);
+                }
+            }
+        });
+        Ok(replies)
+    }
+
+    fn subject(&self, id: &str) -> String {
+        subjects::durable_reply(&self.prefix, id)
+    }
+
+    fn register(&self, id: &str) -> oneshot::Receiver<Message> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().unwrap().insert(id.to_owned(), tx);
+        rx
+    }
+}
+
+impl Client {
+    async fn durable_state(&self) -> Result<Arc<DurableClient>, Error> {
+        self.extension(|| DurableClient::new(self.nats())).await
+    }
+
+    /// Publishes a durable call into its service's stream and returns once
+    /// JetStream has stored it.
+    pub(crate) async fn start_durable<R: Returns>(
+        &self,
+        spec: &'static FnSpec,
+        prepared: Prepared,
+        call: CallState,
+        options: &CallOptions,
+    ) -> Result<Pending<R>, Error> {
+        let durable = self.durable_state().await?;
+        durable.ensure_stream(self.prefix(), spec.service).await?;
+        let id = call.id.as_str().to_owned();
+        let mut headers = prepared.headers.unwrap_or_default();
+        headers.insert(headers::REPLY, durable.replies.subject(&id).as_str());
+        headers.insert(headers::CALL_ID, id.as_str());
+        let subject = subjects::durable_call(self.prefix(), spec.service, spec.name);
+        let reply = durable.replies.register(&id);
+        let policy = options.retry.unwrap_or(spec.retry);
+        // Re-sent under the same message id, JetStream stores a call once
+        // within the duplicate window, so every failure that may be
+        // retried is.
+        let stored = with_retries(&policy, true, call.deadline, |_| {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(prepared.payload.clone())
+                .headers(headers.clone())
+                .message_id(&id);
+            let js = &durable.js;
+            let subject = subject.clone();
+            async move {
+                match js.send_publish(subject, publish).await {
+                    Ok(ack) => ack.await.map(|_| ()).map_err(refused),
+                    Err(e) => Err(refused(e)),
+                }
+            }
+        })
+        .await;
+        if let Err((error, tries)) = stored {
+            durable.replies.waiting.lock().unwrap().remove(&id);
+            let message = format!(
+                "durable call to `{}` not accepted by JetStream: {}",
+                spec.path,
+                error.message()
+            );
+            return Err(annotate(error.with_message(message), tries));
+        }
+        Ok(Pending {
+            spec,
+            id,
+            client: Some(self.clone()),
+            reply: Some(reply),
+            wait: call.deadline.saturating_duration_since(Instant::now()) + RESULT_GRACE,
+            returns: PhantomData,
+        })
+    }
+}
+
+/// A publish JetStream did not confirm, as an error whose kind says whether
+/// trying again can help.
+fn refused(e: jetstream::context::PublishError) -> Error {
+    let kind = match e.kind() {
+        // The ack may be lost while the call was stored; the message id
+        // makes a second publish harmless.
+        PublishErrorKind::TimedOut => ErrorKind::Timeout,
+        PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
+        PublishErrorKind::StreamNotFound => ErrorKind::Config,
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
+            ErrorKind::Other
+        }
+        _ => ErrorKind::Connection,
+    };
+    Error::new(kind, e.to_string()).with_source(e)
+}
+
+/// How long past a durable call's deadline its caller still waits for the
+/// result: the worker's answer to a call that ran out of time is on its way.
+const RESULT_GRACE: Duration = Duration::from_secs(2);
+
+/// How often a waiting caller looks for a stored result in case the reply
+/// itself was lost (a broker restart between store and reply).
+const RESULT_POLL: Duration = Duration::from_secs(1);
+
+/// A durable call that was accepted and whose result can be collected,
+/// here ([`Pending::wait`]) or in another process by its id
+/// (`<function>::collect(id)`).
+///
+/// ```no_run
+/// # #[wharf::microservice] async fn add(a: i64, b: i64) -> i64 { a + b }
+/// # fn main() {}
+/// # async fn run() -> Result<(), wharf::Error> {
+/// let pending = add::request(2, 3).start().await?;
+/// let id = pending.id().to_owned();
+/// // ... later, anywhere connected to the same NATS:
+/// let sum = add::collect(id).wait().await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "the result is only collected by `wait`"]
+pub struct Pending<R> {
+    spec: &'static FnSpec,
+    id: String,
+    client: Option<Client>,
+    reply: Option<oneshot::Receiver<Message>>,
+    wait: Duration,
+    returns: PhantomData<fn() -> R>,
+}
+
+impl<R: Returns> Pending<R> {
+    /// The result of the durable call `id` of `spec`, to be collected.
+    pub fn new(spec: &'static FnSpec, id: String) -> Pending<R> {
+        Pending {
+            spec,
+            id,
+            client: None,
+            reply: None,
+            wait: spec.timeout() + RESULT_GRACE,
+            returns: PhantomData,
+        }
+    }
+
+    /// The call id: what `<function>::collect` takes.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Collects through `client` instead of the one [`crate::init`] set up.
+    pub fn client(mut self, client: &Client) -> Self {
+        self.client = Some(client.clone());
+        self
+    }
+
+    /// How long [`Pending::wait`] waits for the result.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.wait = timeout;
+        self
+    }
+
+    /// Waits for the call's result.
+    pub async fn wait(self) -> Result<R::Value, R::Err> {
+        let spec = self.spec;
+        let (message, codec, _) = self.wait_message().await?;
+        R::decode(spec, codec, &message)
+    }
+
+    /// Waits for the reply (or the stored result), with its codec.
+    pub(crate) async fn wait_message(mut self) -> Result<(Message, Codec, u32), Error> {
+        let client = match self.client.take() {
+            Some(client) => client,
+            None => crate::client::global()?.clone(),
+        };
+        let durable = client.durable_state().await?;
+        if !subjects::valid_id(self.id.as_bytes()) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "`{}` is not a wharf call id (letters, digits, '-' and '_')",
+                    self.id
+                ),
+            ));
+        }
+        let until = Instant::now() + self.wait;
+        let mut reply = self.reply.take();
+        loop {
+            let poll = tokio::time::sleep(
+                RESULT_POLL.min(until.saturating_duration_since(Instant::now())),
+            );
+            tokio::select! {
+                message = async { reply.as_mut().expect("checked").await }, if reply.is_some() => {
+                    match message {
+                        Ok(message) => {
+                            let codec = reply_codec(&message);
+                            return Ok((message, codec, 1));
+                        }
+                        Err(_) => reply = None,
+                    }
+                }
+                _ = poll => {
+                    let results = durable.results().await?;
+                    if let Ok(Some(record)) = results.get(self.id.as_str()).await {
+                        durable.replies.waiting.lock().unwrap().remove(&self.id);
+                        let (message, codec) = record::decode(record)?;
+                        return Ok((message, codec, 1));
+                    }
+                    if Instant::now() >= until {
+                        durable.replies.waiting.lock().unwrap().remove(&self.id);
+                        return Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "no result for durable call {} of `{}` within {:?}; it stays queued or running: collect it later with `{}::collect(\"{}\")`",
+                                self.id, self.spec.path, self.wait, self.spec.name, self.id
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}

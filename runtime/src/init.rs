@@ -1,0 +1,238 @@
+//! Setting wharf up in a process: [`init`] (connect, or start local mode),
+//! the worker role's whole life, and [`shutdown`].
+
+use crate::client::{self, Client};
+use crate::error::{Error, ErrorKind};
+use crate::handler::registered;
+use crate::local::{children, server, workers};
+use crate::settings::{Role, Settings};
+use crate::worker::Worker;
+use std::time::Duration;
+
+/// How [`init_with`] sets wharf up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    nats_url: Option<String>,
+    workers: usize,
+    max_workers: usize,
+    drain_grace: Duration,
+}
+
+impl Config {
+    /// Reads `NATS_URL` (absent: local mode), `WHARF_WORKERS` (local
+    /// mode's worker count, default 2) and `WHARF_MAX_WORKERS` (default 4),
+    /// through [`Settings`].
+    pub fn from_env() -> Result<Config, Error> {
+        let settings = Settings::get()?;
+        Ok(Config {
+            nats_url: settings.nats_url.clone(),
+            workers: settings.workers,
+            max_workers: settings.max_workers,
+            drain_grace: Duration::from_secs(10),
+        })
+    }
+
+    /// Connects to this NATS server instead of starting one.
+    pub fn nats_url(mut self, url: impl Into<String>) -> Config {
+        self.nats_url = Some(url.into());
+        self
+    }
+
+    /// How many worker processes local mode starts.
+    pub fn workers(mut self, workers: usize) -> Config {
+        self.workers = workers;
+        self.max_workers = self.max_workers.max(workers);
+        self
+    }
+
+    /// How many worker processes local mode may scale up to.
+    pub fn max_workers(mut self, max_workers: usize) -> Config {
+        self.max_workers = max_workers.max(self.workers).max(1);
+        self
+    }
+}
+
+/// Sets wharf up for this process, once, as `ray.init()` does:
+///
+/// - with `NATS_URL` set, connects to that server;
+/// - without it (local mode), starts nats-server (JetStream on, free port,
+///   temporary store) and `WHARF_WORKERS` (default 2) worker subprocesses of
+///   this executable, and returns once every function answers. They are all
+///   stopped when the program exits, panics, or gets Ctrl-C or SIGTERM.
+///
+/// In a worker process (`WHARF_ROLE=worker`, or first argument `worker`)
+/// this serves every microservice until SIGTERM and then exits the process:
+/// it does not return.
+pub async fn init() -> Result<Client, Error> {
+    init_with(Config::from_env()?).await
+}
+
+/// [`init`] with explicit settings.
+pub async fn init_with(config: Config) -> Result<Client, Error> {
+    install_logging();
+    // Already set up, by an earlier call or, in a worker, by the worker
+    // itself (so a microservice that calls another one simply gets the
+    // worker's connection).
+    if let Ok(client) = client::global() {
+        return Ok(client.clone());
+    }
+    if is_worker_role() {
+        let code = worker_process(config.drain_grace).await;
+        std::process::exit(code);
+    }
+    // Concurrent first calls must not each start a server and workers.
+    static INIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _once = INIT.lock().await;
+    if let Ok(client) = client::global() {
+        return Ok(client.clone());
+    }
+    let client = match &config.nats_url {
+        Some(url) => Client::connect(url).await?,
+        None => {
+            let started = start_local(&config).await;
+            if started.is_err() {
+                // Leave nothing half-started behind a failed init.
+                shutdown().await;
+            }
+            started?
+        }
+    };
+    Ok(client::set_global(client).clone())
+}
+
+/// Local mode: a nats-server of our own, then the workers.
+async fn start_local(config: &Config) -> Result<Client, Error> {
+    let url = server::start_nats_server().await?;
+    children::stop_on_signals();
+    let client = Client::connect(&url).await?;
+    if registered().next().is_some() && config.workers > 0 {
+        let supervisor =
+            workers::supervise_workers(&client, config.workers, config.max_workers).await?;
+        *LOCAL_SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = Some(supervisor);
+    }
+    Ok(client)
+}
+
+/// Local mode's in-process supervisor, stopped before the workers are.
+static LOCAL_SUPERVISOR: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>> =
+    std::sync::Mutex::new(None);
+
+/// Stops what local mode started (workers drain first, then the server).
+/// Runs by itself at exit; call it to stop earlier. The process-wide client
+/// stays set afterwards (pointing at the stopped server), so call it only
+/// when the program is done calling.
+pub async fn shutdown() {
+    // Else it would replace the workers as they stop.
+    if let Some(supervisor) = LOCAL_SUPERVISOR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        supervisor.abort();
+    }
+    let _ = tokio::task::spawn_blocking(|| children::stop_all(Duration::from_secs(5))).await;
+}
+
+/// Pids of the worker processes local mode started.
+pub fn local_workers() -> Vec<u32> {
+    children::pids(children::Role::Worker)
+}
+
+/// Pid of the nats-server local mode started, if it started one.
+pub fn local_server() -> Option<u32> {
+    children::pids(children::Role::Server).first().copied()
+}
+
+/// Whether this process was started to serve: `WHARF_ROLE=worker`, or
+/// `worker` as its first argument.
+pub fn is_worker_role() -> bool {
+    // With settings that do not validate, `init()` reports why.
+    Settings::get().is_ok_and(|s| s.role == Role::Worker)
+        || std::env::args().nth(1).is_some_and(|arg| arg == "worker")
+}
+
+/// The worker role's whole life: connect, serve, drain on SIGTERM/SIGINT.
+/// Returns the process exit code.
+pub(crate) async fn worker_process(grace: Duration) -> i32 {
+    install_logging();
+    let settings = match Settings::get() {
+        Ok(settings) => settings,
+        Err(error) => {
+            tracing::error!("wharf worker: {error}");
+            return 2;
+        }
+    };
+    let Some(url) = settings.nats_url.as_deref() else {
+        tracing::error!("wharf worker: NATS_URL is not set; a worker serves through the NATS server its callers use, e.g. NATS_URL=nats://127.0.0.1:4222");
+        return 2;
+    };
+    match serve_until_signal(url, grace).await {
+        Ok(()) => 0,
+        Err(error) => {
+            tracing::error!("wharf worker: {error}");
+            1
+        }
+    }
+}
+
+async fn serve_until_signal(url: &str, grace: Duration) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let started = std::time::Instant::now();
+    let client = Client::connect(url).await?;
+    // Calls made from inside a microservice go through this connection.
+    client::set_global(client.clone());
+    let worker = Worker::new(&client).start().await?;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGINT: {e}")))?;
+    if let Some(subject) = Settings::get()?.ready_subject.clone() {
+        let note = format!("{} {}", std::process::id(), worker.instance());
+        let _ = client.nats().publish(subject, note.into()).await;
+        let _ = client.nats().flush().await;
+    }
+    let functions: Vec<String> = registered()
+        .map(|s| format!("{}.{}", s.service, s.name))
+        .collect();
+    tracing::info!(
+        pid = std::process::id(),
+        ready_ms = started.elapsed().as_millis() as u64,
+        "wharf worker ready: {}",
+        functions.join(", ")
+    );
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = worker.drain_requested() => {}
+    }
+    if parent_is_gone() {
+        // Local mode, and the program that started this worker has died
+        // (this SIGTERM is its parent-death signal): its nats-server is
+        // going too, so there is no caller left to finish calls for.
+        return Ok(());
+    }
+    worker.drain(grace).await;
+    Ok(())
+}
+
+/// Whether this worker was started by a local-mode program that has since
+/// exited (it is then reparented, so its parent pid changes).
+fn parent_is_gone() -> bool {
+    let Some(parent) = Settings::get().ok().and_then(|s| s.parent_pid) else {
+        return false;
+    };
+    std::os::unix::process::parent_id() != parent
+}
+
+/// Logs wharf's messages to stderr, filtered by `RUST_LOG` (default
+/// `info`), unless the program installed a `tracing` subscriber of its own.
+pub fn install_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Fails only when a subscriber is already set: the program's own wins.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

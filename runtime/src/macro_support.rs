@@ -1,0 +1,70 @@
+//! Support for the code `#[microservice]` and `#[wharf::main]` generate.
+//! Not a public API: reached as `wharf::__private`.
+
+pub use crate::client::returns::{Fallible, Plain};
+pub use crate::handler::{HandlerFuture, Incoming, Registration};
+pub use crate::request::{call, call_global};
+pub use crate::spec::SubjectCache;
+pub use inventory;
+pub use serde;
+
+/// In the worker role, serves every microservice and exits the process.
+pub fn serve_if_worker() {
+    if crate::init::is_worker_role() {
+        let code = block_on(crate::init::worker_process(std::time::Duration::from_secs(
+            10,
+        )));
+        std::process::exit(code);
+    }
+}
+
+/// Runs `future` on a new multi-threaded tokio runtime (`#[wharf::main]`).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+        .block_on(future)
+}
+
+/// Text for an application error: its `Display` if it has one, else its
+/// `Debug`, else its type name. Chosen at compile time by autoref.
+pub mod describe {
+    use std::fmt::{Debug, Display};
+
+    /// Wraps the error being described.
+    pub struct Describe<'a, T>(pub &'a T);
+
+    /// Preferred: `Display`.
+    pub trait ViaDisplay {
+        /// The text.
+        fn describe(&self) -> String;
+    }
+    impl<T: Display> ViaDisplay for &&Describe<'_, T> {
+        fn describe(&self) -> String {
+            self.0.to_string()
+        }
+    }
+
+    /// Then `Debug`.
+    pub trait ViaDebug {
+        /// The text.
+        fn describe(&self) -> String;
+    }
+    impl<T: Debug> ViaDebug for &Describe<'_, T> {
+        fn describe(&self) -> String {
+            format!("{:?}", self.0)
+        }
+    }
+
+    /// Last resort: the type's name.
+    pub trait ViaName {
+        /// The text.
+        fn describe(&self) -> String;
+    }
+    impl<T> ViaName for Describe<'_, T> {
+        fn describe(&self) -> String {
+            format!("an error of type {}", std::any::type_name::<T>())
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The request builder every call starts from (`<function>::request(..)`,
+//! or a generated stub's plain call): per-call options, then a plain,
+//! durable or transactional call.
+
+use crate::client::call::{CallOptions, CallState};
+use crate::client::returns::{Reply, Returns};
+use crate::client::{global, Client};
+use crate::durable::caller::Pending;
+use crate::error::{Error, ErrorKind};
+use crate::retry::RetryPolicy;
+use crate::spec::FnSpec;
+use crate::txn::lease::outside;
+use crate::txn::transaction::{current, Transaction};
+use crate::wire::codec::Codec;
+use crate::wire::reply::instance;
+use serde::Serialize;
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// A call being prepared: set options, then `.await` it (or call
+/// [`Request::send`]). Made by `<function>::request(args..)`.
+///
+/// ```no_run
+/// # #[wharf::microservice] async fn add(a: i64, b: i64) -> i64 { a + b }
+/// # fn main() {}
+/// # async fn run() -> Result<(), wharf::Error> {
+/// use std::time::Duration;
+/// let sum = add::request(2, 3).timeout(Duration::from_millis(200)).await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a request does nothing until it is sent or awaited"]
+pub struct Request<A, R> {
+    spec: &'static FnSpec,
+    args: A,
+    client: Option<Client>,
+    options: CallOptions,
+    /// The transaction the call is made in, when the request names one.
+    txn: Option<Transaction>,
+    returns: PhantomData<fn() -> R>,
+}
+
+impl<A: Serialize, R: Returns> Request<A, R> {
+    /// A request for `spec` with encoded-later arguments `args`.
+    pub fn new(spec: &'static FnSpec, args: A) -> Self {
+        Request {
+            spec,
+            args,
+            client: None,
+            options: CallOptions::default(),
+            txn: None,
+            returns: PhantomData,
+        }
+    }
+
+    /// Sends through `client` instead of the one [`crate::init`] set up.
+    pub fn client(mut self, client: &Client) -> Self {
+        self.client = Some(client.clone());
+        self
+    }
+
+    /// Overrides the function's timeout for this call.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.options.timeout = Some(timeout);
+        self
+    }
+
+    /// Encodes this call with `codec` (postcard by default).
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.options.codec = codec;
+        self
+    }
+
+    /// Retries this call by `policy` instead of the function's.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.options.retry = Some(policy);
+        self
+    }
+
+    /// Sends this call through JetStream (`true`), at least once even if
+    /// workers die, or as a plain request (`false`), whatever the
+    /// function's `durable` option says.
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.options.durable = Some(durable);
+        self
+    }
+
+    /// Makes this call in transaction `txn` (a call to a
+    /// `#[microservice(stateful)]` function needs one; see
+    /// [`crate::transaction`]).
+    pub fn transaction(mut self, txn: &Transaction) -> Self {
+        self.txn = Some(txn.clone());
+        self
+    }
+
+    /// Starts this call durably and returns without waiting for the
+    /// result: [`Pending::wait`] collects it, here or, through
+    /// `<function>::collect(id)`, in any other process.
+    pub async fn start(mut self) -> Result<Pending<R>, Error> {
+        if self.spec.stateful {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("`{}` is stateful: its calls go to the instance that owns the transaction, so they cannot be started durably", self.spec.path),
+            ));
+        }
+        let client = match self.client.take() {
+            Some(client) => client,
+            None => global()?.clone(),
+        };
+        let call = CallState::new(self.spec, &self.options)?;
+        let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
+        client
+            .start_durable::<R>(self.spec, prepared, call, &self.options)
+            .await
+    }
+
+    /// Sends the call and decodes the reply.
+    pub async fn send(self) -> Result<R::Value, R::Err> {
+        self.dispatch(false).await.map(|reply| reply.value)
+    }
+
+    /// Sends the call and returns the value with the serving worker's
+    /// identity ([`Reply::instance`]).
+    pub async fn send_detailed(self) -> Result<Reply<R::Value>, R::Err> {
+        self.dispatch(true).await
+    }
+
+    async fn dispatch(mut self, report_instance: bool) -> Result<Reply<R::Value>, R::Err> {
+        self.options.report_instance = report_instance;
+        if self.spec.stateful && self.txn.is_none() {
+            self.txn = current();
+        }
+        if self.spec.stateful {
+            if self.txn.is_none() {
+                return Err(outside(self.spec).into());
+            }
+            if self.options.durable == Some(true) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("`{}` is stateful: its calls go to the instance that owns the transaction, so they cannot be durable", self.spec.path),
+                )
+                .into());
+            }
+        }
+        self.options.txn = self.txn.as_ref().map(|txn| txn.route().clone());
+        let client = match (self.client.take(), &self.txn) {
+            (Some(client), _) => client,
+            (None, Some(txn)) => txn.client().clone(),
+            (None, None) => global()?.clone(),
+        };
+        let call = CallState::new(self.spec, &self.options)?;
+        let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
+        let (message, codec, attempts) = if self.options.durable.unwrap_or(self.spec.durable) {
+            let pending = client
+                .start_durable::<R>(self.spec, prepared, call, &self.options)
+                .await?;
+            pending.wait_message().await?
+        } else {
+            let (message, attempts) = client
+                .invoke(self.spec, prepared, call, &self.options)
+                .await?;
+            (message, self.options.codec, attempts)
+        };
+        let value = R::decode(self.spec, codec, &message)?;
+        let instance = instance(&message);
+        Ok(Reply {
+            value,
+            instance,
+            attempts,
+        })
+    }
+}
+
+impl<A, R> IntoFuture for Request<A, R>
+where
+    A: Serialize + Send + 'static,
+    R: Returns + 'static,
+    R::Value: Send,
+    R::Err: Send,
+{
+    type Output = Result<R::Value, R::Err>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.send())
+    }
+}
+
+/// Calls `spec` through `client` with default options (generated stubs).
+#[doc(hidden)]
+pub async fn call<A: Serialize, R: Returns>(
+    client: &Client,
+    spec: &'static FnSpec,
+    args: A,
+) -> Result<R::Value, R::Err> {
+    if spec.durable || spec.stateful {
+        return Request::<A, R>::new(spec, args).client(client).send().await;
+    }
+    let options = CallOptions::default();
+    let call = CallState::new(spec, &options)?;
+    let prepared = client.prepare(spec, &args, &options, &call)?;
+    drop(args);
+    let (message, _) = client.invoke(spec, prepared, call, &options).await?;
+    R::decode(spec, options.codec, &message)
+}
+
+/// Calls `spec` through the client set up by [`crate::init`].
+#[doc(hidden)]
+pub async fn call_global<A: Serialize, R: Returns>(
+    spec: &'static FnSpec,
+    args: A,
+) -> Result<R::Value, R::Err> {
+    call::<A, R>(global()?, spec, args).await
+}

@@ -1,0 +1,272 @@
+//! `wharf.toml`: the services `wharf up` keeps running and how each is
+//! scaled, checked as it is read.
+
+use crate::backend::{Backend, DockerBackend, ProcessBackend};
+use crate::error::{Error, ErrorKind};
+use crate::scaler::ScalePolicy;
+use crate::settings::{parse_duration, FileSettings, Settings};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+
+/// `wharf.toml`: what `wharf up` runs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpConfig {
+    /// Where NATS is; `wharf up` starts a nats-server when `url` is unset.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// The services to keep running.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[broker]` of `wharf.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// NATS URL(s), comma-separated; `NATS_URL` overrides it.
+    pub url: Option<String>,
+    /// Subject prefix; `WHARF_PREFIX` overrides it.
+    pub prefix: Option<String>,
+}
+
+/// One `[[service]]` of `wharf.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The wharf service name (as in `wharf.<service>.<function>`).
+    pub name: String,
+    /// `process` (the default) or `docker`.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Process backend: the program and its arguments. Docker backend: the
+    /// arguments after the image (for example `["worker"]`).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Docker backend: a locally built image (nothing is pulled).
+    pub image: Option<String>,
+    /// Extra environment for each instance.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Fewest instances (0: scale to zero when idle).
+    #[serde(default = "default_min")]
+    pub min: usize,
+    /// Most instances.
+    #[serde(default = "default_max")]
+    pub max: usize,
+    /// Average CPU per instance to aim for, percent of one core.
+    #[serde(default = "default_cpu_target")]
+    pub cpu_target: f32,
+    /// Average CPU below which an instance may go.
+    #[serde(default = "default_cpu_low")]
+    pub cpu_low: f32,
+    /// Waiting calls per instance above which instances are added.
+    #[serde(default = "default_backlog")]
+    pub backlog_per_instance: usize,
+    /// How long load must stay low before an instance goes, e.g. `"10s"`.
+    #[serde(default = "default_scale_down_after")]
+    pub scale_down_after: String,
+    /// With `min = 0`: idle time before the last instance goes.
+    #[serde(default = "default_idle_to_zero")]
+    pub idle_to_zero: String,
+}
+
+fn default_backend() -> String {
+    "process".to_owned()
+}
+
+fn default_min() -> usize {
+    1
+}
+
+fn default_max() -> usize {
+    4
+}
+
+fn default_cpu_target() -> f32 {
+    50.0
+}
+
+fn default_cpu_low() -> f32 {
+    30.0
+}
+
+fn default_backlog() -> usize {
+    50
+}
+
+fn default_scale_down_after() -> String {
+    "10s".to_owned()
+}
+
+fn default_idle_to_zero() -> String {
+    "60s".to_owned()
+}
+
+impl UpConfig {
+    /// Parses and checks `wharf.toml` text.
+    pub fn from_toml(text: &str) -> Result<UpConfig, Error> {
+        let config: UpConfig = toml::from_str(text)
+            .map_err(|e| Error::new(ErrorKind::Config, format!("wharf.toml: {e}")))?;
+        let mut names = HashSet::new();
+        for service in &config.services {
+            service.policy()?;
+            if !names.insert(service.name.as_str()) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("wharf.toml: service `{}` is declared twice", service.name),
+                ));
+            }
+        }
+        Ok(config)
+    }
+
+    /// The settings of a process run by this file: its `[broker]` keys,
+    /// overridden by the environment, checked by the same rules.
+    pub fn settings(&self) -> Result<Settings, Error> {
+        Settings::with_file(&FileSettings {
+            url: self.broker.url.clone(),
+            prefix: self.broker.prefix.clone(),
+        })
+    }
+
+    /// Reads and checks a `wharf.toml` file.
+    pub fn load(path: &std::path::Path) -> Result<UpConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        UpConfig::from_toml(&text)
+    }
+}
+
+impl ServiceConfig {
+    /// A service run by the process backend with default scaling.
+    pub fn process(name: &str, command: Vec<String>) -> ServiceConfig {
+        ServiceConfig {
+            name: name.to_owned(),
+            backend: default_backend(),
+            command,
+            image: None,
+            env: BTreeMap::new(),
+            min: default_min(),
+            max: default_max(),
+            cpu_target: default_cpu_target(),
+            cpu_low: default_cpu_low(),
+            backlog_per_instance: default_backlog(),
+            scale_down_after: default_scale_down_after(),
+            idle_to_zero: default_idle_to_zero(),
+        }
+    }
+
+    /// The scaling rules, checked.
+    pub fn policy(&self) -> Result<ScalePolicy, Error> {
+        let bad = |what: String| {
+            Error::new(
+                ErrorKind::Config,
+                format!("wharf.toml, service `{}`: {what}", self.name),
+            )
+        };
+        if self.max == 0 || self.min > self.max {
+            return Err(bad(format!(
+                "min {} and max {} do not allow any instance; need 0 <= min <= max and max >= 1",
+                self.min, self.max
+            )));
+        }
+        if !(self.cpu_low < self.cpu_target && self.cpu_low >= 0.0) {
+            return Err(bad(format!(
+                "cpu_low ({}) must be below cpu_target ({})",
+                self.cpu_low, self.cpu_target
+            )));
+        }
+        let duration = |text: &str, what: &str| {
+            parse_duration(text).map_err(|_| {
+                bad(format!(
+                    "{what} `{text}` is not a duration such as \"500ms\", \"10s\" or \"2m\""
+                ))
+            })
+        };
+        Ok(ScalePolicy {
+            min: self.min,
+            max: self.max,
+            cpu_target: self.cpu_target,
+            cpu_low: self.cpu_low,
+            backlog_per_instance: self.backlog_per_instance.max(1),
+            scale_down_after: duration(&self.scale_down_after, "scale_down_after")?,
+            idle_to_zero: duration(&self.idle_to_zero, "idle_to_zero")?,
+        })
+    }
+
+    pub(crate) fn backend(&self) -> Result<Box<dyn Backend>, Error> {
+        match self.backend.as_str() {
+            "process" => Ok(Box::new(ProcessBackend::new(self.command.clone())?)),
+            "docker" => Ok(Box::new(DockerBackend::new(
+                self.image.clone().unwrap_or_default(),
+                self.command.clone(),
+            )?)),
+            other => Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "wharf.toml, service `{}`: unknown backend `{other}`; use `process` or `docker`",
+                    self.name
+                ),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn configs_are_checked() {
+        let config = UpConfig::from_toml(
+            r#"
+            [broker]
+            url = "nats://127.0.0.1:4222"
+            [[service]]
+            name = "autoscale"
+            command = ["target/release/autoscale", "worker"]
+            min = 1
+            max = 4
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.services[0].policy().unwrap().max, 4);
+        assert_eq!(config.broker.url.as_deref(), Some("nats://127.0.0.1:4222"));
+
+        let error =
+            UpConfig::from_toml("[[service]]\nname = \"a\"\nmin = 5\nmax = 2\ncommand = [\"x\"]")
+                .unwrap_err();
+        assert!(error.message().contains("min 5 and max 2"), "{error}");
+        let error = UpConfig::from_toml("[[service]]\nname = \"a\"\nscale_down_after = \"soon\"")
+            .unwrap_err();
+        assert!(
+            error.message().contains("scale_down_after `soon`"),
+            "{error}"
+        );
+        let error = UpConfig::from_toml("[[service]]\nname = \"a\"\nreplicas = 3").unwrap_err();
+        assert!(
+            error.message().contains("unknown field `replicas`"),
+            "{error}"
+        );
+        let twice = "[[service]]\nname = \"a\"\ncommand = [\"x\"]\n[[service]]\nname = \"a\"\ncommand = [\"x\"]";
+        assert!(UpConfig::from_toml(twice)
+            .unwrap_err()
+            .message()
+            .contains("declared twice"));
+        assert!(ServiceConfig::process("a", vec![]).backend().is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! Health: instances that exit, hang or finish draining are noticed and
+//! replaced, exits at start count towards a crash loop, and instances a
+//! previous leader started are adopted rather than duplicated.
+
+use super::events::EventKind;
+use super::state::{
+    Managed, Supervisor, CRASH_WINDOW, DRAIN_GRACE, MISSES_ALLOWED, STARTUP_GRACE, TICK,
+};
+use crate::backend::Adopted;
+use crate::heartbeat::{Heartbeat, HEARTBEAT_INTERVAL};
+use crate::txn::owner::QUIESCE_LIMIT;
+use crate::wire::subjects;
+use std::time::{Duration, Instant};
+
+impl Supervisor {
+    /// Takes over the instances of our services that a previous leader
+    /// started: they keep running and count, rather than being duplicated.
+    pub(crate) async fn adopt(&mut self) {
+        let fresh: Vec<Heartbeat> = self
+            .beats
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|(_, at)| at.elapsed() < HEARTBEAT_INTERVAL * MISSES_ALLOWED)
+            .map(|(beat, _)| beat.clone())
+            .collect();
+        for beat in fresh {
+            let Some(service) = beat
+                .services
+                .iter()
+                .find(|s| self.services.contains_key(*s))
+            else {
+                continue;
+            };
+            if self.managed.contains_key(&beat.instance) || beat.draining {
+                continue;
+            }
+            let service = service.clone();
+            self.managed.insert(
+                beat.instance.clone(),
+                Managed {
+                    service: service.clone(),
+                    instance: Adopted::from_heartbeat(&beat),
+                    started: Instant::now(),
+                    draining_since: None,
+                    quiesced: false,
+                    misses: 0,
+                },
+            );
+            if let Some(entry) = self.services.get_mut(&service) {
+                let live = self
+                    .managed
+                    .values()
+                    .filter(|m| m.service == service)
+                    .count();
+                entry.desired = entry.desired.max(live).min(entry.policy.max);
+            }
+            self.event(
+                Some(&service),
+                EventKind::Adopt,
+                Some(&beat.instance),
+                format!("running as pid {} on {}", beat.pid, beat.host),
+            )
+            .await;
+        }
+    }
+
+    /// Replaces instances that exited or hang; finishes drains.
+    pub(crate) async fn check_health(&mut self) {
+        self.rounds += 1;
+        // Pings and misses once per heartbeat interval, not every tick.
+        let probe =
+            self.rounds % (HEARTBEAT_INTERVAL.as_millis() / TICK.as_millis()).max(1) as u64 == 0;
+        let ids: Vec<String> = self.managed.keys().cloned().collect();
+        let pings = futures_util::future::join_all(ids.iter().map(|id| {
+            let service = &self.managed[id].service;
+            let subject = subjects::discovery_at("PING", service, id);
+            let request = async_nats::Request::new().timeout(Some(Duration::from_millis(500)));
+            let nats = self.client.nats().clone();
+            async move { !probe || nats.send_request(subject, request).await.is_ok() }
+        }))
+        .await;
+        for (id, answered) in ids.into_iter().zip(pings) {
+            let beat_age = self
+                .beats
+                .lock()
+                .unwrap()
+                .get(&id)
+                .map(|(_, at)| at.elapsed());
+            let Some(managed) = self.managed.get_mut(&id) else {
+                continue;
+            };
+            let service = managed.service.clone();
+            if let Some(since) = managed.draining_since {
+                // A stateful instance quiesces: it drains only once its open
+                // transactions end, so it may take longer (bounded).
+                let quiescing = beat_age
+                    .is_some_and(|age| age <= HEARTBEAT_INTERVAL * MISSES_ALLOWED)
+                    && self
+                        .beats
+                        .lock()
+                        .unwrap()
+                        .get(&id)
+                        .is_some_and(|(beat, _)| beat.transactions > 0);
+                // Once seen quiescing, it keeps the longer limit through the
+                // drain that follows the quiesce.
+                managed.quiesced |= quiescing;
+                let limit = if managed.quiesced {
+                    QUIESCE_LIMIT + DRAIN_GRACE
+                } else {
+                    DRAIN_GRACE
+                };
+                if !managed.instance.alive() {
+                    self.managed.remove(&id);
+                    self.event(
+                        Some(&service),
+                        EventKind::Drained,
+                        Some(&id),
+                        "finished its calls and exited".to_owned(),
+                    )
+                    .await;
+                } else if since.elapsed() > limit {
+                    managed.instance.kill();
+                    self.managed.remove(&id);
+                    self.event(
+                        Some(&service),
+                        EventKind::Killed,
+                        Some(&id),
+                        format!("still draining after {limit:?}"),
+                    )
+                    .await;
+                }
+                continue;
+            }
+            if !managed.instance.alive() {
+                // Only a start that failed counts towards a crash loop: an
+                // instance that never became ready, or died right after.
+                let failed_start = beat_age.is_none() || managed.started.elapsed() < CRASH_WINDOW;
+                self.managed.remove(&id);
+                if failed_start {
+                    self.note_exit(&service);
+                }
+                self.event(
+                    Some(&service),
+                    EventKind::Exited,
+                    Some(&id),
+                    "the instance is gone; it will be replaced".to_owned(),
+                )
+                .await;
+                continue;
+            }
+            let stale = match beat_age {
+                Some(age) => age > HEARTBEAT_INTERVAL * MISSES_ALLOWED,
+                None => managed.started.elapsed() > STARTUP_GRACE,
+            };
+            let starting = beat_age.is_none() && managed.started.elapsed() <= STARTUP_GRACE;
+            if starting {
+                continue;
+            }
+            if probe {
+                managed.misses = if stale || !answered {
+                    managed.misses + 1
+                } else {
+                    0
+                };
+            }
+            if managed.misses >= MISSES_ALLOWED {
+                managed.instance.kill();
+                self.managed.remove(&id);
+                self.beats.lock().unwrap().remove(&id);
+                self.note_exit(&service);
+                self.event(
+                    Some(&service),
+                    EventKind::Hung,
+                    Some(&id),
+                    format!("no heartbeat or ping answer for {MISSES_ALLOWED} intervals: killed, to be replaced"),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Counts an unplanned exit; too many in a short time back restarts off.
+    pub(crate) fn note_exit(&mut self, service: &str) {
+        let Some(entry) = self.services.get_mut(service) else {
+            return;
+        };
+        let now = Instant::now();
+        entry.exits.push_back(now);
+        while entry
+            .exits
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(30))
+        {
+            entry.exits.pop_front();
+        }
+        if entry.exits.len() >= 3 {
+            entry.next_start = Some(now + entry.backoff);
+            entry.backoff = (entry.backoff * 2).min(Duration::from_secs(60));
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Reconciling: each service's scaler turns its instances' heartbeats into
+//! a wanted count, and instances are started or drained until it holds.
+
+use super::events::EventKind;
+use super::state::{Managed, Supervisor, DRAIN_GRACE, MISSES_ALLOWED};
+use crate::backend::Launch;
+use crate::heartbeat::HEARTBEAT_INTERVAL;
+use crate::scaler::{Decision, Observed};
+use crate::wire::subjects;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+impl Supervisor {
+    /// Runs each service's scaler on its instances' heartbeats.
+    pub(crate) async fn scale(&mut self) {
+        let now = Instant::now();
+        let demand: HashSet<String> = std::mem::take(&mut *self.demand.lock().unwrap());
+        let beats = self.beats.lock().unwrap().clone();
+        let mut decisions = Vec::new();
+        for (name, service) in &mut self.services {
+            let mut seen = Observed {
+                demand: demand.contains(name),
+                ..Observed::default()
+            };
+            for (id, managed) in &self.managed {
+                if managed.service != *name || managed.draining_since.is_some() {
+                    continue;
+                }
+                seen.instances += 1;
+                if let Some((beat, at)) = beats.get(id) {
+                    if at.elapsed() <= HEARTBEAT_INTERVAL * MISSES_ALLOWED {
+                        seen.reporting += 1;
+                        seen.cpu_sum += beat.cpu;
+                        seen.backlog += beat.backlog;
+                        seen.in_flight += beat.in_flight;
+                        seen.calls_per_s += beat.calls_per_s;
+                    }
+                }
+            }
+            if let Decision::Scale { to, reason } =
+                service.scaler.decide(&service.policy, &seen, now)
+            {
+                if to != service.desired {
+                    decisions.push((name.clone(), service.desired, to, reason));
+                    service.desired = to;
+                }
+            }
+        }
+        for (name, from, to, reason) in decisions {
+            self.event(
+                Some(&name),
+                EventKind::Scale,
+                None,
+                format!("{from} -> {to}: {reason}"),
+            )
+            .await;
+        }
+    }
+
+    /// Starts or drains instances until each service has `desired`.
+    pub(crate) async fn reconcile(&mut self) {
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            let live: Vec<String> = self
+                .managed
+                .iter()
+                .filter(|(_, m)| m.service == name && m.draining_since.is_none())
+                .map(|(id, _)| id.clone())
+                .collect();
+            let desired = self.services[&name].desired;
+            if live.len() < desired {
+                let entry = self.services.get_mut(&name).expect("known service");
+                if let Some(at) = entry.next_start {
+                    if Instant::now() < at {
+                        continue;
+                    }
+                    entry.next_start = None;
+                    let backoff = entry.backoff;
+                    self.event(Some(&name), EventKind::CrashLoop, None, format!("3 exits within 30 s: restarting after a pause (next pause {backoff:?})")).await;
+                }
+                for _ in live.len()..desired {
+                    self.start(&name).await;
+                }
+            } else if live.len() > desired {
+                let beats = self.beats.lock().unwrap().clone();
+                let mut candidates = live;
+                // The least busy go first; transactions count most, since
+                // an instance holding them cannot leave until they end.
+                candidates.sort_by_key(|id| {
+                    beats
+                        .get(id)
+                        .map_or((0, 0), |(b, _)| (b.transactions, b.in_flight + b.backlog))
+                });
+                for id in candidates
+                    .into_iter()
+                    .take(self.managed_count(&name) - desired)
+                {
+                    self.drain(&id, "scaling down").await;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn managed_count(&self, service: &str) -> usize {
+        self.managed
+            .values()
+            .filter(|m| m.service == service && m.draining_since.is_none())
+            .count()
+    }
+
+    pub(crate) async fn start(&mut self, service: &str) {
+        let instance = format!("{service}-{}", nuid::next().as_str());
+        let entry = &self.services[service];
+        let mut env = entry.config.env.clone();
+        env.insert("NATS_URL".into(), self.url.clone());
+        env.insert("WHARF_PREFIX".into(), self.client.prefix().to_owned());
+        env.insert("WHARF_INSTANCE_ID".into(), instance.clone());
+        env.insert("WHARF_ROLE".into(), "worker".into());
+        let launch = Launch {
+            service: service.to_owned(),
+            instance: instance.clone(),
+            prefix: self.client.prefix().to_owned(),
+            env,
+        };
+        match entry.backend.start(&launch) {
+            Ok(handle) => {
+                let location = handle.location();
+                let backend = entry.backend.name();
+                self.managed.insert(
+                    instance.clone(),
+                    Managed {
+                        service: service.to_owned(),
+                        instance: handle,
+                        started: Instant::now(),
+                        draining_since: None,
+                        quiesced: false,
+                        misses: 0,
+                    },
+                );
+                self.event(
+                    Some(service),
+                    EventKind::Start,
+                    Some(&instance),
+                    format!("{backend} backend, {location}"),
+                )
+                .await;
+            }
+            Err(error) => {
+                self.note_exit(service);
+                self.event(
+                    Some(service),
+                    EventKind::StartFailed,
+                    Some(&instance),
+                    error.to_string(),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Asks an instance to drain over NATS (it finishes its calls and
+    /// exits); a signal if it does not answer.
+    pub(crate) async fn drain(&mut self, id: &str, why: &str) {
+        let subject = subjects::control(self.client.prefix(), id);
+        let request = async_nats::Request::new()
+            .payload("drain".into())
+            .timeout(Some(Duration::from_secs(1)));
+        let asked = self
+            .client
+            .nats()
+            .send_request(subject, request)
+            .await
+            .is_ok();
+        let Some(managed) = self.managed.get_mut(id) else {
+            return;
+        };
+        if !asked {
+            managed.instance.terminate();
+        }
+        managed.draining_since = Some(Instant::now());
+        let service = managed.service.clone();
+        self.event(
+            Some(&service),
+            EventKind::Drain,
+            Some(id),
+            format!("{why}: finishing its calls, then exiting"),
+        )
+        .await;
+    }
+
+    /// Drains every instance this supervisor runs, waits for them, and
+    /// releases the lease.
+    pub(crate) async fn shutdown(&mut self) {
+        let ids: Vec<String> = self.managed.keys().cloned().collect();
+        for id in &ids {
+            if self.managed[id].draining_since.is_none() {
+                self.drain(id, "supervisor stopping").await;
+            }
+        }
+        let until = Instant::now() + DRAIN_GRACE;
+        while Instant::now() < until && self.managed.values_mut().any(|m| m.instance.alive()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for managed in self.managed.values_mut() {
+            if managed.instance.alive() {
+                managed.instance.kill();
+            }
+        }
+        self.managed.clear();
+        if self.is_leader() {
+            let _ = self.lease.purge(subjects::LEADER_KEY).await;
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The supervisor's loop: a tick every [`TICK`] takes or renews the lease,
+//! checks health, scales and reconciles, until it is stopped or `wharf
+//! down` asks; and the helpers that run one from a file or read its view.
+
+use super::config::UpConfig;
+use super::events::EventKind;
+use super::state::{Supervisor, TICK};
+use crate::client::Client;
+use crate::error::{Error, ErrorKind};
+use crate::heartbeat::{self, Heartbeat};
+use crate::wire::subjects;
+use async_nats::jetstream;
+use futures_util::StreamExt;
+
+impl Supervisor {
+    /// Supervises until `stop` resolves or `wharf down` asks, then stops
+    /// the instances this supervisor runs and gives up the lease.
+    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+        let mut down = self
+            .client
+            .nats()
+            .subscribe(subjects::supervisor_down(self.client.prefix()))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot subscribe for `wharf down`: {e}"),
+                )
+            })?;
+        tokio::pin!(stop);
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                request = down.next() => {
+                    if let Some(reply) = request.and_then(|r| r.reply) {
+                        let _ = self.client.nats().publish(reply, self.id.clone().into()).await;
+                    }
+                    self.event(None, EventKind::Stop, None, "`wharf down` asked".to_owned()).await;
+                    break;
+                }
+                _ = ticker.tick() => self.tick().await,
+            }
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// One round: lease, health, scaling.
+    pub(crate) async fn tick(&mut self) {
+        let was_leader = self.is_leader();
+        self.hold_lease().await;
+        if !self.is_leader() {
+            if was_leader {
+                self.event(
+                    None,
+                    EventKind::Standby,
+                    None,
+                    "lost the lease to another supervisor".to_owned(),
+                )
+                .await;
+                // Another supervisor runs the instances now.
+                self.managed.clear();
+            } else if !self.standing_by {
+                self.event(
+                    None,
+                    EventKind::Standby,
+                    None,
+                    format!(
+                        "supervisor {} stands by: another supervisor holds the lease",
+                        self.id
+                    ),
+                )
+                .await;
+            }
+            self.standing_by = true;
+            return;
+        }
+        self.standing_by = false;
+        if !was_leader {
+            self.event(
+                None,
+                EventKind::Leader,
+                None,
+                format!("supervisor {} holds the lease", self.id),
+            )
+            .await;
+            self.adopt().await;
+        }
+        self.check_health().await;
+        self.scale().await;
+        self.reconcile().await;
+    }
+}
+
+/// Runs a supervisor for the `wharf.toml` at `path`, against its
+/// `broker.url`, until SIGTERM or `wharf down`: for programs that embed the
+/// supervisor in a process of their own.
+pub async fn supervise_file(path: &std::path::Path) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let config = UpConfig::load(path)?;
+    let settings = config.settings()?;
+    let url = settings.nats_url.clone().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "{}: set broker.url (or NATS_URL) to the NATS server to supervise through",
+                path.display()
+            ),
+        )
+    })?;
+    let client = Client::connect(&url).await?.with_prefix(settings.prefix);
+    let supervisor = Supervisor::new(&client, &config).await?;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;
+    supervisor
+        .run(async move {
+            term.recv().await;
+        })
+        .await
+}
+
+/// The fresh heartbeats of every instance, for `wharf status`.
+pub async fn instances(client: &Client) -> Result<Vec<Heartbeat>, Error> {
+    let js = jetstream::new(client.nats().clone());
+    let store = heartbeat::instances_bucket(&js).await?;
+    let mut keys = store
+        .keys()
+        .await
+        .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot list instances: {e}")))?;
+    let mut out = Vec::new();
+    while let Some(Ok(key)) = keys.next().await {
+        if let Ok(Some(value)) = store.get(&key).await {
+            if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&value) {
+                if crate::context::unix_ms().saturating_sub(beat.at_ms) <= 3_000 {
+                    out.push(beat);
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        a.services
+            .cmp(&b.services)
+            .then(a.instance.cmp(&b.instance))
+    });
+    Ok(out)
+}

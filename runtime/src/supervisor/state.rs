@@ -1,0 +1,212 @@
+//! What a supervisor knows: its services, the instances it runs, the
+//! heartbeats it hears, and the lease it holds.
+
+use super::config::{ServiceConfig, UpConfig};
+use super::events::{self, Event, EventKind};
+use crate::backend::{Backend, Instance};
+use crate::client::Client;
+use crate::error::{Error, ErrorKind};
+use crate::heartbeat::{self, Heartbeat};
+use crate::scaler::{ScalePolicy, Scaler};
+use crate::wire::subjects::{self, LEASE_BUCKET};
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a lease outlives its last renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// Heartbeats or pings an instance may miss in a row before it is
+/// considered hung and replaced.
+pub const MISSES_ALLOWED: u32 = 3;
+
+/// How often the supervisor looks: exits and load are acted on within a
+/// tick; pings and missed heartbeats are counted once per heartbeat
+/// interval.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// How long a new instance has to send its first heartbeat.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(10);
+
+/// An instance that exits sooner than this after its start counts towards
+/// a crash loop.
+pub const CRASH_WINDOW: Duration = Duration::from_secs(5);
+
+/// How long a draining instance may take before it is killed.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+pub(crate) struct Managed {
+    pub(crate) service: String,
+    pub(crate) instance: Box<dyn Instance>,
+    pub(crate) started: Instant,
+    pub(crate) draining_since: Option<Instant>,
+    /// Seen holding open transactions while draining.
+    pub(crate) quiesced: bool,
+    pub(crate) misses: u32,
+}
+
+pub(crate) struct Service {
+    pub(crate) config: ServiceConfig,
+    pub(crate) policy: ScalePolicy,
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) scaler: Scaler,
+    pub(crate) desired: usize,
+    pub(crate) exits: VecDeque<Instant>,
+    pub(crate) backoff: Duration,
+    pub(crate) next_start: Option<Instant>,
+}
+
+/// Fresh heartbeats, by instance, with when each arrived here.
+pub(crate) type Beats = Arc<Mutex<HashMap<String, (Heartbeat, Instant)>>>;
+
+/// A supervisor of the services in an [`UpConfig`].
+pub struct Supervisor {
+    pub(crate) client: Client,
+    pub(crate) url: String,
+    pub(crate) id: String,
+    pub(crate) services: BTreeMap<String, Service>,
+    pub(crate) managed: HashMap<String, Managed>,
+    pub(crate) beats: Beats,
+    pub(crate) demand: Arc<Mutex<HashSet<String>>>,
+    pub(crate) lease: kv::Store,
+    pub(crate) lease_revision: Option<u64>,
+    pub(crate) quiet: bool,
+    pub(crate) rounds: u64,
+    /// Whether the `standby` event for this spell without the lease went out.
+    pub(crate) standing_by: bool,
+}
+
+impl Supervisor {
+    /// A supervisor of `config`'s services, through `client` (whose URL the
+    /// instances get as `NATS_URL`).
+    pub async fn new(client: &Client, config: &UpConfig) -> Result<Supervisor, Error> {
+        let mut services = Vec::new();
+        for service in &config.services {
+            services.push((service.clone(), service.backend()?));
+        }
+        Supervisor::with_backends(client, services).await
+    }
+
+    /// A supervisor of services whose backends the caller chose (local
+    /// mode runs its workers through its own).
+    pub async fn with_backends(
+        client: &Client,
+        config: Vec<(ServiceConfig, Box<dyn Backend>)>,
+    ) -> Result<Supervisor, Error> {
+        let js = jetstream::new(client.nats().clone());
+        let lease = crate::bucket::bucket(
+            &js,
+            LEASE_BUCKET,
+            "wharf: the acting supervisor's lease",
+            LEASE_TTL,
+            jetstream::stream::StorageType::Memory,
+        )
+        .await?;
+        let mut services = BTreeMap::new();
+        for (service, backend) in config {
+            let policy = service.policy()?;
+            services.insert(
+                service.name.clone(),
+                Service {
+                    backend,
+                    desired: policy.min,
+                    policy,
+                    config: service.clone(),
+                    scaler: Scaler::default(),
+                    exits: VecDeque::new(),
+                    backoff: Duration::from_secs(1),
+                    next_start: None,
+                },
+            );
+        }
+        let beats: Beats = Arc::default();
+        let store = heartbeat::instances_bucket(&js).await?;
+        let mut watch = store.watch_all().await.map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot watch `{}`: {e}", subjects::INSTANCES_BUCKET),
+            )
+        })?;
+        let seen = beats.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(entry)) = watch.next().await {
+                let mut beats = seen.lock().unwrap();
+                match entry.operation {
+                    kv::Operation::Put => {
+                        if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&entry.value) {
+                            beats.insert(entry.key, (beat, Instant::now()));
+                        }
+                    }
+                    _ => {
+                        beats.remove(&entry.key);
+                    }
+                }
+            }
+        });
+        let demand: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let mut wanted = client
+            .nats()
+            .subscribe(subjects::demand_any(client.prefix()))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot subscribe for demand: {e}"),
+                )
+            })?;
+        let noted = demand.clone();
+        tokio::spawn(async move {
+            while let Some(message) = wanted.next().await {
+                if let Some(service) = subjects::demanded_service(&message.subject) {
+                    noted.lock().unwrap().insert(service.to_owned());
+                }
+            }
+        });
+        Ok(Supervisor {
+            client: client.clone(),
+            url: client.url().to_owned(),
+            // The pid first: the lease's value then names the process.
+            id: format!("{}-{}", std::process::id(), nuid::next().as_str()),
+            services,
+            managed: HashMap::new(),
+            beats,
+            demand,
+            lease,
+            lease_revision: None,
+            quiet: false,
+            rounds: 0,
+            standing_by: false,
+        })
+    }
+
+    /// Prints only what a user should hear of (exits, hangs, scaling,
+    /// crash loops), not routine starts and drains: for local mode.
+    pub fn quiet(mut self) -> Supervisor {
+        self.quiet = true;
+        self
+    }
+
+    /// Whether this supervisor holds the lease.
+    pub fn is_leader(&self) -> bool {
+        self.lease_revision.is_some()
+    }
+
+    pub(crate) async fn event(
+        &self,
+        service: Option<&str>,
+        kind: EventKind,
+        instance: Option<&str>,
+        reason: String,
+    ) {
+        let event = Event {
+            at_ms: crate::context::unix_ms(),
+            service: service.map(str::to_owned),
+            kind,
+            instance: instance.map(str::to_owned),
+            reason,
+        };
+        events::publish(&self.client, self.quiet, &event).await;
+    }
+}

@@ -1,0 +1,197 @@
+//! Dispatch: checks a call (signature, deadline), decodes, runs and
+//! encodes it within its deadline, and turns a panic into a 500; the plain
+//! call's whole path lives here.
+
+use super::endpoint::{Admission, Endpoint};
+use crate::boxed::out_of_line;
+use crate::error::ErrorKind;
+use crate::handler::{panic_message, Fault, Incoming};
+use crate::objects::store as objects;
+use crate::spec::FnSpec;
+use crate::txn::state::Slot;
+use crate::wire::codec::Codec;
+use crate::wire::request::{self, CallMeta};
+use bytes::Bytes;
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+impl Endpoint {
+    /// The common call, admitted by [`Endpoint::handle`]: runs the function
+    /// and publishes a plain reply here; any other answer (an error, a
+    /// spill, headers) goes through [`Endpoint::respond`].
+    pub(crate) async fn run_plain(
+        self: Arc<Self>,
+        admission: Admission,
+        reply: async_nats::Subject,
+        codec: Codec,
+        meta: CallMeta,
+        args: Bytes,
+        started: SystemTime,
+    ) {
+        let Some(_permit) = admission.run(&self.shared).await else {
+            return;
+        };
+        let deadline_ms = meta.deadline_ms.unwrap_or(0);
+        match self.call_handler(codec, deadline_ms, args, None).await {
+            Ok(body)
+                if codec == Codec::Postcard
+                    && !meta.report_instance
+                    && body.len() <= self.shared.spill_at =>
+            {
+                // A failed publish means the connection is gone; the
+                // caller times out and nothing here can do better.
+                let _ = self.shared.nats.publish(reply, body).await;
+                self.record(started, None);
+            }
+            outcome => out_of_line(|| self.respond(reply, codec, &meta, outcome, started)).await,
+        }
+    }
+
+    /// Runs the function: checks signature and deadline, decodes, calls,
+    /// encodes; a panic becomes a 500.
+    pub(crate) async fn execute(
+        &self,
+        codec: Codec,
+        meta: &CallMeta,
+        args: Bytes,
+        started: SystemTime,
+        txn: Option<Arc<Slot>>,
+    ) -> Result<Bytes, Fault> {
+        admit(self.registration.spec, meta, started)?;
+        self.call_handler(codec, meta.deadline_ms.unwrap_or(0), args, txn)
+            .await
+    }
+
+    /// Decodes, calls and encodes, within the call's deadline; a panic
+    /// becomes a 500.
+    pub(crate) async fn call_handler(
+        &self,
+        codec: Codec,
+        deadline_ms: u64,
+        args: Bytes,
+        txn: Option<Arc<Slot>>,
+    ) -> Result<Bytes, Fault> {
+        let spec = self.registration.spec;
+        let incoming = Incoming {
+            codec,
+            payload: args,
+            spec,
+            deadline_ms,
+            txn,
+        };
+        let handler = AssertUnwindSafe((self.registration.handler)(incoming)).catch_unwind();
+        crate::context::scope(deadline_ms, handler)
+            .await
+            .unwrap_or_else(|panic| Err(Fault::panicked(spec, &panic_message(panic.as_ref()))))
+    }
+
+    /// The arguments of a spilled call, from the object store.
+    pub(crate) async fn unspill(&self, (uri, digest): &(String, String)) -> Result<Bytes, Fault> {
+        objects::fetch_spilled(&self.shared.client, uri, digest)
+            .await
+            .map_err(|e| {
+                let spec = self.registration.spec;
+                Fault::new(
+                    e.kind(),
+                    format!(
+                        "the arguments of `{}.{}` were spilled to `{uri}`, which cannot be read: {}",
+                        spec.service,
+                        spec.name,
+                        e.message()
+                    ),
+                )
+            })
+    }
+}
+
+/// Reads a request; one that cannot be read is answered as a fault.
+pub(crate) fn read_request(
+    message: &async_nats::Message,
+) -> Result<(Codec, CallMeta, Bytes), (Codec, Fault)> {
+    request::read(message).map_err(|(codec, error)| (codec, Fault::from(error)))
+}
+
+/// Checks what must hold before a call runs: matching signature, deadline
+/// not yet passed.
+pub(crate) fn admit(spec: &FnSpec, meta: &CallMeta, now: SystemTime) -> Result<(), Fault> {
+    if let Some(sig) = meta.sig {
+        if sig != spec.sig {
+            return Err(Fault::new(
+                ErrorKind::SignatureMismatch,
+                format!(
+                    "signature mismatch on `{}.{}`: the caller was built against signature {sig:016x}, this worker serves {:016x} ({}); rebuild caller and worker from the same source",
+                    spec.service, spec.name, spec.sig, spec.signature
+                ),
+            ));
+        }
+    }
+    if let Some(deadline) = meta.deadline_ms {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        if now > deadline {
+            return Err(Fault::new(
+                ErrorKind::DeadlineExceeded,
+                format!(
+                    "the deadline of this call to `{}.{}` passed {} ms before it could run",
+                    spec.service,
+                    spec.name,
+                    now - deadline
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    static SPEC: FnSpec = FnSpec {
+        service: "math",
+        name: "add",
+        sig: 0xaa,
+        signature: "add(a:i64,b:i64)->i64",
+        args: &[],
+        returns: "i64",
+        error: None,
+        timeout_ms: 1000,
+        idempotent: false,
+        durable: false,
+        stateful: false,
+        retry: crate::RetryPolicy::DEFAULT,
+        blocking: false,
+        version: "0.1.0",
+        path: "math::add",
+        subject: crate::spec::SubjectCache::new(),
+    };
+
+    fn meta(sig: Option<u64>, deadline_ms: Option<u64>) -> CallMeta {
+        CallMeta {
+            sig,
+            deadline_ms,
+            ..CallMeta::default()
+        }
+    }
+
+    #[test]
+    fn admit_checks_signature_and_deadline() {
+        assert!(admit(&SPEC, &meta(Some(0xaa), None), SystemTime::now()).is_ok());
+        let mismatch = admit(&SPEC, &meta(Some(0xbb), None), SystemTime::now()).unwrap_err();
+        assert_eq!(mismatch.kind, ErrorKind::SignatureMismatch);
+        assert!(mismatch.message.contains("00000000000000bb"));
+        assert!(mismatch.message.contains("00000000000000aa"));
+        let late = admit(&SPEC, &meta(None, Some(1000)), SystemTime::now()).unwrap_err();
+        assert_eq!(late.kind, ErrorKind::DeadlineExceeded);
+        let far = (SystemTime::now() + Duration::from_secs(60))
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(admit(&SPEC, &meta(None, Some(far)), SystemTime::now()).is_ok());
+    }
+}

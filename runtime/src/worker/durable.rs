@@ -1,0 +1,263 @@
+//! Durable calls on the worker: pulls them from the service's work queue
+//! (no more than there are free slots), runs each while keeping it claimed,
+//! stores the result, replies, and only then acks; a call that cannot
+//! succeed goes to the dead-letter stream.
+
+use super::dispatch::read_request;
+use super::endpoint::Endpoint;
+use crate::durable::streams::{ack_wait, max_deliver};
+use crate::error::ErrorKind;
+use crate::handler::Fault;
+use crate::wire::codec::Codec;
+use crate::wire::reply::one_line;
+use crate::wire::subjects::{self, RESULTS_BUCKET};
+use crate::wire::{headers, record};
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+
+/// Most calls one pull asks for.
+const MAX_BATCH: usize = 256;
+
+/// How long one pull waits on the server for calls.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// Pulls `endpoint`'s durable calls until `stop` turns true. A pull asks
+/// for no more calls than the worker has free permits, so a busy worker
+/// leaves the queue to the others.
+pub(crate) async fn serve(
+    endpoint: Arc<Endpoint>,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    js: jetstream::Context,
+    mut stop: watch::Receiver<bool>,
+) {
+    let permits = endpoint.shared.permits.clone();
+    loop {
+        // Room first: a worker with no free permit asks for nothing. The
+        // permit is only looked at, not held while the pull waits.
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            permit = permits.acquire() => match permit {
+                Ok(permit) => drop(permit),
+                Err(_) => return,
+            },
+        }
+        let room = permits.available_permits().clamp(1, MAX_BATCH);
+        let batch = consumer
+            .batch()
+            .max_messages(room)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(_) => {
+                // The connection is down or JetStream is busy: try again
+                // shortly rather than spin.
+                tokio::select! {
+                    _ = stop.wait_for(|stop| *stop) => return,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
+                }
+            }
+        };
+        // A batch ends when full or when its pull expires, so a drain waits
+        // at most PULL_EXPIRES for this loop.
+        while let Some(message) = batch.next().await {
+            let Ok(message) = message else { break };
+            // Plain calls may have taken the room meanwhile; then this call
+            // waits here, already ours, for the next free permit.
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let endpoint = endpoint.clone();
+            let js = js.clone();
+            tokio::spawn(async move {
+                handle(&endpoint, &js, message).await;
+                drop(permit);
+            });
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+/// Runs one durable call: checks it, runs it while keeping it claimed,
+/// stores the result, replies, and only then acks.
+async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream::Message) {
+    let started = SystemTime::now();
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let reply = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::REPLY))
+        .map(|v| async_nats::Subject::from(v.as_str()));
+    let (codec, meta, args) = match read_request(&message.message) {
+        Ok(parts) => parts,
+        Err((codec, fault)) => {
+            let fate = Fate {
+                codec,
+                id: None,
+                reply,
+            };
+            return dead_letter(endpoint, js, &message, fate, fault.message()).await;
+        }
+    };
+    let id = subjects::valid_id(&meta.call_id)
+        .then(|| String::from_utf8_lossy(&meta.call_id).into_owned());
+    let fate = Fate {
+        codec,
+        id: id.clone(),
+        reply,
+    };
+    let (Some(id), Some(results)) = (id, endpoint.shared.results.as_ref()) else {
+        let reason = "a durable call needs a Wharf-Call-Id of letters, digits, '-' and '_' (see docs/protocol.md)";
+        return dead_letter(endpoint, js, &message, fate, reason).await;
+    };
+    let limit = max_deliver();
+    if delivered > limit {
+        let reason = format!(
+            "delivered {delivered} times without completing (the limit is {limit}, WHARF_MAX_DELIVER); the workers that took it died or lost their connection"
+        );
+        return dead_letter(endpoint, js, &message, fate, &reason).await;
+    }
+    if delivered > 1 {
+        // A redelivery of a call that completed but whose ack was lost:
+        // answer from the stored result instead of running it again.
+        if let Ok(Some(record)) = results.get(id.as_str()).await {
+            if let Ok((stored, _)) = record::decode(record) {
+                let headers = stored.headers.unwrap_or_default();
+                answer(endpoint, fate.reply, headers, stored.payload).await;
+            }
+            let _ = message.ack().await;
+            return;
+        }
+    }
+    // While the call runs, tell JetStream it is still ours, so a long call
+    // is not handed to another worker after the ack wait.
+    let keep_claimed = async {
+        let every = ack_wait() / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = endpoint.execute(codec, &meta, args, started, None) => outcome,
+        never = keep_claimed => never,
+    };
+    let (code, headers, body) = match &outcome {
+        Ok(body) => (
+            record::OK,
+            endpoint.reply_headers(codec, &meta),
+            body.clone(),
+        ),
+        // Arguments that cannot be decoded never will be: no redelivery.
+        Err(fault) if fault.kind() == ErrorKind::BadRequest => {
+            return dead_letter(endpoint, js, &message, fate, fault.message()).await;
+        }
+        Err(fault) => fault.answer(codec),
+    };
+    // Stored before the reply and the ack: a caller that misses the reply
+    // still finds the result, and a crash before the ack at worst runs the
+    // call again.
+    if store(js, &id, record::encode(code, codec, &body))
+        .await
+        .is_err()
+    {
+        let _ = message
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+            .await;
+        return;
+    }
+    answer(endpoint, fate.reply, headers, body).await;
+    let failure = outcome.as_ref().err().map(|fault| (code, fault.message()));
+    endpoint.record(started, failure);
+    let _ = message.ack().await;
+}
+
+/// Publishes a durable call's answer to its caller, if it named a reply
+/// subject. A lost reply is not fatal: the result is also stored.
+async fn answer(
+    endpoint: &Endpoint,
+    reply: Option<async_nats::Subject>,
+    headers: HeaderMap,
+    body: Bytes,
+) {
+    if let Some(reply) = reply {
+        let _ = endpoint
+            .shared
+            .nats
+            .publish_with_headers(reply, headers, body)
+            .await;
+    }
+}
+
+/// Where a durable call's answer goes.
+struct Fate {
+    codec: Codec,
+    id: Option<String>,
+    reply: Option<async_nats::Subject>,
+}
+
+/// Stores a result record under `id`, waiting for JetStream to confirm.
+async fn store(js: &jetstream::Context, id: &str, record: Bytes) -> Result<(), String> {
+    js.publish(subjects::kv_key(RESULTS_BUCKET, id), record)
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Moves a call to the dead-letter stream with `reason`, answers its
+/// caller with [`ErrorKind::DeadLetter`], and terminates it in the work
+/// queue.
+async fn dead_letter(
+    endpoint: &Endpoint,
+    js: &jetstream::Context,
+    message: &jetstream::Message,
+    fate: Fate,
+    reason: &str,
+) {
+    let spec = endpoint.registration.spec;
+    let prefix = &endpoint.shared.prefix;
+    let mut headers = message.headers.clone().unwrap_or_default();
+    headers.insert(headers::DEAD_REASON, one_line(reason).as_str());
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(message.payload.clone())
+        .headers(headers);
+    let subject = subjects::dead_letter(prefix, spec.service, spec.name);
+    let moved = match js.send_publish(subject, publish).await {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    if !moved {
+        // Not stored anywhere yet: leave it in the work queue for later.
+        let _ = message
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+            .await;
+        return;
+    }
+    let stream = subjects::dead_letter_stream(prefix);
+    let fault = Fault::new(
+        ErrorKind::DeadLetter,
+        format!(
+            "durable call {} of `{}.{}` was moved to the dead-letter stream `{stream}`: {reason}",
+            fate.id.as_deref().unwrap_or("(no call id)"),
+            spec.service,
+            spec.name
+        ),
+    );
+    let (code, headers, body) = fault.answer(fate.codec);
+    if let Some(id) = &fate.id {
+        let _ = store(js, id, record::encode(code, fate.codec, &body)).await;
+    }
+    answer(endpoint, fate.reply, headers, body).await;
+    endpoint.record(SystemTime::now(), Some((code, fault.message())));
+    let _ = message.ack_with(AckKind::Term).await;
+}

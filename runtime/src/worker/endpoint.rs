@@ -1,0 +1,132 @@
+//! What every stage of a call shares: the worker's state ([`Shared`]),
+//! one served function ([`Endpoint`]), a call's place among those running
+//! ([`Admission`]), and the bookkeeping around a call.
+
+use crate::client::Client;
+use crate::handler::Registration;
+use crate::micro::EndpointStats;
+use crate::txn::owner::Owned;
+use crate::wire::codec::Codec;
+use crate::wire::reply;
+use crate::wire::request::CallMeta;
+use async_nats::jetstream::kv;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::Semaphore;
+
+pub(crate) struct Shared {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) permits: Arc<Semaphore>,
+    pub(crate) concurrency: usize,
+    /// Calls taken but waiting for a permit.
+    pub(crate) backlog: AtomicUsize,
+    /// The most calls that may wait; past it a call is answered 503.
+    pub(crate) max_backlog: usize,
+    /// `Wharf-Instance` value: `<instance id> <pid> <host>`.
+    pub(crate) identity: String,
+    /// Idempotent calls in this worker, by call id; `true` once a caller
+    /// has probed for it (its result is then kept for a retry).
+    pub(crate) running: Mutex<HashMap<Bytes, bool>>,
+    /// `wharf_results`, when the server has JetStream.
+    pub(crate) results: Option<kv::Store>,
+    /// Subject prefix.
+    pub(crate) prefix: String,
+    /// The transactions this instance owns, when it serves stateful
+    /// functions.
+    pub(crate) owned: Option<Arc<Owned>>,
+    /// The client, for spilled arguments and results.
+    pub(crate) client: Client,
+    /// Results larger than this are spilled.
+    pub(crate) spill_at: usize,
+}
+
+impl Shared {
+    pub(crate) fn in_flight(&self) -> usize {
+        self.concurrency - self.permits.available_permits()
+    }
+
+    pub(crate) fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
+    }
+}
+
+/// A call's place among the calls a worker runs at once.
+pub(crate) enum Admission {
+    /// It holds a permit and runs now.
+    Running(tokio::sync::OwnedSemaphorePermit),
+    /// It waits in the backlog (already counted there) for a permit.
+    Queued,
+}
+
+impl Admission {
+    /// The permit the call runs under; `None` once the worker closed.
+    pub(crate) async fn run(self, shared: &Shared) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match self {
+            Admission::Running(permit) => Some(permit),
+            Admission::Queued => {
+                // Boxed: only a queued call's task carries the wait.
+                let permit = Box::pin(shared.permits.clone().acquire_owned()).await;
+                shared.backlog.fetch_sub(1, Ordering::Relaxed);
+                permit.ok()
+            }
+        }
+    }
+
+    /// Gives up the call's place without running it.
+    pub(crate) fn leave(self, shared: &Shared) {
+        if let Admission::Queued = self {
+            shared.backlog.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One function served by this worker.
+pub(crate) struct Endpoint {
+    pub(crate) registration: &'static Registration,
+    pub(crate) stats: Arc<EndpointStats>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Endpoint {
+    /// Registers an idempotent call as running here, for probes.
+    pub(crate) fn track(&self, call_id: &Bytes) {
+        if !call_id.is_empty() {
+            self.shared
+                .running
+                .lock()
+                .unwrap()
+                .insert(call_id.clone(), false);
+        }
+    }
+
+    /// Unregisters a call; true when a caller probed for it meanwhile.
+    pub(crate) fn untrack(&self, call_id: &Bytes) -> bool {
+        !call_id.is_empty()
+            && self
+                .shared
+                .running
+                .lock()
+                .unwrap()
+                .remove(call_id)
+                .unwrap_or(false)
+    }
+
+    /// Headers of a successful reply that needs any: its codec when not
+    /// postcard, the worker's identity when asked for.
+    pub(crate) fn reply_headers(&self, codec: Codec, meta: &CallMeta) -> HeaderMap {
+        let identity = meta
+            .report_instance
+            .then_some(self.shared.identity.as_str());
+        reply::success_headers(codec, identity)
+    }
+
+    /// Counts a finished call in the endpoint's stats.
+    pub(crate) fn record(&self, started: SystemTime, failure: Option<(u16, &str)>) {
+        self.stats
+            .record(started.elapsed().unwrap_or_default(), failure);
+    }
+}

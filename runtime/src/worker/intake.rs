@@ -1,0 +1,211 @@
+//! Intake: takes calls from an endpoint's subscription, admits each (a
+//! slot now, a place in the bounded backlog, or a 503), leaves the queue
+//! group without losing a call when a drain begins, and routes each call
+//! to the stage that serves it.
+
+use super::dispatch::{admit, read_request};
+use super::endpoint::{Admission, Endpoint};
+use crate::boxed::out_of_line;
+use crate::error::ErrorKind;
+use crate::handler::Fault;
+use crate::wire::codec::Codec;
+use crate::wire::request::CallMeta;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+
+/// Calls a draining endpoint may still be sent, beyond those it has taken:
+/// more than can be in flight between the server and the endpoint loop.
+const DRAIN_HEADROOM: u64 = 1024;
+
+/// How long a draining endpoint waits without a call before it leaves.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+
+impl Endpoint {
+    /// Takes calls from `subscriber` until `stop` turns true, then
+    /// unsubscribes and still runs every call already delivered.
+    /// `direct`: the subscription is this instance's own subject for the
+    /// transactions it owns, not the queue group.
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        mut subscriber: async_nats::Subscriber,
+        mut stop: watch::Receiver<bool>,
+        direct: bool,
+    ) {
+        let endpoint = self;
+        let mut stopping = false;
+        // Messages taken from the subscription, for a lossless leave (below).
+        let mut received: u64 = 0;
+        // Made once, not per message: this loop is the hot path.
+        let stop_signal = stop.changed();
+        tokio::pin!(stop_signal);
+        loop {
+            let message = if stopping {
+                // Under load the server's count reaches the limit and the
+                // stream ends; with no load, a quiet spell means nothing is
+                // in flight, and the subscription is dropped outright.
+                match tokio::time::timeout(DRAIN_QUIET, subscriber.next()).await {
+                    Ok(message) => message,
+                    Err(_) => {
+                        let _ = subscriber.unsubscribe().await;
+                        return;
+                    }
+                }
+            } else {
+                tokio::select! {
+                    // Stop first: under load a message is always ready, and
+                    // intake must still end when a drain begins.
+                    biased;
+                    _ = &mut stop_signal => {
+                        stopping = true;
+                        // Leave the queue group without losing a call. A
+                        // plain UNSUB (or async-nats's drain) drops the
+                        // subscription at once, and calls the server routed
+                        // here before it saw the UNSUB are thrown away. An
+                        // UNSUB with a message limit makes server and client
+                        // stop at the same count, so every call the server
+                        // sends still arrives and is served.
+                        let _ = subscriber.unsubscribe_after(received + DRAIN_HEADROOM).await;
+                        continue;
+                    }
+                    message = subscriber.next() => message,
+                }
+            };
+            let Some(message) = message else { return };
+            received += 1;
+            let shared = &endpoint.shared;
+            let admission = match shared.permits.clone().try_acquire_owned() {
+                Ok(permit) => Admission::Running(permit),
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    // At the limit: wait in a bounded local queue (the
+                    // semaphore is fair, so in arrival order), and past its
+                    // bound refuse with 503 so the caller tries elsewhere.
+                    if shared.backlog.fetch_add(1, Ordering::Relaxed) >= shared.max_backlog {
+                        shared.backlog.fetch_sub(1, Ordering::Relaxed);
+                        tokio::spawn(endpoint.clone().refuse(message));
+                        continue;
+                    }
+                    Admission::Queued
+                }
+                Err(tokio::sync::TryAcquireError::Closed) => return,
+            };
+            // The call's future is boxed and spawned with no wrapper around
+            // it (the permit rides inside): tokio moves a task several
+            // times per call, and a box is all it then moves.
+            tokio::spawn(endpoint.handle(message, direct, admission));
+        }
+    }
+
+    /// Answers a call this worker has no room for with 503.
+    pub(crate) async fn refuse(self: Arc<Self>, message: async_nats::Message) {
+        let Some(reply) = message.reply.clone() else {
+            return;
+        };
+        let codec = read_request(&message).map_or_else(|(codec, _)| codec, |(codec, ..)| codec);
+        let spec = self.registration.spec;
+        let fault = Fault::new(
+            ErrorKind::Unavailable,
+            format!(
+                "the worker is overloaded: {} calls running and {} waiting for `{}.{}`; retry, or add workers",
+                self.shared.concurrency, self.shared.max_backlog, spec.service, spec.name
+            ),
+        );
+        self.respond_fault(reply, codec, fault, SystemTime::now())
+            .await;
+    }
+
+    /// Reads the request now and returns the rest of the call as a boxed
+    /// future, spawned as it is. The common call (not spilled, not
+    /// idempotent, signature and deadline checked here) gets a future of its
+    /// own that holds only what it needs: every call allocates and moves
+    /// its future, and that one stays small enough for the allocator's
+    /// fast path.
+    pub(crate) fn handle(
+        self: &Arc<Self>,
+        message: async_nats::Message,
+        direct: bool,
+        admission: Admission,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        // One clock read serves the deadline check and the processing time.
+        let started = SystemTime::now();
+        let endpoint = self.clone();
+        let spec = endpoint.registration.spec;
+        let Some(reply) = message.reply.clone() else {
+            // A publish, not a request: nobody waits for an answer.
+            admission.leave(&endpoint.shared);
+            return Box::pin(std::future::ready(()));
+        };
+        if spec.stateful {
+            return Box::pin(async move {
+                let Some(_permit) = admission.run(&endpoint.shared).await else {
+                    return;
+                };
+                endpoint.run_stateful(reply, message, direct, started).await;
+            });
+        }
+        let parts = read_request(&message);
+        drop(message);
+        let parts = match parts {
+            Ok((codec, meta, args)) if meta.spill.is_none() && !spec.idempotent => {
+                match admit(spec, &meta, started) {
+                    Ok(()) => {
+                        return Box::pin(
+                            endpoint.run_plain(admission, reply, codec, meta, args, started),
+                        )
+                    }
+                    Err(fault) => Err((codec, fault)),
+                }
+            }
+            parts => parts,
+        };
+        if spec.idempotent {
+            if let Ok((_, meta, _)) = &parts {
+                endpoint.track(&meta.call_id);
+            }
+        }
+        Box::pin(async move {
+            let Some(_permit) = admission.run(&endpoint.shared).await else {
+                return;
+            };
+            endpoint.run(reply, parts, started).await;
+        })
+    }
+
+    /// A call that is not the common plain one: spilled, idempotent, or one
+    /// that could not be read or admitted.
+    pub(crate) async fn run(
+        &self,
+        reply: async_nats::Subject,
+        parts: Result<(Codec, CallMeta, Bytes), (Codec, Fault)>,
+        started: SystemTime,
+    ) {
+        let spec = self.registration.spec;
+        let (codec, mut meta, mut args) = match parts {
+            Ok(parts) => parts,
+            Err((codec, fault)) => {
+                return out_of_line(|| self.respond_fault(reply, codec, fault, started)).await
+            }
+        };
+        if let Some(spilled) = meta.spill.take() {
+            match out_of_line(|| self.unspill(&spilled)).await {
+                Ok(bytes) => args = bytes,
+                Err(fault) => {
+                    // Not run: a probe must not find it running.
+                    self.untrack(&meta.call_id);
+                    return out_of_line(|| self.respond_fault(reply, codec, fault, started)).await;
+                }
+            }
+        }
+        if spec.idempotent {
+            // Out of line: only idempotent functions pay for this larger future.
+            return out_of_line(|| self.run_idempotent(reply, codec, meta, args, started)).await;
+        }
+        let outcome = self.execute(codec, &meta, args, started, None).await;
+        self.respond(reply, codec, &meta, outcome, started).await;
+    }
+}
