@@ -277,6 +277,40 @@ async fn no_worker_is_no_responders_naming_the_subject() {
 }
 
 #[tokio::test]
+async fn a_function_its_service_does_not_serve_is_an_unknown_function() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = Worker::new(&client).start().await.unwrap();
+    let nope = wharf::FnSpec::untyped("calls", "nope", false);
+    let error = wharf::Request::<_, wharf::Plain<i64>>::new(nope, serde_json::json!([]))
+        .client(&client)
+        .codec(Codec::Json)
+        .retry(RetryPolicy::NONE)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::UnknownFunction, "{error}");
+    assert!(
+        error
+            .message()
+            .contains("no worker serves `wharf.calls.nope`"),
+        "{error}"
+    );
+    assert!(
+        error.message().contains("add"),
+        "names what is served: {error}"
+    );
+    // A service that runs nowhere stays `no_responders`.
+    let elsewhere = wharf::FnSpec::untyped("elsewhere", "add", false);
+    let error = wharf::Request::<_, wharf::Plain<i64>>::new(elsewhere, serde_json::json!([]))
+        .client(&client)
+        .codec(Codec::Json)
+        .retry(RetryPolicy::NONE)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NoResponders, "{error}");
+}
+
+#[tokio::test]
 async fn an_unreachable_server_is_an_error_naming_the_url() {
     let error = Client::connect("nats://127.0.0.1:1").await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Connection);

@@ -28,6 +28,10 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a probe waits for the worker's answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(150);
 
+/// How long a call that found no worker waits for its service's discovery
+/// answer.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// How long a spilled object outlives the call's deadline.
 const SPILL_GRACE: Duration = Duration::from_secs(60);
 
@@ -244,8 +248,47 @@ impl Client {
                 Ok((message, tries))
             }
             Ok(done) => Ok(done),
+            Err((failure, tries)) if failure.kind() == ErrorKind::NoResponders && txn.is_none() => {
+                let failure = out_of_line(|| self.unknown_function(spec, failure)).await;
+                Err(annotate(failure, tries))
+            }
             Err((failure, tries)) => Err(annotate(failure, tries)),
         }
+    }
+
+    /// A call no worker answered: when workers of its service do run (they
+    /// answer ADR-32 discovery) but none serves this function, that is
+    /// [`ErrorKind::UnknownFunction`], naming the functions they serve;
+    /// otherwise `no_responders` stays.
+    async fn unknown_function(&self, spec: &'static FnSpec, failure: Error) -> Error {
+        let subject = subjects::discovery_of("INFO", spec.service);
+        let request = async_nats::Request::new().timeout(Some(DISCOVERY_TIMEOUT));
+        let Ok(reply) = self.nats().send_request(subject, request).await else {
+            return failure;
+        };
+        let Ok(info) = serde_json::from_slice::<serde_json::Value>(&reply.payload) else {
+            return failure;
+        };
+        // Another deployment (prefix) may run a service of the same name.
+        let ours = format!("{}.", self.prefix());
+        let served: Vec<&str> = info["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["subject"].as_str().is_some_and(|s| s.starts_with(&ours)))
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        if served.is_empty() || served.contains(&spec.name) {
+            return failure;
+        }
+        let message = format!(
+            "{}; service `{}` runs, but its workers serve only {}: check the function name, or deploy a worker built with `{}`",
+            failure.message(),
+            spec.service,
+            served.join(", "),
+            spec.path
+        );
+        Error::new(ErrorKind::UnknownFunction, message)
     }
 
     /// One try: the reply, or the failure (a 503 reply included: the call
