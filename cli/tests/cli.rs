@@ -1,7 +1,8 @@
 //! The `wharf` command against a real nats-server and an in-process worker.
 
 use std::process::Output;
-use wharf::testing::NatsServer;
+use std::time::Duration;
+use wharf::testing::{eventually, eventually_blocking, NatsServer};
 use wharf::{Client, Worker};
 
 /// Adds.
@@ -112,4 +113,81 @@ async fn bench_ends_with_one_summary_line() {
         text(&out.stdout)
     );
     assert!(text(&out.stdout).contains("failures=application=10"));
+}
+
+/// `wharf up` as a child process, killed if the test ends first.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn up_honours_nats_url_and_down_stops_it() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let dir = wharf::testing::TempDir::new("cli-up");
+    let config = dir.path().join("wharf.toml");
+    // No `[broker] url`: without NATS_URL, `wharf up` would start its own
+    // nats-server on 4222.
+    std::fs::write(&config, "[broker]\n").unwrap();
+    let mut up = Up(std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["up", "-c"])
+        .arg(&config)
+        .env("NATS_URL", &url)
+        .env("WHARF_PREFIX", "cliup")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("wharf up starts"));
+    // `wharf down` reaches it through the server NATS_URL names.
+    let down = eventually(
+        "`wharf down` to reach `wharf up`",
+        Duration::from_secs(30),
+        || {
+            let url = url.clone();
+            async move {
+                let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"));
+                command
+                    .arg("down")
+                    .env("NATS_URL", &url)
+                    .env("WHARF_PREFIX", "cliup");
+                let out = command.output().await.map_err(|e| e.to_string())?;
+                if out.status.success() {
+                    Ok(text(&out.stdout))
+                } else {
+                    Err(text(&out.stderr))
+                }
+            }
+        },
+    )
+    .await;
+    assert!(down.contains("stopping"), "{down}");
+    let status = eventually_blocking(
+        "`wharf up` to exit after `wharf down`",
+        Duration::from_secs(30),
+        || match up.0.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn a_bad_setting_is_an_error_naming_it() {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"));
+    command
+        .args(["status"])
+        .env("NATS_URL", "nats://127.0.0.1:1")
+        .env("WHARF_MAX_WORKERS", "many");
+    let out = command.output().await.unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("WHARF_MAX_WORKERS") && err.contains("`many`") && err.contains("whole number"),
+        "{err}"
+    );
 }

@@ -353,16 +353,9 @@ pub async fn in_flight(client: &wharf::Client, service: &str) -> u64 {
     total
 }
 
-/// Sends `signal` to `pid`.
-pub fn signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) with a pid this test started.
-    unsafe {
-        libc::kill(pid as libc::pid_t, signal);
-    }
-}
-
-/// Whether `pid` is a live process (not gone, not a zombie).
-pub use wharf::backend::process_alive as alive;
+/// Sends a signal to a pid, and tells whether a pid is a live process: the
+/// runtime's own process helpers.
+pub use wharf::process::{alive, signal};
 
 /// Waits until none of `pids` is alive; false if some still are at `within`.
 pub fn wait_gone(pids: &[u32], within: Duration) -> bool {

@@ -111,7 +111,7 @@ async fn a_scale_down_breaks_no_open_transaction() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        wharf::backend::process_alive(leaving_pid),
+        wharf::process::alive(leaving_pid),
         "the instance left with {held} transactions open"
     );
     // Once they end, it leaves.

@@ -31,5 +31,6 @@ pub(crate) async fn bucket(
             ErrorKind::Connection,
             format!("cannot create KV bucket `{name}`: {e}; wharf keeps its state in JetStream (nats-server -js)"),
         )
+.with_source(e)
     })
 }

@@ -182,10 +182,12 @@ async fn serve_until_signal(url: &str, grace: Duration) -> Result<(), Error> {
     // Calls made from inside a microservice go through this connection.
     client::set_global(client.clone());
     let worker = Worker::new(&client).start().await?;
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGINT: {e}")))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| {
+        Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")).with_source(e)
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| {
+        Error::new(ErrorKind::Process, format!("cannot watch SIGINT: {e}")).with_source(e)
+    })?;
     if let Some(subject) = Settings::get()?.ready_subject.clone() {
         let note = format!("{} {}", std::process::id(), worker.instance());
         let _ = client.nats().publish(subject, note.into()).await;
@@ -224,15 +226,19 @@ fn parent_is_gone() -> bool {
     std::os::unix::process::parent_id() != parent
 }
 
-/// Logs wharf's messages to stderr, filtered by `RUST_LOG` (default
-/// `info`), unless the program installed a `tracing` subscriber of its own.
+/// Logs wharf's messages to stderr, filtered by `RUST_LOG` (default: wharf
+/// at `info`, the libraries under it at `warn`), unless the program
+/// installed a `tracing` subscriber of its own.
 pub fn install_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,wharf=info,wharf_cli=info"));
     // Fails only when a subscriber is already set: the program's own wins.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

@@ -232,11 +232,15 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// The error for a subscription to `subject` the server did not take.
-pub(crate) fn subscribe_failed(subject: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn subscribe_failed(
+    subject: &str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
     Error::new(
         ErrorKind::Connection,
         format!("cannot subscribe `{subject}`: {e}"),
     )
+    .with_source(e)
 }
 
 #[cfg(test)]

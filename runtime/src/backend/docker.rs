@@ -70,6 +70,7 @@ impl Backend for DockerBackend {
                     launch.service
                 ),
             )
+            .with_source(e)
         })?;
         if !output.status.success() {
             return Err(Error::new(

@@ -7,7 +7,6 @@ pub mod docker;
 mod instance;
 mod process;
 
-pub use crate::process::alive as process_alive;
 pub use adopted::Adopted;
 pub use docker::DockerBackend;
 pub use instance::{Backend, Instance, Launch};

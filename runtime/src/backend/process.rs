@@ -44,6 +44,7 @@ impl Backend for ProcessBackend {
                     launch.service
                 ),
             )
+            .with_source(e)
         })?;
         Ok(Box::new(ChildInstance { child }))
     }

@@ -82,6 +82,7 @@ impl Replies {
                     ErrorKind::Connection,
                     format!("cannot subscribe for durable replies: {e}"),
                 )
+                .with_source(e)
             })?;
         let replies = Arc::new(Replies {
             prefix,

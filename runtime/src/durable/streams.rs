@@ -50,7 +50,7 @@ pub(crate) async fn calls_stream(
         ..Default::default()
     })
     .await
-    .map_err(|e| jetstream_error(format!("cannot create stream `{name}`: {e}")))
+    .map_err(|e| jetstream_error(format!("cannot create stream `{name}`: {e}")).with_source(e))
 }
 
 /// Creates (or finds) the dead-letter stream.
@@ -65,7 +65,7 @@ pub(crate) async fn dead_letters(js: &jetstream::Context, prefix: &str) -> Resul
     })
     .await
     .map(|_| ())
-    .map_err(|e| jetstream_error(format!("cannot create stream `{name}`: {e}")))
+    .map_err(|e| jetstream_error(format!("cannot create stream `{name}`: {e}")).with_source(e))
 }
 
 /// Creates (or finds) the pull consumer through which workers take
@@ -96,6 +96,7 @@ pub(crate) async fn consumer(
                 "cannot create the consumer of `{}.{}`: {e}",
                 spec.service, spec.name
             ))
+            .with_source(e)
         })
 }
 

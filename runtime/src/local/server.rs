@@ -113,6 +113,7 @@ pub async fn start_nats_server_on(port: Option<u16>) -> Result<String, Error> {
             ErrorKind::Process,
             format!("cannot create `{}`: {e}", scratch.display()),
         )
+        .with_source(e)
     })?;
     let log = scratch.join("nats-server.log");
     let mut command = nats_command(&binary, &scratch, true);
@@ -128,6 +129,7 @@ pub async fn start_nats_server_on(port: Option<u16>) -> Result<String, Error> {
                 ErrorKind::Process,
                 format!("cannot start `{}`: {e}", binary.display()),
             )
+            .with_source(e)
         })?;
     let until = Instant::now() + Duration::from_secs(10);
     loop {

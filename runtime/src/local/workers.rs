@@ -27,13 +27,16 @@ pub(crate) async fn supervise_workers(
             ErrorKind::Process,
             format!("cannot find the current executable to start workers: {e}"),
         )
+        .with_source(e)
     })?;
     let ready_subject = subjects::worker_ready(nuid::next().as_str());
     let mut ready = client
         .nats()
         .subscribe(ready_subject.clone())
         .await
-        .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot subscribe: {e}")))?;
+        .map_err(|e| {
+            Error::new(ErrorKind::Connection, format!("cannot subscribe: {e}")).with_source(e)
+        })?;
     client
         .nats()
         .flush()
@@ -115,6 +118,7 @@ impl Backend for LocalBackend {
                 ErrorKind::Process,
                 format!("cannot start worker `{}`: {e}", self.exe.display()),
             )
+            .with_source(e)
         })?;
         Ok(Box::new(LocalWorker { pid }))
     }

@@ -97,7 +97,8 @@ fn failed(url: &str, what: &str, e: object_store::Error) -> Error {
         e => Error::new(
             ErrorKind::StoreUnavailable,
             format!("cannot {what} object `{url}`: {e}"),
-        ),
+        )
+        .with_source(e),
     }
 }
 
@@ -176,6 +177,7 @@ fn read_failed(url: &str, e: std::io::Error) -> Error {
         ErrorKind::Other,
         format!("reading the data for object `{url}` failed: {e}"),
     )
+    .with_source(e)
 }
 
 /// The object at `url` in one piece when it fits one range, else `None`
@@ -218,6 +220,7 @@ pub(super) async fn get_whole(
                     ErrorKind::StoreUnavailable,
                     format!("cannot read object `{url}`: {e}"),
                 )
+                .with_source(e)
             })?;
             Ok(Some(whole))
         }

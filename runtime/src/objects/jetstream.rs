@@ -106,11 +106,12 @@ pub(super) async fn inline_bucket(client: &Client) -> Result<kv::Store, Error> {
     Ok(stores(client).await?.kv.clone())
 }
 
-fn unreachable_store(bucket: &str, e: impl std::fmt::Display) -> Error {
+fn unreachable_store(bucket: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::new(
         ErrorKind::StoreUnavailable,
         format!("the JetStream object store (bucket `{bucket}`) is unavailable: {e}; objects need nats-server with JetStream (-js)"),
     )
+.with_source(e)
 }
 
 fn uri(bucket: &str, key: &str) -> String {
@@ -202,6 +203,7 @@ fn read_failed(key: &str, e: std::io::Error) -> Error {
         ErrorKind::Other,
         format!("reading the data for object `{key}` failed: {e}"),
     )
+    .with_source(e)
 }
 
 /// The bytes of a KV-held object.

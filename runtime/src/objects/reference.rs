@@ -150,6 +150,7 @@ impl<T: DeserializeOwned + 'static> ObjectRef<T> {
                 ErrorKind::Codec,
                 format!("object `{}` does not decode as `{expected}`: {e}", self.uri),
             )
+            .with_source(e)
         })
     }
 }
@@ -212,6 +213,7 @@ impl Objects {
                 ErrorKind::Codec,
                 format!("cannot encode a `{}` to store it: {e}", type_of::<T>()),
             )
+            .with_source(e)
         })?;
         let stored = self.put_bytes_as(bytes.into(), type_of::<T>()).await?;
         Ok(stored.cast())

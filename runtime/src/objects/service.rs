@@ -106,6 +106,7 @@ pub async fn serve(client: &Client) -> Result<ObjectService, Error> {
             ErrorKind::Connection,
             format!("cannot confirm subscriptions with NATS: {e}"),
         )
+        .with_source(e)
     })?;
     Ok(ObjectService { tasks })
 }
@@ -216,6 +217,7 @@ fn locator(objects: &Objects, message: &Message) -> Result<Locator, Error> {
         bad(format!(
             "the request must be JSON {{\"uri\": .., \"digest\": .. (optional), \"offset\": .., \"length\": ..}}: {e}"
         ))
+        .with_source(e)
     })?;
     let own = match &objects.target {
         Target::External(base) => locator

@@ -106,8 +106,9 @@ fn default_idle_to_zero() -> String {
 impl UpConfig {
     /// Parses and checks `wharf.toml` text.
     pub fn from_toml(text: &str) -> Result<UpConfig, Error> {
-        let config: UpConfig = toml::from_str(text)
-            .map_err(|e| Error::new(ErrorKind::Config, format!("wharf.toml: {e}")))?;
+        let config: UpConfig = toml::from_str(text).map_err(|e| {
+            Error::new(ErrorKind::Config, format!("wharf.toml: {e}")).with_source(e)
+        })?;
         let mut names = HashSet::new();
         for service in &config.services {
             service.policy()?;
@@ -137,6 +138,7 @@ impl UpConfig {
                 ErrorKind::Config,
                 format!("cannot read {}: {e}", path.display()),
             )
+            .with_source(e)
         })?;
         UpConfig::from_toml(&text)
     }

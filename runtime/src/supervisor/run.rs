@@ -26,6 +26,7 @@ impl Supervisor {
                     ErrorKind::Connection,
                     format!("cannot subscribe for `wharf down`: {e}"),
                 )
+                .with_source(e)
             })?;
         tokio::pin!(stop);
         let mut ticker = tokio::time::interval(TICK);
@@ -112,8 +113,9 @@ pub async fn supervise_file(path: &std::path::Path) -> Result<(), Error> {
     })?;
     let client = Client::connect(&url).await?.with_prefix(settings.prefix);
     let supervisor = Supervisor::new(&client, &config).await?;
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| {
+        Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")).with_source(e)
+    })?;
     supervisor
         .run(async move {
             term.recv().await;
@@ -125,10 +127,9 @@ pub async fn supervise_file(path: &std::path::Path) -> Result<(), Error> {
 pub async fn instances(client: &Client) -> Result<Vec<Heartbeat>, Error> {
     let js = jetstream::new(client.nats().clone());
     let store = heartbeat::instances_bucket(&js).await?;
-    let mut keys = store
-        .keys()
-        .await
-        .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot list instances: {e}")))?;
+    let mut keys = store.keys().await.map_err(|e| {
+        Error::new(ErrorKind::Connection, format!("cannot list instances: {e}")).with_source(e)
+    })?;
     let mut out = Vec::new();
     while let Some(Ok(key)) = keys.next().await {
         if let Ok(Some(value)) = store.get(&key).await {

@@ -128,6 +128,7 @@ impl Supervisor {
                 ErrorKind::Connection,
                 format!("cannot watch `{}`: {e}", subjects::INSTANCES_BUCKET),
             )
+            .with_source(e)
         })?;
         let seen = beats.clone();
         tokio::spawn(async move {
@@ -155,6 +156,7 @@ impl Supervisor {
                     ErrorKind::Connection,
                     format!("cannot subscribe for demand: {e}"),
                 )
+                .with_source(e)
             })?;
         let noted = demand.clone();
         tokio::spawn(async move {

@@ -66,6 +66,7 @@ pub(crate) async fn txn_bucket(js: &jetstream::Context) -> Result<kv::Store, Err
             ErrorKind::Connection,
             format!("cannot create KV bucket `{TXN_BUCKET}`: {e}; stateful services keep their leases in JetStream (nats-server -js, version 2.11 or later)"),
         )
+.with_source(e)
     })
 }
 
@@ -108,15 +109,21 @@ pub(crate) async fn read_lease(store: &kv::Store, id: &str) -> Result<Option<(Le
             ErrorKind::Codec,
             format!("the lease of transaction `{id}` in `{TXN_BUCKET}` is not valid JSON: {e}"),
         )
+        .with_source(e)
     })?;
     Ok(Some((lease, entry.revision)))
 }
 
-pub(crate) fn kv_error(what: &str, id: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn kv_error(
+    what: &str,
+    id: &str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
     Error::new(
         ErrorKind::Connection,
         format!("cannot {what} the lease of transaction `{id}` in `{TXN_BUCKET}`: {e}"),
     )
+    .with_source(e)
 }
 
 /// The lease length of new transactions: `WHARF_TXN_LEASE` seconds, or

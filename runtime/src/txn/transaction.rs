@@ -156,7 +156,8 @@ impl Transaction {
                     return Err(Error::new(
                         ErrorKind::Connection,
                         format!("cannot end transaction `{id}` at instance `{owner}`: {e}"),
-                    ))
+                    )
+                    .with_source(e))
                 }
             }
         }

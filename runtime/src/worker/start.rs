@@ -286,6 +286,7 @@ impl Worker {
                 ErrorKind::Connection,
                 format!("cannot confirm subscriptions with NATS: {e}"),
             )
+            .with_source(e)
         })?;
         Ok(RunningWorker {
             nats,
