@@ -29,9 +29,17 @@ use wharf::{Client, Codec, Error, ErrorKind, FnSpec, Request, RetryPolicy, Retur
 
 const ENVIRONMENT: &str = "\
 Environment:
-  NATS_URL      server(s) to connect to (default nats://127.0.0.1:4222)
+  NATS_URL      server(s) to connect to (default: the nats-server `wharf up`
+                started, nats://127.0.0.1:4222)
+  NATS_USER, NATS_PASSWORD, NATS_TOKEN, NATS_NKEY, NATS_CREDS
+                how to authenticate (or nats://user:password@host in NATS_URL)
+  NATS_CA, NATS_CERT, NATS_KEY, NATS_TLS_FIRST
+                TLS: the server's CA, a client certificate, TLS first
   WHARF_PREFIX  subject prefix (default wharf)
-  RUST_LOG      what wharf logs to stderr (default info)";
+  RUST_LOG      what wharf logs to stderr (default: wharf at info)";
+
+/// Where `wharf up` starts its own nats-server when none is given.
+const UP_PORT: u16 = 4222;
 
 /// Call, load-test and run wharf microservices.
 #[derive(Parser)]
@@ -366,10 +374,13 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
     if let Command::Up { config } = &command {
         return up(config).await;
     }
-    let url = wharf::Settings::get()?
-        .nats_url
-        .clone()
-        .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+    let settings = wharf::Settings::get()?;
+    let url = match &settings.nats_url {
+        Some(url) => url.clone(),
+        // The nats-server a `wharf up` of this user started, with its token.
+        None => wharf::remembered_local_url(UP_PORT)
+            .unwrap_or_else(|| format!("nats://127.0.0.1:{UP_PORT}")),
+    };
     let client = Client::connect(&url).await?;
     match command {
         Command::Call(target) => Ok(call(&Call::new(target)?, &client).await),
@@ -405,22 +416,31 @@ async fn up(path: &std::path::Path) -> Result<ExitCode, Error> {
     let config = wharf::supervisor::UpConfig::load(path)?;
     // `NATS_URL` and `WHARF_PREFIX` override the file's `[broker]` keys.
     let settings = config.settings()?;
+    let mut started_own = false;
     let url = match &settings.nats_url {
         Some(url) => url.clone(),
         None => {
-            let url = wharf::start_nats_server_on(Some(4222)).await.map_err(|e| {
-                let message = format!(
+            let url = wharf::start_nats_server_on(Some(UP_PORT))
+                .await
+                .map_err(|e| {
+                    let message = format!(
                     "{}; if a nats-server already runs on 4222, set NATS_URL or broker.url in {}",
                     e.message(),
                     path.display()
                 );
-                Error::new(e.kind(), message).with_source(e)
-            })?;
-            tracing::info!("wharf up: started nats-server at {url}");
+                    Error::new(e.kind(), message).with_source(e)
+                })?;
+            // Other `wharf` commands of this user find it (token included).
+            wharf::remember_local_url(UP_PORT, &url)?;
+            started_own = true;
+            tracing::info!(
+                "wharf up: started nats-server at {} (loopback only, with a token only this user's `wharf` commands read)",
+                wharf::settings::redact(&url)
+            );
             url
         }
     };
-    let client = Client::connect(&url)
+    let client = Client::connect_with(&url, &settings.credentials)
         .await?
         .with_prefix(settings.prefix.clone());
     // Foreign clients read and write objects through it.
@@ -436,7 +456,11 @@ async fn up(path: &std::path::Path) -> Result<ExitCode, Error> {
             std::future::pending::<()>().await;
         }
     };
-    supervisor.run(stop).await?;
+    let outcome = supervisor.run(stop).await;
+    if started_own {
+        wharf::forget_local_url(UP_PORT);
+    }
+    outcome?;
     Ok(ExitCode::SUCCESS)
 }
 

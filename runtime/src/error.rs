@@ -68,6 +68,12 @@ pub enum ErrorKind {
     /// A URI or store URL names a scheme or store this process does not
     /// know (code 400, kind `unsupported_store`).
     UnsupportedStore,
+    /// The server refused this process's credentials (user and password,
+    /// token, NKey, creds), or they could not be used.
+    Unauthorized,
+    /// The server refused a publish or subscribe these credentials are not
+    /// permitted.
+    PermissionDenied,
     /// A reply carried a status code this version does not know.
     Other,
 }
@@ -151,6 +157,8 @@ impl ErrorKind {
             ErrorKind::ObjectTypeMismatch => "object_type_mismatch",
             ErrorKind::StoreUnavailable => "store_unavailable",
             ErrorKind::UnsupportedStore => "unsupported_store",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Other => "other",
         }
     }

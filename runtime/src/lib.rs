@@ -88,7 +88,10 @@ pub use handler::registered;
 pub use init::{
     init, init_with, install_logging, is_worker_role, local_server, local_workers, shutdown, Config,
 };
-pub use local::{nats_server_binary, start_nats_server_on};
+pub use local::{
+    forget_local_url, nats_server_binary, remember_local_url, remembered_local_url,
+    start_nats_server_on,
+};
 pub use objects::{put, Blob, ObjectRef};
 pub use request::Request;
 pub use retry::RetryPolicy;

@@ -8,6 +8,7 @@
 
 use crate::error::{Error, ErrorKind};
 use crate::wire::subjects;
+use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -92,15 +93,292 @@ pub struct Settings {
     pub ready_subject: Option<String>,
     /// `WHARF_PARENT_PID`: the local-mode program that started this worker.
     pub parent_pid: Option<u32>,
+    /// How to authenticate to NATS and check the server (`NATS_USER`,
+    /// `NATS_CREDS`, `NATS_CA`, ...).
+    pub credentials: Credentials,
 }
 
-/// The `[broker]` keys of `wharf.toml` that settings read.
-#[derive(Debug, Clone, Default)]
+/// `[broker]` of `wharf.toml`: where NATS is and how to connect to it. The
+/// environment overrides each key (`NATS_URL`, `WHARF_PREFIX`, `NATS_USER`,
+/// ...).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FileSettings {
-    /// `[broker] url`.
+    /// NATS URL(s), comma-separated.
     pub url: Option<String>,
-    /// `[broker] prefix`.
+    /// Subject prefix.
     pub prefix: Option<String>,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// Authentication token.
+    pub token: Option<String>,
+    /// NKey seed, or a file holding one.
+    pub nkey: Option<String>,
+    /// Creds file (JWT and NKey seed).
+    pub creds: Option<String>,
+    /// CA certificate(s) of the server's certificate.
+    pub ca: Option<String>,
+    /// Client certificate (mutual TLS).
+    pub cert: Option<String>,
+    /// Client private key (mutual TLS).
+    pub key: Option<String>,
+    /// TLS before the NATS handshake.
+    pub tls_first: Option<bool>,
+}
+
+/// A secret setting (password, token, NKey seed): shown as `***` by
+/// `Debug`, so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// A secret.
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How this process proves who it is to NATS and checks the server, by the
+/// NATS conventions: `NATS_USER`/`NATS_PASSWORD`, `NATS_TOKEN`,
+/// `NATS_NKEY` (a seed, or a file holding one), `NATS_CREDS` (a creds
+/// file), `NATS_CA`, `NATS_CERT`/`NATS_KEY`, `NATS_TLS_FIRST`; or the same
+/// keys under `[broker]` in `wharf.toml`. A user and password in `NATS_URL`
+/// (`nats://alice:secret@host:4222`) work too.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// `NATS_USER`.
+    pub user: Option<String>,
+    /// `NATS_PASSWORD`.
+    pub password: Option<Secret>,
+    /// `NATS_TOKEN`.
+    pub token: Option<Secret>,
+    /// `NATS_NKEY`: the seed (`SU…`).
+    pub nkey: Option<Secret>,
+    /// `NATS_CREDS`: a creds file (JWT and NKey seed), as `nsc` writes.
+    pub creds: Option<PathBuf>,
+    /// `NATS_CA`: the CA certificate(s) that sign the server's.
+    pub ca: Option<PathBuf>,
+    /// `NATS_CERT`: this client's certificate (mutual TLS).
+    pub cert: Option<PathBuf>,
+    /// `NATS_KEY`: this client's private key (mutual TLS).
+    pub key: Option<PathBuf>,
+    /// `NATS_TLS_FIRST`: TLS before the NATS handshake, for servers set to
+    /// `handshake_first`.
+    pub tls_first: bool,
+}
+
+impl Credentials {
+    /// Reads the credentials through `var`, then `file`; checks that they
+    /// make sense together and that the files they name can be read.
+    fn read(
+        var: &dyn Fn(&str) -> Option<String>,
+        file: Option<&FileSettings>,
+    ) -> Result<Credentials, Error> {
+        let pick =
+            |name: &str, key: &str, from_file: Option<&String>| -> Option<(String, String)> {
+                match var(name) {
+                    Some(value) => Some((name.to_owned(), value)),
+                    None => from_file
+                        .filter(|v| !v.trim().is_empty())
+                        .map(|v| (format!("wharf.toml [broker] {key}"), v.clone())),
+                }
+            };
+        let f = |get: fn(&FileSettings) -> Option<&String>| file.and_then(get);
+        let user = pick("NATS_USER", "user", f(|f| f.user.as_ref()));
+        let password = pick("NATS_PASSWORD", "password", f(|f| f.password.as_ref()));
+        let token = pick("NATS_TOKEN", "token", f(|f| f.token.as_ref()));
+        let nkey = pick("NATS_NKEY", "nkey", f(|f| f.nkey.as_ref()));
+        let creds = pick("NATS_CREDS", "creds", f(|f| f.creds.as_ref()));
+        let ca = pick("NATS_CA", "ca", f(|f| f.ca.as_ref()));
+        let cert = pick("NATS_CERT", "cert", f(|f| f.cert.as_ref()));
+        let key = pick("NATS_KEY", "key", f(|f| f.key.as_ref()));
+        let tls_first = match var("NATS_TLS_FIRST") {
+            Some(text) => match text.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => return Err(invalid("NATS_TLS_FIRST", &text, "true or false")),
+            },
+            None => file.and_then(|f| f.tls_first).unwrap_or(false),
+        };
+        match (&user, &password) {
+            (Some((name, _)), None) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("{name} is set without a password: set NATS_PASSWORD (or [broker] password) too"),
+                ))
+            }
+            (None, Some((name, _))) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("{name} is set without a user: set NATS_USER (or [broker] user) too"),
+                ))
+            }
+            _ => {}
+        }
+        let methods: Vec<&str> = [
+            user.as_ref().map(|_| "a user and password"),
+            token.as_ref().map(|(n, _)| n.as_str()),
+            nkey.as_ref().map(|(n, _)| n.as_str()),
+            creds.as_ref().map(|(n, _)| n.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if methods.len() > 1 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "{} are set; a connection authenticates one way: keep one of them",
+                    methods.join(" and ")
+                ),
+            ));
+        }
+        let readable = |setting: Option<(String, String)>| -> Result<Option<PathBuf>, Error> {
+            let Some((name, path)) = setting else {
+                return Ok(None);
+            };
+            let path = PathBuf::from(path.trim());
+            std::fs::metadata(&path)
+                .and_then(|m| {
+                    if m.is_file() {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::other("not a file"))
+                    }
+                })
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "{name} names `{}`, which cannot be read: {e}",
+                            path.display()
+                        ),
+                    )
+                    .with_source(e)
+                })?;
+            Ok(Some(path))
+        };
+        let nkey = match nkey {
+            Some((name, value)) => Some(Secret(nkey_seed(&name, value.trim())?)),
+            None => None,
+        };
+        let cert = readable(cert)?;
+        let key = readable(key)?;
+        if cert.is_some() != key.is_some() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "a client certificate needs its key: set both NATS_CERT and NATS_KEY (or [broker] cert and key)",
+            ));
+        }
+        Ok(Credentials {
+            user: user.map(|(_, v)| v),
+            password: password.map(|(_, v)| Secret(v)),
+            token: token.map(|(_, v)| Secret(v)),
+            nkey,
+            creds: readable(creds)?,
+            ca: readable(ca)?,
+            cert,
+            key,
+            tls_first,
+        })
+    }
+
+    /// Which credentials these are, for messages: never a secret.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(user) = &self.user {
+            parts.push(format!("user `{user}` with a password"));
+        }
+        if self.token.is_some() {
+            parts.push("a token".to_owned());
+        }
+        if self.nkey.is_some() {
+            parts.push("an NKey".to_owned());
+        }
+        if let Some(creds) = &self.creds {
+            parts.push(format!("creds file `{}`", creds.display()));
+        }
+        if let Some(cert) = &self.cert {
+            parts.push(format!("client certificate `{}`", cert.display()));
+        }
+        if parts.is_empty() {
+            "no credentials".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    /// The environment that hands these credentials to a process this one
+    /// starts (never its command line): variable, value.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = Vec::new();
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        if let Some(user) = &self.user {
+            env.push(("NATS_USER", user.clone()));
+        }
+        if let Some(password) = &self.password {
+            env.push(("NATS_PASSWORD", password.expose().to_owned()));
+        }
+        if let Some(token) = &self.token {
+            env.push(("NATS_TOKEN", token.expose().to_owned()));
+        }
+        if let Some(seed) = &self.nkey {
+            env.push(("NATS_NKEY", seed.expose().to_owned()));
+        }
+        for (name, value) in [
+            ("NATS_CREDS", &self.creds),
+            ("NATS_CA", &self.ca),
+            ("NATS_CERT", &self.cert),
+            ("NATS_KEY", &self.key),
+        ] {
+            if let Some(value) = value {
+                env.push((name, path(value)));
+            }
+        }
+        if self.tls_first {
+            env.push(("NATS_TLS_FIRST", "true".to_owned()));
+        }
+        env
+    }
+}
+
+/// An NKey user seed given directly or as a file holding one; the error
+/// never shows the value.
+fn nkey_seed(name: &str, value: &str) -> Result<String, Error> {
+    let seed = if value.starts_with("SU") {
+        value.to_owned()
+    } else {
+        match std::fs::read_to_string(value) {
+            Ok(text) => text.trim().to_owned(),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("{name} must be an NKey user seed (`SU…`) or a file holding one; it is neither (a value of {} characters)", value.len()),
+                ))
+            }
+        }
+    };
+    if seed.starts_with("SU") && seed.len() == 58 {
+        Ok(seed)
+    } else {
+        Err(Error::new(
+            ErrorKind::Config,
+            format!("{name} does not hold an NKey user seed: expected 58 characters starting with `SU` (as `nk -gen user` writes)"),
+        ))
+    }
 }
 
 impl Settings {
@@ -220,6 +498,7 @@ impl Settings {
             nats_server: var("WHARF_NATS_SERVER").map(PathBuf::from),
             ready_subject: var("WHARF_READY_SUBJECT"),
             parent_pid,
+            credentials: Credentials::read(&var, file)?,
         })
     }
 }
@@ -442,6 +721,7 @@ mod tests {
         let file = FileSettings {
             url: Some("nats://file:4222".into()),
             prefix: Some("from_file".into()),
+            ..FileSettings::default()
         };
         let env = |name: &str| (name == "NATS_URL").then(|| "nats://env:4222".to_owned());
         let settings = Settings::read(&env, Some(&file)).unwrap();
@@ -450,8 +730,8 @@ mod tests {
         let error = Settings::read(
             &|_| None,
             Some(&FileSettings {
-                url: None,
                 prefix: Some("a b".into()),
+                ..FileSettings::default()
             }),
         )
         .unwrap_err();
@@ -459,6 +739,44 @@ mod tests {
             error.message().contains("wharf.toml [broker] prefix"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn credentials_are_checked_and_never_shown() {
+        let both = read(&[("NATS_USER", "alice"), ("NATS_PASSWORD", "pw-s3cret")]).unwrap();
+        assert_eq!(both.credentials.user.as_deref(), Some("alice"));
+        let debug = format!("{:?}", both.credentials);
+        assert!(!debug.contains("pw-s3cret"), "{debug}");
+        assert!(both
+            .credentials
+            .env()
+            .contains(&("NATS_PASSWORD", "pw-s3cret".to_owned())));
+        for (vars, says) in [
+            (vec![("NATS_PASSWORD", "pw")], "without a user"),
+            (vec![("NATS_USER", "alice")], "without a password"),
+            (
+                vec![
+                    ("NATS_TOKEN", "t"),
+                    ("NATS_USER", "a"),
+                    ("NATS_PASSWORD", "p"),
+                ],
+                "authenticates one way",
+            ),
+            (vec![("NATS_NKEY", "not-a-seed-at-all")], "NKey user seed"),
+            (
+                vec![("NATS_CREDS", "/no/such/file.creds")],
+                "cannot be read",
+            ),
+            (vec![("NATS_CA", "/no/such/ca.pem")], "NATS_CA names"),
+            (vec![("NATS_TLS_FIRST", "maybe")], "true or false"),
+        ] {
+            let error = read(&vars).unwrap_err();
+            assert!(error.message().contains(says), "{vars:?}: {error}");
+            assert!(!error.message().contains("not-a-seed-at-all"), "{error}");
+        }
+        let seed = format!("SU{}", "A".repeat(56));
+        let nkey = read(&[("NATS_NKEY", seed.as_str())]).unwrap();
+        assert!(!format!("{:?}", nkey.credentials).contains(&seed));
     }
 
     #[test]

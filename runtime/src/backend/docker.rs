@@ -58,7 +58,19 @@ impl Backend for DockerBackend {
         command.args(["--label", &format!("wharf.service={}", launch.service)]);
         command.args(["--label", &format!("wharf.instance={}", launch.instance)]);
         for (key, value) in &launch.env {
-            command.args(["--env", &format!("{key}={value}")]);
+            // Files the credentials name are mounted read-only where the
+            // instance finds them.
+            let value = match key.as_str() {
+                "NATS_CREDS" | "NATS_CA" | "NATS_CERT" | "NATS_KEY" => {
+                    let inside = format!("/run/wharf/{}", key.to_ascii_lowercase());
+                    command.args(["--volume", &format!("{value}:{inside}:ro")]);
+                    inside
+                }
+                _ => value.clone(),
+            };
+            // `--env NAME` takes the value from this command's environment,
+            // so no password or token is on a command line (`ps`).
+            command.args(["--env", key]).env(key, value);
         }
         command.args(["--env", &format!("WHARF_CONTAINER={name}")]);
         command.arg(&self.image).args(&self.args);

@@ -7,10 +7,11 @@
 //! so this module does not know them.
 
 pub(crate) mod call;
+pub(crate) mod connect;
 pub(crate) mod returns;
 
 use crate::error::{Error, ErrorKind};
-use crate::settings::{redact, Settings};
+use crate::settings::{Credentials, Settings};
 use crate::wire::subjects;
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -30,6 +31,8 @@ struct Inner {
     nats: async_nats::Client,
     prefix: String,
     url: String,
+    /// What it authenticated with, for the processes it starts.
+    credentials: Credentials,
     /// State of the layers above, one value per type, made on first use.
     extensions: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     /// Payloads larger than this are spilled to the object store; 0 until
@@ -47,26 +50,31 @@ impl Client {
     /// let client = wharf::Client::connect("nats://127.0.0.1:4222").await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// Credentials and TLS come from the settings (`NATS_USER` and
+    /// `NATS_PASSWORD`, `NATS_TOKEN`, `NATS_NKEY`, `NATS_CREDS`, `NATS_CA`,
+    /// `NATS_CERT` and `NATS_KEY`, `NATS_TLS_FIRST`), or from the URL
+    /// (`nats://alice:secret@host:4222`).
     pub async fn connect(url: &str) -> Result<Client, Error> {
         // Settings that do not validate fail here, before any call.
-        Settings::get()?;
-        let servers: Vec<&str> = url
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        let nats = async_nats::ConnectOptions::new()
-            .name("wharf")
+        let credentials = &Settings::get()?.credentials;
+        Client::connect_with(url, credentials).await
+    }
+
+    /// [`Client::connect`] with these credentials instead of the settings'
+    /// (for example those of a `wharf.toml`).
+    pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Client, Error> {
+        let options = connect::options(url, credentials).await?;
+        let servers = connect::servers(url);
+        let nats = options
             .connect(servers.as_slice())
             .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot connect to NATS at `{}`: {e}; start nats-server there, or unset NATS_URL to let wharf::init() start one", redact(url)),
-                )
-                .with_source(e)
-            })?;
-        Ok(Client::from_nats(nats, url))
+            .map_err(|e| connect::failed(url, credentials, e))?;
+        let mut client = Client::from_nats(nats, url);
+        Arc::get_mut(&mut client.inner)
+            .expect("a new client is not shared yet")
+            .credentials = credentials.clone();
+        Ok(client)
     }
 
     /// Wraps an existing async-nats connection (`url` is used in messages).
@@ -75,15 +83,21 @@ impl Client {
         let prefix = Settings::get()
             .map(|s| s.prefix.clone())
             .unwrap_or_else(|_| subjects::DEFAULT_PREFIX.to_owned());
-        Client::new(nats, url.into(), prefix)
+        Client::new(nats, url.into(), prefix, Credentials::default())
     }
 
-    fn new(nats: async_nats::Client, url: String, prefix: String) -> Client {
+    fn new(
+        nats: async_nats::Client,
+        url: String,
+        prefix: String,
+        credentials: Credentials,
+    ) -> Client {
         Client {
             inner: Arc::new(Inner {
                 nats,
                 prefix,
                 url,
+                credentials,
                 extensions: Mutex::new(HashMap::new()),
                 spill_at: AtomicUsize::new(0),
             }),
@@ -96,6 +110,7 @@ impl Client {
             self.inner.nats.clone(),
             self.inner.url.clone(),
             prefix.into(),
+            self.inner.credentials.clone(),
         )
     }
 
@@ -109,9 +124,15 @@ impl Client {
         &self.inner.prefix
     }
 
-    /// The URL this client connected to.
+    /// The URL this client connected to (with any password in it: show
+    /// it through [`redact`](crate::settings::redact)).
     pub fn url(&self) -> &str {
         &self.inner.url
+    }
+
+    /// The credentials this client connected with (its URL may carry more).
+    pub fn credentials(&self) -> &Credentials {
+        &self.inner.credentials
     }
 
     /// This connection's value of type `T`, made by `init` the first time

@@ -7,4 +7,7 @@ pub(crate) mod children;
 pub(crate) mod server;
 pub(crate) mod workers;
 
-pub use server::{nats_server_binary, start_nats_server_on};
+pub use server::{
+    forget_local_url, nats_server_binary, remember_local_url, remembered_local_url,
+    start_nats_server_on,
+};

@@ -98,8 +98,11 @@ pub(crate) async fn start_nats_server() -> Result<String, Error> {
 }
 
 /// Starts nats-server as local mode does, on `port` when given
-/// (the `wharf up` default, 4222, so other commands find it) or a free one.
-/// It is stopped when this process exits.
+/// (the `wharf up` default, 4222, so other commands find it) or a free one,
+/// listening on loopback only and requiring a random token. Returns its URL
+/// with the token in it (show it through
+/// [`redact`](crate::settings::redact)). It is stopped when this process
+/// exits.
 pub async fn start_nats_server_on(port: Option<u16>) -> Result<String, Error> {
     let binary = nats_server_binary()?;
     children::sweep_stale_scratch(SCRATCH_PREFIX);
@@ -116,8 +119,17 @@ pub async fn start_nats_server_on(port: Option<u16>) -> Result<String, Error> {
         .with_source(e)
     })?;
     let log = scratch.join("nats-server.log");
+    // Only this process and the children it hands the token to may connect:
+    // loopback only (nats_command), and a random token kept in a file only
+    // this user can read, not on the command line.
+    let token = format!("{}{}", nuid::next().as_str(), nuid::next().as_str());
+    let config = scratch.join("nats-server.conf");
+    private_file(
+        &config,
+        &format!("authorization {{ token: \"{token}\" }}\n"),
+    )?;
     let mut command = nats_command(&binary, &scratch, true);
-    command.arg("-l").arg(&log);
+    command.arg("-c").arg(&config).arg("-l").arg(&log);
     if let Some(port) = port {
         // The last `-p` wins over nats_command's free port.
         command.args(["-p", &port.to_string()]);
@@ -134,7 +146,7 @@ pub async fn start_nats_server_on(port: Option<u16>) -> Result<String, Error> {
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(port) = reported_port(&scratch, pid, "nats") {
-            return Ok(format!("nats://127.0.0.1:{port}"));
+            return Ok(format!("nats://{token}@127.0.0.1:{port}"));
         }
         let failure = match children::exited(Role::Server) {
             Some((exited, status)) if exited == pid => format!("it exited ({status})"),
@@ -155,4 +167,58 @@ pub async fn start_nats_server_on(port: Option<u16>) -> Result<String, Error> {
             ),
         ));
     }
+}
+
+/// Writes `text` to a new file only this user can read.
+fn private_file(path: &Path, text: &str) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Process,
+                format!("cannot write `{}`: {e}", path.display()),
+            )
+            .with_source(e)
+        })
+}
+
+/// Where `wharf up` leaves the URL (with its token) of the nats-server it
+/// started on `port`, for the user's other `wharf` commands: a directory
+/// only this user can enter.
+fn remembered(port: u16) -> PathBuf {
+    // SAFETY: getuid(2) has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir()
+        .join(format!("wharf-{uid}"))
+        .join(format!("nats-{port}.url"))
+}
+
+/// Remembers the URL of the nats-server `wharf up` started on `port`.
+pub fn remember_local_url(port: u16, url: &str) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    let path = remembered(port);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(dir);
+    }
+    let _ = std::fs::remove_file(&path);
+    private_file(&path, url)
+}
+
+/// The URL `wharf up` remembered for `port`, if this user ran one.
+pub fn remembered_local_url(port: u16) -> Option<String> {
+    std::fs::read_to_string(remembered(port))
+        .ok()
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+}
+
+/// Forgets the URL remembered for `port` (`wharf up` stopping).
+pub fn forget_local_url(port: u16) {
+    let _ = std::fs::remove_file(remembered(port));
 }

@@ -20,15 +20,8 @@ pub struct UpConfig {
     pub services: Vec<ServiceConfig>,
 }
 
-/// `[broker]` of `wharf.toml`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BrokerConfig {
-    /// NATS URL(s), comma-separated; `NATS_URL` overrides it.
-    pub url: Option<String>,
-    /// Subject prefix; `WHARF_PREFIX` overrides it.
-    pub prefix: Option<String>,
-}
+/// `[broker]` of `wharf.toml`: where NATS is and how to connect to it.
+pub type BrokerConfig = FileSettings;
 
 /// One `[[service]]` of `wharf.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -125,10 +118,7 @@ impl UpConfig {
     /// The settings of a process run by this file: its `[broker]` keys,
     /// overridden by the environment, checked by the same rules.
     pub fn settings(&self) -> Result<Settings, Error> {
-        Settings::with_file(&FileSettings {
-            url: self.broker.url.clone(),
-            prefix: self.broker.prefix.clone(),
-        })
+        Settings::with_file(&self.broker)
     }
 
     /// Reads and checks a `wharf.toml` file.

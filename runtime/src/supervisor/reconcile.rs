@@ -113,6 +113,10 @@ impl Supervisor {
         let entry = &self.services[service];
         let mut env = entry.config.env.clone();
         env.insert("NATS_URL".into(), self.url.clone());
+        // Through the environment, never the command line.
+        for (name, value) in self.client.credentials().env() {
+            env.insert(name.into(), value);
+        }
         env.insert("WHARF_PREFIX".into(), self.client.prefix().to_owned());
         env.insert("WHARF_INSTANCE_ID".into(), instance.clone());
         env.insert("WHARF_ROLE".into(), "worker".into());

@@ -111,7 +111,9 @@ pub async fn supervise_file(path: &std::path::Path) -> Result<(), Error> {
             ),
         )
     })?;
-    let client = Client::connect(&url).await?.with_prefix(settings.prefix);
+    let client = Client::connect_with(&url, &settings.credentials)
+        .await?
+        .with_prefix(settings.prefix);
     let supervisor = Supervisor::new(&client, &config).await?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| {
         Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")).with_source(e)

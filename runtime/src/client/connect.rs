@@ -1,0 +1,177 @@
+//! Connecting as the settings say: credentials (user and password, token,
+//! NKey seed, creds file), TLS (a `tls://` URL, a CA, a client certificate,
+//! TLS first), and an error that says which of them failed and how to fix
+//! it, never showing a secret.
+
+use crate::error::{Error, ErrorKind};
+use crate::settings::{redact, Credentials};
+use async_nats::{ConnectErrorKind, ConnectOptions};
+
+/// What a URL list carries before its host: `user:password@` or `token@`.
+#[derive(Debug, PartialEq)]
+enum UrlAuth {
+    None,
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The servers of a comma-separated URL list, without any user, password
+/// or token (those travel in the handshake instead).
+pub(crate) fn servers(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|url| {
+            let (scheme, rest) = url.split_once("://").unwrap_or(("nats", url));
+            let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            format!("{scheme}://{host}")
+        })
+        .collect()
+}
+
+/// The credentials in the first URL of a list (the servers of one
+/// deployment share them), percent-decoded.
+fn url_auth(urls: &str) -> UrlAuth {
+    let Some(first) = urls.split(',').map(str::trim).find(|s| !s.is_empty()) else {
+        return UrlAuth::None;
+    };
+    let rest = first.split_once("://").map_or(first, |(_, rest)| rest);
+    let Some((userinfo, _)) = rest.rsplit_once('@') else {
+        return UrlAuth::None;
+    };
+    let decode = |text: &str| {
+        url::form_urlencoded::parse(format!("v={}", text.replace('+', "%2B")).as_bytes())
+            .next()
+            .map_or_else(|| text.to_owned(), |(_, v)| v.into_owned())
+    };
+    match userinfo.split_once(':') {
+        Some((user, password)) => UrlAuth::UserPassword(decode(user), decode(password)),
+        None => UrlAuth::Token(decode(userinfo)),
+    }
+}
+
+/// Connect options for `urls` with `credentials`; credentials in the URL
+/// count when the settings give none.
+pub(crate) async fn options(
+    urls: &str,
+    credentials: &Credentials,
+) -> Result<ConnectOptions, Error> {
+    let mut options = ConnectOptions::new().name("wharf");
+    let configured = credentials.user.is_some()
+        || credentials.token.is_some()
+        || credentials.nkey.is_some()
+        || credentials.creds.is_some();
+    if let (Some(user), Some(password)) = (&credentials.user, &credentials.password) {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    if let Some(token) = &credentials.token {
+        options = options.token(token.expose().to_owned());
+    }
+    if let Some(seed) = &credentials.nkey {
+        options = options.nkey(seed.expose().to_owned());
+    }
+    if let Some(path) = &credentials.creds {
+        options = options.credentials_file(path).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the creds file `{}` cannot be used: {e}; it must hold a user JWT and NKey seed as `nsc generate creds` writes",
+                    path.display()
+                ),
+            )
+            .with_source(e)
+        })?;
+    }
+    if !configured {
+        match url_auth(urls) {
+            UrlAuth::UserPassword(user, password) => {
+                options = options.user_and_password(user, password)
+            }
+            UrlAuth::Token(token) => options = options.token(token),
+            UrlAuth::None => {}
+        }
+    }
+    if let Some(ca) = &credentials.ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&credentials.cert, &credentials.key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let tls = credentials.ca.is_some()
+        || credentials.cert.is_some()
+        || credentials.tls_first
+        || servers(urls).iter().any(|s| s.starts_with("tls://"));
+    if tls {
+        options = options.require_tls(true);
+    }
+    if credentials.tls_first {
+        options = options.tls_first();
+    }
+    Ok(options)
+}
+
+/// A connection that failed, as an error saying what failed and how to
+/// fix it: refused credentials and TLS are told apart from no server.
+pub(crate) fn failed(urls: &str, credentials: &Credentials, e: async_nats::ConnectError) -> Error {
+    let shown = redact(urls);
+    let what = match (credentials.describe().as_str(), url_auth(urls)) {
+        ("no credentials", UrlAuth::UserPassword(user, _)) => {
+            format!("user `{user}` with a password, from the URL")
+        }
+        ("no credentials", UrlAuth::Token(_)) => "a token, from the URL".to_owned(),
+        (described, _) => described.to_owned(),
+    };
+    let text = e.to_string();
+    // rustls reports an untrusted or mismatched certificate as an I/O error.
+    let tls_failure = e.kind() == ConnectErrorKind::Tls
+        || text.contains("certificate")
+        || text.contains("handshake");
+    let (kind, advice) = match e.kind() {
+        ConnectErrorKind::AuthorizationViolation => (
+            ErrorKind::Unauthorized,
+            format!("the server refused the credentials ({what}): check them, and whether they expired; set them with NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_NKEY or NATS_CREDS"),
+        ),
+        ConnectErrorKind::Authentication => (
+            ErrorKind::Unauthorized,
+            format!("the credentials could not be used ({what}): check the NKey seed or creds file"),
+        ),
+        _ if text.contains("invalid peer certificate") => (
+            ErrorKind::Connection,
+            "the server's TLS certificate is not trusted or does not name this host: set NATS_CA (or [broker] ca) to the CA that signed it".to_owned(),
+        ),
+        _ if tls_failure => (
+            ErrorKind::Connection,
+            "the TLS handshake failed: check that the server speaks TLS (tls:// or NATS_CA), that NATS_CA names the CA that signed its certificate, and NATS_CERT/NATS_KEY when it asks for a client certificate; NATS_TLS_FIRST=true when it wants TLS before the NATS greeting".to_owned(),
+        ),
+        _ => (
+            ErrorKind::Connection,
+            "start nats-server there, or unset NATS_URL to let wharf::init() start one".to_owned(),
+        ),
+    };
+    // async-nats's own text can include the server's reply; it holds no
+    // secret of ours, but the URL shown is the redacted one.
+    Error::new(
+        kind,
+        format!("cannot connect to NATS at `{shown}`: {e}; {advice}"),
+    )
+    .with_source(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_credentials_to_the_handshake() {
+        assert_eq!(
+            servers("nats://alice:s%40cret@a:4222, tls://b:4222,c:4222"),
+            ["nats://a:4222", "tls://b:4222", "nats://c:4222"]
+        );
+        assert_eq!(
+            url_auth("nats://alice:s%40cret@a:4222"),
+            UrlAuth::UserPassword("alice".into(), "s@cret".into())
+        );
+        assert_eq!(url_auth("nats://tok@a:4222"), UrlAuth::Token("tok".into()));
+        assert_eq!(url_auth("nats://a:4222"), UrlAuth::None);
+    }
+}

@@ -1,0 +1,239 @@
+//! Every way NATS authenticates, against real nats-server processes with
+//! generated configurations, keys and certificates: a wharf client and
+//! worker connect, call, and fail clearly (and without printing a secret)
+//! when the credentials are wrong.
+
+use wharf::settings::{Credentials, Secret};
+use wharf::testing::{NatsServer, TempDir};
+use wharf::{Client, ErrorKind, Worker};
+
+/// Adds.
+#[wharf::microservice(service = "secure")]
+pub async fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+/// Connects with `credentials`, serves, and calls through the same client.
+async fn round_trip(url: &str, credentials: &Credentials) -> Result<i64, wharf::Error> {
+    let client = Client::connect_with(url, credentials).await?;
+    let _worker = Worker::new(&client).start().await?;
+    add::call(&client, 2, 3).await
+}
+
+fn password(user: &str, password: &str) -> Credentials {
+    Credentials {
+        user: Some(user.to_owned()),
+        password: Some(Secret::new(password)),
+        ..Credentials::default()
+    }
+}
+
+#[tokio::test]
+async fn user_and_password_in_the_url_or_the_settings() {
+    let server =
+        NatsServer::start_with_config("authorization { user: alice, password: \"s3cret-pw\" }")
+            .unwrap();
+    let in_url = format!("nats://alice:s3cret-pw@127.0.0.1:{}", server.port());
+    assert_eq!(
+        round_trip(&in_url, &Credentials::default()).await.unwrap(),
+        5
+    );
+    assert_eq!(
+        round_trip(&server.url(), &password("alice", "s3cret-pw"))
+            .await
+            .unwrap(),
+        5
+    );
+
+    let error = Client::connect_with(&server.url(), &password("alice", "wrong-pw"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
+    let text = error.to_string();
+    assert!(text.contains("user `alice`"), "{text}");
+    assert!(!text.contains("wrong-pw"), "a password is printed: {text}");
+
+    let wrong_url = format!("nats://alice:wrong-pw@127.0.0.1:{}", server.port());
+    let error = Client::connect_with(&wrong_url, &Credentials::default())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
+    let text = error.to_string();
+    assert!(text.contains("alice:***@"), "{text}");
+    assert!(!text.contains("wrong-pw"), "a password is printed: {text}");
+
+    let error = Client::connect_with(&server.url(), &Credentials::default())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
+    assert!(error.to_string().contains("no credentials"), "{error}");
+}
+
+#[tokio::test]
+async fn a_token_in_the_url_or_the_settings() {
+    let server =
+        NatsServer::start_with_config("authorization { token: \"t0ken-s3cret\" }").unwrap();
+    let token = Credentials {
+        token: Some(Secret::new("t0ken-s3cret")),
+        ..Credentials::default()
+    };
+    assert_eq!(round_trip(&server.url(), &token).await.unwrap(), 5);
+    let in_url = format!("nats://t0ken-s3cret@127.0.0.1:{}", server.port());
+    assert_eq!(
+        round_trip(&in_url, &Credentials::default()).await.unwrap(),
+        5
+    );
+
+    let wrong = Credentials {
+        token: Some(Secret::new("not-the-t0ken")),
+        ..Credentials::default()
+    };
+    let error = Client::connect_with(&server.url(), &wrong)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
+    assert!(!error.to_string().contains("not-the-t0ken"), "{error}");
+    // Nor does the settings' Debug form show it.
+    assert!(!format!("{wrong:?}").contains("not-the-t0ken"));
+}
+
+#[tokio::test]
+async fn an_nkey() {
+    let user = nkeys::KeyPair::new_user();
+    let server = NatsServer::start_with_config(&format!(
+        "authorization {{ users: [ {{ nkey: \"{}\" }} ] }}",
+        user.public_key()
+    ))
+    .unwrap();
+    let nkey = Credentials {
+        nkey: Some(Secret::new(user.seed().unwrap())),
+        ..Credentials::default()
+    };
+    assert_eq!(round_trip(&server.url(), &nkey).await.unwrap(), 5);
+
+    let stranger = nkeys::KeyPair::new_user();
+    let other = Credentials {
+        nkey: Some(Secret::new(stranger.seed().unwrap())),
+        ..Credentials::default()
+    };
+    let error = Client::connect_with(&server.url(), &other)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
+    assert!(!error.to_string().contains(&stranger.seed().unwrap()));
+}
+
+/// A CA, a server certificate for 127.0.0.1 signed by it, and a client
+/// certificate signed by it, as PEM files in `dir`.
+struct Pki {
+    ca: std::path::PathBuf,
+    server_cert: std::path::PathBuf,
+    server_key: std::path::PathBuf,
+    client_cert: std::path::PathBuf,
+    client_key: std::path::PathBuf,
+}
+
+fn pki(dir: &std::path::Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf(vec!["wharf-client".into()]);
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    Pki {
+        ca: write("ca.pem", &ca.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server-key.pem", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client-key.pem", &client_key),
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_with_a_custom_ca() {
+    let dir = TempDir::new("tls");
+    let pki = pki(dir.path());
+    let server = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        pki.ca.display()
+    ))
+    .unwrap();
+    let full = Credentials {
+        ca: Some(pki.ca.clone()),
+        cert: Some(pki.client_cert.clone()),
+        key: Some(pki.client_key.clone()),
+        ..Credentials::default()
+    };
+    assert_eq!(round_trip(&server.url(), &full).await.unwrap(), 5);
+    let tls_url = format!("tls://127.0.0.1:{}", server.port());
+    assert_eq!(round_trip(&tls_url, &full).await.unwrap(), 5);
+
+    // The server's certificate is not trusted without the CA.
+    let untrusted = Credentials {
+        cert: Some(pki.client_cert.clone()),
+        key: Some(pki.client_key.clone()),
+        ..Credentials::default()
+    };
+    let error = Client::connect_with(&tls_url, &untrusted)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    assert!(error.to_string().contains("NATS_CA"), "{error}");
+
+    // The server asks for a client certificate.
+    let no_client_cert = Credentials {
+        ca: Some(pki.ca.clone()),
+        ..Credentials::default()
+    };
+    assert!(Client::connect_with(&server.url(), &no_client_cert)
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn tls_first_where_the_server_asks_for_it() {
+    let dir = TempDir::new("tls-first");
+    let pki = pki(dir.path());
+    let server = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", handshake_first: true }}",
+        pki.server_cert.display(),
+        pki.server_key.display()
+    ))
+    .unwrap();
+    let first = Credentials {
+        ca: Some(pki.ca.clone()),
+        tls_first: true,
+        ..Credentials::default()
+    };
+    assert_eq!(round_trip(&server.url(), &first).await.unwrap(), 5);
+}
+
+#[tokio::test]
+async fn local_mode_servers_take_only_their_token() {
+    let url = wharf::start_nats_server_on(None).await.unwrap();
+    let shown = wharf::settings::redact(&url);
+    assert!(shown.starts_with("nats://***@127.0.0.1:"), "{shown}");
+    assert_eq!(round_trip(&url, &Credentials::default()).await.unwrap(), 5);
+    // Anyone else on this machine: refused.
+    let open = shown.replace("***@", "");
+    let error = Client::connect_with(&open, &Credentials::default())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
+    wharf::shutdown().await;
+}
