@@ -695,3 +695,33 @@ async fn an_undecodable_durable_call_is_dead_lettered_at_once() {
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::DeadLetter);
 }
+
+#[tokio::test]
+async fn a_durable_call_cannot_make_a_worker_publish_outside_an_inbox() {
+    let (_server, client, _worker) = setup().await;
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let mut victim = client.nats().subscribe("victim.subject").await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    headers.insert("Wharf-Call-Id", "not-an-inbox-1");
+    headers.insert("Wharf-Reply", "victim.subject");
+    js.publish_with_headers("wharf.durable.calls.add", headers, r#"[2, 3]"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let error = add::collect("not-an-inbox-1")
+        .client(&client)
+        .timeout(Duration::from_secs(20))
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DeadLetter, "{error}");
+    assert!(error.message().contains("not an inbox subject"), "{error}");
+    client.nats().flush().await.unwrap();
+    let published = tokio::time::timeout(Duration::from_millis(200), victim.next()).await;
+    assert!(
+        published.is_err(),
+        "the worker published to the named subject"
+    );
+}

@@ -285,3 +285,50 @@ async fn bad_references_get_distinct_errors() {
     assert_eq!(error.kind(), ErrorKind::StoreUnavailable, "{error}");
     assert!(error.message().contains("JetStream"), "{error}");
 }
+
+#[tokio::test]
+async fn hostile_object_requests_get_400_and_the_service_keeps_serving() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _service = wharf::objects::service::serve(&client).await.unwrap();
+    let nats = client.nats();
+    let get = |uri: String| {
+        let body = serde_json::json!({ "uri": uri }).to_string();
+        async move {
+            let request = async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(std::time::Duration::from_secs(10)));
+            nats.send_request("wharf.objects.get", request)
+                .await
+                .expect("every request is answered")
+        }
+    };
+    let long = format!("wharf://jetstream/wharf_objects/{}", "k".repeat(5_000));
+    for uri in [
+        long,
+        "wharf://jetstream/wharf_objects/../x".to_owned(),
+        "wharf://jetstream/wharf_objects/a b".to_owned(),
+    ] {
+        let reply = get(uri.clone()).await;
+        let headers = reply.headers.expect("an error reply");
+        assert_eq!(
+            headers.get("Nats-Service-Error-Code").map(|v| v.as_str()),
+            Some("400"),
+            "{uri:.80}"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(body["kind"], "bad_request", "{body}");
+        assert!(body["message"].as_str().unwrap().len() < 400, "{body}");
+    }
+    // Still connected, still serving.
+    let stored = wharf::objects::Objects::new(&client)
+        .unwrap()
+        .put_bytes(bytes::Bytes::from_static(b"still here"))
+        .await
+        .unwrap();
+    let reply = get(stored.uri.clone()).await;
+    assert!(reply
+        .headers
+        .is_none_or(|h| h.get("Nats-Service-Error-Code").is_none()));
+    assert_eq!(&reply.payload[..], b"still here");
+}

@@ -164,7 +164,8 @@ async fn put(objects: &Objects, message: &Message) -> Answer {
     };
     if !subjects::valid_txn_id(upload) {
         return Err(bad(format!(
-            "Wharf-Upload `{upload}` must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'"
+            "Wharf-Upload `{}` must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'",
+            subjects::shown(upload)
         )));
     }
     let store = parts_store(&objects.client).await?;

@@ -9,6 +9,7 @@ use super::{external, jetstream};
 use crate::client::Client;
 use crate::error::{Error, ErrorKind};
 use crate::settings::Settings;
+use crate::wire::subjects::{shown, valid_id, MAX_URI};
 use futures_util::future::BoxFuture;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -58,8 +59,34 @@ pub(crate) enum Location<'a> {
 }
 
 pub(crate) fn locate(uri: &str) -> Result<Location<'_>, Error> {
+    if uri.len() > MAX_URI {
+        return Err(Error::new(
+            ErrorKind::BadRequest,
+            format!(
+                "object URI `{}` is too long: object URIs are at most {MAX_URI} characters",
+                shown(uri)
+            ),
+        ));
+    }
     if let Some(rest) = uri.strip_prefix("wharf://") {
         let (store, key) = rest.split_once('/').unwrap_or((rest, ""));
+        // The key becomes a subject token and a KV key: check it first.
+        let key_in_bucket = key.split_once('/').map_or(key, |(_, k)| k);
+        let checked = if store == "jetstream" {
+            key_in_bucket
+        } else {
+            key
+        };
+        if !checked.is_empty() && !valid_id(checked.as_bytes()) {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "`{}` in `{}` is not an object key: keys are 1 to 128 characters of A-Z, a-z, 0-9, '-' and '_'",
+                    shown(checked),
+                    shown(uri)
+                ),
+            ));
+        }
         if store == "jetstream" {
             return match key.split_once('/') {
                 Some((OBJECTS_BUCKET, key)) if !key.is_empty() => Ok(Location::Inline(key)),

@@ -208,6 +208,35 @@ pub fn valid_txn_id(id: &str) -> bool {
     id.len() <= 64 && valid_id(id.as_bytes())
 }
 
+/// The longest object URI wharf accepts.
+pub const MAX_URI: usize = 1024;
+
+/// Whether `subject` may be where a durable call's reply goes: an inbox
+/// (`_INBOX.…`) of printable tokens, so a request cannot make a worker
+/// publish onto any other subject.
+pub fn valid_reply(subject: &str) -> bool {
+    subject.len() <= 256
+        && subject.starts_with("_INBOX.")
+        && subject.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .chars()
+                    .all(|c| c.is_ascii_graphic() && c != '*' && c != '>')
+        })
+}
+
+/// A value from a request as an error may show it: whole when short, its
+/// start and length when long.
+pub fn shown(value: &str) -> String {
+    const SHOWN: usize = 64;
+    if value.chars().count() <= SHOWN {
+        value.to_owned()
+    } else {
+        let start: String = value.chars().take(SHOWN).collect();
+        format!("{start}… ({} characters)", value.chars().count())
+    }
+}
+
 /// Whether `prefix` can start every subject: dot-separated tokens of
 /// printable characters without spaces or wildcards.
 pub fn valid_prefix(prefix: &str) -> bool {
@@ -274,5 +303,12 @@ mod tests {
         assert!(!valid_prefix("a b"));
         assert!(!valid_prefix("a.*"));
         assert!(!valid_prefix(""));
+        assert!(valid_reply("_INBOX.abc.durable.id1"));
+        assert!(!valid_reply("wharf._supervisor.down"));
+        assert!(!valid_reply("_INBOX.a b"));
+        assert!(!valid_reply("_INBOX.>"));
+        assert!(!valid_reply(&format!("_INBOX.{}", "a".repeat(300))));
+        assert_eq!(shown("short"), "short");
+        assert!(shown(&"k".repeat(5000)).ends_with("(5000 characters)"));
     }
 }

@@ -91,11 +91,37 @@ pub(crate) async fn serve(
 async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream::Message) {
     let started = SystemTime::now();
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-    let reply = message
+    let named = message
         .headers
         .as_ref()
         .and_then(|h| h.get(headers::REPLY))
-        .map(|v| async_nats::Subject::from(v.as_str()));
+        .map(|v| v.as_str().to_owned());
+    // A worker answers only to an inbox: a request must not be able to make
+    // it publish onto any other subject (a drain, a stop, another call).
+    let reply = named
+        .as_deref()
+        .filter(|subject| subjects::valid_reply(subject))
+        .map(async_nats::Subject::from);
+    if let Some(named) = named.filter(|_| reply.is_none()) {
+        let (codec, id) = match read_request(&message.message) {
+            Ok((codec, meta, _)) => (
+                codec,
+                subjects::valid_id(&meta.call_id)
+                    .then(|| String::from_utf8_lossy(&meta.call_id).into_owned()),
+            ),
+            Err((codec, _)) => (codec, None),
+        };
+        let fate = Fate {
+            codec,
+            id,
+            reply: None,
+        };
+        let reason = format!(
+            "Wharf-Reply `{}` is not an inbox subject: a durable call's reply goes to `_INBOX.<...>` (see docs/protocol.md)",
+            subjects::shown(&named)
+        );
+        return dead_letter(endpoint, js, &message, fate, &reason).await;
+    }
     let (codec, meta, args) = match read_request(&message.message) {
         Ok(parts) => parts,
         Err((codec, fault)) => {
