@@ -237,3 +237,44 @@ async fn local_mode_servers_take_only_their_token() {
     assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
     wharf::shutdown().await;
 }
+
+/// Divides; the caller below may not call it.
+#[wharf::microservice(service = "secure")]
+pub async fn divide(a: i64, b: i64) -> i64 {
+    a / b.max(1)
+}
+
+#[tokio::test]
+async fn a_refused_publish_fails_the_call_at_once_as_permission_denied() {
+    let server = NatsServer::start_with_config(
+        r#"authorization { users: [
+            { user: worker, password: w, permissions: { publish: ">", subscribe: ">" } },
+            { user: caller, password: c, permissions: {
+                publish: ["wharf.secure.add", "$JS.API.>", "_INBOX.>"],
+                subscribe: ["_INBOX.>"] } }
+        ] }"#,
+    )
+    .unwrap();
+    let worker_client = Client::connect_with(&server.url(), &password("worker", "w"))
+        .await
+        .unwrap();
+    let _worker = Worker::new(&worker_client).start().await.unwrap();
+    let caller = Client::connect_with(&server.url(), &password("caller", "c"))
+        .await
+        .unwrap();
+    assert_eq!(add::call(&caller, 2, 3).await.unwrap(), 5);
+    // Not a timeout: the call fails as soon as the server says no, long
+    // before its 20 s deadline.
+    let error = divide::request(6, 3)
+        .client(&caller)
+        .timeout(std::time::Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
+    assert!(error.message().contains("wharf.secure.divide"), "{error}");
+    // And again, without sending.
+    let error = divide::call(&caller, 6, 3).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
+    // The permitted call still works on the same connection.
+    assert_eq!(add::call(&caller, 1, 1).await.unwrap(), 2);
+}

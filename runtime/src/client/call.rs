@@ -302,6 +302,12 @@ impl Client {
         txn: Option<&TxnRoute>,
     ) -> Result<Message, Error> {
         let (subject, owner, request) = self.request(spec, call, prepared, txn)?;
+        // A subject the server refused fails at once, before and while the
+        // call waits: the server sends no reply to wait for.
+        let denials = self.denials();
+        if let Some(denied) = denials.check(&subject) {
+            return Err(denied);
+        }
         let reply = self.nats().send_request(subject.clone(), request);
         let settle = |result| self.settle(spec, call, txn, &subject, owner, result);
         let result = if spec.idempotent {
@@ -310,6 +316,12 @@ impl Client {
             tokio::select! {
                 result = reply => settle(result),
                 lost = out_of_line(|| self.watch_call(spec, call)) => Err(lost),
+                denied = denials.refused(&subject) => Err(denied),
+            }
+        } else if denials.watching {
+            tokio::select! {
+                result = reply => settle(result),
+                denied = denials.refused(&subject) => Err(denied),
             }
         } else {
             settle(reply.await)

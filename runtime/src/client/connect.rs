@@ -29,6 +29,11 @@ pub(crate) fn servers(urls: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether a URL list names a user (`user:password@`).
+pub(crate) fn url_has_user(urls: &str) -> bool {
+    matches!(url_auth(urls), UrlAuth::UserPassword(..))
+}
+
 /// The credentials in the first URL of a list (the servers of one
 /// deployment share them), percent-decoded.
 fn url_auth(urls: &str) -> UrlAuth {

@@ -8,11 +8,13 @@
 
 pub(crate) mod call;
 pub(crate) mod connect;
+pub(crate) mod denials;
 pub(crate) mod returns;
 
 use crate::error::{Error, ErrorKind};
 use crate::settings::{Credentials, Settings};
 use crate::wire::subjects;
+use denials::Denials;
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,6 +35,8 @@ struct Inner {
     url: String,
     /// What it authenticated with, for the processes it starts.
     credentials: Credentials,
+    /// Publishes and subscribes the server refused.
+    denials: Arc<Denials>,
     /// State of the layers above, one value per type, made on first use.
     extensions: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     /// Payloads larger than this are spilled to the object store; 0 until
@@ -64,16 +68,30 @@ impl Client {
     /// [`Client::connect`] with these credentials instead of the settings'
     /// (for example those of a `wharf.toml`).
     pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Client, Error> {
-        let options = connect::options(url, credentials).await?;
+        let user = credentials.user.is_some()
+            || credentials.nkey.is_some()
+            || credentials.creds.is_some()
+            || connect::url_has_user(url);
+        let denials = Arc::new(Denials::new(user));
+        let noted = denials.clone();
+        let options = connect::options(url, credentials)
+            .await?
+            .event_callback(move |event| {
+                if let async_nats::Event::ServerError(error) = &event {
+                    noted.note_server_error(&error.to_string());
+                }
+                tracing::debug!("NATS: {event}");
+                async {}
+            });
         let servers = connect::servers(url);
         let nats = options
             .connect(servers.as_slice())
             .await
             .map_err(|e| connect::failed(url, credentials, e))?;
         let mut client = Client::from_nats(nats, url);
-        Arc::get_mut(&mut client.inner)
-            .expect("a new client is not shared yet")
-            .credentials = credentials.clone();
+        let inner = Arc::get_mut(&mut client.inner).expect("a new client is not shared yet");
+        inner.credentials = credentials.clone();
+        inner.denials = denials;
         Ok(client)
     }
 
@@ -98,6 +116,7 @@ impl Client {
                 prefix,
                 url,
                 credentials,
+                denials: Arc::default(),
                 extensions: Mutex::new(HashMap::new()),
                 spill_at: AtomicUsize::new(0),
             }),
@@ -106,12 +125,17 @@ impl Client {
 
     /// The same connection with another subject prefix.
     pub fn with_prefix(&self, prefix: impl Into<String>) -> Client {
-        Client::new(
+        let mut client = Client::new(
             self.inner.nats.clone(),
             self.inner.url.clone(),
             prefix.into(),
             self.inner.credentials.clone(),
-        )
+        );
+        // The same connection: the same refusals.
+        Arc::get_mut(&mut client.inner)
+            .expect("a new client is not shared yet")
+            .denials = self.inner.denials.clone();
+        client
     }
 
     /// The underlying async-nats client.
@@ -128,6 +152,11 @@ impl Client {
     /// it through [`redact`](crate::settings::redact)).
     pub fn url(&self) -> &str {
         &self.inner.url
+    }
+
+    /// What the server refused this connection.
+    pub(crate) fn denials(&self) -> &Denials {
+        &self.inner.denials
     }
 
     /// The credentials this client connected with (its URL may carry more).

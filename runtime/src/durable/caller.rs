@@ -148,10 +148,21 @@ impl Client {
                 .message_id(&id);
             let js = &durable.js;
             let subject = subject.clone();
+            let denials = self.denials();
             async move {
-                match js.send_publish(subject, publish).await {
-                    Ok(ack) => ack.await.map(|_| ()).map_err(refused),
-                    Err(e) => Err(refused(e)),
+                if let Some(denied) = denials.check(&subject) {
+                    return Err(denied);
+                }
+                let stored = async {
+                    match js.send_publish(subject.clone(), publish).await {
+                        Ok(ack) => ack.await.map(|_| ()).map_err(refused),
+                        Err(e) => Err(refused(e)),
+                    }
+                };
+                // A refused publish gets no acknowledgement to wait for.
+                tokio::select! {
+                    stored = stored => stored,
+                    denied = denials.refused(&subject) => Err(denied),
                 }
             }
         })
