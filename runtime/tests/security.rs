@@ -278,3 +278,107 @@ async fn a_refused_publish_fails_the_call_at_once_as_permission_denied() {
     // The permitted call still works on the same connection.
     assert_eq!(add::call(&caller, 1, 1).await.unwrap(), 2);
 }
+
+/// A JWT as nsc makes one: claims signed by `issuer` (ed25519 NKey).
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": nuid_like(subject),
+        "iat": 1_700_000_000u64,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let payload = b64(claims.to_string().as_bytes());
+    let signed = format!("{header}.{payload}");
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64(&signature))
+}
+
+/// A unique claim id.
+fn nuid_like(seed: &str) -> String {
+    format!("{}{}", &seed[..8], std::process::id())
+}
+
+#[tokio::test]
+async fn a_creds_file_of_a_jwt_account() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "O",
+        serde_json::json!({ "type": "operator", "version": 2 }),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1
+    });
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "A",
+        serde_json::json!({ "type": "account", "version": 2, "limits": unlimited }),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        "U",
+        serde_json::json!({
+            "type": "user", "version": 2, "pub": {}, "sub": {},
+            "subs": -1, "data": -1, "payload": -1
+        }),
+    );
+    let server = NatsServer::start_without_jetstream(&format!(
+        "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{ {}: {account_jwt} }}\n",
+        account.public_key()
+    ))
+    .unwrap();
+    let dir = TempDir::new("creds");
+    let creds = dir.path().join("user.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let with_creds = Credentials {
+        creds: Some(creds),
+        ..Credentials::default()
+    };
+    assert_eq!(round_trip(&server.url(), &with_creds).await.unwrap(), 5);
+    let error = Client::connect_with(&server.url(), &Credentials::default())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
+}
+
+#[tokio::test]
+async fn a_worker_refused_its_subscriptions_does_not_start() {
+    let server = NatsServer::start_with_config(
+        r#"authorization { users: [
+            { user: outsider, password: o, permissions: {
+                publish: [">"],
+                subscribe: { allow: [">"], deny: ["wharf.secure.divide"] } } }
+        ] }"#,
+    )
+    .unwrap();
+    let client = Client::connect_with(&server.url(), &password("outsider", "o"))
+        .await
+        .unwrap();
+    let error = Worker::new(&client).start().await.err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
+    assert!(
+        error.message().contains("subscribe `wharf.secure.divide`"),
+        "{error}"
+    );
+}

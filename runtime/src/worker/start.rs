@@ -138,6 +138,8 @@ impl Worker {
         let mut discovery = Vec::new();
         let mut probes = Vec::new();
         let mut tasks = JoinSet::new();
+        // Every subject subscribed to, to check for refusals.
+        let mut served: Vec<String> = Vec::new();
         let mut all_stats = Vec::new();
         let mut services = Vec::new();
         for (service_name, regs) in by_service {
@@ -152,6 +154,7 @@ impl Worker {
             for registration in regs {
                 let spec = registration.spec;
                 let subject = spec.subject(self.client.prefix());
+                served.push(subject.to_string());
                 let subscriber = nats
                     .queue_subscribe(subject.clone(), subjects::QUEUE_GROUP.into())
                     .await
@@ -288,6 +291,16 @@ impl Worker {
             )
             .with_source(e)
         })?;
+        if self.client.denials().watching {
+            // A refused subscription comes back as an asynchronous error,
+            // before the flush's reply; a second round trip lets it be read.
+            let _ = nats.flush().await;
+            for subject in &served {
+                if let Some(denied) = self.client.denials().check(subject) {
+                    return Err(denied);
+                }
+            }
+        }
         Ok(RunningWorker {
             nats,
             instance,
