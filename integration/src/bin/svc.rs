@@ -10,6 +10,8 @@
 //!   SIGTERM, so tests can kill one for real.
 //! - `svc put-object`: store a string through `NATS_URL`, leave its reference
 //!   in KV `itest_refs` under `greeting`, and exit.
+//! - `svc objects`: serve the object store through `NATS_URL` until SIGTERM,
+//!   as `wharf objects` does.
 
 use wharf_integration::{add, take, whoami, InventoryError};
 
@@ -21,6 +23,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .nth(2)
             .ok_or("svc supervise <wharf.toml>")?;
         return Ok(wharf::supervisor::supervise_file(path.as_ref()).await?);
+    }
+    if mode == "objects" {
+        let url = std::env::var("NATS_URL").map_err(|_| "svc objects needs NATS_URL")?;
+        let client = wharf::Client::connect(&url).await?;
+        let _service = wharf::objects::service::serve(&client).await?;
+        println!("ready");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        term.recv().await;
+        return Ok(());
     }
     if mode == "put-object" {
         let client = wharf::init().await?;
