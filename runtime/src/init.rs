@@ -5,7 +5,7 @@ use crate::client::{self, Client};
 use crate::error::{Error, ErrorKind};
 use crate::handler::registered;
 use crate::local::{children, server, workers};
-use crate::settings::{Role, Settings};
+use crate::settings::{Credentials, Role, Settings};
 use crate::worker::Worker;
 use std::time::Duration;
 
@@ -104,7 +104,10 @@ pub async fn init_with(config: Config) -> Result<Client, Error> {
 async fn start_local(config: &Config) -> Result<Client, Error> {
     let url = server::start_nats_server().await?;
     children::stop_on_signals();
-    let client = Client::connect(&url).await?;
+    // Its own server takes only the token in its URL, whatever
+    // credentials the environment holds for other servers.
+    Settings::get()?;
+    let client = Client::connect_with(&url, &Credentials::default()).await?;
     if registered().next().is_some() && config.workers > 0 {
         let supervisor =
             workers::supervise_workers(&client, config.workers, config.max_workers).await?;

@@ -112,6 +112,13 @@ impl Backend for LocalBackend {
             .envs(&launch.env)
             .env("WHARF_READY_SUBJECT", &self.ready_subject)
             .env("WHARF_PARENT_PID", std::process::id().to_string())
+            // The local server takes only the token in NATS_URL: credentials
+            // this program holds for other servers must not replace it.
+            .env_remove("NATS_USER")
+            .env_remove("NATS_PASSWORD")
+            .env_remove("NATS_TOKEN")
+            .env_remove("NATS_NKEY")
+            .env_remove("NATS_CREDS")
             .stdin(Stdio::null());
         let pid = children::spawn_now(command, Role::Worker).map_err(|e| {
             Error::new(
