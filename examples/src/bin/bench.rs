@@ -8,7 +8,9 @@
 //! and its idle RSS, robust-call variants against plain calls, and stateful
 //! calls (in a transaction) against stateless ones. `--quick` runs a short
 //! smoke version, `--focus` only the 256-in-flight throughput, `--stateful`
-//! only the stateful comparison.
+//! only the stateful comparison, `--tls` calls/s at 16 and 256 in flight
+//! over plain TCP and over TLS (a second server, certificates made for the
+//! run), raw and wharf on each, in interleaved rounds.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -73,10 +75,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("--quick") => (true, false, false),
         Some("--focus") => (false, true, false),
         Some("--stateful") => (false, true, true),
+        Some("--tls") => return tls_comparison().await,
         None => (false, false, false),
         Some(other) => {
             return Err(format!(
-                "unknown argument `{other}`; use --quick, --focus, --stateful or nothing"
+                "unknown argument `{other}`; use --quick, --focus, --stateful, --tls or nothing"
             )
             .into())
         }
@@ -648,7 +651,7 @@ async fn wait_until_served(
 /// add and encode, one task per request like the wharf worker.
 async fn raw_worker() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("NATS_URL")?;
-    let nats = async_nats::connect(&url).await?;
+    let nats = raw_connect(&url, std::env::var_os("NATS_CA").map(Into::into)).await?;
     let mut requests = nats.queue_subscribe(RAW_SUBJECT, "q".into()).await?;
     nats.flush().await?;
     // The loop runs as a task on the runtime's worker threads, as the wharf
@@ -670,5 +673,158 @@ async fn raw_worker() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     serve.await?;
+    Ok(())
+}
+
+/// A plain async-nats connection, over TLS with `ca` when given.
+async fn raw_connect(
+    url: &str,
+    ca: Option<std::path::PathBuf>,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(ca) = ca {
+        options = options.add_root_certificates(ca).require_tls(true);
+    }
+    options.connect(url).await
+}
+
+/// A server with its raw responder and wharf worker, and the bench's
+/// connections to it.
+struct Setup {
+    server: NatsServer,
+    raw: Child,
+    worker: Child,
+    nats: async_nats::Client,
+    client: wharf::Client,
+}
+
+impl Setup {
+    async fn start(
+        server: NatsServer,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Setup, Box<dyn std::error::Error>> {
+        let url = server.url();
+        let ca_text = ca.map(|p| p.to_string_lossy().into_owned());
+        let env: Vec<(&str, &str)> = ca_text.iter().map(|ca| ("NATS_CA", ca.as_str())).collect();
+        let raw = spawn_worker(&url, &["raw-worker"], &env)?;
+        let mut worker_env = env.clone();
+        worker_env.push(("WHARF_ROLE", "worker"));
+        let worker = spawn_worker(&url, &[], &worker_env)?;
+        let nats = raw_connect(&url, ca.map(Into::into)).await?;
+        let credentials = wharf::settings::Credentials {
+            ca: ca.map(Into::into),
+            ..Default::default()
+        };
+        let client = wharf::Client::connect_with(&url, &credentials).await?;
+        wait_until_served(&nats, &client).await?;
+        Ok(Setup {
+            server,
+            raw,
+            worker,
+            nats,
+            client,
+        })
+    }
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`:
+/// CA, certificate, key.
+fn certificates(
+    dir: &std::path::Path,
+) -> Result<[std::path::PathBuf; 3], Box<dyn std::error::Error>> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
+        .signed_by(&key, &ca)?;
+    let paths = [
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server-key.pem"),
+    ];
+    std::fs::write(&paths[0], ca.pem())?;
+    std::fs::write(&paths[1], cert.pem())?;
+    std::fs::write(&paths[2], key.serialize_pem())?;
+    Ok(paths)
+}
+
+/// `--tls`: calls/s at 16 and 256 in flight, raw and wharf, over plain TCP
+/// and over TLS, in interleaved rounds.
+async fn tls_comparison() -> Result<(), Box<dyn std::error::Error>> {
+    const ROUNDS: usize = 7;
+    const CALLS: usize = 60_000;
+    let dir = wharf::testing::TempDir::new("bench-tls");
+    let [ca, cert, key] = certificates(dir.path())?;
+    let tls_server = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+        cert.display(),
+        key.display()
+    ))?;
+    let mut plain = Setup::start(NatsServer::start()?, None).await?;
+    let mut tls = Setup::start(tls_server, Some(&ca)).await?;
+    let mut results: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut record = |key: String, value: f64| match results.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, values)) => values.push(value),
+        None => results.push((key, vec![value])),
+    };
+    for round in 0..ROUNDS {
+        eprintln!("round {} of {ROUNDS}", round + 1);
+        let setups: [(&str, &Setup); 2] = if round % 2 == 0 {
+            [("plain", &plain), ("tls", &tls)]
+        } else {
+            [("tls", &tls), ("plain", &plain)]
+        };
+        for (transport, setup) in setups {
+            for in_flight in [16, 256] {
+                let sides = if round % 2 == 0 {
+                    [Side::Raw, Side::Wharf]
+                } else {
+                    [Side::Wharf, Side::Raw]
+                };
+                for side in sides {
+                    let pids = [
+                        setup.server.pid(),
+                        match side {
+                            Side::Raw => setup.raw.id(),
+                            _ => setup.worker.id(),
+                        },
+                        std::process::id(),
+                    ];
+                    let (rate, _) =
+                        measure(side, &setup.nats, &setup.client, CALLS, in_flight, &pids).await?;
+                    record(format!("{transport} {in_flight} {}", side.name()), rate);
+                }
+            }
+        }
+    }
+    for setup in [&mut plain, &mut tls] {
+        stop(&mut setup.raw);
+        stop(&mut setup.worker);
+    }
+    let of = |key: String| {
+        results
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    println!("| calls/s | raw | wharf | wharf / raw | raw over TLS | wharf over TLS | wharf / raw over TLS | TLS ratio / plain ratio |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for in_flight in [16, 256] {
+        let raw = median(&of(format!("plain {in_flight} raw")));
+        let wharf = median(&of(format!("plain {in_flight} wharf")));
+        let raw_tls = median(&of(format!("tls {in_flight} raw")));
+        let wharf_tls = median(&of(format!("tls {in_flight} wharf")));
+        println!(
+            "| {in_flight} in flight | {raw:.0} | {wharf:.0} | {:.3} | {raw_tls:.0} | {wharf_tls:.0} | {:.3} | {:.3} |",
+            wharf / raw,
+            wharf_tls / raw_tls,
+            (wharf_tls / raw_tls) / (wharf / raw)
+        );
+    }
+    println!();
+    println!("rounds: {ROUNDS}, calls per throughput run: {CALLS}, medians over rounds");
     Ok(())
 }
