@@ -375,13 +375,15 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
         return up(config).await;
     }
     let settings = wharf::Settings::get()?;
-    let url = match &settings.nats_url {
-        Some(url) => url.clone(),
-        // The nats-server a `wharf up` of this user started, with its token.
-        None => wharf::remembered_local_url(UP_PORT)
-            .unwrap_or_else(|| format!("nats://127.0.0.1:{UP_PORT}")),
+    let client = match &settings.nats_url {
+        Some(url) => Client::connect(url).await?,
+        // The nats-server a `wharf up` of this user started takes only the
+        // token in its URL, whatever the environment holds for others.
+        None => match wharf::remembered_local_url(UP_PORT) {
+            Some(url) => Client::connect_with(&url, &Default::default()).await?,
+            None => Client::connect(&format!("nats://127.0.0.1:{UP_PORT}")).await?,
+        },
     };
-    let client = Client::connect(&url).await?;
     match command {
         Command::Call(target) => Ok(call(&Call::new(target)?, &client).await),
         Command::Bench {
@@ -440,7 +442,13 @@ async fn up(path: &std::path::Path) -> Result<ExitCode, Error> {
             url
         }
     };
-    let client = Client::connect_with(&url, &settings.credentials)
+    // Its own server takes only its token.
+    let credentials = if started_own {
+        Default::default()
+    } else {
+        settings.credentials.clone()
+    };
+    let client = Client::connect_with(&url, &credentials)
         .await?
         .with_prefix(settings.prefix.clone());
     // Foreign clients read and write objects through it.

@@ -52,8 +52,9 @@ pub enum Role {
     Worker,
 }
 
-/// Every setting of this process, checked.
-#[derive(Debug, Clone)]
+/// Every setting of this process, checked. Its `Debug` shows the URL
+/// redacted and secrets as `***`.
+#[derive(Clone)]
 pub struct Settings {
     /// `NATS_URL`: the server(s) to connect to; `None` means local mode.
     pub nats_url: Option<String>,
@@ -98,10 +99,25 @@ pub struct Settings {
     pub credentials: Credentials,
 }
 
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("nats_url", &self.nats_url.as_deref().map(redact))
+            .field("prefix", &self.prefix)
+            .field("role", &self.role)
+            .field("workers", &self.workers)
+            .field("max_workers", &self.max_workers)
+            .field("concurrency", &self.concurrency)
+            .field("backlog", &self.backlog)
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `[broker]` of `wharf.toml`: where NATS is and how to connect to it. The
 /// environment overrides each key (`NATS_URL`, `WHARF_PREFIX`, `NATS_USER`,
 /// ...).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSettings {
     /// NATS URL(s), comma-separated.
@@ -126,6 +142,26 @@ pub struct FileSettings {
     pub key: Option<String>,
     /// TLS before the NATS handshake.
     pub tls_first: Option<bool>,
+}
+
+impl std::fmt::Debug for FileSettings {
+    /// Secrets as `***`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |value: &Option<String>| value.as_ref().map(|_| "***");
+        f.debug_struct("FileSettings")
+            .field("url", &self.url.as_deref().map(redact))
+            .field("prefix", &self.prefix)
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("nkey", &hidden(&self.nkey))
+            .field("creds", &self.creds)
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("tls_first", &self.tls_first)
+            .finish()
+    }
 }
 
 /// A secret setting (password, token, NKey seed): shown as `***` by
@@ -250,7 +286,10 @@ impl Credentials {
             let Some((name, path)) = setting else {
                 return Ok(None);
             };
-            let path = PathBuf::from(path.trim());
+            let given = PathBuf::from(path.trim());
+            // Absolute, so a process started elsewhere (or a container
+            // mount) finds the same file.
+            let path = std::fs::canonicalize(&given).unwrap_or(given);
             std::fs::metadata(&path)
                 .and_then(|m| {
                     if m.is_file() {

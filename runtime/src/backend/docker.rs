@@ -68,9 +68,15 @@ impl Backend for DockerBackend {
                 }
                 _ => value.clone(),
             };
-            // `--env NAME` takes the value from this command's environment,
-            // so no password or token is on a command line (`ps`).
-            command.args(["--env", key]).env(key, value);
+            let secret = matches!(key.as_str(), "NATS_PASSWORD" | "NATS_TOKEN" | "NATS_NKEY")
+                || (key == "NATS_URL" && value.contains('@'));
+            if secret {
+                // `--env NAME` takes the value from the docker command's own
+                // environment, so no secret is on a command line (`ps`).
+                command.args(["--env", key]).env(key, value);
+            } else {
+                command.args(["--env", &format!("{key}={value}")]);
+            }
         }
         command.args(["--env", &format!("WHARF_CONTAINER={name}")]);
         command.arg(&self.image).args(&self.args);

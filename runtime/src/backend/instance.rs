@@ -6,7 +6,7 @@ use crate::error::Error;
 use std::collections::BTreeMap;
 
 /// What to start: one instance of a service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Launch {
     /// The service the instance serves.
     pub service: String,
@@ -19,6 +19,18 @@ pub struct Launch {
     /// Environment for the instance: `NATS_URL`, `WHARF_PREFIX`,
     /// `WHARF_INSTANCE_ID`, `WHARF_ROLE`, and the service's own.
     pub env: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Launch {
+    /// The environment by name only: it holds credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launch")
+            .field("service", &self.service)
+            .field("instance", &self.instance)
+            .field("prefix", &self.prefix)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// A running instance, as its backend sees it.

@@ -34,25 +34,44 @@ pub(crate) fn url_has_user(urls: &str) -> bool {
     matches!(url_auth(urls), UrlAuth::UserPassword(..))
 }
 
-/// The credentials in the first URL of a list (the servers of one
-/// deployment share them), percent-decoded.
+/// The credentials of the first URL of a list that carries any (the
+/// servers of one deployment share them), percent-decoded.
 fn url_auth(urls: &str) -> UrlAuth {
-    let Some(first) = urls.split(',').map(str::trim).find(|s| !s.is_empty()) else {
+    let Some(userinfo) = urls.split(',').map(str::trim).find_map(|url| {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        rest.rsplit_once('@').map(|(userinfo, _)| userinfo)
+    }) else {
         return UrlAuth::None;
     };
-    let rest = first.split_once("://").map_or(first, |(_, rest)| rest);
-    let Some((userinfo, _)) = rest.rsplit_once('@') else {
-        return UrlAuth::None;
-    };
-    let decode = |text: &str| {
-        url::form_urlencoded::parse(format!("v={}", text.replace('+', "%2B")).as_bytes())
-            .next()
-            .map_or_else(|| text.to_owned(), |(_, v)| v.into_owned())
-    };
+    let decode = |text: &str| percent_decode(text);
     match userinfo.split_once(':') {
         Some((user, password)) => UrlAuth::UserPassword(decode(user), decode(password)),
         None => UrlAuth::Token(decode(userinfo)),
     }
+}
+
+/// `%XX` escapes decoded, as URLs write `@`, `:` or `/` in a password.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| text.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Connect options for `urls` with `credentials`; credentials in the URL
@@ -177,6 +196,10 @@ mod tests {
             UrlAuth::UserPassword("alice".into(), "s@cret".into())
         );
         assert_eq!(url_auth("nats://tok@a:4222"), UrlAuth::Token("tok".into()));
+        assert_eq!(
+            url_auth("nats://a:4222,nats://bob:p%26ss+w@b:4222"),
+            UrlAuth::UserPassword("bob".into(), "p&ss+w".into())
+        );
         assert_eq!(url_auth("nats://a:4222"), UrlAuth::None);
     }
 }

@@ -3,7 +3,7 @@
 //! to wait for. Noted here, it fails the calls to that subject at once.
 
 use crate::error::{Error, ErrorKind};
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use tokio::sync::Notify;
@@ -16,8 +16,8 @@ pub(crate) struct Denials {
     /// break. The others skip the wait, which costs every call a
     /// registration.
     pub(crate) watching: bool,
-    /// Refused subject, and what was refused (`publish`, `subscribe`).
-    refused: Mutex<HashMap<String, &'static str>>,
+    /// What was refused (`publish`, `subscribe`) on which subject.
+    refused: Mutex<HashSet<(&'static str, String)>>,
     /// Set on the first refusal: until then a check costs one load.
     any: AtomicBool,
     notify: Notify,
@@ -32,9 +32,16 @@ impl Denials {
         self.refused
             .lock()
             .unwrap()
-            .insert(subject.to_owned(), what);
+            .insert((what, subject.to_owned()));
         self.any.store(true, Ordering::Release);
         self.notify.notify_waiters();
+    }
+
+    /// Forgets every refusal: after a reconnect the server's permissions
+    /// may be others.
+    pub(crate) fn clear(&self) {
+        self.refused.lock().unwrap().clear();
+        self.any.store(false, Ordering::Release);
     }
 
     /// A connection's refusals; `watching` as above.
@@ -45,18 +52,38 @@ impl Denials {
         }
     }
 
-    /// The error for `subject` when the server refused it.
+    /// The error for a call publishing to `subject` when the server refused
+    /// that publish, or refused this connection its reply inbox (no reply
+    /// could then reach any call).
     pub(crate) fn check(&self, subject: &str) -> Option<Error> {
+        self.check_for("publish", subject)
+    }
+
+    /// The error when the server refused `what` (`publish`, `subscribe`) on
+    /// `subject`, or this connection its inbox.
+    pub(crate) fn check_for(&self, what: &'static str, subject: &str) -> Option<Error> {
         if !self.any.load(Ordering::Acquire) {
             return None;
         }
-        let what = *self.refused.lock().unwrap().get(subject)?;
-        Some(denied(what, subject))
+        let refused = self.refused.lock().unwrap();
+        if refused.contains(&(what, subject.to_owned())) {
+            return Some(denied(what, subject));
+        }
+        refused
+            .iter()
+            .find(|(what, subject)| *what == "subscribe" && subject.starts_with("_INBOX."))
+            .map(|(what, subject)| denied(what, subject))
     }
 
-    /// Resolves once the server refuses `subject`; pends otherwise (and
-    /// at once, without waiting, when this connection is not watching).
+    /// Resolves once the server refuses publishing to `subject`; pends
+    /// otherwise (at once, without waiting, when this connection is not
+    /// watching).
     pub(crate) async fn refused(&self, subject: &str) -> Error {
+        self.refused_for("publish", subject).await
+    }
+
+    /// Resolves once the server refuses `what` on `subject`.
+    pub(crate) async fn refused_for(&self, what: &'static str, subject: &str) -> Error {
         if !self.watching {
             return std::future::pending().await;
         }
@@ -64,7 +91,7 @@ impl Denials {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(error) = self.check(subject) {
+            if let Some(error) = self.check_for(what, subject) {
                 return error;
             }
             notified.await;
@@ -124,5 +151,10 @@ mod tests {
             ErrorKind::PermissionDenied
         );
         assert!(denials.check("a.c").is_none());
+        assert!(denials.check_for("subscribe", "a.b").is_none());
+        denials.note_server_error("Permissions Violation for Subscription to \"_INBOX.x.*\"");
+        assert!(denials.check("a.c").unwrap().message().contains("_INBOX"));
+        denials.clear();
+        assert!(denials.check("a.b").is_none());
     }
 }

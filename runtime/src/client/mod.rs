@@ -71,14 +71,19 @@ impl Client {
         let user = credentials.user.is_some()
             || credentials.nkey.is_some()
             || credentials.creds.is_some()
+            || credentials.cert.is_some()
             || connect::url_has_user(url);
         let denials = Arc::new(Denials::new(user));
         let noted = denials.clone();
         let options = connect::options(url, credentials)
             .await?
             .event_callback(move |event| {
-                if let async_nats::Event::ServerError(error) = &event {
-                    noted.note_server_error(&error.to_string());
+                match &event {
+                    async_nats::Event::ServerError(error) => {
+                        noted.note_server_error(&error.to_string())
+                    }
+                    async_nats::Event::Connected => noted.clear(),
+                    _ => {}
                 }
                 tracing::debug!("NATS: {event}");
                 async {}

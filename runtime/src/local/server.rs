@@ -199,20 +199,45 @@ fn remembered(port: u16) -> PathBuf {
         .join(format!("nats-{port}.url"))
 }
 
+/// Whether `path` is this user's own, not a link, and closed to others:
+/// in a shared temporary directory, anyone may have made it first.
+fn owned_privately(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid(2) has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::fs::symlink_metadata(path).is_ok_and(|meta| {
+        !meta.file_type().is_symlink() && meta.uid() == uid && meta.mode() & 0o077 == 0
+    })
+}
+
 /// Remembers the URL of the nats-server `wharf up` started on `port`.
 pub fn remember_local_url(port: u16, url: &str) -> Result<(), Error> {
     use std::os::unix::fs::DirBuilderExt;
     let path = remembered(port);
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::DirBuilder::new().mode(0o700).create(dir);
+    let dir = path.parent().expect("a file in a directory");
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(dir);
+    if !owned_privately(dir) {
+        return Err(Error::new(
+            ErrorKind::Process,
+            format!(
+                "`{}` is not a directory only this user can use: remove it, then start `wharf up` again",
+                dir.display()
+            ),
+        ));
     }
     let _ = std::fs::remove_file(&path);
     private_file(&path, url)
 }
 
-/// The URL `wharf up` remembered for `port`, if this user ran one.
+/// The URL `wharf up` remembered for `port`, if this user ran one (and no
+/// one else could have written it).
 pub fn remembered_local_url(port: u16) -> Option<String> {
-    std::fs::read_to_string(remembered(port))
+    let path = remembered(port);
+    let dir = path.parent()?;
+    if !owned_privately(dir) || !owned_privately(&path) {
+        return None;
+    }
+    std::fs::read_to_string(&path)
         .ok()
         .map(|url| url.trim().to_owned())
         .filter(|url| !url.is_empty())

@@ -119,6 +119,10 @@ impl Backend for LocalBackend {
             .env_remove("NATS_TOKEN")
             .env_remove("NATS_NKEY")
             .env_remove("NATS_CREDS")
+            .env_remove("NATS_CA")
+            .env_remove("NATS_CERT")
+            .env_remove("NATS_KEY")
+            .env_remove("NATS_TLS_FIRST")
             .stdin(Stdio::null());
         let pid = children::spawn_now(command, Role::Worker).map_err(|e| {
             Error::new(

@@ -99,8 +99,17 @@ fn default_idle_to_zero() -> String {
 impl UpConfig {
     /// Parses and checks `wharf.toml` text.
     pub fn from_toml(text: &str) -> Result<UpConfig, Error> {
+        // The parser's own text quotes the failing line, which may hold a
+        // password: say where and what, not the line.
         let config: UpConfig = toml::from_str(text).map_err(|e| {
-            Error::new(ErrorKind::Config, format!("wharf.toml: {e}")).with_source(e)
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            let at = line.map(|l| format!(", line {l}")).unwrap_or_default();
+            Error::new(
+                ErrorKind::Config,
+                format!("wharf.toml{at}: {}", e.message()),
+            )
         })?;
         let mut names = HashSet::new();
         for service in &config.services {

@@ -4,6 +4,7 @@
 
 use super::endpoint::{Endpoint, Shared};
 use super::idempotent::answer_probes;
+use crate::client::denials::Denials;
 use crate::client::Client;
 use crate::durable::streams;
 use crate::error::{Error, ErrorKind};
@@ -292,14 +293,7 @@ impl Worker {
             .with_source(e)
         })?;
         if self.client.denials().watching {
-            // A refused subscription comes back as an asynchronous error,
-            // before the flush's reply; a second round trip lets it be read.
-            let _ = nats.flush().await;
-            for subject in &served {
-                if let Some(denied) = self.client.denials().check(subject) {
-                    return Err(denied);
-                }
-            }
+            refused_subscription(&nats, self.client.denials(), &served).await?;
         }
         Ok(RunningWorker {
             nats,
@@ -484,5 +478,33 @@ async fn connection_lost(nats: &async_nats::Client) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A subscription of `served` the server refused. The refusal comes back as
+/// an asynchronous error, before the answer to a round trip made after the
+/// subscriptions; the error is then read on another task, so it gets a
+/// moment more.
+async fn refused_subscription(
+    nats: &async_nats::Client,
+    denials: &Denials,
+    served: &[String],
+) -> Result<(), Error> {
+    if served.is_empty() {
+        return Ok(());
+    }
+    let inbox = nats.new_inbox();
+    if let Ok(mut echo) = nats.subscribe(inbox.clone()).await {
+        let _ = nats.publish(inbox, Bytes::new()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), echo.next()).await;
+    }
+    let any_refused = futures_util::future::select_all(
+        served
+            .iter()
+            .map(|subject| Box::pin(denials.refused_for("subscribe", subject))),
+    );
+    match tokio::time::timeout(Duration::from_millis(100), any_refused).await {
+        Ok((denied, ..)) => Err(denied),
+        Err(_) => Ok(()),
     }
 }
