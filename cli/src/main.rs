@@ -85,6 +85,18 @@ enum Command {
     /// Serve the object store (`<prefix>.objects.put/get/stat/delete`);
     /// `wharf up` serves it too.
     Objects,
+    /// Write least-privilege NATS permissions for each role of wharf.toml:
+    /// the supervisor, a worker of each service, each `[[caller]]`.
+    Auth {
+        /// The file that declares the services and callers.
+        #[arg(short = 'c', long = "config", default_value = "wharf.toml")]
+        config: PathBuf,
+        /// `server`: a nats-server `authorization` block (passwords from
+        /// the server's environment); `jwt`: permissions JSON per user, for
+        /// nsc and JWT accounts.
+        #[arg(long, default_value = "server", value_parser = ["server", "jwt"])]
+        format: String,
+    },
     /// Print a completion script for a shell, e.g. `wharf completions bash`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -374,6 +386,19 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
     if let Command::Up { config } = &command {
         return up(config).await;
     }
+    if let Command::Auth { config, format } = &command {
+        let config = wharf::supervisor::UpConfig::load(config)?;
+        let prefix = config.settings()?.prefix;
+        let roles = wharf::permissions::roles(&config, &prefix);
+        if format == "jwt" {
+            let json = serde_json::to_string_pretty(&wharf::permissions::jwt_permissions(&roles))
+                .map_err(|e| Error::new(ErrorKind::Codec, e.to_string()))?;
+            println!("{json}");
+        } else {
+            print!("{}", wharf::permissions::server_config(&roles));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let settings = wharf::Settings::get()?;
     let client = match &settings.nats_url {
         Some(url) => Client::connect(url).await?,
@@ -395,7 +420,9 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
         Command::Events => events(&client).await,
         Command::Down => down(&client).await,
         Command::Objects => objects(&client).await,
-        Command::Up { .. } | Command::Completions { .. } => unreachable!("handled before"),
+        Command::Up { .. } | Command::Auth { .. } | Command::Completions { .. } => {
+            unreachable!("handled before")
+        }
     }
 }
 

@@ -65,6 +65,7 @@ mod init;
 mod local;
 mod micro;
 pub mod objects;
+pub mod permissions;
 pub mod process;
 mod request;
 mod retry;

@@ -48,7 +48,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         "caller and worker sides",
         &["request", "durable", "txn", "objects", "worker"],
     ),
-    ("instances", &["scaler", "backend", "supervisor"]),
+    (
+        "instances",
+        &["scaler", "backend", "supervisor", "permissions"],
+    ),
     (
         "process set-up",
         &["local", "init", "__private", "testing", ""],

@@ -18,6 +18,23 @@ pub struct UpConfig {
     /// The services to keep running.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// Programs that call the services, each limited to some functions
+    /// (`wharf auth` writes their permissions).
+    #[serde(default, rename = "caller")]
+    pub callers: Vec<CallerConfig>,
+}
+
+/// One `[[caller]]` of `wharf.toml`: a program allowed to call some
+/// functions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerConfig {
+    /// Its user name.
+    pub name: String,
+    /// The functions it may call, as `service.function`; empty: every
+    /// function of every declared service.
+    #[serde(default)]
+    pub functions: Vec<String>,
 }
 
 /// `[broker]` of `wharf.toml`: where NATS is and how to connect to it.
@@ -62,6 +79,10 @@ pub struct ServiceConfig {
     /// With `min = 0`: idle time before the last instance goes.
     #[serde(default = "default_idle_to_zero")]
     pub idle_to_zero: String,
+    /// Functions this service's functions call, as `service.function`
+    /// (`wharf auth` lets its workers call only these).
+    #[serde(default)]
+    pub calls: Vec<String>,
 }
 
 fn default_backend() -> String {
@@ -111,6 +132,30 @@ impl UpConfig {
                 format!("wharf.toml{at}: {}", e.message()),
             )
         })?;
+        let function = |what: &str, name: &str| -> Result<(), Error> {
+            let valid = name.split_once('.').is_some_and(|(s, f)| {
+                crate::wire::subjects::valid_id(s.as_bytes())
+                    && crate::wire::subjects::valid_id(f.as_bytes())
+            });
+            if valid {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    ErrorKind::Config,
+                    format!("wharf.toml, {what}: `{name}` is not `service.function`"),
+                ))
+            }
+        };
+        for service in &config.services {
+            for name in &service.calls {
+                function(&format!("service `{}` calls", service.name), name)?;
+            }
+        }
+        for caller in &config.callers {
+            for name in &caller.functions {
+                function(&format!("caller `{}` functions", caller.name), name)?;
+            }
+        }
         let mut names = HashSet::new();
         for service in &config.services {
             service.policy()?;
@@ -159,6 +204,7 @@ impl ServiceConfig {
             backlog_per_instance: default_backlog(),
             scale_down_after: default_scale_down_after(),
             idle_to_zero: default_idle_to_zero(),
+            calls: Vec::new(),
         }
     }
 

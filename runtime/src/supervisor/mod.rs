@@ -19,7 +19,7 @@ mod run;
 mod state;
 
 pub use crate::wire::subjects::LEASE_BUCKET;
-pub use config::{BrokerConfig, ServiceConfig, UpConfig};
+pub use config::{BrokerConfig, CallerConfig, ServiceConfig, UpConfig};
 pub use events::{Event, EventKind};
 pub use run::{instances, supervise_file};
 pub use state::{

@@ -1,0 +1,284 @@
+//! Least-privilege NATS permissions for each role of a deployment, written
+//! from `wharf.toml` (`wharf auth`): a worker of a service may take only its
+//! own calls and use only its own streams; a caller only the functions it
+//! names; the supervisor alone may drain, stop and hear demand.
+//!
+//! Two forms, the two users deploy: a nats-server `authorization` block
+//! (users with passwords taken from the server's environment) and one
+//! permissions JSON document per user, as `nsc` and JWT accounts take them.
+
+use crate::supervisor::UpConfig;
+use crate::wire::subjects::{
+    self, BLOBS_BUCKET, INSTANCES_BUCKET, LEASE_BUCKET, OBJECTS_BUCKET, RESULTS_BUCKET, TXN_BUCKET,
+};
+use serde::Serialize;
+
+/// What one user may publish and subscribe to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Permissions {
+    /// Subjects it may publish to.
+    pub publish: Vec<String>,
+    /// Subjects it may subscribe to.
+    pub subscribe: Vec<String>,
+}
+
+/// One user of the deployment: its name and permissions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    /// The user name: `supervisor`, `worker-<service>`, or a caller's name.
+    pub user: String,
+    /// What it may do.
+    pub permissions: Permissions,
+}
+
+impl Role {
+    /// The environment variable nats-server reads this user's password
+    /// from in the generated `authorization` block.
+    pub fn password_variable(&self) -> String {
+        let name: String = self
+            .user
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("WHARF_PASSWORD_{name}")
+    }
+}
+
+/// The JetStream API subjects that create, inspect and read a stream.
+fn stream_api(stream: &str) -> Vec<String> {
+    ["STREAM.INFO", "STREAM.CREATE", "STREAM.MSG.GET"]
+        .iter()
+        .map(|verb| format!("$JS.API.{verb}.{stream}"))
+        .chain([format!("$JS.API.DIRECT.GET.{stream}.>")])
+        .collect()
+}
+
+/// A KV bucket's stream, its API and its writes.
+fn bucket(name: &str) -> Vec<String> {
+    let mut subjects = stream_api(&format!("KV_{name}"));
+    subjects.push(format!("$KV.{name}.>"));
+    subjects
+}
+
+/// What calling `service.function` takes, plain, durable or in a
+/// transaction.
+fn calling(prefix: &str, service: &str, function: &str) -> Vec<String> {
+    let stream = subjects::calls_stream(prefix, service);
+    let mut publish = vec![
+        subjects::call(prefix, service, function),
+        subjects::call_status(prefix, service),
+        subjects::demand(prefix, service),
+        subjects::durable_call(prefix, service, function),
+        subjects::instance_call(prefix, "*", service, function),
+        subjects::transaction_end(prefix, "*"),
+    ];
+    publish.extend(stream_api(&stream));
+    publish
+}
+
+/// What every wharf connection takes: its inbox, and reading results,
+/// leases and objects.
+fn common() -> Permissions {
+    let mut publish = vec!["$JS.API.INFO".to_owned(), "_INBOX.>".to_owned()];
+    for name in [RESULTS_BUCKET, TXN_BUCKET, OBJECTS_BUCKET] {
+        publish.extend(bucket(name));
+    }
+    publish.extend(stream_api(&subjects::object_store_stream(BLOBS_BUCKET)));
+    publish.push(format!("$O.{BLOBS_BUCKET}.>"));
+    publish.push(format!(
+        "$JS.API.CONSUMER.*.{}.>",
+        subjects::object_store_stream(BLOBS_BUCKET)
+    ));
+    Permissions {
+        publish,
+        subscribe: vec!["_INBOX.>".to_owned()],
+    }
+}
+
+/// Every role of `config`, under `prefix`.
+pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
+    let mut roles = Vec::new();
+
+    // The supervisor (`wharf up`, which also serves the object store).
+    let mut supervisor = common();
+    supervisor.publish.extend([
+        subjects::control(prefix, "*"),
+        subjects::events(prefix),
+        subjects::discovery_at("PING", "*", "*"),
+    ]);
+    for name in [LEASE_BUCKET, INSTANCES_BUCKET] {
+        supervisor.publish.extend(bucket(name));
+    }
+    supervisor
+        .publish
+        .push(format!("$JS.API.CONSUMER.*.KV_{INSTANCES_BUCKET}.>"));
+    supervisor.publish.push("$JS.FC.>".to_owned());
+    supervisor.subscribe.extend([
+        subjects::demand_any(prefix),
+        subjects::supervisor_down(prefix),
+        subjects::objects(prefix, "*"),
+    ]);
+    roles.push(Role {
+        user: "supervisor".to_owned(),
+        permissions: supervisor,
+    });
+
+    // A worker of each service.
+    for service in &config.services {
+        let name = service.name.as_str();
+        let stream = subjects::calls_stream(prefix, name);
+        let mut worker = common();
+        worker.publish.extend(bucket(INSTANCES_BUCKET));
+        worker.publish.extend(stream_api(&stream));
+        worker
+            .publish
+            .extend(stream_api(&subjects::dead_letter_stream(prefix)));
+        worker.publish.extend([
+            format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+            format!("$JS.API.CONSUMER.INFO.{stream}.*"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
+            format!("$JS.ACK.{stream}.>"),
+            subjects::dead_letter(prefix, name, "*"),
+        ]);
+        for called in &service.calls {
+            if let Some((s, f)) = called.split_once('.') {
+                worker.publish.extend(calling(prefix, s, f));
+            }
+        }
+        worker.subscribe.extend([
+            subjects::call(prefix, name, "*"),
+            subjects::call_status(prefix, name),
+            subjects::instance_call(prefix, "*", name, "*"),
+            subjects::transaction_end(prefix, "*"),
+            subjects::control(prefix, "*"),
+            subjects::discovery("*"),
+            subjects::discovery_of("*", name),
+            subjects::discovery_at("*", name, "*"),
+        ]);
+        roles.push(Role {
+            user: format!("worker-{name}"),
+            permissions: worker,
+        });
+    }
+
+    // Callers, each with its functions (or all of every service).
+    for caller in &config.callers {
+        let mut permissions = common();
+        let functions: Vec<(String, String)> = if caller.functions.is_empty() {
+            config
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), "*".to_owned()))
+                .collect()
+        } else {
+            caller
+                .functions
+                .iter()
+                .filter_map(|f| f.split_once('.'))
+                .map(|(s, f)| (s.to_owned(), f.to_owned()))
+                .collect()
+        };
+        for (service, function) in &functions {
+            permissions
+                .publish
+                .extend(calling(prefix, service, function));
+        }
+        roles.push(Role {
+            user: caller.name.clone(),
+            permissions,
+        });
+    }
+    for role in &mut roles {
+        role.permissions.publish.sort();
+        role.permissions.publish.dedup();
+        role.permissions.subscribe.sort();
+        role.permissions.subscribe.dedup();
+    }
+    roles
+}
+
+/// A nats-server `authorization` block: one user per role, each password
+/// read from the server's environment (`WHARF_PASSWORD_<ROLE>`).
+pub fn server_config(roles: &[Role]) -> String {
+    let list = |subjects: &[String]| {
+        subjects
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = String::from("authorization {\n  users: [\n");
+    for role in roles {
+        out.push_str(&format!(
+            "    {{ user: \"{}\", password: ${},\n      permissions: {{\n        publish: [{}],\n        subscribe: [{}],\n        allow_responses: true\n      }} }}\n",
+            role.user,
+            role.password_variable(),
+            list(&role.permissions.publish),
+            list(&role.permissions.subscribe)
+        ));
+    }
+    out.push_str("  ]\n}\n");
+    out
+}
+
+/// One permissions document per role, as JWT user claims hold them
+/// (`{"pub": {"allow": [...]}, "sub": {"allow": [...]}}`).
+pub fn jwt_permissions(roles: &[Role]) -> serde_json::Value {
+    let users: serde_json::Map<String, serde_json::Value> = roles
+        .iter()
+        .map(|role| {
+            (
+                role.user.clone(),
+                serde_json::json!({
+                    "pub": { "allow": role.permissions.publish },
+                    "sub": { "allow": role.permissions.subscribe },
+                    "resp": { "max": 1 },
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(users)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_role_gets_only_its_own() {
+        let config = UpConfig::from_toml(
+            "[[service]]\nname = \"quickstart\"\ncommand = [\"x\"]\n[[service]]\nname = \"other\"\ncommand = [\"x\"]\n[[caller]]\nname = \"web\"\nfunctions = [\"quickstart.add\"]\n",
+        )
+        .unwrap();
+        let roles = roles(&config, "wharf");
+        let role = |name: &str| roles.iter().find(|r| r.user == name).unwrap();
+        let worker = &role("worker-quickstart").permissions;
+        assert!(worker.subscribe.contains(&"wharf.quickstart.*".to_owned()));
+        assert!(!worker.subscribe.iter().any(|s| s.contains("other")));
+        assert!(!worker.publish.iter().any(|s| s.contains("_control")));
+        assert!(!worker.publish.iter().any(|s| s.contains("_supervisor")));
+        let web = &role("web").permissions;
+        assert!(web.publish.contains(&"wharf.quickstart.add".to_owned()));
+        assert!(!web.publish.iter().any(|s| s.ends_with("divide")));
+        let supervisor = &role("supervisor").permissions;
+        assert!(supervisor.publish.contains(&"wharf._control.*".to_owned()));
+        assert!(supervisor
+            .subscribe
+            .contains(&"wharf._supervisor.down".to_owned()));
+        let text = server_config(&roles);
+        assert!(
+            text.contains("password: $WHARF_PASSWORD_WORKER_QUICKSTART"),
+            "{text}"
+        );
+        assert_eq!(
+            jwt_permissions(&roles)["web"]["pub"]["allow"][0],
+            serde_json::json!(web.publish[0])
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! The permissions `wharf auth` writes, on a real nats-server: each role can
+//! do its work and nothing it should not.
+
+use std::time::Duration;
+use wharf::settings::{Credentials, Secret};
+use wharf::supervisor::UpConfig;
+use wharf::testing::{eventually, NatsServer};
+use wharf::{Client, ErrorKind, Worker};
+
+/// Adds.
+#[wharf::microservice(service = "perm")]
+pub async fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+/// Divides; the caller may not call it.
+#[wharf::microservice(service = "perm")]
+pub async fn divide(a: i64, b: i64) -> i64 {
+    a / b.max(1)
+}
+
+fn user(name: &str) -> Credentials {
+    Credentials {
+        user: Some(name.to_owned()),
+        password: Some(Secret::new(format!("pw-{name}"))),
+        ..Credentials::default()
+    }
+}
+
+/// The server errors a raw connection as `name` gets.
+async fn raw_as(
+    url: &str,
+    name: &str,
+) -> (
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client =
+        async_nats::ConnectOptions::with_user_and_password(name.into(), format!("pw-{name}"))
+            .event_callback(move |event| {
+                if let async_nats::Event::ServerError(error) = event {
+                    let _ = tx.send(error.to_string());
+                }
+                async {}
+            })
+            .connect(url)
+            .await
+            .unwrap();
+    (client, rx)
+}
+
+#[tokio::test]
+async fn generated_permissions_let_each_role_work_and_nothing_more() {
+    let config = UpConfig::from_toml(
+        "[[service]]\nname = \"perm\"\ncommand = [\"x\"]\n\
+         [[caller]]\nname = \"web\"\nfunctions = [\"perm.add\"]\n",
+    )
+    .unwrap();
+    let roles = wharf::permissions::roles(&config, "wharf");
+    let mut text = wharf::permissions::server_config(&roles);
+    for role in &roles {
+        // What nats-server would read from its environment.
+        text = text.replace(
+            &format!("${}", role.password_variable()),
+            &format!("\"pw-{}\"", role.user),
+        );
+    }
+    let server = NatsServer::start_with_config(&text).unwrap();
+    let url = server.url();
+
+    // The worker serves; the caller calls what it may, plain and durable.
+    let worker_client = Client::connect_with(&url, &user("worker-perm"))
+        .await
+        .unwrap();
+    let _worker = Worker::new(&worker_client).start().await.unwrap();
+    let web = Client::connect_with(&url, &user("web")).await.unwrap();
+    assert_eq!(add::call(&web, 2, 3).await.unwrap(), 5);
+    let durable = add::request(40, 2)
+        .client(&web)
+        .durable(true)
+        .timeout(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(durable, 42);
+
+    // Not what it was not given.
+    let error = divide::request(6, 3)
+        .client(&web)
+        .timeout(Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
+
+    // A worker's credentials cannot drain another instance or stop the
+    // supervisor.
+    let (raw, mut errors) = raw_as(&url, "worker-perm").await;
+    for subject in ["wharf._control.another-instance", "wharf._supervisor.down"] {
+        raw.publish(subject, "drain".into()).await.unwrap();
+        raw.flush().await.unwrap();
+        let seen = eventually(
+            &format!("the server to refuse publishing to {subject}"),
+            Duration::from_secs(10),
+            || {
+                let seen = errors.try_recv().map_err(|e| e.to_string());
+                async move { seen }
+            },
+        )
+        .await;
+        assert!(seen.contains(subject), "{seen}");
+    }
+
+    // And no one gets in without credentials.
+    let error = Client::connect_with(&url, &Credentials::default())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
+}
