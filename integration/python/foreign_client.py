@@ -31,7 +31,7 @@ async def main(url: str) -> None:
     postcard = await nc.request("wharf.itest.add", bytes([1, 0, 0, 0, 0, 0, 4, 6]), timeout=30)
 
     # A durable call: published into the service's work queue, answered on
-    # the Wharf-Reply subject, its result also kept in KV wharf_results.
+    # the Wharf-Reply subject, its result also kept in KV wharf_results_itest (one bucket per service).
     js = nc.jetstream()
     inbox = nc.new_inbox()
     replies = await nc.subscribe(inbox)
@@ -42,7 +42,7 @@ async def main(url: str) -> None:
                  "Nats-Msg-Id": call_id},
     )
     durable = json.loads((await replies.next_msg(timeout=30)).data)
-    stored = await (await js.key_value("wharf_results")).get(call_id)
+    stored = await (await js.key_value("wharf_results_itest")).get(call_id)
     # code (2 bytes, big endian), codec (1 byte, 1 = JSON), then the body.
     stored_code = int.from_bytes(stored.value[:2], "big")
     stored_body = json.loads(stored.value[3:])

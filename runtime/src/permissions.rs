@@ -9,7 +9,7 @@
 
 use crate::supervisor::UpConfig;
 use crate::wire::subjects::{
-    self, BLOBS_BUCKET, INSTANCES_BUCKET, LEASE_BUCKET, OBJECTS_BUCKET, RESULTS_BUCKET, TXN_BUCKET,
+    self, BLOBS_BUCKET, INSTANCES_BUCKET, LEASE_BUCKET, OBJECTS_BUCKET, TXN_BUCKET,
 };
 use serde::Serialize;
 
@@ -79,14 +79,15 @@ fn calling(prefix: &str, service: &str, function: &str) -> Vec<String> {
         subjects::transaction_end(prefix, "*"),
     ];
     publish.extend(stream_api(&stream));
+    // Collecting a durable call's result.
+    publish.extend(bucket(&subjects::results_bucket(service)));
     publish
 }
 
-/// What every wharf connection takes: its inbox, and reading results,
-/// leases and objects.
+/// What every wharf connection takes: its inbox, leases and objects.
 fn common() -> Permissions {
     let mut publish = vec!["$JS.API.INFO".to_owned(), "_INBOX.>".to_owned()];
-    for name in [RESULTS_BUCKET, TXN_BUCKET, OBJECTS_BUCKET] {
+    for name in [TXN_BUCKET, OBJECTS_BUCKET] {
         publish.extend(bucket(name));
     }
     publish.extend(stream_api(&subjects::object_store_stream(BLOBS_BUCKET)));
@@ -135,6 +136,10 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
         let stream = subjects::calls_stream(prefix, name);
         let mut worker = common();
         worker.publish.extend(bucket(INSTANCES_BUCKET));
+        // Its own service's results: no other's.
+        worker
+            .publish
+            .extend(bucket(&subjects::results_bucket(name)));
         worker.publish.extend(stream_api(&stream));
         worker
             .publish
@@ -263,6 +268,14 @@ mod tests {
         assert!(!worker.subscribe.iter().any(|s| s.contains("other")));
         assert!(!worker.publish.iter().any(|s| s.contains("_control")));
         assert!(!worker.publish.iter().any(|s| s.contains("_supervisor")));
+        assert!(worker
+            .publish
+            .iter()
+            .any(|s| s.contains("wharf_results_quickstart")));
+        assert!(!worker
+            .publish
+            .iter()
+            .any(|s| s.contains("wharf_results_other")));
         let web = &role("web").permissions;
         assert!(web.publish.contains(&"wharf.quickstart.add".to_owned()));
         assert!(!web.publish.iter().any(|s| s.ends_with("divide")));

@@ -602,7 +602,7 @@ async fn a_retried_idempotent_call_that_completed_is_not_run_again() {
     let first: (String, u64) = serde_json::from_slice(&first.payload).unwrap();
     // The record is written without waiting for it to land: wait for it.
     let results = async_nats::jetstream::new(client.nats().clone())
-        .get_key_value("wharf_results")
+        .get_key_value("wharf_results_calls")
         .await
         .unwrap();
     eventually(

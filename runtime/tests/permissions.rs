@@ -92,10 +92,14 @@ async fn generated_permissions_let_each_role_work_and_nothing_more() {
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
 
-    // A worker's credentials cannot drain another instance or stop the
-    // supervisor.
+    // A worker's credentials cannot drain another instance, stop the
+    // supervisor, or read another service's results.
     let (raw, mut errors) = raw_as(&url, "worker-perm").await;
-    for subject in ["wharf._control.another-instance", "wharf._supervisor.down"] {
+    for subject in [
+        "wharf._control.another-instance",
+        "wharf._supervisor.down",
+        "$JS.API.DIRECT.GET.KV_wharf_results_other.$KV.wharf_results_other.call-1",
+    ] {
         raw.publish(subject, "drain".into()).await.unwrap();
         raw.flush().await.unwrap();
         let seen = eventually(

@@ -29,7 +29,8 @@ pub(crate) struct DurableClient {
     js: jetstream::Context,
     streams: Mutex<HashSet<&'static str>>,
     replies: Arc<Replies>,
-    results: tokio::sync::OnceCell<kv::Store>,
+    /// Each service's results bucket, found on first use.
+    results: Mutex<HashMap<String, kv::Store>>,
 }
 
 impl std::fmt::Debug for DurableClient {
@@ -44,14 +45,20 @@ impl DurableClient {
             js: jetstream::new(nats.clone()),
             streams: Mutex::new(HashSet::new()),
             replies: Replies::start(nats).await?,
-            results: tokio::sync::OnceCell::new(),
+            results: Mutex::new(HashMap::new()),
         })
     }
 
-    async fn results(&self) -> Result<&kv::Store, Error> {
+    async fn results(&self, service: &str) -> Result<kv::Store, Error> {
+        if let Some(store) = self.results.lock().unwrap().get(service) {
+            return Ok(store.clone());
+        }
+        let store = results_bucket(&self.js, service).await?;
         self.results
-            .get_or_try_init(|| results_bucket(&self.js))
-            .await
+            .lock()
+            .unwrap()
+            .insert(service.to_owned(), store.clone());
+        Ok(store)
     }
 
     async fn ensure_stream(&self, prefix: &str, service: &'static str) -> Result<(), Error> {
@@ -306,7 +313,7 @@ impl<R: Returns> Pending<R> {
                     }
                 }
                 _ = poll => {
-                    let results = durable.results().await?;
+                    let results = durable.results(self.spec.service).await?;
                     if let Ok(Some(record)) = results.get(self.id.as_str()).await {
                         durable.replies.waiting.lock().unwrap().remove(&self.id);
                         let (message, codec) = record::decode(record)?;

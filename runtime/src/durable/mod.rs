@@ -3,7 +3,7 @@
 //! A durable call is published into the service's work-queue stream
 //! (`<prefix>_calls_<service>`, subjects `<prefix>.durable.<service>.<fn>`)
 //! instead of being requested. A worker pulls it (no more than it has
-//! permits for), runs it, stores the result in KV `wharf_results` under the
+//! permits for), runs it, stores the result in KV `wharf_results_<service>` under the
 //! call id, replies to the caller's `Wharf-Reply` subject, and only then
 //! acks. A worker killed mid-call means redelivery after the consumer's
 //! ack wait; a call that cannot be decoded, or that was delivered more than

@@ -5,7 +5,7 @@
 use crate::error::{Error, ErrorKind};
 use crate::settings::{Settings, DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER};
 use crate::spec::FnSpec;
-use crate::wire::subjects::{self, RESULTS_BUCKET};
+use crate::wire::subjects;
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use std::time::Duration;
 
@@ -19,12 +19,15 @@ pub(crate) fn max_deliver() -> i64 {
     Settings::get().map_or(DEFAULT_MAX_DELIVER, |s| s.max_deliver)
 }
 
-/// Creates (or finds) the results bucket.
-pub(crate) async fn results_bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
+/// Creates (or finds) `service`'s results bucket.
+pub(crate) async fn results_bucket(
+    js: &jetstream::Context,
+    service: &str,
+) -> Result<kv::Store, Error> {
     let ttl = Settings::get()?.results_ttl;
     crate::bucket::bucket(
         js,
-        RESULTS_BUCKET,
+        &subjects::results_bucket(service),
         "wharf: durable call results and idempotency records",
         ttl,
         stream::StorageType::File,

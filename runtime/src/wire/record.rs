@@ -1,4 +1,4 @@
-//! Result records: a call's outcome as stored in KV `wharf_results`, for
+//! Result records: a call's outcome as stored in KV `wharf_results_<service>`, for
 //! durable calls and for idempotent calls a caller may ask for again.
 
 use crate::error::{Error, ErrorKind};
@@ -11,7 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// Status code of a successful call in a stored result.
 pub(crate) const OK: u16 = 200;
 
-/// A result as stored in `wharf_results`: status code (2 bytes, big
+/// A result as stored in `wharf_results_<service>`: status code (2 bytes, big
 /// endian; 200 for success), codec (1 byte: 0 postcard, 1 JSON), then the
 /// reply body.
 pub(crate) fn encode(code: u16, codec: Codec, body: &[u8]) -> Bytes {

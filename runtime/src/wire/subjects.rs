@@ -11,8 +11,12 @@ pub const DEFAULT_PREFIX: &str = "wharf";
 /// The queue group every worker of a function joins (ADR-32's default).
 pub const QUEUE_GROUP: &str = "q";
 
-/// KV bucket of durable results and idempotency records.
-pub const RESULTS_BUCKET: &str = "wharf_results";
+/// The KV bucket of `service`'s durable results and idempotency records,
+/// one per service so that no service's workers read another's:
+/// `wharf_results_<service>`.
+pub fn results_bucket(service: &str) -> String {
+    format!("wharf_results_{service}")
+}
 
 /// KV bucket of transaction leases, one per open transaction.
 pub const TXN_BUCKET: &str = "wharf_txn";

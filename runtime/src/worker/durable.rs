@@ -10,7 +10,7 @@ use crate::error::ErrorKind;
 use crate::handler::Fault;
 use crate::wire::codec::Codec;
 use crate::wire::reply::one_line;
-use crate::wire::subjects::{self, RESULTS_BUCKET};
+use crate::wire::subjects;
 use crate::wire::{headers, record};
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use async_nats::HeaderMap;
@@ -140,7 +140,7 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         id: id.clone(),
         reply,
     };
-    let (Some(id), Some(results)) = (id, endpoint.shared.results.as_ref()) else {
+    let (Some(id), Some(results)) = (id, endpoint.results.as_ref()) else {
         let reason = "a durable call needs a Wharf-Call-Id of letters, digits, '-' and '_' (see docs/protocol.md)";
         return dead_letter(endpoint, js, &message, fate, reason).await;
     };
@@ -191,9 +191,14 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
     // Stored before the reply and the ack: a caller that misses the reply
     // still finds the result, and a crash before the ack at worst runs the
     // call again.
-    if store(js, &id, record::encode(code, codec, &body))
-        .await
-        .is_err()
+    if store(
+        js,
+        endpoint.registration.spec.service,
+        &id,
+        record::encode(code, codec, &body),
+    )
+    .await
+    .is_err()
     {
         let _ = message
             .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
@@ -231,13 +236,21 @@ struct Fate {
 }
 
 /// Stores a result record under `id`, waiting for JetStream to confirm.
-async fn store(js: &jetstream::Context, id: &str, record: Bytes) -> Result<(), String> {
-    js.publish(subjects::kv_key(RESULTS_BUCKET, id), record)
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+async fn store(
+    js: &jetstream::Context,
+    service: &str,
+    id: &str,
+    record: Bytes,
+) -> Result<(), String> {
+    js.publish(
+        subjects::kv_key(&subjects::results_bucket(service), id),
+        record,
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 /// Moves a call to the dead-letter stream with `reason`, answers its
@@ -281,7 +294,13 @@ async fn dead_letter(
     );
     let (code, headers, body) = fault.answer(fate.codec);
     if let Some(id) = &fate.id {
-        let _ = store(js, id, record::encode(code, fate.codec, &body)).await;
+        let _ = store(
+            js,
+            endpoint.registration.spec.service,
+            id,
+            record::encode(code, fate.codec, &body),
+        )
+        .await;
     }
     answer(endpoint, fate.reply, headers, body).await;
     endpoint.record(SystemTime::now(), Some((code, fault.message())));

@@ -31,8 +31,6 @@ pub(crate) struct Shared {
     /// Idempotent calls in this worker, by call id; `true` once a caller
     /// has probed for it (its result is then kept for a retry).
     pub(crate) running: Mutex<HashMap<Bytes, bool>>,
-    /// `wharf_results`, when the server has JetStream.
-    pub(crate) results: Option<kv::Store>,
     /// Subject prefix.
     pub(crate) prefix: String,
     /// The transactions this instance owns, when it serves stateful
@@ -89,6 +87,8 @@ pub(crate) struct Endpoint {
     pub(crate) registration: &'static Registration,
     pub(crate) stats: Arc<EndpointStats>,
     pub(crate) shared: Arc<Shared>,
+    /// The service's results bucket, when the server has JetStream.
+    pub(crate) results: Option<kv::Store>,
 }
 
 impl Endpoint {

@@ -25,7 +25,6 @@ impl Endpoint {
         started: SystemTime,
     ) {
         let results = self
-            .shared
             .results
             .as_ref()
             .filter(|_| subjects::valid_id(&meta.call_id));
@@ -54,7 +53,13 @@ impl Endpoint {
                 let _ = self
                     .shared
                     .nats
-                    .publish(subjects::kv_key(subjects::RESULTS_BUCKET, key), record)
+                    .publish(
+                        subjects::kv_key(
+                            &subjects::results_bucket(self.registration.spec.service),
+                            key,
+                        ),
+                        record,
+                    )
                     .await;
             }
         }

@@ -102,12 +102,9 @@ impl Worker {
                 false
             }
         };
-        let results = if jetstream {
+        if jetstream {
             streams::dead_letters(&js, &prefix).await?;
-            Some(streams::results_bucket(&js).await?)
-        } else {
-            None
-        };
+        }
         let owned = match (by_service.values().flatten().any(|r| r.spec.stateful), jetstream) {
             (false, _) => None,
             (true, true) => Some(Owned::new(js.clone(), &instance, &prefix).await?),
@@ -126,7 +123,6 @@ impl Worker {
             max_backlog: self.backlog.unwrap_or(self.concurrency),
             identity,
             running: Mutex::new(HashMap::new()),
-            results,
             prefix: prefix.clone(),
             owned: owned.clone(),
             client: self.client.clone(),
@@ -146,6 +142,11 @@ impl Worker {
         for (service_name, regs) in by_service {
             let stream = if jetstream {
                 Some(streams::calls_stream(&js, &prefix, service_name).await?)
+            } else {
+                None
+            };
+            let results = if jetstream {
+                Some(streams::results_bucket(&js, service_name).await?)
             } else {
                 None
             };
@@ -172,6 +173,7 @@ impl Worker {
                     registration,
                     stats,
                     shared: shared.clone(),
+                    results: results.clone(),
                 });
                 if let Some(stream) = &stream {
                     let consumer = streams::consumer(stream, &prefix, spec).await?;
