@@ -15,6 +15,9 @@ use wharf_integration::{alive, spawn_svc, spawn_worker, wait_for_workers};
 /// Requests in all.
 const REQUESTS: usize = 100_000;
 
+/// Durable calls, published straight into the work queue.
+const DURABLE: usize = 5_000;
+
 /// Requests in flight at once.
 const IN_FLIGHT: usize = 256;
 
@@ -220,6 +223,58 @@ async fn random_and_mutated_requests_are_all_answered_and_nothing_dies() {
         &unanswered[..unanswered.len().min(5)]
     );
 
+    // Durable calls too: random payloads and headers, replies named
+    // anywhere. Each is run or dead-lettered, none is published outside an
+    // inbox, and the work queue empties.
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut victim = nats.subscribe("victim.>").await.unwrap();
+    for i in 0..DURABLE {
+        let (_, headers, payload) = request(&mut rng);
+        let mut headers = headers.unwrap_or_default();
+        headers.insert("Wharf-Call-Id", format!("hostile-{seed}-{i}").as_str());
+        let reply = match rng.below(3) {
+            0 => format!("victim.{i}"),
+            1 => format!("_INBOX.hostile.{i}"),
+            _ => rng.text(20).chars().filter(|c| !c.is_control()).collect(),
+        };
+        headers.insert("Wharf-Reply", reply.as_str());
+        let function = rng.pick(FUNCTIONS);
+        js.publish_with_headers(format!("wharf.durable.itest.{function}"), headers, payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let queue = js.get_stream("wharf_calls_itest").await.unwrap();
+    eventually(
+        "every durable call to be run or dead-lettered",
+        Duration::from_secs(120),
+        || {
+            let mut queue = queue.clone();
+            async move {
+                let left = queue
+                    .info()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .state
+                    .messages;
+                if left == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{left} left in the work queue"))
+                }
+            }
+        },
+    )
+    .await;
+    nats.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), victim.next())
+            .await
+            .is_err(),
+        "seed {seed}: a worker published a reply outside an inbox"
+    );
+
     assert!(alive(worker.pid()), "seed {seed}: the worker died");
     assert!(
         alive(objects.pid()),
@@ -239,5 +294,61 @@ async fn random_and_mutated_requests_are_all_answered_and_nothing_dies() {
     assert!(
         rss_after < rss_before + 128 * 1024,
         "seed {seed}: memory grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
+
+#[tokio::test]
+async fn durable_replies_go_to_a_configured_inbox_prefix_and_nowhere_else() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let client = wharf::Client::connect(&url).await.unwrap();
+    let _worker = wharf_integration::spawn_worker_with(&url, &[("WHARF_INBOX_PREFIX", "_team")]);
+    wait_for_workers(&client, 1).await;
+    let nats = client.nats();
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut team = nats.subscribe("_team.me.>").await.unwrap();
+    let mut elsewhere = nats.subscribe("elsewhere.>").await.unwrap();
+    nats.flush().await.unwrap();
+    for (id, reply) in [
+        ("inbox-1", "_team.me.reply"),
+        ("inbox-2", "elsewhere.reply"),
+    ] {
+        let mut headers = HeaderMap::new();
+        headers.insert("Content-Type", "application/json");
+        headers.insert("Wharf-Call-Id", id);
+        headers.insert("Wharf-Reply", reply);
+        js.publish_with_headers("wharf.durable.itest.add", headers, "[2, 3]".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(30), team.next())
+        .await
+        .expect("a reply on the configured inbox")
+        .unwrap();
+    assert_eq!(&answered.payload[..], b"5");
+    // The other was dead-lettered: its result says so, and nothing went out.
+    let results = js.get_key_value("wharf_results_itest").await.unwrap();
+    eventually(
+        "the dead letter of inbox-2",
+        Duration::from_secs(30),
+        || {
+            let results = results.clone();
+            async move {
+                match results.get("inbox-2").await {
+                    Ok(Some(record)) => Ok(record),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    nats.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), elsewhere.next())
+            .await
+            .is_err(),
+        "the worker published outside an inbox"
     );
 }

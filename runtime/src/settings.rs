@@ -94,6 +94,10 @@ pub struct Settings {
     pub ready_subject: Option<String>,
     /// `WHARF_PARENT_PID`: the local-mode program that started this worker.
     pub parent_pid: Option<u32>,
+    /// `WHARF_INBOX_PREFIX`: the inbox prefix this process's connections
+    /// use, and durable replies may go to (besides `_INBOX`), for
+    /// deployments whose permissions give each user its own inboxes.
+    pub inbox_prefix: String,
     /// How to authenticate to NATS and check the server (`NATS_USER`,
     /// `NATS_CREDS`, `NATS_CA`, ...).
     pub credentials: Credentials,
@@ -518,6 +522,10 @@ impl Settings {
         )?
         .unwrap_or(DEFAULT_RESULTS_TTL);
         let parent_pid = number(&var, "WHARF_PARENT_PID", 1, u32::MAX as usize)?.map(|p| p as u32);
+        let inbox_prefix = match var("WHARF_INBOX_PREFIX") {
+            Some(prefix) => check_prefix("WHARF_INBOX_PREFIX", prefix)?,
+            None => subjects::DEFAULT_INBOX_PREFIX.to_owned(),
+        };
         Ok(Settings {
             nats_url,
             prefix,
@@ -537,6 +545,7 @@ impl Settings {
             nats_server: var("WHARF_NATS_SERVER").map(PathBuf::from),
             ready_subject: var("WHARF_READY_SUBJECT"),
             parent_pid,
+            inbox_prefix,
             credentials: Credentials::read(&var, file)?,
         })
     }

@@ -215,12 +215,21 @@ pub fn valid_txn_id(id: &str) -> bool {
 /// The longest object URI wharf accepts.
 pub const MAX_URI: usize = 1024;
 
+/// The inbox prefix NATS clients use unless configured otherwise.
+pub const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
+
 /// Whether `subject` may be where a durable call's reply goes: an inbox
-/// (`_INBOX.…`) of printable tokens, so a request cannot make a worker
-/// publish onto any other subject.
-pub fn valid_reply(subject: &str) -> bool {
+/// (`_INBOX.…`, or `<inbox_prefix>.…` where the deployment configures one)
+/// of printable tokens, so a request cannot make a worker publish onto any
+/// other subject.
+pub fn valid_reply(subject: &str, inbox_prefix: &str) -> bool {
+    let inbox = |prefix: &str| {
+        subject
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('.'))
+    };
     subject.len() <= 256
-        && subject.starts_with("_INBOX.")
+        && (inbox(DEFAULT_INBOX_PREFIX) || inbox(inbox_prefix))
         && subject.split('.').all(|token| {
             !token.is_empty()
                 && token
@@ -307,11 +316,16 @@ mod tests {
         assert!(!valid_prefix("a b"));
         assert!(!valid_prefix("a.*"));
         assert!(!valid_prefix(""));
-        assert!(valid_reply("_INBOX.abc.durable.id1"));
-        assert!(!valid_reply("wharf._supervisor.down"));
-        assert!(!valid_reply("_INBOX.a b"));
-        assert!(!valid_reply("_INBOX.>"));
-        assert!(!valid_reply(&format!("_INBOX.{}", "a".repeat(300))));
+        assert!(valid_reply("_INBOX.abc.durable.id1", "_INBOX"));
+        assert!(valid_reply("_team.abc.durable.id1", "_team"));
+        assert!(!valid_reply("_teamx.abc", "_team"));
+        assert!(!valid_reply("wharf._supervisor.down", "_INBOX"));
+        assert!(!valid_reply("_INBOX.a b", "_INBOX"));
+        assert!(!valid_reply("_INBOX.>", "_INBOX"));
+        assert!(!valid_reply(
+            &format!("_INBOX.{}", "a".repeat(300)),
+            "_INBOX"
+        ));
         assert_eq!(shown("short"), "short");
         assert!(shown(&"k".repeat(5000)).ends_with("(5000 characters)"));
     }
