@@ -55,7 +55,10 @@ fn stream_api(stream: &str) -> Vec<String> {
     ["STREAM.INFO", "STREAM.CREATE", "STREAM.MSG.GET"]
         .iter()
         .map(|verb| format!("$JS.API.{verb}.{stream}"))
-        .chain([format!("$JS.API.DIRECT.GET.{stream}.>")])
+        .chain([
+            format!("$JS.API.DIRECT.GET.{stream}"),
+            format!("$JS.API.DIRECT.GET.{stream}.>"),
+        ])
         .collect()
 }
 
@@ -92,10 +95,13 @@ fn common() -> Permissions {
     }
     publish.extend(stream_api(&subjects::object_store_stream(BLOBS_BUCKET)));
     publish.push(format!("$O.{BLOBS_BUCKET}.>"));
-    publish.push(format!(
-        "$JS.API.CONSUMER.*.{}.>",
-        subjects::object_store_stream(BLOBS_BUCKET)
-    ));
+    let blobs = subjects::object_store_stream(BLOBS_BUCKET);
+    publish.extend([
+        format!("$JS.API.CONSUMER.*.{blobs}"),
+        format!("$JS.API.CONSUMER.*.{blobs}.>"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{blobs}.*"),
+        format!("$JS.API.STREAM.PURGE.{blobs}"),
+    ]);
     Permissions {
         publish,
         subscribe: vec!["_INBOX.>".to_owned()],
@@ -105,6 +111,15 @@ fn common() -> Permissions {
 /// Every role of `config`, under `prefix`.
 pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
     let mut roles = Vec::new();
+
+    // The objects service on its own (`wharf objects`): its buckets only.
+    let mut objects = common();
+    objects.publish.retain(|s| !s.contains(TXN_BUCKET));
+    objects.subscribe.push(subjects::objects(prefix, "*"));
+    roles.push(Role {
+        user: "objects".to_owned(),
+        permissions: objects,
+    });
 
     // The supervisor (`wharf up`, which also serves the object store).
     let mut supervisor = common();
@@ -116,9 +131,10 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
     for name in [LEASE_BUCKET, INSTANCES_BUCKET] {
         supervisor.publish.extend(bucket(name));
     }
-    supervisor
-        .publish
-        .push(format!("$JS.API.CONSUMER.*.KV_{INSTANCES_BUCKET}.>"));
+    supervisor.publish.extend([
+        format!("$JS.API.CONSUMER.*.KV_{INSTANCES_BUCKET}"),
+        format!("$JS.API.CONSUMER.*.KV_{INSTANCES_BUCKET}.>"),
+    ]);
     supervisor.publish.push("$JS.FC.>".to_owned());
     supervisor.subscribe.extend([
         subjects::demand_any(prefix),
@@ -194,6 +210,8 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
                 .publish
                 .extend(calling(prefix, service, function));
         }
+        // Objects through the objects service, as other languages do.
+        permissions.publish.push(subjects::objects(prefix, "*"));
         roles.push(Role {
             user: caller.name.clone(),
             permissions,

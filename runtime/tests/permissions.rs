@@ -114,6 +114,58 @@ async fn generated_permissions_let_each_role_work_and_nothing_more() {
         assert!(seen.contains(subject), "{seen}");
     }
 
+    // The objects service serves with its own credentials, small objects
+    // and large ones (chunked into the Object Store).
+    let (objects_raw, mut objects_errors) = raw_as(&url, "objects").await;
+    let objects_client = Client::from_nats(objects_raw, url.clone());
+    let _objects = wharf::objects::service::serve(&objects_client)
+        .await
+        .unwrap();
+    eventually(
+        "the objects service to answer",
+        Duration::from_secs(30),
+        || {
+            let nats = web.nats().clone();
+            async move {
+                nats.request("wharf.objects.stat", "{}".into())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
+    for size in [100usize, 300 * 1024] {
+        let data = vec![7u8; size];
+        let put = web
+            .nats()
+            .request("wharf.objects.put", data.clone().into())
+            .await
+            .unwrap_or_else(|e| {
+                let mut refused = Vec::new();
+                while let Ok(error) = objects_errors.try_recv() {
+                    refused.push(error);
+                }
+                panic!("put: {e}; the objects service was refused: {refused:?}")
+            });
+        let stored: serde_json::Value = serde_json::from_slice(&put.payload).unwrap();
+        let uri = stored["uri"].as_str().unwrap_or_else(|| panic!("{stored}"));
+        let got = web
+            .nats()
+            .request(
+                "wharf.objects.get",
+                serde_json::json!({ "uri": uri }).to_string().into(),
+            )
+            .await
+            .unwrap_or_else(|e| {
+                let mut refused = Vec::new();
+                while let Ok(error) = objects_errors.try_recv() {
+                    refused.push(error);
+                }
+                panic!("get {uri}: {e}; the objects service was refused: {refused:?}")
+            });
+        assert_eq!(got.payload.len(), size, "{:?}", got.headers);
+    }
+
     // And no one gets in without credentials.
     let error = Client::connect_with(&url, &Credentials::default())
         .await
