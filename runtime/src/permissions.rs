@@ -139,6 +139,8 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
     supervisor.subscribe.extend([
         subjects::demand_any(prefix),
         subjects::supervisor_down(prefix),
+        // `wharf events`, run by whoever holds these credentials.
+        subjects::events(prefix),
         subjects::objects(prefix, "*"),
     ]);
     roles.push(Role {

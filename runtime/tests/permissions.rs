@@ -1,6 +1,7 @@
 //! The permissions `wharf auth` writes, on a real nats-server: each role can
 //! do its work and nothing it should not.
 
+use futures_util::StreamExt;
 use std::time::Duration;
 use wharf::settings::{Credentials, Secret};
 use wharf::supervisor::UpConfig;
@@ -165,6 +166,39 @@ async fn generated_permissions_let_each_role_work_and_nothing_more() {
             });
         assert_eq!(got.payload.len(), size, "{:?}", got.headers);
     }
+
+    // The supervisor takes its lease and announces it under its
+    // permissions (a service of its own with no instance: nothing here is
+    // adopted or started).
+    let quiet =
+        UpConfig::from_toml("[[service]]\nname = \"idle\"\ncommand = [\"x\"]\nmin = 0\n").unwrap();
+    let (watcher, _) = raw_as(&url, "supervisor").await;
+    let mut events = watcher.subscribe("wharf._events").await.unwrap();
+    watcher.flush().await.unwrap();
+    let supervisor_client = Client::connect_with(&url, &user("supervisor"))
+        .await
+        .unwrap();
+    let supervisor = wharf::supervisor::Supervisor::new(&supervisor_client, &quiet)
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(supervisor.run(async {
+        let _ = stopped.await;
+    }));
+    let leader = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = events.next().await {
+            let event: wharf::supervisor::Event = serde_json::from_slice(&message.payload).unwrap();
+            if event.kind == "leader" {
+                return event;
+            }
+        }
+        panic!("the events ended");
+    })
+    .await
+    .expect("a leader event within 30 s");
+    assert!(leader.reason.contains("holds the lease"), "{leader:?}");
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
 
     // And no one gets in without credentials.
     let error = Client::connect_with(&url, &Credentials::default())
