@@ -3,6 +3,7 @@
 use crate::retry::RetryPolicy;
 use crate::wire::subjects;
 use async_nats::Subject;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -77,6 +78,17 @@ impl FnSpec {
         Subject::from(subjects::call(prefix, self.service, self.name))
     }
 
+    /// Whether a call of this function went through on the connection of
+    /// refusal generation `generation` (see `client::denials`).
+    pub(crate) fn permitted_on(&self, generation: u64) -> bool {
+        self.subject.1.load(Ordering::Relaxed) == generation
+    }
+
+    /// Notes that a call went through on `generation`.
+    pub(crate) fn mark_permitted(&self, generation: u64) {
+        self.subject.1.store(generation, Ordering::Relaxed);
+    }
+
     /// The signature hash as 16 hex digits, as `Wharf-Sig` and discovery
     /// metadata show it.
     pub fn sig_hex(&self) -> String {
@@ -118,12 +130,17 @@ impl FnSpec {
 /// Lazily built subject of a [`FnSpec`].
 #[doc(hidden)]
 #[derive(Debug)]
-pub struct SubjectCache(OnceLock<(String, Subject)>);
+pub struct SubjectCache(
+    OnceLock<(String, Subject)>,
+    /// The connection (its refusal generation) on which a call of this
+    /// function last went through: no need to watch for a refusal there.
+    AtomicU64,
+);
 
 impl SubjectCache {
     /// An empty cache, usable in a `static`.
     #[allow(clippy::new_without_default)]
     pub const fn new() -> SubjectCache {
-        SubjectCache(OnceLock::new())
+        SubjectCache(OnceLock::new(), AtomicU64::new(0))
     }
 }

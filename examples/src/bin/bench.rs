@@ -10,7 +10,8 @@
 //! smoke version, `--focus` only the 256-in-flight throughput, `--stateful`
 //! only the stateful comparison, `--tls` calls/s at 16 and 256 in flight
 //! over plain TCP and over TLS (a second server, certificates made for the
-//! run), raw and wharf on each, in interleaved rounds.
+//! run), raw and wharf on each, in interleaved rounds; `--auth` the same
+//! with a user and password in place of TLS.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -75,11 +76,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("--quick") => (true, false, false),
         Some("--focus") => (false, true, false),
         Some("--stateful") => (false, true, true),
-        Some("--tls") => return tls_comparison().await,
+        Some("--tls") => return comparison(Secured::Tls).await,
+        Some("--auth") => return comparison(Secured::Password).await,
         None => (false, false, false),
         Some(other) => {
             return Err(format!(
-                "unknown argument `{other}`; use --quick, --focus, --stateful, --tls or nothing"
+                "unknown argument `{other}`; use --quick, --focus, --stateful, --tls, --auth or nothing"
             )
             .into())
         }
@@ -651,7 +653,12 @@ async fn wait_until_served(
 /// add and encode, one task per request like the wharf worker.
 async fn raw_worker() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("NATS_URL")?;
-    let nats = raw_connect(&url, std::env::var_os("NATS_CA").map(Into::into)).await?;
+    let nats = raw_connect(
+        &url,
+        std::env::var_os("NATS_CA").map(Into::into),
+        std::env::var("NATS_USER").ok(),
+    )
+    .await?;
     let mut requests = nats.queue_subscribe(RAW_SUBJECT, "q".into()).await?;
     nats.flush().await?;
     // The loop runs as a task on the runtime's worker threads, as the wharf
@@ -676,16 +683,30 @@ async fn raw_worker() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// A plain async-nats connection, over TLS with `ca` when given.
+/// A plain async-nats connection, over TLS with `ca` when given, as `user`
+/// (password: the same) when given.
 async fn raw_connect(
     url: &str,
     ca: Option<std::path::PathBuf>,
+    user: Option<String>,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
     let mut options = async_nats::ConnectOptions::new();
     if let Some(ca) = ca {
         options = options.add_root_certificates(ca).require_tls(true);
     }
+    if let Some(user) = user {
+        options = options.user_and_password(user.clone(), user);
+    }
     options.connect(url).await
+}
+
+/// What `comparison` secures the second server with.
+#[derive(Clone, Copy, PartialEq)]
+enum Secured {
+    /// TLS with a CA made for the run.
+    Tls,
+    /// A user and password (which makes wharf watch for refusals).
+    Password,
 }
 
 /// A server with its raw responder and wharf worker, and the bench's
@@ -702,17 +723,24 @@ impl Setup {
     async fn start(
         server: NatsServer,
         ca: Option<&std::path::Path>,
+        user: Option<&str>,
     ) -> Result<Setup, Box<dyn std::error::Error>> {
         let url = server.url();
         let ca_text = ca.map(|p| p.to_string_lossy().into_owned());
-        let env: Vec<(&str, &str)> = ca_text.iter().map(|ca| ("NATS_CA", ca.as_str())).collect();
+        let mut env: Vec<(&str, &str)> =
+            ca_text.iter().map(|ca| ("NATS_CA", ca.as_str())).collect();
+        if let Some(user) = user {
+            env.extend([("NATS_USER", user), ("NATS_PASSWORD", user)]);
+        }
         let raw = spawn_worker(&url, &["raw-worker"], &env)?;
         let mut worker_env = env.clone();
         worker_env.push(("WHARF_ROLE", "worker"));
         let worker = spawn_worker(&url, &[], &worker_env)?;
-        let nats = raw_connect(&url, ca.map(Into::into)).await?;
+        let nats = raw_connect(&url, ca.map(Into::into), user.map(str::to_owned)).await?;
         let credentials = wharf::settings::Credentials {
             ca: ca.map(Into::into),
+            user: user.map(str::to_owned),
+            password: user.map(wharf::settings::Secret::new),
             ..Default::default()
         };
         let client = wharf::Client::connect_with(&url, &credentials).await?;
@@ -750,20 +778,34 @@ fn certificates(
     Ok(paths)
 }
 
-/// `--tls`: calls/s at 16 and 256 in flight, raw and wharf, over plain TCP
-/// and over TLS, in interleaved rounds.
-async fn tls_comparison() -> Result<(), Box<dyn std::error::Error>> {
+/// `--tls` and `--auth`: calls/s at 16 and 256 in flight, raw and wharf,
+/// on an open server and on a `secured` one, in interleaved rounds.
+async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> {
     const ROUNDS: usize = 7;
     const CALLS: usize = 60_000;
-    let dir = wharf::testing::TempDir::new("bench-tls");
-    let [ca, cert, key] = certificates(dir.path())?;
-    let tls_server = NatsServer::start_with_config(&format!(
-        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
-        cert.display(),
-        key.display()
-    ))?;
-    let mut plain = Setup::start(NatsServer::start()?, None).await?;
-    let mut tls = Setup::start(tls_server, Some(&ca)).await?;
+    let dir = wharf::testing::TempDir::new("bench-secured");
+    let mut plain = Setup::start(NatsServer::start()?, None, None).await?;
+    let mut tls = match secured {
+        Secured::Tls => {
+            let [ca, cert, key] = certificates(dir.path())?;
+            let server = NatsServer::start_with_config(&format!(
+                "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+                cert.display(),
+                key.display()
+            ))?;
+            Setup::start(server, Some(&ca), None).await?
+        }
+        Secured::Password => {
+            let server = NatsServer::start_with_config(
+                "authorization { users: [ { user: bench, password: bench } ] }",
+            )?;
+            Setup::start(server, None, Some("bench")).await?
+        }
+    };
+    let name = match secured {
+        Secured::Tls => "over TLS",
+        Secured::Password => "with a password",
+    };
     let mut results: Vec<(String, Vec<f64>)> = Vec::new();
     let mut record = |key: String, value: f64| match results.iter_mut().find(|(k, _)| *k == key) {
         Some((_, values)) => values.push(value),
@@ -810,7 +852,7 @@ async fn tls_comparison() -> Result<(), Box<dyn std::error::Error>> {
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
-    println!("| calls/s | raw | wharf | wharf / raw | raw over TLS | wharf over TLS | wharf / raw over TLS | TLS ratio / plain ratio |");
+    println!("| calls/s | raw | wharf | wharf / raw | raw {name} | wharf {name} | wharf / raw {name} | that ratio / open ratio |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for in_flight in [16, 256] {
         let raw = median(&of(format!("plain {in_flight} raw")));

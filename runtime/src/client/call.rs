@@ -308,6 +308,13 @@ impl Client {
         if let Some(denied) = denials.check(&subject) {
             return Err(denied);
         }
+        // Only until a call of this function went through on this
+        // connection: permissions hold until a reconnect, so later calls
+        // pay nothing for the watch.
+        // (A transaction's owner's own subject is always watched.)
+        let generation = denials.generation();
+        let routed = owner.is_some();
+        let watch = denials.watching && (routed || !spec.permitted_on(generation));
         let reply = self.nats().send_request(subject.clone(), request);
         let settle = |result| self.settle(spec, call, txn, &subject, owner, result);
         let result = if spec.idempotent {
@@ -316,9 +323,9 @@ impl Client {
             tokio::select! {
                 result = reply => settle(result),
                 lost = out_of_line(|| self.watch_call(spec, call)) => Err(lost),
-                denied = denials.refused(&subject) => Err(denied),
+                denied = denials.refused(&subject), if watch => Err(denied),
             }
-        } else if denials.watching {
+        } else if watch {
             tokio::select! {
                 result = reply => settle(result),
                 denied = denials.refused(&subject) => Err(denied),
@@ -326,6 +333,9 @@ impl Client {
         } else {
             settle(reply.await)
         };
+        if watch && !routed && result.is_ok() {
+            spec.mark_permitted(generation);
+        }
         let failure = match result {
             // Draining or overloaded: the call did not run here.
             Ok(message) if status_code(&message) == Some(503) => remote_failure(codec, &message)

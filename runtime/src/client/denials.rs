@@ -4,7 +4,7 @@
 
 use crate::error::{Error, ErrorKind};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use tokio::sync::Notify;
 
@@ -20,6 +20,9 @@ pub(crate) struct Denials {
     refused: Mutex<HashSet<(&'static str, String)>>,
     /// Set on the first refusal: until then a check costs one load.
     any: AtomicBool,
+    /// Names this connection's permissions: new on each reconnect, when
+    /// they may have changed. Never 0.
+    generation: AtomicU64,
     notify: Notify,
 }
 
@@ -42,14 +45,21 @@ impl Denials {
     pub(crate) fn clear(&self) {
         self.refused.lock().unwrap().clear();
         self.any.store(false, Ordering::Release);
+        self.generation.store(next_generation(), Ordering::Relaxed);
     }
 
     /// A connection's refusals; `watching` as above.
     pub(crate) fn new(watching: bool) -> Denials {
         Denials {
             watching,
+            generation: AtomicU64::new(next_generation()),
             ..Denials::default()
         }
+    }
+
+    /// This connection's permissions, as `FnSpec::permitted_on` takes them.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// The error for a call publishing to `subject` when the server refused
@@ -97,6 +107,12 @@ impl Denials {
             notified.await;
         }
     }
+}
+
+/// A permissions generation no connection has had.
+fn next_generation() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The error of a refused `what` (`publish`, `subscribe`) on `subject`.
