@@ -264,7 +264,10 @@ pub(super) async fn get_blob(
             filter_subject: subjects::object_chunks(BLOBS_BUCKET, &info.nuid),
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::None,
-            inactive_threshold: Duration::from_secs(10),
+            // Deleted by the reader's guard when it is done; the threshold
+            // only cleans up after a reader that died. Generous, so a reader
+            // on a loaded machine never finds its consumer gone mid-object.
+            inactive_threshold: Duration::from_secs(120),
             memory_storage: true,
             ..Default::default()
         })
