@@ -113,9 +113,22 @@ impl Supervisor {
         let entry = &self.services[service];
         let mut env = entry.config.env.clone();
         env.insert("NATS_URL".into(), self.url.clone());
-        // Through the environment, never the command line.
+        // The supervisor's own credentials, through the environment (never
+        // the command line), unless the service names its own (as the
+        // worker credentials `wharf auth` writes for it): then only what it
+        // leaves unset, such as the CA.
+        const IDENTITY: [&str; 5] = [
+            "NATS_USER",
+            "NATS_PASSWORD",
+            "NATS_TOKEN",
+            "NATS_NKEY",
+            "NATS_CREDS",
+        ];
+        let own_identity = IDENTITY.iter().any(|name| env.contains_key(*name));
         for (name, value) in self.client.credentials().env() {
-            env.insert(name.into(), value);
+            if !(own_identity && IDENTITY.contains(&name)) {
+                env.entry(name.into()).or_insert(value);
+            }
         }
         env.insert("WHARF_PREFIX".into(), self.client.prefix().to_owned());
         env.insert("WHARF_INSTANCE_ID".into(), instance.clone());
