@@ -382,3 +382,75 @@ async fn a_worker_refused_its_subscriptions_does_not_start() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn wharf_auth_jwt_permissions_hold_in_a_jwt_account() {
+    let config = wharf::supervisor::UpConfig::from_toml(
+        "[[service]]\nname = \"secure\"\ncommand = [\"x\"]\n\
+         [[caller]]\nname = \"web\"\nfunctions = [\"secure.add\"]\n",
+    )
+    .unwrap();
+    let roles = wharf::permissions::roles(&config, "wharf");
+    let permissions = wharf::permissions::jwt_permissions(&roles);
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "O",
+        serde_json::json!({ "type": "operator", "version": 2 }),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "A",
+        serde_json::json!({ "type": "account", "version": 2, "limits": {
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1 } }),
+    );
+    let server = NatsServer::start_without_jetstream(&format!(
+        "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{ {}: {account_jwt} }}\n",
+        account.public_key()
+    ))
+    .unwrap();
+    let dir = TempDir::new("jwt-permissions");
+    // A creds file for `name`, its user JWT holding that role's permissions.
+    let creds_for = |name: &str| {
+        let user = nkeys::KeyPair::new_user();
+        let mut claims = permissions[name].clone();
+        claims["type"] = "user".into();
+        claims["version"] = 2.into();
+        claims["subs"] = (-1).into();
+        claims["data"] = (-1).into();
+        claims["payload"] = (-1).into();
+        let user_jwt = jwt(&account, &user.public_key(), name, claims);
+        let path = dir.path().join(format!("{name}.creds"));
+        std::fs::write(
+            &path,
+            format!(
+                "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+                user.seed().unwrap()
+            ),
+        )
+        .unwrap();
+        Credentials {
+            creds: Some(path),
+            ..Credentials::default()
+        }
+    };
+    let worker = Client::connect_with(&server.url(), &creds_for("worker-secure"))
+        .await
+        .unwrap();
+    let _worker = Worker::new(&worker).start().await.unwrap();
+    let web = Client::connect_with(&server.url(), &creds_for("web"))
+        .await
+        .unwrap();
+    assert_eq!(add::call(&web, 2, 3).await.unwrap(), 5);
+    let error = divide::request(6, 3)
+        .client(&web)
+        .timeout(std::time::Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
+}
