@@ -95,3 +95,115 @@ async fn a_deployment_runs_under_the_permissions_wharf_auth_writes() {
         "the worker outlived its supervisor"
     );
 }
+
+/// Removes a test's containers when it ends, even on a panic.
+struct Containers(String);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        wharf_integration::remove_containers(&format!("wharf.prefix={}", self.0));
+    }
+}
+
+#[tokio::test]
+async fn a_container_instance_gets_its_credential_files_mounted_read_only() {
+    if wharf_integration::svc_image().is_none() {
+        return; // No Docker here, and none required.
+    }
+    // A TLS server whose CA the instances must be given as a file.
+    let dir = TempDir::new("container-tls");
+    let ca_params = {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+    };
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let (ca_path, cert_path, key_path) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("server.pem"),
+        dir.path().join("server-key.pem"),
+    );
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let server = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+        cert_path.display(),
+        key_path.display()
+    ))
+    .unwrap();
+    let prefix = wharf_integration::unique_name("tlsc");
+    let _containers = Containers(prefix.clone());
+    let config = dir.path().join("wharf.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n[[service]]\nname = \"itest\"\n\
+             backend = \"docker\"\nimage = \"{}\"\ncommand = [\"worker\"]\nmin = 1\nmax = 1\n",
+            server.url(),
+            wharf_integration::SVC_IMAGE
+        ),
+    )
+    .unwrap();
+    let config_path = config.to_string_lossy().into_owned();
+    let ca_text = ca_path.to_string_lossy().into_owned();
+    let supervisor = spawn_svc(&["supervise", &config_path], &[("NATS_CA", &ca_text)]);
+    let client = wharf::Client::connect_with(
+        &server.url(),
+        &Credentials {
+            ca: Some(ca_path.clone()),
+            ..Credentials::default()
+        },
+    )
+    .await
+    .unwrap()
+    .with_prefix(&prefix);
+    // Only the container serves: it read the CA from its read-only mount.
+    let sum = eventually(
+        "the container instance to answer over TLS",
+        Duration::from_secs(90),
+        || {
+            let client = client.clone();
+            async move {
+                wharf_integration::add::request(2, 3)
+                    .client(&client)
+                    .timeout(Duration::from_secs(5))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(sum, 5);
+    let mounts = std::process::Command::new("docker")
+        .args(["ps", "--filter"])
+        .arg(format!("label=wharf.prefix={prefix}"))
+        .args(["--format", "{{.Mounts}}"])
+        .output()
+        .unwrap();
+    assert!(!mounts.stdout.is_empty(), "no container of this test runs");
+    let inspect = std::process::Command::new("docker")
+        .args(["ps", "--quiet", "--filter"])
+        .arg(format!("label=wharf.prefix={prefix}"))
+        .output()
+        .unwrap();
+    let id = String::from_utf8_lossy(&inspect.stdout).trim().to_owned();
+    let details = std::process::Command::new("docker")
+        .args(["inspect", "--format", "{{json .Mounts}}", &id])
+        .output()
+        .unwrap();
+    let details = String::from_utf8_lossy(&details.stdout);
+    assert!(
+        details.contains("/run/wharf/nats_ca") && details.contains("\"RW\":false"),
+        "the CA is not mounted read-only: {details}"
+    );
+    wharf_integration::signal(supervisor.pid(), libc::SIGTERM);
+    let status = supervisor.exit_status().await;
+    assert!(status.success(), "the supervisor exited with {status}");
+}
