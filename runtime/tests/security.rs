@@ -303,58 +303,78 @@ fn nuid_like(seed: &str) -> String {
     format!("{}{}", &seed[..8], std::process::id())
 }
 
+/// A server in operator mode with one account, whose users connect with
+/// creds files made here (as nsc makes them).
+struct JwtAccount {
+    account: nkeys::KeyPair,
+    server: NatsServer,
+    dir: TempDir,
+}
+
+impl JwtAccount {
+    fn start(stem: &str) -> JwtAccount {
+        let operator = nkeys::KeyPair::new_operator();
+        let account = nkeys::KeyPair::new_account();
+        let operator_jwt = jwt(
+            &operator,
+            &operator.public_key(),
+            "O",
+            serde_json::json!({ "type": "operator", "version": 2 }),
+        );
+        let account_jwt = jwt(
+            &operator,
+            &account.public_key(),
+            "A",
+            serde_json::json!({ "type": "account", "version": 2, "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1 } }),
+        );
+        let server = NatsServer::start_without_jetstream(&format!(
+            "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{ {}: {account_jwt} }}\n",
+            account.public_key()
+        ))
+        .unwrap();
+        JwtAccount {
+            account,
+            server,
+            dir: TempDir::new(stem),
+        }
+    }
+
+    /// A creds file for user `name` whose JWT carries `claims` (with the
+    /// user type and unlimited subscriptions and data added).
+    fn creds(&self, name: &str, mut claims: serde_json::Value) -> Credentials {
+        let user = nkeys::KeyPair::new_user();
+        claims["type"] = "user".into();
+        claims["version"] = 2.into();
+        claims["subs"] = (-1).into();
+        claims["data"] = (-1).into();
+        claims["payload"] = (-1).into();
+        let user_jwt = jwt(&self.account, &user.public_key(), name, claims);
+        let path = self.dir.path().join(format!("{name}.creds"));
+        std::fs::write(
+            &path,
+            format!(
+                "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+                 ************************* IMPORTANT *************************\n\
+                 NKEY Seed printed below can be used to sign and prove identity.\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+                user.seed().unwrap()
+            ),
+        )
+        .unwrap();
+        Credentials {
+            creds: Some(path),
+            ..Credentials::default()
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_creds_file_of_a_jwt_account() {
-    let operator = nkeys::KeyPair::new_operator();
-    let account = nkeys::KeyPair::new_account();
-    let user = nkeys::KeyPair::new_user();
-    let operator_jwt = jwt(
-        &operator,
-        &operator.public_key(),
-        "O",
-        serde_json::json!({ "type": "operator", "version": 2 }),
-    );
-    let unlimited = serde_json::json!({
-        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-        "wildcards": true, "conn": -1, "leaf": -1
-    });
-    let account_jwt = jwt(
-        &operator,
-        &account.public_key(),
-        "A",
-        serde_json::json!({ "type": "account", "version": 2, "limits": unlimited }),
-    );
-    let user_jwt = jwt(
-        &account,
-        &user.public_key(),
-        "U",
-        serde_json::json!({
-            "type": "user", "version": 2, "pub": {}, "sub": {},
-            "subs": -1, "data": -1, "payload": -1
-        }),
-    );
-    let server = NatsServer::start_without_jetstream(&format!(
-        "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{ {}: {account_jwt} }}\n",
-        account.public_key()
-    ))
-    .unwrap();
-    let dir = TempDir::new("creds");
-    let creds = dir.path().join("user.creds");
-    std::fs::write(
-        &creds,
-        format!(
-            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
-             ************************* IMPORTANT *************************\n\
-             NKEY Seed printed below can be used to sign and prove identity.\n\n\
-             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
-            user.seed().unwrap()
-        ),
-    )
-    .unwrap();
-    let with_creds = Credentials {
-        creds: Some(creds),
-        ..Credentials::default()
-    };
+    let jwt_account = JwtAccount::start("creds");
+    let server = &jwt_account.server;
+    let with_creds = jwt_account.creds("U", serde_json::json!({ "pub": {}, "sub": {} }));
     assert_eq!(round_trip(&server.url(), &with_creds).await.unwrap(), 5);
     let error = Client::connect_with(&server.url(), &Credentials::default())
         .await
@@ -392,53 +412,10 @@ async fn wharf_auth_jwt_permissions_hold_in_a_jwt_account() {
     .unwrap();
     let roles = wharf::permissions::roles(&config, "wharf");
     let permissions = wharf::permissions::jwt_permissions(&roles);
-    let operator = nkeys::KeyPair::new_operator();
-    let account = nkeys::KeyPair::new_account();
-    let operator_jwt = jwt(
-        &operator,
-        &operator.public_key(),
-        "O",
-        serde_json::json!({ "type": "operator", "version": 2 }),
-    );
-    let account_jwt = jwt(
-        &operator,
-        &account.public_key(),
-        "A",
-        serde_json::json!({ "type": "account", "version": 2, "limits": {
-            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-            "wildcards": true, "conn": -1, "leaf": -1 } }),
-    );
-    let server = NatsServer::start_without_jetstream(&format!(
-        "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{ {}: {account_jwt} }}\n",
-        account.public_key()
-    ))
-    .unwrap();
-    let dir = TempDir::new("jwt-permissions");
-    // A creds file for `name`, its user JWT holding that role's permissions.
-    let creds_for = |name: &str| {
-        let user = nkeys::KeyPair::new_user();
-        let mut claims = permissions[name].clone();
-        claims["type"] = "user".into();
-        claims["version"] = 2.into();
-        claims["subs"] = (-1).into();
-        claims["data"] = (-1).into();
-        claims["payload"] = (-1).into();
-        let user_jwt = jwt(&account, &user.public_key(), name, claims);
-        let path = dir.path().join(format!("{name}.creds"));
-        std::fs::write(
-            &path,
-            format!(
-                "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
-                 -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
-                user.seed().unwrap()
-            ),
-        )
-        .unwrap();
-        Credentials {
-            creds: Some(path),
-            ..Credentials::default()
-        }
-    };
+    let jwt_account = JwtAccount::start("jwt-permissions");
+    let server = &jwt_account.server;
+    // Each role's user JWT holds that role's generated permissions.
+    let creds_for = |name: &str| jwt_account.creds(name, permissions[name].clone());
     let worker = Client::connect_with(&server.url(), &creds_for("worker-secure"))
         .await
         .unwrap();

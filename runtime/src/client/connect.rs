@@ -29,9 +29,15 @@ pub(crate) fn servers(urls: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether a URL list names a user (`user:password@`).
-pub(crate) fn url_has_user(urls: &str) -> bool {
-    matches!(url_auth(urls), UrlAuth::UserPassword(..))
+/// Whether a connection authenticates as a user with permissions of its
+/// own (password, NKey, creds, client certificate), from the settings or
+/// the URL: only those can be refused a subject.
+pub(crate) fn as_user(urls: &str, credentials: &Credentials) -> bool {
+    credentials.user.is_some()
+        || credentials.nkey.is_some()
+        || credentials.creds.is_some()
+        || credentials.cert.is_some()
+        || matches!(url_auth(urls), UrlAuth::UserPassword(..))
 }
 
 /// The credentials of the first URL of a list that carries any (the

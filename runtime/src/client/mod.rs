@@ -68,12 +68,7 @@ impl Client {
     /// [`Client::connect`] with these credentials instead of the settings'
     /// (for example those of a `wharf.toml`).
     pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Client, Error> {
-        let user = credentials.user.is_some()
-            || credentials.nkey.is_some()
-            || credentials.creds.is_some()
-            || credentials.cert.is_some()
-            || connect::url_has_user(url);
-        let denials = Arc::new(Denials::new(user));
+        let denials = Arc::new(Denials::new(connect::as_user(url, credentials)));
         let noted = denials.clone();
         let options = connect::options(url, credentials)
             .await?
@@ -93,20 +88,24 @@ impl Client {
             .connect(servers.as_slice())
             .await
             .map_err(|e| connect::failed(url, credentials, e))?;
-        let mut client = Client::from_nats(nats, url);
-        let inner = Arc::get_mut(&mut client.inner).expect("a new client is not shared yet");
-        inner.credentials = credentials.clone();
-        inner.denials = denials;
-        Ok(client)
+        Ok(Client::new(
+            nats,
+            url.to_owned(),
+            configured_prefix(),
+            credentials.clone(),
+            denials,
+        ))
     }
 
     /// Wraps an existing async-nats connection (`url` is used in messages).
     pub fn from_nats(nats: async_nats::Client, url: impl Into<String>) -> Client {
-        // `connect` has reported settings that do not validate.
-        let prefix = Settings::get()
-            .map(|s| s.prefix.clone())
-            .unwrap_or_else(|_| subjects::DEFAULT_PREFIX.to_owned());
-        Client::new(nats, url.into(), prefix, Credentials::default())
+        Client::new(
+            nats,
+            url.into(),
+            configured_prefix(),
+            Credentials::default(),
+            Arc::default(),
+        )
     }
 
     fn new(
@@ -114,6 +113,7 @@ impl Client {
         url: String,
         prefix: String,
         credentials: Credentials,
+        denials: Arc<Denials>,
     ) -> Client {
         Client {
             inner: Arc::new(Inner {
@@ -121,7 +121,7 @@ impl Client {
                 prefix,
                 url,
                 credentials,
-                denials: Arc::default(),
+                denials,
                 extensions: Mutex::new(HashMap::new()),
                 spill_at: AtomicUsize::new(0),
             }),
@@ -130,17 +130,14 @@ impl Client {
 
     /// The same connection with another subject prefix.
     pub fn with_prefix(&self, prefix: impl Into<String>) -> Client {
-        let mut client = Client::new(
+        // The same connection: the same credentials and refusals.
+        Client::new(
             self.inner.nats.clone(),
             self.inner.url.clone(),
             prefix.into(),
             self.inner.credentials.clone(),
-        );
-        // The same connection: the same refusals.
-        Arc::get_mut(&mut client.inner)
-            .expect("a new client is not shared yet")
-            .denials = self.inner.denials.clone();
-        client
+            self.inner.denials.clone(),
+        )
     }
 
     /// The underlying async-nats client.
@@ -204,6 +201,14 @@ impl Client {
         self.inner.spill_at.store(limit, Ordering::Relaxed);
         limit
     }
+}
+
+/// The prefix the settings give (`connect` has reported settings that do
+/// not validate).
+fn configured_prefix() -> String {
+    Settings::get()
+        .map(|s| s.prefix.clone())
+        .unwrap_or_else(|_| subjects::DEFAULT_PREFIX.to_owned())
 }
 
 /// The spill limit for a connection: `WHARF_SPILL_BYTES`, or the server's

@@ -91,10 +91,8 @@ pub(crate) async fn serve(
 async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream::Message) {
     let started = SystemTime::now();
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-    let inbox_prefix = crate::settings::Settings::get().map_or_else(
-        |_| subjects::DEFAULT_INBOX_PREFIX.to_owned(),
-        |s| s.inbox_prefix.clone(),
-    );
+    let inbox_prefix = crate::settings::Settings::get()
+        .map_or(subjects::DEFAULT_INBOX_PREFIX, |s| s.inbox_prefix.as_str());
     let named = message
         .headers
         .as_ref()
@@ -104,7 +102,7 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
     // it publish onto any other subject (a drain, a stop, another call).
     let reply = named
         .as_deref()
-        .filter(|subject| subjects::valid_reply(subject, &inbox_prefix))
+        .filter(|subject| subjects::valid_reply(subject, inbox_prefix))
         .map(async_nats::Subject::from);
     if let Some(named) = named.filter(|_| reply.is_none()) {
         let (codec, id) = match read_request(&message.message) {
