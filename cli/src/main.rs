@@ -208,13 +208,14 @@ impl Returns for Json {
             .as_ref()
             .and_then(|h| h.get(wharf::headers::SERVICE_ERROR_CODE))
             .and_then(|v| v.as_str().trim().parse::<u16>().ok());
-        let body: Result<serde_json::Value, String> = codec.decode(&message.payload);
+        let body: Result<serde_json::Value, _> = codec.decode(&message.payload);
         match (code, body) {
             (None, Ok(value)) => Ok(value),
             (None, Err(e)) => Err(Error::new(
                 ErrorKind::Codec,
                 format!("the reply of `{}` is not JSON: {e}", spec.path),
-            )),
+            )
+            .with_source(e)),
             (Some(code), Ok(body)) => {
                 let kind = ErrorKind::from_wire(code, body["kind"].as_str());
                 let text = match (&body["message"], &body["error"]) {
@@ -392,7 +393,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
         let roles = wharf::permissions::roles(&config, &prefix);
         if format == "jwt" {
             let json = serde_json::to_string_pretty(&wharf::permissions::jwt_permissions(&roles))
-                .map_err(|e| Error::new(ErrorKind::Codec, e.to_string()))?;
+                .map_err(|e| Error::new(ErrorKind::Codec, e.to_string()).with_source(e))?;
             println!("{json}");
         } else {
             print!("{}", wharf::permissions::server_config(&roles));

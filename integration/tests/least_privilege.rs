@@ -14,6 +14,7 @@ fn user(name: &str) -> Credentials {
     Credentials {
         user: Some(name.to_owned()),
         password: Some(Secret::new(format!("pw-{name}"))),
+        inbox_prefix: Some(wharf::permissions::inbox_prefix(name)),
         ..Credentials::default()
     }
 }
@@ -23,7 +24,7 @@ async fn a_deployment_runs_under_the_permissions_wharf_auth_writes() {
     let svc = svc_binary();
     let services = format!(
         "[[service]]\nname = \"itest\"\ncommand = [\"{}\", \"worker\"]\nmin = 1\nmax = 1\n\
-         env = {{ NATS_USER = \"worker-itest\", NATS_PASSWORD = \"pw-worker-itest\" }}\n\
+         env = {{ NATS_USER = \"worker-itest\", NATS_PASSWORD = \"pw-worker-itest\", WHARF_INBOX_PREFIX = \"_INBOX.worker-itest\" }}\n\
          [[caller]]\nname = \"web\"\nfunctions = [\"itest.add\"]\n",
         svc.display()
     );
@@ -49,6 +50,7 @@ async fn a_deployment_runs_under_the_permissions_wharf_auth_writes() {
         &[
             ("NATS_USER", "supervisor"),
             ("NATS_PASSWORD", "pw-supervisor"),
+            ("WHARF_INBOX_PREFIX", "_INBOX.supervisor"),
         ],
     );
 

@@ -52,20 +52,35 @@ impl Role {
 
 /// The JetStream API subjects that create, inspect and read a stream.
 fn stream_api(stream: &str) -> Vec<String> {
-    ["STREAM.INFO", "STREAM.CREATE", "STREAM.MSG.GET"]
-        .iter()
-        .map(|verb| format!("$JS.API.{verb}.{stream}"))
-        .chain([
-            format!("$JS.API.DIRECT.GET.{stream}"),
-            format!("$JS.API.DIRECT.GET.{stream}.>"),
-        ])
-        .collect()
+    [
+        "STREAM.INFO",
+        "STREAM.CREATE",
+        "STREAM.UPDATE",
+        "STREAM.MSG.GET",
+    ]
+    .iter()
+    .map(|verb| subjects::js_api(verb, stream))
+    .chain([
+        subjects::js_direct_get(stream),
+        subjects::js_api_any("DIRECT.GET", stream),
+    ])
+    .collect()
+}
+
+/// The JetStream API subjects of `stream`'s consumers: create, inspect,
+/// delete and pull from them.
+fn consumer_api(stream: &str) -> Vec<String> {
+    vec![
+        subjects::js_api("CONSUMER.*", stream),
+        subjects::js_api_any("CONSUMER.*", stream),
+        subjects::js_api_consumer("CONSUMER.MSG.NEXT", stream),
+    ]
 }
 
 /// A KV bucket's stream, its API and its writes.
 fn bucket(name: &str) -> Vec<String> {
-    let mut subjects = stream_api(&format!("KV_{name}"));
-    subjects.push(format!("$KV.{name}.>"));
+    let mut subjects = stream_api(&subjects::kv_stream(name));
+    subjects.push(subjects::kv_keys(name));
     subjects
 }
 
@@ -87,24 +102,32 @@ fn calling(prefix: &str, service: &str, function: &str) -> Vec<String> {
     publish
 }
 
-/// What every wharf connection takes: its inbox, leases and objects.
-fn common() -> Permissions {
-    let mut publish = vec!["$JS.API.INFO".to_owned(), "_INBOX.>".to_owned()];
+/// The inbox prefix of `user`'s connections: `_INBOX.<user>`. Each role
+/// may subscribe only to its own inboxes, so no role reads another's
+/// replies; its processes set `WHARF_INBOX_PREFIX` to this.
+pub fn inbox_prefix(user: &str) -> String {
+    subjects::user_inbox_prefix(user)
+}
+
+/// What every wharf connection of `user` takes: its own inboxes, replies
+/// to anyone's, leases and objects.
+fn common(user: &str) -> Permissions {
+    let mut publish = vec![
+        subjects::JS_API_INFO.to_owned(),
+        // Replies, durable ones included, go to the caller's inbox.
+        subjects::inboxes(subjects::DEFAULT_INBOX_PREFIX),
+    ];
     for name in [TXN_BUCKET, OBJECTS_BUCKET] {
         publish.extend(bucket(name));
     }
-    publish.extend(stream_api(&subjects::object_store_stream(BLOBS_BUCKET)));
-    publish.push(format!("$O.{BLOBS_BUCKET}.>"));
     let blobs = subjects::object_store_stream(BLOBS_BUCKET);
-    publish.extend([
-        format!("$JS.API.CONSUMER.*.{blobs}"),
-        format!("$JS.API.CONSUMER.*.{blobs}.>"),
-        format!("$JS.API.CONSUMER.MSG.NEXT.{blobs}.*"),
-        format!("$JS.API.STREAM.PURGE.{blobs}"),
-    ]);
+    publish.extend(stream_api(&blobs));
+    publish.push(subjects::object_store_subjects(BLOBS_BUCKET));
+    publish.extend(consumer_api(&blobs));
+    publish.push(subjects::js_api("STREAM.PURGE", &blobs));
     Permissions {
         publish,
-        subscribe: vec!["_INBOX.>".to_owned()],
+        subscribe: vec![subjects::inboxes(&inbox_prefix(user))],
     }
 }
 
@@ -113,7 +136,7 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
     let mut roles = Vec::new();
 
     // The objects service on its own (`wharf objects`): its buckets only.
-    let mut objects = common();
+    let mut objects = common("objects");
     objects.publish.retain(|s| !s.contains(TXN_BUCKET));
     objects.subscribe.push(subjects::objects(prefix, "*"));
     roles.push(Role {
@@ -122,20 +145,24 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
     });
 
     // The supervisor (`wharf up`, which also serves the object store).
-    let mut supervisor = common();
+    let mut supervisor = common("supervisor");
     supervisor.publish.extend([
         subjects::control(prefix, "*"),
         subjects::events(prefix),
         subjects::discovery_at("PING", "*", "*"),
+        // `wharf down`, run by whoever holds these credentials.
+        subjects::supervisor_down(prefix),
     ]);
     for name in [LEASE_BUCKET, INSTANCES_BUCKET] {
         supervisor.publish.extend(bucket(name));
     }
-    supervisor.publish.extend([
-        format!("$JS.API.CONSUMER.*.KV_{INSTANCES_BUCKET}"),
-        format!("$JS.API.CONSUMER.*.KV_{INSTANCES_BUCKET}.>"),
-    ]);
-    supervisor.publish.push("$JS.FC.>".to_owned());
+    // Watching heartbeats.
+    supervisor
+        .publish
+        .extend(consumer_api(&subjects::kv_stream(INSTANCES_BUCKET)));
+    supervisor
+        .publish
+        .push(subjects::JS_FLOW_CONTROL.to_owned());
     supervisor.subscribe.extend([
         subjects::demand_any(prefix),
         subjects::supervisor_down(prefix),
@@ -152,7 +179,8 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
     for service in &config.services {
         let name = service.name.as_str();
         let stream = subjects::calls_stream(prefix, name);
-        let mut worker = common();
+        let user = format!("worker-{name}");
+        let mut worker = common(&user);
         worker.publish.extend(bucket(INSTANCES_BUCKET));
         // Its own service's results: no other's.
         worker
@@ -163,10 +191,10 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
             .publish
             .extend(stream_api(&subjects::dead_letter_stream(prefix)));
         worker.publish.extend([
-            format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
-            format!("$JS.API.CONSUMER.INFO.{stream}.*"),
-            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
-            format!("$JS.ACK.{stream}.>"),
+            subjects::js_api_any("CONSUMER.CREATE", &stream),
+            subjects::js_api_consumer("CONSUMER.INFO", &stream),
+            subjects::js_api_consumer("CONSUMER.MSG.NEXT", &stream),
+            subjects::js_ack(&stream),
             subjects::dead_letter(prefix, name, "*"),
         ]);
         for called in &service.calls {
@@ -185,14 +213,14 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
             subjects::discovery_at("*", name, "*"),
         ]);
         roles.push(Role {
-            user: format!("worker-{name}"),
+            user,
             permissions: worker,
         });
     }
 
     // Callers, each with its functions (or all of every service).
     for caller in &config.callers {
-        let mut permissions = common();
+        let mut permissions = common(&caller.name);
         let functions: Vec<(String, String)> = if caller.functions.is_empty() {
             config
                 .services
@@ -238,8 +266,17 @@ pub fn server_config(roles: &[Role]) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let mut out = String::from("authorization {\n  users: [\n");
+    let mut out = String::from(
+        "# Each user's processes set WHARF_INBOX_PREFIX to its own inbox prefix (below):\n\
+         # each user may read only its own inboxes.\n\
+         authorization {\n  users: [\n",
+    );
     for role in roles {
+        out.push_str(&format!(
+            "    # {}: WHARF_INBOX_PREFIX={}\n",
+            role.user,
+            inbox_prefix(&role.user)
+        ));
         out.push_str(&format!(
             "    {{ user: \"{}\", password: ${},\n      permissions: {{\n        publish: [{}],\n        subscribe: [{}],\n        allow_responses: true\n      }} }}\n",
             role.user,

@@ -19,6 +19,14 @@ pub fn kill(pid: u32) {
     signal(pid, libc::SIGKILL);
 }
 
+/// Stops a child of this process at once (SIGKILL) and reaps it, so no
+/// zombie is left behind. (Through its handle, not its pid: a reaped
+/// child's pid may already name another process.)
+pub fn kill_child(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Whether `pid` is a live process (not gone, not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -94,10 +94,6 @@ pub struct Settings {
     pub ready_subject: Option<String>,
     /// `WHARF_PARENT_PID`: the local-mode program that started this worker.
     pub parent_pid: Option<u32>,
-    /// `WHARF_INBOX_PREFIX`: the inbox prefix this process's connections
-    /// use, and durable replies may go to (besides `_INBOX`), for
-    /// deployments whose permissions give each user its own inboxes.
-    pub inbox_prefix: String,
     /// How to authenticate to NATS and check the server (`NATS_USER`,
     /// `NATS_CREDS`, `NATS_CA`, ...).
     pub credentials: Credentials,
@@ -146,6 +142,8 @@ pub struct FileSettings {
     pub key: Option<String>,
     /// TLS before the NATS handshake.
     pub tls_first: Option<bool>,
+    /// The inbox prefix of this deployment's connections.
+    pub inbox_prefix: Option<String>,
 }
 
 impl std::fmt::Debug for FileSettings {
@@ -164,6 +162,7 @@ impl std::fmt::Debug for FileSettings {
             .field("cert", &self.cert)
             .field("key", &self.key)
             .field("tls_first", &self.tls_first)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }
@@ -218,6 +217,11 @@ pub struct Credentials {
     /// `NATS_TLS_FIRST`: TLS before the NATS handshake, for servers set to
     /// `handshake_first`.
     pub tls_first: bool,
+    /// `WHARF_INBOX_PREFIX`: the inbox prefix of the connections made with
+    /// these credentials, for permissions that give each user its own
+    /// inboxes (`wharf auth` gives user `U` `_INBOX.U`); `None`: `_INBOX`.
+    /// Durable replies may go there as well as to `_INBOX`.
+    pub inbox_prefix: Option<String>,
 }
 
 impl Credentials {
@@ -245,6 +249,15 @@ impl Credentials {
         let ca = pick("NATS_CA", "ca", f(|f| f.ca.as_ref()));
         let cert = pick("NATS_CERT", "cert", f(|f| f.cert.as_ref()));
         let key = pick("NATS_KEY", "key", f(|f| f.key.as_ref()));
+        let inbox_prefix = match pick(
+            "WHARF_INBOX_PREFIX",
+            "inbox_prefix",
+            f(|f| f.inbox_prefix.as_ref()),
+        ) {
+            Some((name, prefix)) => Some(check_prefix(&name, prefix)?),
+            None => None,
+        }
+        .filter(|prefix| prefix != subjects::DEFAULT_INBOX_PREFIX);
         let tls_first = match var("NATS_TLS_FIRST") {
             Some(text) => match text.trim().to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => true,
@@ -336,7 +349,15 @@ impl Credentials {
             cert,
             key,
             tls_first,
+            inbox_prefix,
         })
+    }
+
+    /// The inbox prefix of connections made with these credentials.
+    pub fn inbox_prefix(&self) -> &str {
+        self.inbox_prefix
+            .as_deref()
+            .unwrap_or(subjects::DEFAULT_INBOX_PREFIX)
     }
 
     /// Which credentials these are, for messages: never a secret.
@@ -393,6 +414,9 @@ impl Credentials {
         }
         if self.tls_first {
             env.push(("NATS_TLS_FIRST", "true".to_owned()));
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            env.push(("WHARF_INBOX_PREFIX", prefix.clone()));
         }
         env
     }
@@ -522,10 +546,6 @@ impl Settings {
         )?
         .unwrap_or(DEFAULT_RESULTS_TTL);
         let parent_pid = number(&var, "WHARF_PARENT_PID", 1, u32::MAX as usize)?.map(|p| p as u32);
-        let inbox_prefix = match var("WHARF_INBOX_PREFIX") {
-            Some(prefix) => check_prefix("WHARF_INBOX_PREFIX", prefix)?,
-            None => subjects::DEFAULT_INBOX_PREFIX.to_owned(),
-        };
         Ok(Settings {
             nats_url,
             prefix,
@@ -545,7 +565,6 @@ impl Settings {
             nats_server: var("WHARF_NATS_SERVER").map(PathBuf::from),
             ready_subject: var("WHARF_READY_SUBJECT"),
             parent_pid,
-            inbox_prefix,
             credentials: Credentials::read(&var, file)?,
         })
     }

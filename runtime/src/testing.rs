@@ -72,8 +72,7 @@ impl NatsServer {
     /// on the same ports with the same JetStream store. Clients reconnect on
     /// their own.
     pub fn restart(&mut self) -> Result<(), Error> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::process::kill_child(&mut self.child);
         let binary = crate::local::server::nats_server_binary()?;
         let _ = std::fs::remove_file(
             self.dir
@@ -222,8 +221,7 @@ fn spawn(
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::process::kill_child(&mut self.child);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

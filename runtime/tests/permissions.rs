@@ -24,6 +24,7 @@ fn user(name: &str) -> Credentials {
     Credentials {
         user: Some(name.to_owned()),
         password: Some(Secret::new(format!("pw-{name}"))),
+        inbox_prefix: Some(wharf::permissions::inbox_prefix(name)),
         ..Credentials::default()
     }
 }
@@ -39,6 +40,7 @@ async fn raw_as(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let client =
         async_nats::ConnectOptions::with_user_and_password(name.into(), format!("pw-{name}"))
+            .custom_inbox_prefix(wharf::permissions::inbox_prefix(name))
             .event_callback(move |event| {
                 if let async_nats::Event::ServerError(error) = event {
                     let _ = tx.send(error.to_string());

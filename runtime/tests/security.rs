@@ -415,7 +415,10 @@ async fn wharf_auth_jwt_permissions_hold_in_a_jwt_account() {
     let jwt_account = JwtAccount::start("jwt-permissions");
     let server = &jwt_account.server;
     // Each role's user JWT holds that role's generated permissions.
-    let creds_for = |name: &str| jwt_account.creds(name, permissions[name].clone());
+    let creds_for = |name: &str| Credentials {
+        inbox_prefix: Some(wharf::permissions::inbox_prefix(name)),
+        ..jwt_account.creds(name, permissions[name].clone())
+    };
     let worker = Client::connect_with(&server.url(), &creds_for("worker-secure"))
         .await
         .unwrap();

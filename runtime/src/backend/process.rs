@@ -65,8 +65,7 @@ impl Instance for ChildInstance {
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::process::kill_child(&mut self.child);
     }
 
     fn terminate(&mut self) {

@@ -145,6 +145,7 @@ impl Client {
                 ErrorKind::Codec,
                 format!("cannot encode the arguments of `{}`: {e}", spec.path),
             )
+            .with_source(e)
         })
     }
 

@@ -87,10 +87,8 @@ pub(crate) async fn options(
     credentials: &Credentials,
 ) -> Result<ConnectOptions, Error> {
     let mut options = ConnectOptions::new().name("wharf");
-    if let Ok(settings) = crate::settings::Settings::get() {
-        if settings.inbox_prefix != crate::wire::subjects::DEFAULT_INBOX_PREFIX {
-            options = options.custom_inbox_prefix(&settings.inbox_prefix);
-        }
+    if let Some(prefix) = &credentials.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
     }
     let configured = credentials.user.is_some()
         || credentials.token.is_some()

@@ -3,6 +3,7 @@
 //! to wait for. Noted here, it fails the calls to that subject at once.
 
 use crate::error::{Error, ErrorKind};
+use crate::wire::subjects;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -79,9 +80,17 @@ impl Denials {
         if refused.contains(&(what, subject.to_owned())) {
             return Some(denied(what, subject));
         }
+        let inbox_prefix = crate::settings::Settings::get()
+            .map_or(subjects::DEFAULT_INBOX_PREFIX, |s| {
+                s.credentials.inbox_prefix()
+            });
+        let inbox = |subject: &str| {
+            subjects::is_inbox(subject, subjects::DEFAULT_INBOX_PREFIX)
+                || subjects::is_inbox(subject, inbox_prefix)
+        };
         refused
             .iter()
-            .find(|(what, subject)| *what == "subscribe" && subject.starts_with("_INBOX."))
+            .find(|(what, subject)| *what == "subscribe" && inbox(subject))
             .map(|(what, subject)| denied(what, subject))
     }
 

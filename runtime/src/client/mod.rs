@@ -28,7 +28,6 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     nats: async_nats::Client,
     prefix: String,
@@ -42,6 +41,17 @@ struct Inner {
     /// Payloads larger than this are spilled to the object store; 0 until
     /// first needed.
     spill_at: AtomicUsize,
+}
+
+impl std::fmt::Debug for Inner {
+    /// The URL without its password or token, the credentials by kind.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("url", &crate::settings::redact(&self.url))
+            .field("prefix", &self.prefix)
+            .field("credentials", &self.credentials.describe())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {

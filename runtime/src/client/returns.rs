@@ -69,6 +69,7 @@ impl<T: DeserializeOwned, E: DeserializeOwned> Returns for Fallible<T, E> {
                             ErrorKind::Codec,
                             format!("cannot decode the error value of `{}`: {e}", spec.path),
                         )
+                        .with_source(e)
                     })?;
                 Err(CallError::Application(body.error))
             }
@@ -91,5 +92,6 @@ fn decode_value<T: DeserializeOwned>(
                 spec.path, spec.returns
             ),
         )
+        .with_source(e)
     })
 }

@@ -193,8 +193,7 @@ fn stop_group(mut group: Vec<&mut Tracked>, grace: Duration) {
             match tracked.child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
                 Ok(None) if Instant::now() >= until => {
-                    let _ = tracked.child.kill();
-                    let _ = tracked.child.wait();
+                    crate::process::kill_child(&mut tracked.child);
                     break;
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),

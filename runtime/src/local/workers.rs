@@ -37,11 +37,9 @@ pub(crate) async fn supervise_workers(
         .map_err(|e| {
             Error::new(ErrorKind::Connection, format!("cannot subscribe: {e}")).with_source(e)
         })?;
-    client
-        .nats()
-        .flush()
-        .await
-        .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot flush: {e}")))?;
+    client.nats().flush().await.map_err(|e| {
+        Error::new(ErrorKind::Connection, format!("cannot flush: {e}")).with_source(e)
+    })?;
     let name = exe
         .file_stem()
         .map(|n| n.to_string_lossy().into_owned())

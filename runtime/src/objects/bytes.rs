@@ -14,7 +14,7 @@ pub const BYTES_TYPE: &str = "bytes";
 /// keeps its kind).
 pub(crate) fn read_error(uri: &str, e: std::io::Error) -> Error {
     if e.kind() == std::io::ErrorKind::InvalidData {
-        Error::new(ErrorKind::DigestMismatch, e.to_string())
+        Error::new(ErrorKind::DigestMismatch, e.to_string()).with_source(e)
     } else {
         Error::new(
             ErrorKind::StoreUnavailable,

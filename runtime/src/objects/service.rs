@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | `put` | the bytes; headers `Wharf-Object-Type`, `Wharf-Object-Ttl` (s) | the reference, JSON |
 //! | `put` in parts | `Wharf-Upload: <id>` and `Wharf-Part: <n>` per part, then `Wharf-Parts: <count>` with no body | `{"part": n}` per part, then the reference |
-//! | `get` | JSON `{"uri", "digest"?, "offset"?, "length"?}` | the bytes; header `Wharf-Object-Size` |
+//! | `get` | JSON `{"uri", "digest"?, "offset"?, "length"?}` | the bytes; header `Wharf-Object-Offset` |
 //! | `stat` | JSON `{"uri"}` | JSON `{"uri", "size", "digest"}` |
 //! | `delete` | JSON `{"uri"}` | JSON `{"deleted": true}` |
 //!
@@ -20,7 +20,7 @@ use crate::wire::codec::{self, Codec};
 use crate::wire::reply::error_reply;
 use crate::wire::{headers, subjects};
 use crate::{Client, Error, ErrorKind};
-use async_nats::{HeaderMap, Message};
+use async_nats::{HeaderMap, HeaderName, Message};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -127,11 +127,11 @@ fn failure(error: &Error) -> (HeaderMap, Bytes) {
     (headers, body)
 }
 
-fn header<'a>(message: &'a Message, name: &str) -> Option<&'a str> {
+fn header<'a>(message: &'a Message, name: &HeaderName) -> Option<&'a str> {
     message
         .headers
         .as_ref()
-        .and_then(|h| h.get(name))
+        .and_then(|h| h.get(name.clone()))
         .map(|v| v.as_str())
 }
 
@@ -140,7 +140,7 @@ fn bad(message: String) -> Error {
 }
 
 /// A number from a header, or a 400 naming the header.
-fn number(message: &Message, name: &str) -> Result<Option<u64>, Error> {
+fn number(message: &Message, name: &HeaderName) -> Result<Option<u64>, Error> {
     header(message, name)
         .map(|text| {
             text.trim().parse().map_err(|_| {
@@ -154,11 +154,11 @@ fn number(message: &Message, name: &str) -> Result<Option<u64>, Error> {
 
 async fn put(objects: &Objects, message: &Message) -> Answer {
     let mut objects = objects.clone();
-    if let Some(ttl) = number(message, "Wharf-Object-Ttl")? {
+    if let Some(ttl) = number(message, &headers::OBJECT_TTL)? {
         objects = objects.ttl(Duration::from_secs(ttl));
     }
-    let ty = header(message, "Wharf-Object-Type").unwrap_or(BYTES_TYPE);
-    let Some(upload) = header(message, "Wharf-Upload") else {
+    let ty = header(message, &headers::OBJECT_TYPE).unwrap_or(BYTES_TYPE);
+    let Some(upload) = header(message, &headers::UPLOAD) else {
         let stored = objects.put_bytes_as(message.payload.clone(), ty).await?;
         return json(&stored);
     };
@@ -169,13 +169,13 @@ async fn put(objects: &Objects, message: &Message) -> Answer {
         )));
     }
     let store = parts_store(&objects.client).await?;
-    if let Some(part) = number(message, "Wharf-Part")? {
+    if let Some(part) = number(message, &headers::PART)? {
         store
             .put_part(upload, part, message.payload.clone())
             .await?;
         return json(&serde_json::json!({ "part": part }));
     }
-    let Some(count) = number(message, "Wharf-Parts")? else {
+    let Some(count) = number(message, &headers::PARTS)? else {
         return Err(bad(
             "a put with Wharf-Upload needs Wharf-Part (one part) or Wharf-Parts (the commit)"
                 .into(),
@@ -279,7 +279,7 @@ async fn get(objects: &Objects, message: &Message) -> Answer {
         }
     }
     let mut headers = HeaderMap::new();
-    headers.insert("Wharf-Object-Offset", request.offset.to_string());
+    headers.insert(headers::OBJECT_OFFSET, request.offset.to_string());
     Ok((headers, body.into()))
 }
 

@@ -41,7 +41,7 @@ pub struct CallerConfig {
 pub type BrokerConfig = FileSettings;
 
 /// One `[[service]]` of `wharf.toml`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// The wharf service name (as in `wharf.<service>.<function>`).
@@ -83,6 +83,21 @@ pub struct ServiceConfig {
     /// (`wharf auth` lets its workers call only these).
     #[serde(default)]
     pub calls: Vec<String>,
+}
+
+impl std::fmt::Debug for ServiceConfig {
+    /// The environment by name only: it may hold credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceConfig")
+            .field("name", &self.name)
+            .field("backend", &self.backend)
+            .field("command", &self.command)
+            .field("image", &self.image)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("min", &self.min)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
 }
 
 fn default_backend() -> String {
@@ -146,6 +161,22 @@ impl UpConfig {
                 ))
             }
         };
+        let name = |what: &str, name: &str| -> Result<(), Error> {
+            if crate::wire::subjects::valid_id(name.as_bytes()) {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    ErrorKind::Config,
+                    format!("wharf.toml, {what} `{}`: a name is 1 to 128 characters of A-Z, a-z, 0-9, '-' and '_'", crate::wire::subjects::shown(name)),
+                ))
+            }
+        };
+        for service in &config.services {
+            name("service", &service.name)?;
+        }
+        for caller in &config.callers {
+            name("caller", &caller.name)?;
+        }
         for service in &config.services {
             for name in &service.calls {
                 function(&format!("service `{}` calls", service.name), name)?;
@@ -159,6 +190,15 @@ impl UpConfig {
         let mut names = HashSet::new();
         for service in &config.services {
             service.policy()?;
+            service.backend().map_err(|e| {
+                if e.message().starts_with("wharf.toml") {
+                    e
+                } else {
+                    let message =
+                        format!("wharf.toml, service `{}`: {}", service.name, e.message());
+                    e.with_message(message)
+                }
+            })?;
             if !names.insert(service.name.as_str()) {
                 return Err(Error::new(
                     ErrorKind::Config,
@@ -222,6 +262,17 @@ impl ServiceConfig {
                 self.min, self.max
             )));
         }
+        if !(self.cpu_target > 0.0 && self.cpu_target <= 10_000.0) {
+            return Err(bad(format!(
+                "cpu_target ({}) must be above 0 and at most 10000 (percent of one core)",
+                self.cpu_target
+            )));
+        }
+        if self.backlog_per_instance == 0 {
+            return Err(bad(
+                "backlog_per_instance must be at least 1 (waiting calls per instance before one is added)".to_owned(),
+            ));
+        }
         if !(self.cpu_low < self.cpu_target && self.cpu_low >= 0.0) {
             return Err(bad(format!(
                 "cpu_low ({}) must be below cpu_target ({})",
@@ -240,7 +291,7 @@ impl ServiceConfig {
             max: self.max,
             cpu_target: self.cpu_target,
             cpu_low: self.cpu_low,
-            backlog_per_instance: self.backlog_per_instance.max(1),
+            backlog_per_instance: self.backlog_per_instance,
             scale_down_after: duration(&self.scale_down_after, "scale_down_after")?,
             idle_to_zero: duration(&self.idle_to_zero, "idle_to_zero")?,
         })
@@ -290,8 +341,10 @@ mod tests {
             UpConfig::from_toml("[[service]]\nname = \"a\"\nmin = 5\nmax = 2\ncommand = [\"x\"]")
                 .unwrap_err();
         assert!(error.message().contains("min 5 and max 2"), "{error}");
-        let error = UpConfig::from_toml("[[service]]\nname = \"a\"\nscale_down_after = \"soon\"")
-            .unwrap_err();
+        let error = UpConfig::from_toml(
+            "[[service]]\nname = \"a\"\ncommand = [\"x\"]\nscale_down_after = \"soon\"",
+        )
+        .unwrap_err();
         assert!(
             error.message().contains("scale_down_after `soon`"),
             "{error}"
@@ -307,6 +360,30 @@ mod tests {
             .message()
             .contains("declared twice"));
         assert!(ServiceConfig::process("a", vec![]).backend().is_err());
+        for (bad, said) in [
+            ("name = \"a.b\"\ncommand = [\"x\"]", "service `a.b`"),
+            ("name = \"a\"", "command"),
+            (
+                "name = \"a\"\ncommand = [\"x\"]\nbackend = \"k8s\"",
+                "unknown backend",
+            ),
+            (
+                "name = \"a\"\ncommand = [\"x\"]\nbacklog_per_instance = 0",
+                "backlog_per_instance",
+            ),
+            (
+                "name = \"a\"\ncommand = [\"x\"]\ncpu_target = -5.0",
+                "cpu_target",
+            ),
+        ] {
+            let error = UpConfig::from_toml(&format!("[[service]]\n{bad}")).unwrap_err();
+            assert!(error.message().contains(said), "{bad}: {error}");
+        }
+        let secret = ServiceConfig {
+            env: [("NATS_PASSWORD".to_owned(), "hunter2".to_owned())].into(),
+            ..ServiceConfig::process("a", vec!["x".into()])
+        };
+        assert!(!format!("{secret:?}").contains("hunter2"));
     }
 
     #[test]

@@ -116,13 +116,15 @@ impl Supervisor {
         // The supervisor's own credentials, through the environment (never
         // the command line), unless the service names its own (as the
         // worker credentials `wharf auth` writes for it): then only what it
-        // leaves unset, such as the CA.
-        const IDENTITY: [&str; 5] = [
+        // leaves unset, such as the CA. (The inbox prefix goes with the
+        // identity: permissions give each user its own inboxes.)
+        const IDENTITY: [&str; 6] = [
             "NATS_USER",
             "NATS_PASSWORD",
             "NATS_TOKEN",
             "NATS_NKEY",
             "NATS_CREDS",
+            "WHARF_INBOX_PREFIX",
         ];
         let own_identity = IDENTITY.iter().any(|name| env.contains_key(*name));
         for (name, value) in self.client.credentials().env() {

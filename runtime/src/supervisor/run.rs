@@ -37,6 +37,8 @@ impl Supervisor {
                 request = down.next() => {
                     if let Some(reply) = request.and_then(|r| r.reply) {
                         let _ = self.client.nats().publish(reply, self.id.clone().into()).await;
+                        // Answered before the drain, which may outlast `wharf down`'s wait.
+                        let _ = self.client.nats().flush().await;
                     }
                     self.event(None, EventKind::Stop, None, "`wharf down` asked".to_owned()).await;
                     break;
@@ -45,6 +47,9 @@ impl Supervisor {
             }
         }
         self.shutdown().await;
+        // The reply to `wharf down` and the last events are buffered
+        // publishes: send them before the process can exit.
+        let _ = self.client.nats().flush().await;
         Ok(())
     }
 

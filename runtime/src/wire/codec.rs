@@ -9,6 +9,50 @@ pub const POSTCARD: &str = "application/postcard";
 /// The `Content-Type` value for JSON.
 pub const JSON: &str = "application/json";
 
+/// A value that could not be encoded or decoded, keeping the codec's own
+/// error as its [`source`](std::error::Error::source).
+#[derive(Debug)]
+pub enum CodecError {
+    /// postcard's error.
+    Postcard(postcard::Error),
+    /// serde_json's error.
+    Json(serde_json::Error),
+    /// A postcard value followed by bytes it does not use.
+    Trailing(usize),
+}
+
+impl std::fmt::Display for CodecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CodecError::Postcard(e) => e.fmt(f),
+            CodecError::Json(e) => e.fmt(f),
+            CodecError::Trailing(n) => write!(f, "{n} unexpected trailing byte(s) after the value"),
+        }
+    }
+}
+
+impl std::error::Error for CodecError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CodecError::Postcard(e) => Some(e),
+            CodecError::Json(e) => Some(e),
+            CodecError::Trailing(_) => None,
+        }
+    }
+}
+
+impl From<postcard::Error> for CodecError {
+    fn from(e: postcard::Error) -> CodecError {
+        CodecError::Postcard(e)
+    }
+}
+
+impl From<serde_json::Error> for CodecError {
+    fn from(e: serde_json::Error) -> CodecError {
+        CodecError::Json(e)
+    }
+}
+
 /// How a payload is encoded. A reply always uses the request's codec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Codec {
@@ -51,52 +95,43 @@ impl Codec {
     }
 
     /// Encodes a value.
-    pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, String> {
-        match self {
-            Codec::Postcard => postcard::to_allocvec(value)
-                .map(Bytes::from)
-                .map_err(|e| e.to_string()),
-            Codec::Json => serde_json::to_vec(value)
-                .map(Bytes::from)
-                .map_err(|e| e.to_string()),
-        }
+    pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, CodecError> {
+        Ok(match self {
+            Codec::Postcard => postcard::to_allocvec(value)?.into(),
+            Codec::Json => serde_json::to_vec(value)?.into(),
+        })
     }
 
     /// Decodes a value; the whole input must be used, so a payload of another
     /// shape is reported rather than half-read.
-    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, String> {
+    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
         match self {
             Codec::Postcard => {
-                let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| e.to_string())?;
+                let (value, rest) = postcard::take_from_bytes(bytes)?;
                 if rest.is_empty() {
                     Ok(value)
                 } else {
-                    Err(format!(
-                        "{} unexpected trailing byte(s) after the value",
-                        rest.len()
-                    ))
+                    Err(CodecError::Trailing(rest.len()))
                 }
             }
-            Codec::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+            Codec::Json => Ok(serde_json::from_slice(bytes)?),
         }
     }
 
     /// Decodes a value from the start of `bytes`, ignoring what follows
     /// (postcard) or unknown fields (JSON): for reading the common prefix of
     /// a larger structure, such as `{kind, message}` of any error body.
-    pub fn decode_lenient<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, String> {
-        match self {
-            Codec::Postcard => postcard::take_from_bytes(bytes)
-                .map(|(value, _)| value)
-                .map_err(|e| e.to_string()),
-            Codec::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        }
+    pub fn decode_lenient<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
+        Ok(match self {
+            Codec::Postcard => postcard::take_from_bytes(bytes)?.0,
+            Codec::Json => serde_json::from_slice(bytes)?,
+        })
     }
 
     /// Decodes a function's arguments. In JSON an empty payload stands for no
     /// arguments (`{}`), which is what a foreign client sends to a
     /// zero-argument function most naturally.
-    pub fn decode_args<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, String> {
+    pub fn decode_args<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
         if self == Codec::Json && bytes.iter().all(u8::is_ascii_whitespace) {
             return self.decode(b"{}");
         }
@@ -147,7 +182,7 @@ mod tests {
         let mut bytes = Codec::Postcard.encode(&(1i64, "x")).unwrap().to_vec();
         bytes.push(7);
         let error = Codec::Postcard.decode::<Args>(&bytes).unwrap_err();
-        assert!(error.contains("trailing"), "{error}");
+        assert!(error.to_string().contains("trailing"), "{error}");
     }
 
     #[test]

@@ -32,6 +32,18 @@ pub const SPILL: HeaderName = HeaderName::from_static("Wharf-Spill");
 pub const SPILL_DIGEST: HeaderName = HeaderName::from_static("Wharf-Spill-Digest");
 /// Reply header: `<instance id> <pid> <host>` of the serving worker.
 pub const INSTANCE: HeaderName = HeaderName::from_static("Wharf-Instance");
+/// Objects service `put`: the object's type name (default `bytes`).
+pub const OBJECT_TYPE: HeaderName = HeaderName::from_static("Wharf-Object-Type");
+/// Objects service `put`: the object's time to live, seconds.
+pub const OBJECT_TTL: HeaderName = HeaderName::from_static("Wharf-Object-Ttl");
+/// Objects service `put` in parts: the upload the part belongs to.
+pub const UPLOAD: HeaderName = HeaderName::from_static("Wharf-Upload");
+/// Objects service `put` in parts: the part's number, from 0.
+pub const PART: HeaderName = HeaderName::from_static("Wharf-Part");
+/// Objects service `put` in parts: the number of parts (the commit).
+pub const PARTS: HeaderName = HeaderName::from_static("Wharf-Parts");
+/// Objects service `get` reply: where in the object the bytes start.
+pub const OBJECT_OFFSET: HeaderName = HeaderName::from_static("Wharf-Object-Offset");
 /// ADR-32 error text.
 pub const SERVICE_ERROR: HeaderName = HeaderName::from_static("Nats-Service-Error");
 /// ADR-32 error code.

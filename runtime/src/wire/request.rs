@@ -2,7 +2,7 @@
 //! headers, then the arguments) and read back by the worker.
 
 use crate::error::{Error, ErrorKind};
-use crate::wire::codec::{self, Codec};
+use crate::wire::codec::{self, Codec, CodecError};
 use crate::wire::envelope::{Envelope, ENVELOPE_VERSION, FLAG_REPORT_INSTANCE, FLAG_TXN};
 use crate::wire::headers;
 use crate::wire::reply::spilled;
@@ -39,7 +39,7 @@ pub(crate) struct Prepared {
 /// Encodes one try: for postcard the envelope and the arguments in one
 /// buffer and no headers; for JSON the arguments and `Wharf-*` headers.
 /// The error is the encoder's own message.
-pub(crate) fn encode<A: Serialize>(call: &Outgoing, args: &A) -> Result<Prepared, String> {
+pub(crate) fn encode<A: Serialize>(call: &Outgoing, args: &A) -> Result<Prepared, CodecError> {
     match call.codec {
         Codec::Postcard => {
             let envelope = Envelope {
@@ -54,13 +54,12 @@ pub(crate) fn encode<A: Serialize>(call: &Outgoing, args: &A) -> Result<Prepared
                     0
                 } | if call.txn.is_some() { FLAG_TXN } else { 0 },
             };
-            let mut buffer = postcard::to_extend(&envelope, Vec::with_capacity(64))
-                .map_err(|e| e.to_string())?;
+            let mut buffer = postcard::to_extend(&envelope, Vec::with_capacity(64))?;
             if let Some(txn) = call.txn {
-                buffer = postcard::to_extend(txn.as_bytes(), buffer).map_err(|e| e.to_string())?;
+                buffer = postcard::to_extend(txn.as_bytes(), buffer)?;
             }
             let args_at = buffer.len();
-            let buffer = postcard::to_extend(args, buffer).map_err(|e| e.to_string())?;
+            let buffer = postcard::to_extend(args, buffer)?;
             Ok(Prepared {
                 payload: buffer.into(),
                 headers: None,

@@ -191,6 +191,77 @@ pub fn object_chunks(bucket: &str, object_nuid: &str) -> String {
     format!("$O.{bucket}.C.{object_nuid}")
 }
 
+/// The stream under a KV bucket: `KV_<bucket>`.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// Every key of a KV bucket: `$KV.<bucket>.>`.
+pub fn kv_keys(bucket: &str) -> String {
+    format!("$KV.{bucket}.>")
+}
+
+/// Every subject of an Object Store bucket: `$O.<bucket>.>`.
+pub fn object_store_subjects(bucket: &str) -> String {
+    format!("$O.{bucket}.>")
+}
+
+/// The JetStream API's account information request: `$JS.API.INFO`.
+pub const JS_API_INFO: &str = "$JS.API.INFO";
+
+/// Flow-control replies of JetStream push consumers (KV watchers):
+/// `$JS.FC.>`.
+pub const JS_FLOW_CONTROL: &str = "$JS.FC.>";
+
+/// A JetStream API request about `stream`: `$JS.API.<verb>.<stream>`, for
+/// verbs such as `STREAM.INFO`, `STREAM.CREATE` or `CONSUMER.CREATE`
+/// (`*` for any verb of one word after `CONSUMER.`).
+pub fn js_api(verb: &str, stream: &str) -> String {
+    format!("$JS.API.{verb}.{stream}")
+}
+
+/// Every JetStream API request under [`js_api`]`(verb, stream)`, its
+/// consumers' names included: `$JS.API.<verb>.<stream>.>`.
+pub fn js_api_any(verb: &str, stream: &str) -> String {
+    format!("$JS.API.{verb}.{stream}.>")
+}
+
+/// A JetStream API request about one consumer of `stream`:
+/// `$JS.API.<verb>.<stream>.*`.
+pub fn js_api_consumer(verb: &str, stream: &str) -> String {
+    format!("$JS.API.{verb}.{stream}.*")
+}
+
+/// A direct get from `stream`: `$JS.API.DIRECT.GET.<stream>`.
+pub fn js_direct_get(stream: &str) -> String {
+    js_api("DIRECT.GET", stream)
+}
+
+/// Acknowledgements of messages delivered from `stream`:
+/// `$JS.ACK.<stream>.>`.
+pub fn js_ack(stream: &str) -> String {
+    format!("$JS.ACK.{stream}.>")
+}
+
+/// Every inbox under `inbox_prefix`: `<inbox_prefix>.>`.
+pub fn inboxes(inbox_prefix: &str) -> String {
+    format!("{inbox_prefix}.>")
+}
+
+/// The inbox prefix of the connections of NATS user `user`:
+/// `_INBOX.<user>`, so that permissions can give each user its own inboxes
+/// (and durable replies, which must go to an `_INBOX.`, still may).
+pub fn user_inbox_prefix(user: &str) -> String {
+    format!("{DEFAULT_INBOX_PREFIX}.{user}")
+}
+
+/// Whether `subject` is an inbox under `inbox_prefix`.
+pub fn is_inbox(subject: &str, inbox_prefix: &str) -> bool {
+    subject
+        .strip_prefix(inbox_prefix)
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
 /// Where a local-mode worker announces that it serves, once.
 pub fn worker_ready(token: &str) -> String {
     format!("_WHARF.ready.{token}")
@@ -223,13 +294,8 @@ pub const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
 /// of printable tokens, so a request cannot make a worker publish onto any
 /// other subject.
 pub fn valid_reply(subject: &str, inbox_prefix: &str) -> bool {
-    let inbox = |prefix: &str| {
-        subject
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.starts_with('.'))
-    };
     subject.len() <= 256
-        && (inbox(DEFAULT_INBOX_PREFIX) || inbox(inbox_prefix))
+        && (is_inbox(subject, DEFAULT_INBOX_PREFIX) || is_inbox(subject, inbox_prefix))
         && subject.split('.').all(|token| {
             !token.is_empty()
                 && token

@@ -92,7 +92,9 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
     let started = SystemTime::now();
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
     let inbox_prefix = crate::settings::Settings::get()
-        .map_or(subjects::DEFAULT_INBOX_PREFIX, |s| s.inbox_prefix.as_str());
+        .map_or(subjects::DEFAULT_INBOX_PREFIX, |s| {
+            s.credentials.inbox_prefix()
+        });
     let named = message
         .headers
         .as_ref()
