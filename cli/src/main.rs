@@ -390,7 +390,20 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
     if let Command::Auth { config, format } = &command {
         let config = wharf::supervisor::UpConfig::load(config)?;
         let prefix = config.settings()?.prefix;
-        let roles = wharf::permissions::roles(&config, &prefix);
+        let mut served = std::collections::BTreeMap::new();
+        for service in &config.services {
+            match wharf::permissions::served_by(service).await {
+                Ok(functions) => {
+                    served.insert(service.name.clone(), functions);
+                }
+                Err(why) => tracing::warn!(
+                    "service `{}`: its functions could not be read from its binary ({why}); its workers may take any call of `{}.*`",
+                    service.name,
+                    service.name
+                ),
+            }
+        }
+        let roles = wharf::permissions::roles_serving(&config, &prefix, &served);
         if format == "jwt" {
             let json = serde_json::to_string_pretty(&wharf::permissions::jwt_permissions(&roles))
                 .map_err(|e| Error::new(ErrorKind::Codec, e.to_string()).with_source(e))?;

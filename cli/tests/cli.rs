@@ -191,3 +191,136 @@ async fn a_bad_setting_is_an_error_naming_it() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn every_verb_authenticates_and_shows_no_secret() {
+    let server = NatsServer::start_with_config(
+        "authorization { users: [ { user: ops, password: \"s3cret-pw\" } ] }",
+    )
+    .unwrap();
+    let url = server.url();
+    let ops = wharf::settings::Credentials {
+        user: Some("ops".into()),
+        password: Some(wharf::settings::Secret::new("s3cret-pw")),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&url, &ops).await.unwrap();
+    let _worker = Worker::new(&client).start().await.unwrap();
+    let as_ops = |args: &[&str], password: &str| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"));
+        command
+            .args(args)
+            .env("NATS_URL", &url)
+            .env("NATS_USER", "ops")
+            .env("NATS_PASSWORD", password);
+        command
+    };
+
+    // `wharf call` with the settings; and in the URL.
+    let out = as_ops(&["call", "cli.add", "[2, 3]"], "s3cret-pw")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "5", "{}", text(&out.stderr));
+    let in_url = url.replace("nats://", "nats://ops:s3cret-pw@");
+    let out = wharf(&in_url, &["call", "cli.add", "[1, 1]"]).await;
+    assert_eq!(text(&out.stdout).trim(), "2", "{}", text(&out.stderr));
+
+    // A wrong password: refused, said so, and shown nowhere.
+    let out = as_ops(&["call", "cli.add", "[2, 3]"], "wrong-pw")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("unauthorized") && err.contains("`ops`"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-pw"), "{err}");
+    let bad_url = url.replace("nats://", "nats://ops:wrong-pw@");
+    let out = wharf(&bad_url, &["status"]).await;
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("unauthorized") && !err.contains("wrong-pw"),
+        "{err}"
+    );
+
+    // `wharf up` with its credentials in wharf.toml [broker]; `wharf down`
+    // with them in the environment.
+    let dir = wharf::testing::TempDir::new("cli-up-auth");
+    let config = dir.path().join("wharf.toml");
+    std::fs::write(
+        &config,
+        format!("[broker]\nurl = \"{url}\"\nprefix = \"cliauth\"\nuser = \"ops\"\npassword = \"s3cret-pw\"\n"),
+    )
+    .unwrap();
+    let mut up = Up(std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["up", "-c"])
+        .arg(&config)
+        .env_remove("NATS_URL")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("wharf up starts"));
+    let down = eventually(
+        "`wharf down` to reach `wharf up`",
+        Duration::from_secs(30),
+        || {
+            let mut command = as_ops(&["down"], "s3cret-pw");
+            command.env("WHARF_PREFIX", "cliauth");
+            async move {
+                let out = command.output().await.map_err(|e| e.to_string())?;
+                if out.status.success() {
+                    Ok(text(&out.stdout))
+                } else {
+                    Err(text(&out.stderr))
+                }
+            }
+        },
+    )
+    .await;
+    assert!(down.contains("stopping"), "{down}");
+    let status = eventually_blocking(
+        "`wharf up` to exit after `wharf down`",
+        Duration::from_secs(30),
+        || match up.0.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(status.success(), "{status}");
+    let mut logged = String::new();
+    std::io::Read::read_to_string(&mut up.0.stderr.take().unwrap(), &mut logged).unwrap();
+    assert!(logged.contains("supervising"), "{logged}");
+    assert!(
+        !logged.contains("s3cret"),
+        "wharf up logged a secret: {logged}"
+    );
+
+    // `wharf auth` writes the roles of a wharf.toml.
+    std::fs::write(
+        &config,
+        "[[service]]\nname = \"cli\"\ncommand = [\"x\"]\n[[caller]]\nname = \"web\"\nfunctions = [\"cli.add\"]\n",
+    )
+    .unwrap();
+    let out = wharf(&url, &["auth", "-c", &config.to_string_lossy()]).await;
+    let block = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for expected in [
+        "user: \"worker-cli\"",
+        "user: \"web\"",
+        "user: \"supervisor\"",
+        "\"wharf.cli.add\"",
+        "WHARF_INBOX_PREFIX=_INBOX.web",
+    ] {
+        assert!(block.contains(expected), "no {expected} in {block}");
+    }
+    let out = wharf(
+        &url,
+        &["auth", "-c", &config.to_string_lossy(), "--format", "jwt"],
+    )
+    .await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["web"]["sub"]["allow"][0], "_INBOX.web.>");
+}

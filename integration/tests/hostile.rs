@@ -61,7 +61,20 @@ impl Rng {
 
 /// Functions that answer at once whatever they are sent (none sleeps,
 /// hangs, burns CPU or kills its worker).
-const FUNCTIONS: &[&str] = &["add", "whoami", "take", "byte_sum", "my_deadline"];
+const FUNCTIONS: &[&str] = &[
+    "add",
+    "whoami",
+    "take",
+    "byte_sum",
+    "my_deadline",
+    // Stateful: transaction ids from the envelope and `Wharf-Txn`.
+    "accumulate",
+    // An object reference as an argument.
+    "blob_stats",
+];
+
+/// The codes docs/protocol.md gives error replies.
+const CODES: &[u16] = &[400, 404, 409, 410, 422, 500, 503, 504];
 
 const OBJECT_VERBS: &[&str] = &["get", "stat", "delete", "put"];
 
@@ -196,7 +209,7 @@ async fn random_and_mutated_requests_are_all_answered_and_nothing_dies() {
     let mut rng = Rng(seed);
     let requests: Vec<_> = (0..REQUESTS).map(|_| request(&mut rng)).collect();
     let nats = client.nats().clone();
-    let unanswered = futures_util::stream::iter(requests)
+    let answers = futures_util::stream::iter(requests)
         .map(|(subject, headers, payload)| {
             let nats = nats.clone();
             async move {
@@ -206,16 +219,42 @@ async fn random_and_mutated_requests_are_all_answered_and_nothing_dies() {
                 if let Some(headers) = headers {
                     request = request.headers(headers);
                 }
-                nats.send_request(subject.clone(), request)
-                    .await
-                    .err()
-                    .map(|e| format!("{subject}: {e}"))
+                let answer = nats.send_request(subject.clone(), request).await;
+                (subject, answer)
             }
         })
         .buffer_unordered(IN_FLIGHT)
-        .filter_map(|failure| async move { failure })
         .collect::<Vec<_>>()
         .await;
+    let mut unanswered = Vec::new();
+    let mut by_code = std::collections::BTreeMap::<u16, usize>::new();
+    for (subject, answer) in answers {
+        match answer {
+            Ok(message) => {
+                let code = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Service-Error-Code"))
+                    .and_then(|v| v.as_str().parse().ok())
+                    .unwrap_or(200);
+                assert!(
+                    code == 200 || CODES.contains(&code),
+                    "seed {seed}: {subject} was answered {code}, a code the protocol does not give"
+                );
+                // Nothing a request says makes a worker or the store
+                // unavailable: bad input is the caller's error.
+                assert_ne!(
+                    code,
+                    503,
+                    "seed {seed}: {subject} was answered 503: {:?}",
+                    String::from_utf8_lossy(&message.payload)
+                );
+                *by_code.entry(code).or_default() += 1;
+            }
+            Err(e) => unanswered.push(format!("{subject}: {e}")),
+        }
+    }
+    println!("REPORT hostile seed={seed} requests={REQUESTS} answers by code {by_code:?}");
     assert!(
         unanswered.is_empty(),
         "seed {seed}: {} of {REQUESTS} requests got no answer, e.g. {:?}",

@@ -6,7 +6,7 @@
 use std::time::Duration;
 use wharf::settings::{Credentials, Secret};
 use wharf::supervisor::UpConfig;
-use wharf::testing::{eventually, NatsServer, TempDir};
+use wharf::testing::{eventually, NatsServer, Pki, TempDir};
 use wharf::ErrorKind;
 use wharf_integration::{spawn_svc, svc_binary};
 
@@ -28,7 +28,25 @@ async fn a_deployment_runs_under_the_permissions_wharf_auth_writes() {
          [[caller]]\nname = \"web\"\nfunctions = [\"itest.add\"]\n",
         svc.display()
     );
-    let roles = wharf::permissions::roles(&UpConfig::from_toml(&services).unwrap(), "wharf");
+    // Read from the binary, as `wharf auth` does: the worker may take
+    // exactly its functions' calls, in the workers' queue group.
+    let config = UpConfig::from_toml(&services).unwrap();
+    let served = wharf::permissions::served_by(&config.services[0])
+        .await
+        .expect("the svc binary describes its functions");
+    assert!(served["itest"].contains(&"add".to_owned()), "{served:?}");
+    let served = [("itest".to_owned(), served)].into();
+    let roles = wharf::permissions::roles_serving(&config, "wharf", &served);
+    let worker_role = roles.iter().find(|r| r.user == "worker-itest").unwrap();
+    assert!(worker_role
+        .permissions
+        .subscribe
+        .contains(&"wharf.itest.add q".to_owned()));
+    assert!(!worker_role
+        .permissions
+        .subscribe
+        .iter()
+        .any(|s| s == "wharf.itest.*"));
     let mut authorization = wharf::permissions::server_config(&roles);
     for role in &roles {
         authorization = authorization.replace(
@@ -114,32 +132,9 @@ async fn a_container_instance_gets_its_credential_files_mounted_read_only() {
     }
     // A TLS server whose CA the instances must be given as a file.
     let dir = TempDir::new("container-tls");
-    let ca_params = {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-    };
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let (ca_path, cert_path, key_path) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("server.pem"),
-        dir.path().join("server-key.pem"),
-    );
-    std::fs::write(&ca_path, ca.pem()).unwrap();
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let server = NatsServer::start_with_config(&format!(
-        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
-        cert_path.display(),
-        key_path.display()
-    ))
-    .unwrap();
+    let pki = Pki::new(dir.path(), &[]);
+    let ca_path = pki.ca.clone();
+    let server = NatsServer::start_with_config(&pki.server_tls(false)).unwrap();
     let prefix = wharf_integration::unique_name("tlsc");
     let _containers = Containers(prefix.clone());
     let config = dir.path().join("wharf.toml");

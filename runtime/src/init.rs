@@ -76,6 +76,7 @@ pub async fn init_with(config: Config) -> Result<Client, Error> {
     if let Ok(client) = client::global() {
         return Ok(client.clone());
     }
+    describe_if_asked();
     if is_worker_role() {
         let code = worker_process(config.drain_grace).await;
         std::process::exit(code);
@@ -144,6 +145,30 @@ pub fn local_workers() -> Vec<u32> {
 /// Pid of the nats-server local mode started, if it started one.
 pub fn local_server() -> Option<u32> {
     children::pids(children::Role::Server).first().copied()
+}
+
+/// With `WHARF_ROLE=describe`: prints the microservices linked into this
+/// binary as JSON (`{"functions": [{"service", "name", "signature",
+/// "durable", "stateful", "idempotent"}]}`) and exits, without connecting.
+/// `wharf auth` reads them to grant each worker exactly its subjects.
+pub fn describe_if_asked() {
+    if !Settings::get().is_ok_and(|s| s.role == Role::Describe) {
+        return;
+    }
+    let functions: Vec<serde_json::Value> = registered()
+        .map(|spec| {
+            serde_json::json!({
+                "service": spec.service,
+                "name": spec.name,
+                "signature": spec.signature,
+                "durable": spec.durable,
+                "stateful": spec.stateful,
+                "idempotent": spec.idempotent,
+            })
+        })
+        .collect();
+    println!("{}", serde_json::json!({ "functions": functions }));
+    std::process::exit(0);
 }
 
 /// Whether this process was started to serve: `WHARF_ROLE=worker`, or

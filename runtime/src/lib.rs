@@ -87,7 +87,8 @@ pub use durable::Pending;
 pub use error::{CallError, Error, ErrorKind};
 pub use handler::registered;
 pub use init::{
-    init, init_with, install_logging, is_worker_role, local_server, local_workers, shutdown, Config,
+    describe_if_asked, init, init_with, install_logging, is_worker_role, local_server,
+    local_workers, shutdown, Config,
 };
 pub use local::{
     forget_local_url, nats_server_binary, remember_local_url, remembered_local_url,

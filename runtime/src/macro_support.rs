@@ -8,8 +8,10 @@ pub use crate::spec::SubjectCache;
 pub use inventory;
 pub use serde;
 
-/// In the worker role, serves every microservice and exits the process.
+/// In the worker role, serves every microservice and exits the process; in
+/// the describe role, prints them and exits.
 pub fn serve_if_worker() {
+    crate::init::describe_if_asked();
     if crate::init::is_worker_role() {
         let code = block_on(crate::init::worker_process(std::time::Duration::from_secs(
             10,

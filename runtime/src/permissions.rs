@@ -7,11 +7,12 @@
 //! (users with passwords taken from the server's environment) and one
 //! permissions JSON document per user, as `nsc` and JWT accounts take them.
 
-use crate::supervisor::UpConfig;
+use crate::supervisor::{ServiceConfig, UpConfig};
 use crate::wire::subjects::{
     self, BLOBS_BUCKET, INSTANCES_BUCKET, LEASE_BUCKET, OBJECTS_BUCKET, TXN_BUCKET,
 };
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// What one user may publish and subscribe to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -131,8 +132,28 @@ fn common(user: &str) -> Permissions {
     }
 }
 
-/// Every role of `config`, under `prefix`.
+/// The functions a service's worker binary serves, by service: what
+/// `WHARF_ROLE=describe` printed (a binary serves every microservice linked
+/// into it, of any service).
+pub type Served = BTreeMap<String, Vec<String>>;
+
+/// Every role of `config`, under `prefix`, when the functions of the
+/// services' binaries are not known: a worker of service `S` may take any
+/// call of `S` (`<prefix>.S.*`).
 pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
+    roles_serving(config, prefix, &BTreeMap::new())
+}
+
+/// Every role of `config`, under `prefix`, with what each service's binary
+/// serves (from [`Served`], by `[[service]]` name): its worker may take
+/// exactly those calls, and only in the workers' queue group; a caller of
+/// every function gets exactly those. Services missing from `served` are
+/// granted as by [`roles`].
+pub fn roles_serving(
+    config: &UpConfig,
+    prefix: &str,
+    served: &BTreeMap<String, Served>,
+) -> Vec<Role> {
     let mut roles = Vec::new();
 
     // The objects service on its own (`wharf objects`): its buckets only.
@@ -175,42 +196,57 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
         permissions: supervisor,
     });
 
-    // A worker of each service.
+    // A worker of each service: what its binary serves.
     for service in &config.services {
-        let name = service.name.as_str();
-        let stream = subjects::calls_stream(prefix, name);
-        let user = format!("worker-{name}");
+        let user = format!("worker-{}", service.name);
         let mut worker = common(&user);
         worker.publish.extend(bucket(INSTANCES_BUCKET));
-        // Its own service's results: no other's.
-        worker
-            .publish
-            .extend(bucket(&subjects::results_bucket(name)));
-        worker.publish.extend(stream_api(&stream));
         worker
             .publish
             .extend(stream_api(&subjects::dead_letter_stream(prefix)));
-        worker.publish.extend([
-            subjects::js_api_any("CONSUMER.CREATE", &stream),
-            subjects::js_api_consumer("CONSUMER.INFO", &stream),
-            subjects::js_api_consumer("CONSUMER.MSG.NEXT", &stream),
-            subjects::js_ack(&stream),
-            subjects::dead_letter(prefix, name, "*"),
-        ]);
+        let unknown = BTreeMap::from([(service.name.clone(), vec!["*".to_owned()])]);
+        let serves = served.get(&service.name).unwrap_or(&unknown);
+        for (name, functions) in serves {
+            let stream = subjects::calls_stream(prefix, name);
+            // Its own services' results: no other's.
+            worker
+                .publish
+                .extend(bucket(&subjects::results_bucket(name)));
+            worker.publish.extend(stream_api(&stream));
+            worker.publish.extend([
+                subjects::js_api_any("CONSUMER.CREATE", &stream),
+                subjects::js_api_consumer("CONSUMER.INFO", &stream),
+                subjects::js_api_consumer("CONSUMER.MSG.NEXT", &stream),
+                subjects::js_ack(&stream),
+                subjects::dead_letter(prefix, name, "*"),
+            ]);
+            for function in functions {
+                let call = subjects::call(prefix, name, function);
+                // A known function only in the workers' queue group.
+                worker.subscribe.push(if function == "*" {
+                    call
+                } else {
+                    subjects::in_queue_group(&call)
+                });
+                worker
+                    .subscribe
+                    .push(subjects::instance_call(prefix, "*", name, function));
+            }
+            worker.subscribe.extend([
+                subjects::call_status(prefix, name),
+                subjects::discovery_of("*", name),
+                subjects::discovery_at("*", name, "*"),
+            ]);
+        }
         for called in &service.calls {
             if let Some((s, f)) = called.split_once('.') {
                 worker.publish.extend(calling(prefix, s, f));
             }
         }
         worker.subscribe.extend([
-            subjects::call(prefix, name, "*"),
-            subjects::call_status(prefix, name),
-            subjects::instance_call(prefix, "*", name, "*"),
             subjects::transaction_end(prefix, "*"),
             subjects::control(prefix, "*"),
             subjects::discovery("*"),
-            subjects::discovery_of("*", name),
-            subjects::discovery_at("*", name, "*"),
         ]);
         roles.push(Role {
             user,
@@ -225,7 +261,15 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
             config
                 .services
                 .iter()
-                .map(|s| (s.name.clone(), "*".to_owned()))
+                .flat_map(|s| match served.get(&s.name) {
+                    Some(serves) => serves
+                        .iter()
+                        .flat_map(|(service, functions)| {
+                            functions.iter().map(move |f| (service.clone(), f.clone()))
+                        })
+                        .collect::<Vec<_>>(),
+                    None => vec![(s.name.clone(), "*".to_owned())],
+                })
                 .collect()
         } else {
             caller
@@ -254,6 +298,65 @@ pub fn roles(config: &UpConfig, prefix: &str) -> Vec<Role> {
         role.permissions.subscribe.dedup();
     }
     roles
+}
+
+/// The functions `service`'s binary serves, by service: it is run once
+/// with `WHARF_ROLE=describe` (a process backend's command, or the docker
+/// backend's image without a network), which prints them and exits.
+pub async fn served_by(service: &ServiceConfig) -> Result<Served, String> {
+    let mut command = match service.backend.as_str() {
+        "docker" => {
+            let mut command = tokio::process::Command::new("docker");
+            command.args([
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--env",
+                "WHARF_ROLE=describe",
+            ]);
+            command.arg(service.image.as_deref().unwrap_or_default());
+            command.args(&service.command);
+            command
+        }
+        _ => {
+            let (program, args) = service
+                .command
+                .split_first()
+                .ok_or("the service has no command")?;
+            let mut command = tokio::process::Command::new(program);
+            command
+                .args(args)
+                .envs(&service.env)
+                .env("WHARF_ROLE", "describe");
+            command
+        }
+    };
+    command
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), command.output())
+        .await
+        .map_err(|_| "it did not answer within 60 s".to_owned())?
+        .map_err(|e| format!("it cannot be started: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("it exited with {}", out.status));
+    }
+    let described: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("it printed no function list ({e}); is it built with wharf?"))?;
+    let mut served = Served::new();
+    for function in described["functions"].as_array().into_iter().flatten() {
+        if let (Some(service), Some(name)) =
+            (function["service"].as_str(), function["name"].as_str())
+        {
+            served
+                .entry(service.to_owned())
+                .or_default()
+                .push(name.to_owned());
+        }
+    }
+    Ok(served)
 }
 
 /// A nats-server `authorization` block: one user per role, each password

@@ -50,6 +50,9 @@ pub enum Role {
     Caller,
     /// A worker: it serves every microservice linked into it.
     Worker,
+    /// Prints the microservices linked into it as JSON and exits, without
+    /// connecting (`wharf auth` reads a binary's functions this way).
+    Describe,
 }
 
 /// Every setting of this process, checked. Its `Debug` shows the URL
@@ -489,11 +492,12 @@ impl Settings {
         let role = match var("WHARF_ROLE").as_deref().map(str::trim) {
             None => Role::Caller,
             Some("worker") => Role::Worker,
+            Some("describe") => Role::Describe,
             Some(other) => {
                 return Err(invalid(
                     "WHARF_ROLE",
                     other,
-                    "`worker` (or unset, for a program that calls)",
+                    "`worker`, `describe` (print the functions and exit), or unset for a program that calls",
                 ))
             }
         };

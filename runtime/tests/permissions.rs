@@ -87,13 +87,22 @@ async fn generated_permissions_let_each_role_work_and_nothing_more() {
         .unwrap();
     assert_eq!(durable, 42);
 
-    // Not what it was not given.
+    // Not what it was not given: refused at once, not after the call's
+    // 20 s timeout (a second or so on a loaded machine).
+    let started = std::time::Instant::now();
     let error = divide::request(6, 3)
         .client(&web)
         .timeout(Duration::from_secs(20))
         .await
         .unwrap_err();
+    let took = started.elapsed();
     assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
+    assert!(error.message().contains("wharf.perm.divide"), "{error}");
+    println!("REPORT permission_denied after {} ms", took.as_millis());
+    assert!(
+        took < Duration::from_secs(5),
+        "permission_denied took {took:?}: it must not wait for the deadline"
+    );
 
     // A worker's credentials cannot drain another instance, stop the
     // supervisor, or read another service's results.

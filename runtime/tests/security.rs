@@ -4,7 +4,7 @@
 //! when the credentials are wrong.
 
 use wharf::settings::{Credentials, Secret};
-use wharf::testing::{NatsServer, TempDir};
+use wharf::testing::{JwtAccount, NatsServer, Pki, TempDir};
 use wharf::{Client, ErrorKind, Worker};
 
 /// Adds.
@@ -123,56 +123,11 @@ async fn an_nkey() {
     assert!(!error.to_string().contains(&stranger.seed().unwrap()));
 }
 
-/// A CA, a server certificate for 127.0.0.1 signed by it, and a client
-/// certificate signed by it, as PEM files in `dir`.
-struct Pki {
-    ca: std::path::PathBuf,
-    server_cert: std::path::PathBuf,
-    server_key: std::path::PathBuf,
-    client_cert: std::path::PathBuf,
-    client_key: std::path::PathBuf,
-}
-
-fn pki(dir: &std::path::Path) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
-    let (client_cert, client_key) = leaf(vec!["wharf-client".into()]);
-    let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    Pki {
-        ca: write("ca.pem", &ca.pem()),
-        server_cert: write("server.pem", &server_cert),
-        server_key: write("server-key.pem", &server_key),
-        client_cert: write("client.pem", &client_cert),
-        client_key: write("client-key.pem", &client_key),
-    }
-}
-
 #[tokio::test]
 async fn mutual_tls_with_a_custom_ca() {
     let dir = TempDir::new("tls");
-    let pki = pki(dir.path());
-    let server = NatsServer::start_with_config(&format!(
-        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}",
-        pki.server_cert.display(),
-        pki.server_key.display(),
-        pki.ca.display()
-    ))
-    .unwrap();
+    let pki = Pki::new(dir.path(), &[]);
+    let server = NatsServer::start_with_config(&pki.server_tls(true)).unwrap();
     let full = Credentials {
         ca: Some(pki.ca.clone()),
         cert: Some(pki.client_cert.clone()),
@@ -208,7 +163,7 @@ async fn mutual_tls_with_a_custom_ca() {
 #[tokio::test]
 async fn tls_first_where_the_server_asks_for_it() {
     let dir = TempDir::new("tls-first");
-    let pki = pki(dir.path());
+    let pki = Pki::new(dir.path(), &[]);
     let server = NatsServer::start_with_config(&format!(
         "tls {{ cert_file: \"{}\", key_file: \"{}\", handshake_first: true }}",
         pki.server_cert.display(),
@@ -279,100 +234,9 @@ async fn a_refused_publish_fails_the_call_at_once_as_permission_denied() {
     assert_eq!(add::call(&caller, 1, 1).await.unwrap(), 2);
 }
 
-/// A JWT as nsc makes one: claims signed by `issuer` (ed25519 NKey).
-fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
-    use base64::Engine;
-    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
-    let claims = serde_json::json!({
-        "jti": nuid_like(subject),
-        "iat": 1_700_000_000u64,
-        "iss": issuer.public_key(),
-        "name": name,
-        "sub": subject,
-        "nats": nats,
-    });
-    let payload = b64(claims.to_string().as_bytes());
-    let signed = format!("{header}.{payload}");
-    let signature = issuer.sign(signed.as_bytes()).unwrap();
-    format!("{signed}.{}", b64(&signature))
-}
-
-/// A unique claim id.
-fn nuid_like(seed: &str) -> String {
-    format!("{}{}", &seed[..8], std::process::id())
-}
-
-/// A server in operator mode with one account, whose users connect with
-/// creds files made here (as nsc makes them).
-struct JwtAccount {
-    account: nkeys::KeyPair,
-    server: NatsServer,
-    dir: TempDir,
-}
-
-impl JwtAccount {
-    fn start(stem: &str) -> JwtAccount {
-        let operator = nkeys::KeyPair::new_operator();
-        let account = nkeys::KeyPair::new_account();
-        let operator_jwt = jwt(
-            &operator,
-            &operator.public_key(),
-            "O",
-            serde_json::json!({ "type": "operator", "version": 2 }),
-        );
-        let account_jwt = jwt(
-            &operator,
-            &account.public_key(),
-            "A",
-            serde_json::json!({ "type": "account", "version": 2, "limits": {
-                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-                "wildcards": true, "conn": -1, "leaf": -1 } }),
-        );
-        let server = NatsServer::start_without_jetstream(&format!(
-            "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{ {}: {account_jwt} }}\n",
-            account.public_key()
-        ))
-        .unwrap();
-        JwtAccount {
-            account,
-            server,
-            dir: TempDir::new(stem),
-        }
-    }
-
-    /// A creds file for user `name` whose JWT carries `claims` (with the
-    /// user type and unlimited subscriptions and data added).
-    fn creds(&self, name: &str, mut claims: serde_json::Value) -> Credentials {
-        let user = nkeys::KeyPair::new_user();
-        claims["type"] = "user".into();
-        claims["version"] = 2.into();
-        claims["subs"] = (-1).into();
-        claims["data"] = (-1).into();
-        claims["payload"] = (-1).into();
-        let user_jwt = jwt(&self.account, &user.public_key(), name, claims);
-        let path = self.dir.path().join(format!("{name}.creds"));
-        std::fs::write(
-            &path,
-            format!(
-                "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
-                 ************************* IMPORTANT *************************\n\
-                 NKEY Seed printed below can be used to sign and prove identity.\n\n\
-                 -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
-                user.seed().unwrap()
-            ),
-        )
-        .unwrap();
-        Credentials {
-            creds: Some(path),
-            ..Credentials::default()
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_creds_file_of_a_jwt_account() {
-    let jwt_account = JwtAccount::start("creds");
+    let jwt_account = JwtAccount::start("creds").unwrap();
     let server = &jwt_account.server;
     let with_creds = jwt_account.creds("U", serde_json::json!({ "pub": {}, "sub": {} }));
     assert_eq!(round_trip(&server.url(), &with_creds).await.unwrap(), 5);
@@ -380,6 +244,27 @@ async fn a_creds_file_of_a_jwt_account() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
+
+    // An expired JWT is named as such, with what to do.
+    let an_hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3600;
+    let expired = jwt_account.creds_expiring(
+        "old",
+        serde_json::json!({ "pub": {}, "sub": {} }),
+        Some(an_hour_ago),
+    );
+    let error = Client::connect_with(&server.url(), &expired)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthorized, "{error}");
+    assert!(
+        error.message().contains("expired 1h") && error.message().contains("new creds file"),
+        "{error}"
+    );
+    assert!(!error.message().contains("SU"), "no seed shown: {error}");
 }
 
 #[tokio::test]
@@ -412,7 +297,7 @@ async fn wharf_auth_jwt_permissions_hold_in_a_jwt_account() {
     .unwrap();
     let roles = wharf::permissions::roles(&config, "wharf");
     let permissions = wharf::permissions::jwt_permissions(&roles);
-    let jwt_account = JwtAccount::start("jwt-permissions");
+    let jwt_account = JwtAccount::start("jwt-permissions").unwrap();
     let server = &jwt_account.server;
     // Each role's user JWT holds that role's generated permissions.
     let creds_for = |name: &str| Credentials {

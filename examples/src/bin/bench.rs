@@ -77,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("--focus") => (false, true, false),
         Some("--stateful") => (false, true, true),
         Some("--tls") => return comparison(Secured::Tls).await,
-        Some("--auth") => return comparison(Secured::Password).await,
+        Some("--auth") => return comparison(Secured::Creds).await,
         None => (false, false, false),
         Some(other) => {
             return Err(format!(
@@ -656,7 +656,7 @@ async fn raw_worker() -> Result<(), Box<dyn std::error::Error>> {
     let nats = raw_connect(
         &url,
         std::env::var_os("NATS_CA").map(Into::into),
-        std::env::var("NATS_USER").ok(),
+        std::env::var_os("NATS_CREDS").map(Into::into),
     )
     .await?;
     let mut requests = nats.queue_subscribe(RAW_SUBJECT, "q".into()).await?;
@@ -683,19 +683,19 @@ async fn raw_worker() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// A plain async-nats connection, over TLS with `ca` when given, as `user`
-/// (password: the same) when given.
+/// A plain async-nats connection, over TLS with `ca` when given, with the
+/// creds file `creds` when given.
 async fn raw_connect(
     url: &str,
     ca: Option<std::path::PathBuf>,
-    user: Option<String>,
+    creds: Option<std::path::PathBuf>,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
     let mut options = async_nats::ConnectOptions::new();
     if let Some(ca) = ca {
         options = options.add_root_certificates(ca).require_tls(true);
     }
-    if let Some(user) = user {
-        options = options.user_and_password(user.clone(), user);
+    if let Some(creds) = creds {
+        options = options.credentials_file(creds).await?;
     }
     options.connect(url).await
 }
@@ -705,14 +705,15 @@ async fn raw_connect(
 enum Secured {
     /// TLS with a CA made for the run.
     Tls,
-    /// A user and password (which makes wharf watch for refusals).
-    Password,
+    /// A creds file of a JWT account (which makes wharf watch for
+    /// refusals, as any user connection does).
+    Creds,
 }
 
 /// A server with its raw responder and wharf worker, and the bench's
 /// connections to it.
 struct Setup {
-    server: NatsServer,
+    server_pid: u32,
     raw: Child,
     worker: Child,
     nats: async_nats::Client,
@@ -720,33 +721,24 @@ struct Setup {
 }
 
 impl Setup {
+    /// Everything on `server`, every connection with `credentials` (a CA,
+    /// a creds file, or none).
     async fn start(
-        server: NatsServer,
-        ca: Option<&std::path::Path>,
-        user: Option<&str>,
+        server: &NatsServer,
+        credentials: wharf::settings::Credentials,
     ) -> Result<Setup, Box<dyn std::error::Error>> {
         let url = server.url();
-        let ca_text = ca.map(|p| p.to_string_lossy().into_owned());
-        let mut env: Vec<(&str, &str)> =
-            ca_text.iter().map(|ca| ("NATS_CA", ca.as_str())).collect();
-        if let Some(user) = user {
-            env.extend([("NATS_USER", user), ("NATS_PASSWORD", user)]);
-        }
+        let env: Vec<(&str, String)> = credentials.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let raw = spawn_worker(&url, &["raw-worker"], &env)?;
         let mut worker_env = env.clone();
         worker_env.push(("WHARF_ROLE", "worker"));
         let worker = spawn_worker(&url, &[], &worker_env)?;
-        let nats = raw_connect(&url, ca.map(Into::into), user.map(str::to_owned)).await?;
-        let credentials = wharf::settings::Credentials {
-            ca: ca.map(Into::into),
-            user: user.map(str::to_owned),
-            password: user.map(wharf::settings::Secret::new),
-            ..Default::default()
-        };
+        let nats = raw_connect(&url, credentials.ca.clone(), credentials.creds.clone()).await?;
         let client = wharf::Client::connect_with(&url, &credentials).await?;
         wait_until_served(&nats, &client).await?;
         Ok(Setup {
-            server,
+            server_pid: server.pid(),
             raw,
             worker,
             nats,
@@ -755,56 +747,42 @@ impl Setup {
     }
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`:
-/// CA, certificate, key.
-fn certificates(
-    dir: &std::path::Path,
-) -> Result<[std::path::PathBuf; 3], Box<dyn std::error::Error>> {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
-    let key = KeyPair::generate()?;
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
-        .signed_by(&key, &ca)?;
-    let paths = [
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server-key.pem"),
-    ];
-    std::fs::write(&paths[0], ca.pem())?;
-    std::fs::write(&paths[1], cert.pem())?;
-    std::fs::write(&paths[2], key.serialize_pem())?;
-    Ok(paths)
-}
-
 /// `--tls` and `--auth`: calls/s at 16 and 256 in flight, raw and wharf,
 /// on an open server and on a `secured` one, in interleaved rounds.
 async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> {
     const ROUNDS: usize = 7;
     const CALLS: usize = 60_000;
     let dir = wharf::testing::TempDir::new("bench-secured");
-    let mut plain = Setup::start(NatsServer::start()?, None, None).await?;
-    let mut tls = match secured {
+    let open = NatsServer::start()?;
+    let mut plain = Setup::start(&open, Default::default()).await?;
+    // The secured server lives (with its creds files) until the end.
+    let (mut tls, _server, _account) = match secured {
         Secured::Tls => {
-            let [ca, cert, key] = certificates(dir.path())?;
-            let server = NatsServer::start_with_config(&format!(
-                "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
-                cert.display(),
-                key.display()
-            ))?;
-            Setup::start(server, Some(&ca), None).await?
+            let pki = wharf::testing::Pki::new(dir.path(), &[]);
+            let server = NatsServer::start_with_config(&pki.server_tls(false))?;
+            let credentials = wharf::settings::Credentials {
+                ca: Some(pki.ca.clone()),
+                ..Default::default()
+            };
+            (
+                Setup::start(&server, credentials).await?,
+                Some(server),
+                None,
+            )
         }
-        Secured::Password => {
-            let server = NatsServer::start_with_config(
-                "authorization { users: [ { user: bench, password: bench } ] }",
-            )?;
-            Setup::start(server, None, Some("bench")).await?
+        Secured::Creds => {
+            let jwt = wharf::testing::JwtAccount::start("bench-creds")?;
+            let credentials = jwt.creds("bench", serde_json::json!({ "pub": {}, "sub": {} }));
+            (
+                Setup::start(&jwt.server, credentials).await?,
+                None,
+                Some(jwt),
+            )
         }
     };
     let name = match secured {
         Secured::Tls => "over TLS",
-        Secured::Password => "with a password",
+        Secured::Creds => "with a creds file",
     };
     let mut results: Vec<(String, Vec<f64>)> = Vec::new();
     let mut record = |key: String, value: f64| match results.iter_mut().find(|(k, _)| *k == key) {
@@ -827,7 +805,7 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
                 };
                 for side in sides {
                     let pids = [
-                        setup.server.pid(),
+                        setup.server_pid,
                         match side {
                             Side::Raw => setup.raw.id(),
                             _ => setup.worker.id(),

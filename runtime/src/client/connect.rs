@@ -159,7 +159,16 @@ pub(crate) fn failed(urls: &str, credentials: &Credentials, e: async_nats::Conne
     let tls_failure = e.kind() == ConnectErrorKind::Tls
         || text.contains("certificate")
         || text.contains("handshake");
+    let expired = credentials.creds.as_deref().and_then(expired_jwt);
     let (kind, advice) = match e.kind() {
+        ConnectErrorKind::AuthorizationViolation if expired.is_some() => (
+            ErrorKind::Unauthorized,
+            format!(
+                "the user JWT in creds file `{}` expired {} ago: issue a new creds file (`nsc generate creds`, or your provider's console) and point NATS_CREDS at it",
+                credentials.creds.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                humantime::format_duration(expired.unwrap_or_default())
+            ),
+        ),
         ConnectErrorKind::AuthorizationViolation => (
             ErrorKind::Unauthorized,
             format!("the server refused the credentials ({what}): check them, and whether they expired; set them with NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_NKEY or NATS_CREDS"),
@@ -188,6 +197,32 @@ pub(crate) fn failed(urls: &str, credentials: &Credentials, e: async_nats::Conne
         format!("cannot connect to NATS at `{shown}`: {e}; {advice}"),
     )
     .with_source(e)
+}
+
+/// How long ago the user JWT in the creds file at `path` expired (its
+/// `exp` claim, to the second); `None` when it has not, has no expiry, or
+/// cannot be read. Only the JWT's public claims are read, never the seed.
+pub(crate) fn expired_jwt(path: &std::path::Path) -> Option<std::time::Duration> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(path).ok()?;
+    let jwt = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|line| !line.contains("BEGIN NATS USER JWT"))
+        .nth(1)?;
+    let claims = jwt.split('.').nth(1)?;
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims.trim_end_matches('='))
+        .ok()?;
+    let exp = serde_json::from_slice::<serde_json::Value>(&claims)
+        .ok()?
+        .get("exp")?
+        .as_u64()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    (exp <= now).then(|| std::time::Duration::from_secs(now - exp))
 }
 
 #[cfg(test)]

@@ -85,7 +85,13 @@ impl Client {
             .event_callback(move |event| {
                 match &event {
                     async_nats::Event::ServerError(error) => {
-                        noted.note_server_error(&error.to_string())
+                        let text = error.to_string();
+                        if text.to_ascii_lowercase().contains("expired") {
+                            // The server ends the connection; reconnects
+                            // are refused until the credentials are renewed.
+                            tracing::error!("NATS ended this connection: {text}; issue new credentials (a new creds file for NATS_CREDS) and restart");
+                        }
+                        noted.note_server_error(&text)
                     }
                     async_nats::Event::Connected => noted.clear(),
                     _ => {}

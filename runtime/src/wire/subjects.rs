@@ -39,6 +39,12 @@ pub const LEADER_KEY: &str = "leader";
 /// Subject token of an instance's own subjects.
 const INSTANCE_TOKEN: &str = "_inst";
 
+/// A subscribe permission for `subject` in the workers' queue group only:
+/// `<subject> q` (nats-server's form for queue permissions).
+pub fn in_queue_group(subject: &str) -> String {
+    format!("{subject} {QUEUE_GROUP}")
+}
+
 /// The subject of `service.function`: `<prefix>.<service>.<function>`.
 pub fn call(prefix: &str, service: &str, function: &str) -> String {
     format!("{prefix}.{service}.{function}")

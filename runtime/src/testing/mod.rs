@@ -9,6 +9,10 @@
 //! # Ok(()) }
 //! ```
 
+mod secure;
+
+pub use secure::{JwtAccount, Pki};
+
 use crate::{Error, ErrorKind};
 use std::future::Future;
 use std::path::PathBuf;
@@ -102,10 +106,14 @@ impl NatsServer {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
+                // Its own last words say what was wrong with the config.
+                let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+                let said: Vec<&str> = log.lines().rev().take(3).collect();
                 return Err(Error::new(
                     ErrorKind::Process,
                     format!(
-                        "nats-server exited before listening: {status} (check the configuration)"
+                        "nats-server exited before listening: {status}; it said: {}",
+                        said.into_iter().rev().collect::<Vec<_>>().join(" / ")
                     ),
                 ));
             }
@@ -207,6 +215,7 @@ fn spawn(
 ) -> Result<Child, Error> {
     let mut command = crate::local::server::nats_command(binary, dir, jetstream);
     command.arg("-c").arg(dir.join("server.conf"));
+    command.arg("-l").arg(dir.join("server.log"));
     match ports {
         // The last `-p` wins over the free-port one nats_command sets.
         Some((port, monitoring)) => {
