@@ -457,8 +457,9 @@ async fn interrupted() -> Result<(), Error> {
 /// `wharf down`.
 async fn up(path: &std::path::Path) -> Result<ExitCode, Error> {
     let config = wharf::supervisor::UpConfig::load(path)?;
-    // `NATS_URL` and `WHARF_PREFIX` override the file's `[broker]` keys.
-    let settings = config.settings()?;
+    // The file's `[broker]` keys, overridden by the environment, are this
+    // process's settings (replicas and placement included).
+    let settings = wharf::Settings::install(&config.broker)?.clone();
     let mut started_own = false;
     let url = match &settings.nats_url {
         Some(url) => url.clone(),

@@ -65,7 +65,7 @@ pub struct Heartbeat {
 
 /// Creates (or finds) the heartbeat bucket.
 pub async fn instances_bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
-    crate::bucket::bucket(
+    crate::storage::bucket(
         js,
         INSTANCES_BUCKET,
         "wharf: worker heartbeats",

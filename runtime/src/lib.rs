@@ -53,7 +53,6 @@
 pub mod __private;
 pub mod backend;
 mod boxed;
-mod bucket;
 mod client;
 mod context;
 pub mod durable;
@@ -72,6 +71,7 @@ mod retry;
 pub mod scaler;
 pub mod settings;
 mod spec;
+mod storage;
 pub mod supervisor;
 #[cfg(feature = "testing")]
 pub mod testing;

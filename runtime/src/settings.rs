@@ -97,6 +97,13 @@ pub struct Settings {
     pub ready_subject: Option<String>,
     /// `WHARF_PARENT_PID`: the local-mode program that started this worker.
     pub parent_pid: Option<u32>,
+    /// `WHARF_REPLICAS` (or `[broker] replicas`): replicas of every stream
+    /// and bucket wharf creates; `None`: 3 on a cluster of at least 3
+    /// servers, else 1.
+    pub replicas: Option<usize>,
+    /// `WHARF_PLACEMENT` (comma-separated, or `[broker] placement`, a
+    /// list): JetStream placement tags of the streams wharf creates.
+    pub placement: Vec<String>,
     /// How to authenticate to NATS and check the server (`NATS_USER`,
     /// `NATS_CREDS`, `NATS_CA`, ...).
     pub credentials: Credentials,
@@ -112,6 +119,8 @@ impl std::fmt::Debug for Settings {
             .field("max_workers", &self.max_workers)
             .field("concurrency", &self.concurrency)
             .field("backlog", &self.backlog)
+            .field("replicas", &self.replicas)
+            .field("placement", &self.placement)
             .field("credentials", &self.credentials)
             .finish_non_exhaustive()
     }
@@ -147,6 +156,12 @@ pub struct FileSettings {
     pub tls_first: Option<bool>,
     /// The inbox prefix of this deployment's connections.
     pub inbox_prefix: Option<String>,
+    /// Replicas of every stream and bucket (1 to 5).
+    pub replicas: Option<usize>,
+    /// JetStream placement tags of the streams wharf creates.
+    pub placement: Option<Vec<String>>,
+    /// `random` (NATS's default) or `listed`: the order servers are tried.
+    pub server_order: Option<String>,
 }
 
 impl std::fmt::Debug for FileSettings {
@@ -166,6 +181,9 @@ impl std::fmt::Debug for FileSettings {
             .field("key", &self.key)
             .field("tls_first", &self.tls_first)
             .field("inbox_prefix", &self.inbox_prefix)
+            .field("replicas", &self.replicas)
+            .field("placement", &self.placement)
+            .field("server_order", &self.server_order)
             .finish()
     }
 }
@@ -225,6 +243,10 @@ pub struct Credentials {
     /// inboxes (`wharf auth` gives user `U` `_INBOX.U`); `None`: `_INBOX`.
     /// Durable replies may go there as well as to `_INBOX`.
     pub inbox_prefix: Option<String>,
+    /// `WHARF_SERVER_ORDER=listed` (or `[broker] server_order`): try the
+    /// servers of the URL list in the order given, the first that answers
+    /// (a process's nearest node first), rather than in NATS's random order.
+    pub servers_in_order: bool,
 }
 
 impl Credentials {
@@ -261,6 +283,24 @@ impl Credentials {
             None => None,
         }
         .filter(|prefix| prefix != subjects::DEFAULT_INBOX_PREFIX);
+        let servers_in_order =
+            match var("WHARF_SERVER_ORDER")
+                .map(|v| ("WHARF_SERVER_ORDER", v))
+                .or_else(|| {
+                    file.and_then(|f| f.server_order.clone())
+                        .map(|v| ("wharf.toml [broker] server_order", v))
+                }) {
+                None => false,
+                Some((name, order)) => match order.trim() {
+                    "random" => false,
+                    "listed" => true,
+                    other => return Err(invalid(
+                        name,
+                        other,
+                        "`random` (try servers in a random order) or `listed` (in the order given)",
+                    )),
+                },
+            };
         let tls_first = match var("NATS_TLS_FIRST") {
             Some(text) => match text.trim().to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => true,
@@ -353,6 +393,7 @@ impl Credentials {
             key,
             tls_first,
             inbox_prefix,
+            servers_in_order,
         })
     }
 
@@ -421,6 +462,9 @@ impl Credentials {
         if let Some(prefix) = &self.inbox_prefix {
             env.push(("WHARF_INBOX_PREFIX", prefix.clone()));
         }
+        if self.servers_in_order {
+            env.push(("WHARF_SERVER_ORDER", "listed".to_owned()));
+        }
         env
     }
 }
@@ -451,15 +495,34 @@ fn nkey_seed(name: &str, value: &str) -> Result<String, Error> {
     }
 }
 
+/// This process's settings, read from the environment once.
+static SETTINGS: OnceLock<Result<Settings, Error>> = OnceLock::new();
+
+/// This process's settings when a `wharf.toml` gave them
+/// ([`Settings::install`]).
+static INSTALLED: OnceLock<Settings> = OnceLock::new();
+
 impl Settings {
     /// This process's settings, read from the environment on first use.
     /// Every later call returns the same settings (or the same error).
     pub fn get() -> Result<&'static Settings, Error> {
-        static SETTINGS: OnceLock<Result<Settings, Error>> = OnceLock::new();
+        if let Some(installed) = INSTALLED.get() {
+            return Ok(installed);
+        }
         SETTINGS
             .get_or_init(|| Settings::read(&|name| std::env::var(name).ok(), None))
             .as_ref()
             .map_err(Clone::clone)
+    }
+
+    /// Makes `file`'s keys, overridden by the environment, this process's
+    /// settings (what [`Settings::get`] returns from then on), for a
+    /// process run by a `wharf.toml` (`wharf up`): its streams and buckets
+    /// then follow `[broker] replicas` and `placement` too. The first
+    /// installed settings stay.
+    pub fn install(file: &FileSettings) -> Result<&'static Settings, Error> {
+        let settings = Settings::with_file(file)?;
+        Ok(INSTALLED.get_or_init(|| settings))
     }
 
     /// The settings of a process that also reads `wharf.toml`: its keys,
@@ -550,6 +613,26 @@ impl Settings {
         )?
         .unwrap_or(DEFAULT_RESULTS_TTL);
         let parent_pid = number(&var, "WHARF_PARENT_PID", 1, u32::MAX as usize)?.map(|p| p as u32);
+        let replicas = match number(&var, "WHARF_REPLICAS", 1, MAX_REPLICAS)? {
+            Some(n) => Some(n),
+            None => match file.and_then(|f| f.replicas) {
+                Some(n) if !(1..=MAX_REPLICAS).contains(&n) => {
+                    return Err(invalid(
+                        "wharf.toml [broker] replicas",
+                        &n.to_string(),
+                        &format!("a whole number from 1 to {MAX_REPLICAS}"),
+                    ))
+                }
+                other => other,
+            },
+        };
+        let placement = match var("WHARF_PLACEMENT") {
+            Some(tags) => check_tags("WHARF_PLACEMENT", tags.split(',').map(str::to_owned))?,
+            None => match file.and_then(|f| f.placement.clone()) {
+                Some(tags) => check_tags("wharf.toml [broker] placement", tags.into_iter())?,
+                None => Vec::new(),
+            },
+        };
         Ok(Settings {
             nats_url,
             prefix,
@@ -569,9 +652,34 @@ impl Settings {
             nats_server: var("WHARF_NATS_SERVER").map(PathBuf::from),
             ready_subject: var("WHARF_READY_SUBJECT"),
             parent_pid,
+            replicas,
+            placement,
             credentials: Credentials::read(&var, file)?,
         })
     }
+}
+
+/// The most replicas JetStream keeps of a stream.
+pub const MAX_REPLICAS: usize = 5;
+
+/// Placement tags: non-empty, printable, no commas or spaces.
+fn check_tags(name: &str, tags: impl Iterator<Item = String>) -> Result<Vec<String>, Error> {
+    let mut checked = Vec::new();
+    for tag in tags {
+        let tag = tag.trim().to_owned();
+        if tag.is_empty() {
+            continue;
+        }
+        if !tag.chars().all(|c| c.is_ascii_graphic() && c != ',') {
+            return Err(invalid(
+                name,
+                &tag,
+                "server tags such as `az:eu-1` (printable, without spaces or commas)",
+            ));
+        }
+        checked.push(tag);
+    }
+    Ok(checked)
 }
 
 /// Parses a duration as people write them: `500ms`, `10s`, `2m`, `1h 30m`.
@@ -810,6 +918,35 @@ mod tests {
             error.message().contains("wharf.toml [broker] prefix"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn replicas_and_placement() {
+        let settings = read(&[("WHARF_REPLICAS", "3"), ("WHARF_PLACEMENT", "az:1, ssd")]).unwrap();
+        assert_eq!(settings.replicas, Some(3));
+        assert_eq!(settings.placement, ["az:1", "ssd"]);
+        let error = read(&[("WHARF_REPLICAS", "7")]).unwrap_err();
+        assert!(
+            error.message().contains("WHARF_REPLICAS") && error.message().contains("1 to 5"),
+            "{error}"
+        );
+        let file = FileSettings {
+            replicas: Some(0),
+            ..FileSettings::default()
+        };
+        let error = Settings::read(&|_| None, Some(&file)).unwrap_err();
+        assert!(error.message().contains("[broker] replicas"), "{error}");
+        let file = FileSettings {
+            replicas: Some(3),
+            placement: Some(vec!["az:2".into()]),
+            ..FileSettings::default()
+        };
+        let settings = Settings::read(&|_| None, Some(&file)).unwrap();
+        assert_eq!(
+            (settings.replicas, settings.placement),
+            (Some(3), vec!["az:2".to_owned()])
+        );
+        assert_eq!(read(&[]).unwrap().replicas, None);
     }
 
     #[test]

@@ -24,7 +24,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "settings",
             "retry",
             "spec",
-            "bucket",
+            "storage",
             "micro",
             "handler",
             "heartbeat",

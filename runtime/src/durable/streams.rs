@@ -25,7 +25,7 @@ pub(crate) async fn results_bucket(
     service: &str,
 ) -> Result<kv::Store, Error> {
     let ttl = Settings::get()?.results_ttl;
-    crate::bucket::bucket(
+    crate::storage::bucket(
         js,
         &subjects::results_bucket(service),
         "wharf: durable call results and idempotency records",
@@ -42,33 +42,37 @@ pub(crate) async fn calls_stream(
     service: &str,
 ) -> Result<stream::Stream, Error> {
     let name = subjects::calls_stream(prefix, service);
-    js.get_or_create_stream(stream::Config {
-        name: name.clone(),
-        description: Some(format!("wharf: durable calls of service {service}")),
-        subjects: vec![subjects::durable_calls(prefix, service)],
-        retention: stream::RetentionPolicy::WorkQueue,
-        storage: stream::StorageType::File,
-        // A caller that re-publishes after a lost ack stores its call once.
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
+    crate::storage::stream(
+        js,
+        stream::Config {
+            name: name.clone(),
+            description: Some(format!("wharf: durable calls of service {service}")),
+            subjects: vec![subjects::durable_calls(prefix, service)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            // A caller that re-publishes after a lost ack stores its call once.
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        },
+    )
     .await
-    .map_err(|e| jetstream_error(format!("cannot create stream `{name}`: {e}")).with_source(e))
 }
 
 /// Creates (or finds) the dead-letter stream.
 pub(crate) async fn dead_letters(js: &jetstream::Context, prefix: &str) -> Result<(), Error> {
     let name = subjects::dead_letter_stream(prefix);
-    js.get_or_create_stream(stream::Config {
-        name: name.clone(),
-        description: Some("wharf: durable calls given up on".to_owned()),
-        subjects: vec![subjects::dead_letters(prefix)],
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
+    crate::storage::stream(
+        js,
+        stream::Config {
+            name,
+            description: Some("wharf: durable calls given up on".to_owned()),
+            subjects: vec![subjects::dead_letters(prefix)],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        },
+    )
     .await
     .map(|_| ())
-    .map_err(|e| jetstream_error(format!("cannot create stream `{name}`: {e}")).with_source(e))
 }
 
 /// Creates (or finds) the pull consumer through which workers take

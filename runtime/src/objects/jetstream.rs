@@ -60,33 +60,31 @@ async fn stores(client: &Client) -> Result<Arc<JsStores>, Error> {
     client
         .extension(|| async {
             let js = jetstream::new(client.nats().clone());
-            let kv = match js.get_key_value(OBJECTS_BUCKET).await {
-                Ok(kv) => kv,
-                Err(_) => js
-                    .create_key_value(kv::Config {
-                        bucket: OBJECTS_BUCKET.to_owned(),
-                        description: "wharf: objects by reference, small values".to_owned(),
-                        history: 1,
-                        // Per-key TTLs for objects put with one.
-                        limit_markers: Some(Duration::from_secs(1)),
-                        storage: StorageType::File,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| unreachable_store(OBJECTS_BUCKET, e))?,
-            };
-            let blobs = match js.get_object_store(BLOBS_BUCKET).await {
-                Ok(blobs) => blobs,
-                Err(_) => js
-                    .create_object_store(object_store::Config {
-                        bucket: BLOBS_BUCKET.to_owned(),
-                        description: Some("wharf: objects by reference, large values".to_owned()),
-                        storage: StorageType::File,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?,
-            };
+            let kv = crate::storage::key_value(
+                &js,
+                kv::Config {
+                    bucket: OBJECTS_BUCKET.to_owned(),
+                    description: "wharf: objects by reference, small values".to_owned(),
+                    history: 1,
+                    // Per-key TTLs for objects put with one.
+                    limit_markers: Some(Duration::from_secs(1)),
+                    storage: StorageType::File,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| unreachable_store(OBJECTS_BUCKET, e))?;
+            let blobs = crate::storage::object_store(
+                &js,
+                object_store::Config {
+                    bucket: BLOBS_BUCKET.to_owned(),
+                    description: Some("wharf: objects by reference, large values".to_owned()),
+                    storage: StorageType::File,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| unreachable_store(BLOBS_BUCKET, e))?;
             let blob_stream = js
                 .get_stream(subjects::object_store_stream(BLOBS_BUCKET))
                 .await

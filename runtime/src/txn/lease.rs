@@ -48,25 +48,25 @@ pub(crate) fn lost(id: &str, owner: &str) -> Error {
 
 /// The lease bucket, found or created with per-key TTLs.
 pub(crate) async fn txn_bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
-    if let Ok(store) = js.get_key_value(TXN_BUCKET).await {
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
-        bucket: TXN_BUCKET.to_owned(),
-        description: "wharf: transaction leases (id -> owning instance)".to_owned(),
-        history: 1,
-        // Per-key TTLs: every write sets its lease's length.
-        limit_markers: Some(Duration::from_secs(1)),
-        storage: jetstream::stream::StorageType::File,
-        ..Default::default()
-    })
+    crate::storage::key_value(
+        js,
+        kv::Config {
+            bucket: TXN_BUCKET.to_owned(),
+            description: "wharf: transaction leases (id -> owning instance)".to_owned(),
+            history: 1,
+            // Per-key TTLs: every write sets its lease's length.
+            limit_markers: Some(Duration::from_secs(1)),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+    )
     .await
     .map_err(|e| {
-        Error::new(
-            ErrorKind::Connection,
-            format!("cannot create KV bucket `{TXN_BUCKET}`: {e}; stateful services keep their leases in JetStream (nats-server -js, version 2.11 or later)"),
-        )
-.with_source(e)
+        let message = format!(
+            "{}; stateful services keep their leases in JetStream (nats-server -js, version 2.11 or later)",
+            e.message()
+        );
+        e.with_message(message)
     })
 }
 
