@@ -386,3 +386,66 @@ async fn nested_calls_inherit_the_callers_deadline() {
     assert!(seen >= before + 1_900, "deadline {seen} too early");
     assert!(seen <= now_ms() + 2_000, "deadline {seen} not inherited");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_connection_is_lost_does_not_wait_out_its_deadline() {
+    let mut server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = spawn_worker(&server.url());
+    wait_for_workers(&client, 1).await;
+    // In flight when the server goes: one call that may not be retried
+    // (30 s deadline), one idempotent call.
+    let plain = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let started = Instant::now();
+            let outcome = sleep_ms::request(5_000)
+                .client(&client)
+                .timeout(Duration::from_secs(30))
+                .await;
+            (outcome, started.elapsed())
+        }
+    });
+    let idempotent = tokio::spawn({
+        let client = client.clone();
+        async move {
+            echo_slowly::request(7, 1_500)
+                .client(&client)
+                .timeout(Duration::from_secs(30))
+                .await
+        }
+    });
+    wharf::testing::eventually(
+        "both calls to reach the worker",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            async move {
+                let held = wharf_integration::in_flight(&client, "itest").await;
+                if held >= 2 {
+                    Ok(())
+                } else {
+                    Err(format!("{held} in flight"))
+                }
+            }
+        },
+    )
+    .await;
+    let restarted = Instant::now();
+    server.restart().unwrap();
+    let (outcome, took) = plain.await.unwrap();
+    let error = outcome.expect_err("the reply cannot come on the lost connection");
+    assert_eq!(error.kind(), wharf::ErrorKind::ConnectionLost, "{error}");
+    assert!(error.message().contains("may have run"), "{error}");
+    let after_restart = restarted.elapsed().min(took);
+    report(format!(
+        "REPORT connection lost: a non-idempotent call failed as connection_lost {} ms after the restart began (deadline 30 s)",
+        after_restart.as_millis()
+    ));
+    assert!(
+        took < Duration::from_secs(20),
+        "it waited {took:?}, nearly its whole deadline"
+    );
+    // The idempotent one went on through the new connection.
+    assert_eq!(idempotent.await.unwrap().unwrap(), 7);
+}

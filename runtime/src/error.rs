@@ -47,8 +47,15 @@ pub enum ErrorKind {
     /// Starting or supervising a local process (nats-server, a worker) failed.
     Process,
     /// The worker running this call stopped before it answered (it was
-    /// killed, or lost its connection). Retried for idempotent functions.
+    /// killed, or lost its connection), or the request or reply was lost
+    /// with a server: no worker holds the call any more. The call may have
+    /// run. Retried for idempotent functions.
     WorkerLost,
+    /// This process's connection to NATS was lost after the call was sent
+    /// and before its reply came: the call may have run. Retried (on the
+    /// new connection) for idempotent functions; other calls fail at once
+    /// instead of waiting out their deadline.
+    ConnectionLost,
     /// A durable call was given up: its arguments could not be decoded, or
     /// it was delivered `max_deliver` times without completing. The call
     /// sits in the dead-letter stream (wire code 500, kind `dead_letter`).
@@ -151,6 +158,7 @@ impl ErrorKind {
             ErrorKind::Config => "config",
             ErrorKind::Process => "process",
             ErrorKind::WorkerLost => "worker_lost",
+            ErrorKind::ConnectionLost => "connection_lost",
             ErrorKind::DeadLetter => "dead_letter",
             ErrorKind::ObjectNotFound => "object_not_found",
             ErrorKind::DigestMismatch => "digest_mismatch",

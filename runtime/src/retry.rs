@@ -91,7 +91,7 @@ impl Default for RetryPolicy {
 pub(crate) fn retryable(kind: ErrorKind, idempotent: bool) -> bool {
     match kind {
         ErrorKind::NoResponders | ErrorKind::Unavailable | ErrorKind::Connection => true,
-        ErrorKind::Timeout | ErrorKind::WorkerLost => idempotent,
+        ErrorKind::Timeout | ErrorKind::WorkerLost | ErrorKind::ConnectionLost => idempotent,
         _ => false,
     }
 }
@@ -222,6 +222,8 @@ mod tests {
         assert!(!retryable(ErrorKind::Timeout, false));
         assert!(retryable(ErrorKind::Timeout, true));
         assert!(!retryable(ErrorKind::WorkerLost, false));
+        assert!(!retryable(ErrorKind::ConnectionLost, false));
+        assert!(retryable(ErrorKind::ConnectionLost, true));
         assert!(!retryable(ErrorKind::BadRequest, true));
         assert!(!retryable(ErrorKind::Application, true));
     }

@@ -21,12 +21,33 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long an idempotent call waits before its first probe, and between
-/// probes.
+/// How long a call waits for its reply before it starts watching its
+/// connection and its worker.
+const WATCH_AFTER: Duration = Duration::from_millis(200);
+
+/// How often a call that is taking a while asks whether a worker still
+/// holds it.
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 
-/// How long a probe waits for the worker's answer.
+/// How long a probe of an idempotent call waits for the worker's answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(150);
+
+/// How long a probe of a call that is not idempotent waits: its verdict
+/// fails the call, so a slow answer must not look like none.
+const PROBE_TIMEOUT_FINAL: Duration = Duration::from_millis(300);
+
+/// What [`Client::wait_longer`] needs of a try.
+struct Waiting<'a> {
+    spec: &'static FnSpec,
+    call: &'a CallState,
+    txn: Option<&'a TxnRoute>,
+    subject: &'a Subject,
+    owner: Option<Arc<str>>,
+    /// The connection's losses when the try was sent.
+    losses: u64,
+    /// Whether the server may refuse the subject (see `Denials`).
+    watch: bool,
+}
 
 /// How long a call that found no worker waits for its service's discovery
 /// answer.
@@ -316,23 +337,24 @@ impl Client {
         let generation = denials.generation();
         let routed = owner.is_some();
         let watch = denials.watching && (routed || !spec.permitted_on(generation));
+        // Noted before sending: a loss after this means the reply cannot
+        // come on this connection.
+        let losses = self.connection().losses();
         let reply = self.nats().send_request(subject.clone(), request);
-        let settle = |result| self.settle(spec, call, txn, &subject, owner, result);
-        let result = if spec.idempotent {
-            // Out of line: the watch's own requests and timer would
-            // otherwise enlarge every call's future.
-            tokio::select! {
-                result = reply => settle(result),
-                lost = out_of_line(|| self.watch_call(spec, call)) => Err(lost),
-                denied = denials.refused(&subject), if watch => Err(denied),
+        tokio::pin!(reply);
+        // The common call is answered before this first look; one that is
+        // not gets watched (out of line, so the common call's future stays
+        // small): its connection, its worker, its deadline.
+        let look =
+            tokio::time::sleep_until((Instant::now() + WATCH_AFTER).min(call.deadline).into());
+        let result = tokio::select! {
+            biased;
+            result = &mut reply => self.settle(spec, call, txn, &subject, owner.clone(), result),
+            denied = denials.refused(&subject), if watch => Err(denied),
+            _ = look => {
+                let waiting = Waiting { spec, call, txn, subject: &subject, owner: owner.clone(), losses, watch };
+                out_of_line(|| self.wait_longer(waiting, reply.as_mut())).await
             }
-        } else if watch {
-            tokio::select! {
-                result = reply => settle(result),
-                denied = denials.refused(&subject) => Err(denied),
-            }
-        } else {
-            settle(reply.await)
         };
         if watch && !routed && result.is_ok() {
             spec.mark_permitted(generation);
@@ -374,9 +396,11 @@ impl Client {
         if timeout.is_zero() {
             return Err(call.deadline_passed(spec, &subject));
         }
+        // The deadline is kept by `try_once`, which also watches the
+        // connection and the worker while it waits.
         let mut request = async_nats::Request::new()
             .payload(prepared.payload)
-            .timeout(Some(timeout));
+            .timeout(None);
         if let Some(headers) = prepared.headers {
             request = request.headers(headers);
         }
@@ -422,20 +446,82 @@ impl Client {
         })
     }
 
-    /// Resolves with [`ErrorKind::WorkerLost`] once two probes in a row
-    /// find no worker running `call`; pends forever otherwise.
+    /// A try whose reply did not come by its first look: waits for the
+    /// reply, the deadline, a loss of the connection (the reply cannot
+    /// come: [`ErrorKind::ConnectionLost`]), a refusal, or probes that find
+    /// no worker holding the call any more ([`ErrorKind::WorkerLost`]).
+    async fn wait_longer<F>(
+        &self,
+        waiting: Waiting<'_>,
+        reply: std::pin::Pin<&mut F>,
+    ) -> Result<Message, Error>
+    where
+        F: Future<Output = Result<Message, async_nats::RequestError>>,
+    {
+        let Waiting {
+            spec,
+            call,
+            txn,
+            subject,
+            owner,
+            losses,
+            watch,
+        } = waiting;
+        let connection = self.connection();
+        if connection.losses() != losses {
+            return Err(self.connection_lost(spec, subject));
+        }
+        // Stateful calls are not registered for probes (their owner is
+        // watched through its lease instead).
+        let probe = !spec.stateful;
+        tokio::select! {
+            biased;
+            result = reply => self.settle(spec, call, txn, subject, owner, result),
+            _ = connection.lost_since(losses) => Err(self.connection_lost(spec, subject)),
+            _ = tokio::time::sleep_until(call.deadline.into()) => Err(call.deadline_passed(spec, subject)),
+            lost = self.watch_call(spec, call), if probe => Err(lost),
+            denied = self.denials().refused(subject), if watch => Err(denied),
+        }
+    }
+
+    fn connection_lost(&self, spec: &'static FnSpec, subject: &str) -> Error {
+        let retried = if spec.idempotent {
+            "it is idempotent, so it is tried again on the new connection"
+        } else {
+            "it may have run; mark the function idempotent to have such calls retried"
+        };
+        Error::new(
+            ErrorKind::ConnectionLost,
+            format!(
+                "the connection to `{}` was lost while `{subject}` ({}) waited for its reply: {retried}",
+                crate::settings::redact(self.url()),
+                spec.path
+            ),
+        )
+    }
+
+    /// Resolves with [`ErrorKind::WorkerLost`] once probes in a row find no
+    /// worker holding `call` (two for an idempotent call, which is then
+    /// tried again; three, waiting longer for each answer, for one that is
+    /// not, which then fails); pends forever otherwise.
     async fn watch_call(&self, spec: &'static FnSpec, call: &CallState) -> Error {
         let subject = subjects::call_status(self.prefix(), spec.service);
+        // A miss that fails a call that may have run must be surer.
+        let (needed, wait) = if spec.idempotent {
+            (2, PROBE_TIMEOUT)
+        } else {
+            (3, PROBE_TIMEOUT_FINAL)
+        };
         let mut misses = 0;
         loop {
-            tokio::time::sleep(PROBE_INTERVAL).await;
             let probe = async_nats::Request::new()
-                .payload(Bytes::copy_from_slice(call.id.as_bytes()))
-                .timeout(Some(PROBE_TIMEOUT));
+                .payload(crate::wire::probe::request([call.id.as_str()]).into())
+                .timeout(Some(wait));
+            let started = Instant::now();
             match self.nats().send_request(subject.clone(), probe).await {
                 Ok(_) => misses = 0,
                 // A probe lost to a broken connection says nothing about
-                // the worker; the connection's own errors decide the call.
+                // the worker; the connection's own watch decides the call.
                 Err(e)
                     if !matches!(
                         e.kind(),
@@ -443,19 +529,25 @@ impl Client {
                     ) => {}
                 Err(_) => {
                     misses += 1;
-                    // Two misses, not one: a call still in the worker's
-                    // socket buffer is not registered yet.
-                    if misses >= 2 {
+                    // More than one: a call still in the worker's socket
+                    // buffer is not registered yet.
+                    if misses >= needed {
+                        let what = if spec.idempotent {
+                            "the worker that took it stopped, or it or its reply was lost with a server"
+                        } else {
+                            "the worker that took it stopped, or it or its reply was lost with a server; it may have run"
+                        };
                         return Error::new(
                             ErrorKind::WorkerLost,
                             format!(
-                                "no worker of `{}` runs call {} of `{}` any more: the worker that took it stopped before answering",
+                                "no worker of `{}` holds call {} of `{}` any more: {what}",
                                 spec.service, call.id, spec.path
                             ),
                         );
                     }
                 }
             }
+            tokio::time::sleep(PROBE_INTERVAL.saturating_sub(started.elapsed())).await;
         }
     }
 }

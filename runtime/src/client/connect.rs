@@ -86,9 +86,15 @@ pub(crate) async fn options(
     urls: &str,
     credentials: &Credentials,
 ) -> Result<ConnectOptions, Error> {
-    let mut options = ConnectOptions::new().name("wharf");
+    let mut options = ConnectOptions::new()
+        .name("wharf")
+        .ping_interval(super::connection::PING_INTERVAL)
+        .connection_timeout(super::connection::CONNECT_TIMEOUT);
     if let Some(prefix) = &credentials.inbox_prefix {
         options = options.custom_inbox_prefix(prefix);
+    }
+    if credentials.servers_in_order {
+        options = options.retain_servers_order();
     }
     let configured = credentials.user.is_some()
         || credentials.token.is_some()

@@ -8,6 +8,7 @@
 
 pub(crate) mod call;
 pub(crate) mod connect;
+pub(crate) mod connection;
 pub(crate) mod denials;
 pub(crate) mod returns;
 
@@ -36,6 +37,8 @@ struct Inner {
     credentials: Credentials,
     /// Publishes and subscribes the server refused.
     denials: Arc<Denials>,
+    /// The times the connection was lost, which calls in flight watch.
+    connection: Arc<connection::Connection>,
     /// State of the layers above, one value per type, made on first use.
     extensions: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     /// Payloads larger than this are spilled to the object store; 0 until
@@ -80,6 +83,8 @@ impl Client {
     pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Client, Error> {
         let denials = Arc::new(Denials::new(connect::as_user(url, credentials)));
         let noted = denials.clone();
+        let connection = Arc::new(connection::Connection::default());
+        let losses = connection.clone();
         let options = connect::options(url, credentials)
             .await?
             .event_callback(move |event| {
@@ -94,6 +99,9 @@ impl Client {
                         noted.note_server_error(&text)
                     }
                     async_nats::Event::Connected => noted.clear(),
+                    // Replies to calls sent before cannot arrive: the
+                    // server they went through is gone.
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => losses.lose(),
                     _ => {}
                 }
                 tracing::debug!("NATS: {event}");
@@ -110,16 +118,21 @@ impl Client {
             configured_prefix(),
             credentials.clone(),
             denials,
+            connection,
         ))
     }
 
     /// Wraps an existing async-nats connection (`url` is used in messages).
+    /// wharf does not see its events, so a call on it whose connection is
+    /// lost waits for its deadline (or its worker's probe) rather than
+    /// failing at once: prefer [`Client::connect`].
     pub fn from_nats(nats: async_nats::Client, url: impl Into<String>) -> Client {
         Client::new(
             nats,
             url.into(),
             configured_prefix(),
             Credentials::default(),
+            Arc::default(),
             Arc::default(),
         )
     }
@@ -130,6 +143,7 @@ impl Client {
         prefix: String,
         credentials: Credentials,
         denials: Arc<Denials>,
+        connection: Arc<connection::Connection>,
     ) -> Client {
         Client {
             inner: Arc::new(Inner {
@@ -138,6 +152,7 @@ impl Client {
                 url,
                 credentials,
                 denials,
+                connection,
                 extensions: Mutex::new(HashMap::new()),
                 spill_at: AtomicUsize::new(0),
             }),
@@ -153,6 +168,7 @@ impl Client {
             prefix.into(),
             self.inner.credentials.clone(),
             self.inner.denials.clone(),
+            self.inner.connection.clone(),
         )
     }
 
@@ -175,6 +191,11 @@ impl Client {
     /// What the server refused this connection.
     pub(crate) fn denials(&self) -> &Denials {
         &self.inner.denials
+    }
+
+    /// The times this connection was lost.
+    pub(crate) fn connection(&self) -> &connection::Connection {
+        &self.inner.connection
     }
 
     /// The credentials this client connected with (its URL may carry more).

@@ -156,20 +156,29 @@ impl Client {
             let js = &durable.js;
             let subject = subject.clone();
             let denials = self.denials();
+            let connection = self.connection();
             async move {
                 if let Some(denied) = denials.check(&subject) {
                     return Err(denied);
                 }
+                let losses = connection.losses();
                 let stored = async {
                     match js.send_publish(subject.clone(), publish).await {
                         Ok(ack) => ack.await.map(|_| ()).map_err(refused),
                         Err(e) => Err(refused(e)),
                     }
                 };
-                // A refused publish gets no acknowledgement to wait for.
+                // A refused publish gets no acknowledgement to wait for,
+                // nor one sent through a server this connection lost: it
+                // is sent again at once, through the new connection, under
+                // the same message id.
                 tokio::select! {
                     stored = stored => stored,
                     denied = denials.refused(&subject) => Err(denied),
+                    _ = connection.lost_since(losses) => Err(Error::new(
+                        ErrorKind::ConnectionLost,
+                        format!("the connection was lost before JetStream acknowledged the call to `{subject}`"),
+                    )),
                 }
             }
         })
@@ -202,7 +211,17 @@ fn refused(e: jetstream::context::PublishError) -> Error {
         // makes a second publish harmless.
         PublishErrorKind::TimedOut => ErrorKind::Timeout,
         PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
-        PublishErrorKind::StreamNotFound => ErrorKind::Config,
+        // No stream answered: async-nats says so when the server has no
+        // responder for the subject, which on a cluster is also what a
+        // stream electing a new leader (a node lost) looks like. The
+        // stream was made before the first publish, so try again.
+        PublishErrorKind::StreamNotFound => {
+            return Error::new(
+                ErrorKind::Unavailable,
+                format!("{e}: the stream has no leader to store the call (a JetStream server was lost and another is taking over?)"),
+            )
+            .with_source(e)
+        }
         PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
             ErrorKind::Other
         }
@@ -302,6 +321,16 @@ impl<R: Returns> Pending<R> {
             let poll = tokio::time::sleep(
                 RESULT_POLL.min(until.saturating_duration_since(Instant::now())),
             );
+            // A reply sent while the connection was down is lost: the
+            // stored result is read at once instead.
+            let losses = client.connection().losses();
+            let lost = client.connection().lost_since(losses);
+            let poll = async {
+                tokio::select! {
+                    _ = poll => {}
+                    _ = lost => {}
+                }
+            };
             tokio::select! {
                 message = async { reply.as_mut().expect("checked").await }, if reply.is_some() => {
                     match message {

@@ -9,6 +9,7 @@
 pub mod codec;
 pub mod envelope;
 pub mod headers;
+pub mod probe;
 pub(crate) mod record;
 pub mod reply;
 pub(crate) mod request;

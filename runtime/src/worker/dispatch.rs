@@ -30,7 +30,11 @@ impl Endpoint {
         args: Bytes,
         started: SystemTime,
     ) {
+        // Held here until answered, so a caller whose call takes a while
+        // can ask whether it still runs (or was lost with a connection).
+        self.track(&meta.call_id);
         let Some(_permit) = admission.run(&self.shared).await else {
+            self.untrack(&meta.call_id);
             return;
         };
         let deadline_ms = meta.deadline_ms.unwrap_or(0);
@@ -41,12 +45,13 @@ impl Endpoint {
                     && body.len() <= self.shared.spill_at =>
             {
                 // A failed publish means the connection is gone; the
-                // caller times out and nothing here can do better.
+                // caller's probe then finds the call no longer held.
                 let _ = self.shared.nats.publish(reply, body).await;
                 self.record(started, None);
             }
             outcome => out_of_line(|| self.respond(reply, codec, &meta, outcome, started)).await,
         }
+        self.untrack(&meta.call_id);
     }
 
     /// Runs the function: checks signature and deadline, decodes, calls,

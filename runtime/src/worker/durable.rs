@@ -167,18 +167,11 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
             return;
         }
     }
-    // While the call runs, tell JetStream it is still ours, so a long call
-    // is not handed to another worker after the ack wait.
-    let keep_claimed = async {
-        let every = ack_wait() / 3;
-        loop {
-            tokio::time::sleep(every).await;
-            let _ = message.ack_with(AckKind::Progress).await;
-        }
-    };
+    // While the call runs (and its result is stored), tell JetStream it is
+    // still ours, so it is not handed to another worker after the ack wait.
     let outcome = tokio::select! {
         outcome = endpoint.execute(codec, &meta, args, started, None) => outcome,
-        never = keep_claimed => never,
+        never = keep_claimed(&message) => match never {},
     };
     let (code, headers, body) = match &outcome {
         Ok(body) => (
@@ -194,16 +187,17 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
     };
     // Stored before the reply and the ack: a caller that misses the reply
     // still finds the result, and a crash before the ack at worst runs the
-    // call again.
-    if store(
-        js,
-        endpoint.registration.spec.service,
-        &id,
-        record::encode(code, codec, &body),
-    )
-    .await
-    .is_err()
-    {
+    // call again. The call has run: while JetStream cannot take the result
+    // (its bucket electing a leader after a node loss), keep trying, still
+    // holding the call, rather than give it up to run again and count a
+    // delivery towards the dead-letter limit.
+    let record = record::encode(code, codec, &body);
+    let service = endpoint.registration.spec.service;
+    let stored = tokio::select! {
+        stored = store_patiently(js, service, &id, &record) => stored,
+        never = keep_claimed(&message) => match never {},
+    };
+    if !stored {
         let _ = message
             .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
             .await;
@@ -237,6 +231,37 @@ struct Fate {
     codec: Codec,
     id: Option<String>,
     reply: Option<async_nats::Subject>,
+}
+
+/// Tells JetStream every third of the ack wait that `message` is still
+/// being worked on; never ends.
+async fn keep_claimed(message: &jetstream::Message) -> std::convert::Infallible {
+    let every = ack_wait() / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        let _ = message.ack_with(AckKind::Progress).await;
+    }
+}
+
+/// How long a worker keeps trying to store a result before it gives the
+/// call back to the work queue.
+const STORE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Stores a result record, trying again (with a growing pause, up to a
+/// second) until JetStream confirms or [`STORE_PATIENCE`] runs out.
+async fn store_patiently(js: &jetstream::Context, service: &str, id: &str, record: &Bytes) -> bool {
+    let until = tokio::time::Instant::now() + STORE_PATIENCE;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        if store(js, service, id, record.clone()).await.is_ok() {
+            return true;
+        }
+        if tokio::time::Instant::now() + pause > until {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
 }
 
 /// Stores a result record under `id`, waiting for JetStream to confirm.

@@ -28,9 +28,9 @@ pub(crate) struct Shared {
     pub(crate) max_backlog: usize,
     /// `Wharf-Instance` value: `<instance id> <pid> <host>`.
     pub(crate) identity: String,
-    /// Idempotent calls in this worker, by call id; `true` once a caller
-    /// has probed for it (its result is then kept for a retry).
-    pub(crate) running: Mutex<HashMap<Bytes, bool>>,
+    /// The calls this worker holds (running or waiting for a slot), for
+    /// callers' probes.
+    pub(crate) running: Running,
     /// Subject prefix.
     pub(crate) prefix: String,
     /// The transactions this instance owns, when it serves stateful
@@ -49,6 +49,50 @@ impl Shared {
 
     pub(crate) fn backlog(&self) -> usize {
         self.backlog.load(Ordering::Relaxed)
+    }
+}
+
+/// The calls a worker holds, by call id, each with whether a caller has
+/// probed for it (an idempotent call's result is then kept for a retry).
+/// Sharded by the id's last byte (call ids end in random characters), so
+/// that calls starting and ending on several threads rarely meet on a
+/// lock.
+pub(crate) struct Running {
+    shards: Box<[Mutex<HashMap<Bytes, bool>>]>,
+}
+
+impl Running {
+    const SHARDS: usize = 16;
+
+    pub(crate) fn new() -> Running {
+        Running {
+            shards: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(&self, id: &[u8]) -> &Mutex<HashMap<Bytes, bool>> {
+        &self.shards[id.last().map_or(0, |b| *b as usize) % Self::SHARDS]
+    }
+
+    /// Registers call `id` as held here.
+    pub(crate) fn insert(&self, id: &Bytes) {
+        self.shard(id).lock().unwrap().insert(id.clone(), false);
+    }
+
+    /// Unregisters call `id`; true when a caller probed for it meanwhile.
+    pub(crate) fn remove(&self, id: &[u8]) -> bool {
+        self.shard(id).lock().unwrap().remove(id).unwrap_or(false)
+    }
+
+    /// Whether call `id` is held here; marks it probed when it is.
+    pub(crate) fn probe(&self, id: &[u8]) -> bool {
+        match self.shard(id).lock().unwrap().get_mut(id) {
+            Some(probed) => {
+                *probed = true;
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -92,27 +136,16 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// Registers an idempotent call as running here, for probes.
+    /// Registers a call as held here, for probes.
     pub(crate) fn track(&self, call_id: &Bytes) {
         if !call_id.is_empty() {
-            self.shared
-                .running
-                .lock()
-                .unwrap()
-                .insert(call_id.clone(), false);
+            self.shared.running.insert(call_id);
         }
     }
 
     /// Unregisters a call; true when a caller probed for it meanwhile.
     pub(crate) fn untrack(&self, call_id: &Bytes) -> bool {
-        !call_id.is_empty()
-            && self
-                .shared
-                .running
-                .lock()
-                .unwrap()
-                .remove(call_id)
-                .unwrap_or(false)
+        !call_id.is_empty() && self.shared.running.remove(call_id)
     }
 
     /// Headers of a successful reply that needs any: its codec when not

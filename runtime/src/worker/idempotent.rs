@@ -12,6 +12,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::task::JoinHandle;
 
+/// How long a retried idempotent call looks for its kept result.
+const KEPT_LOOKUP: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Endpoint {
     /// An idempotent call: a retry of a call whose result was kept gets
     /// that result; a result is kept when the call was retried or probed,
@@ -30,7 +33,11 @@ impl Endpoint {
             .filter(|_| subjects::valid_id(&meta.call_id));
         let key = results.map(|_| String::from_utf8_lossy(&meta.call_id).into_owned());
         if let (Some(results), Some(key), true) = (results, &key, meta.attempt > 1) {
-            if let Ok(Some(record)) = results.get(key.as_str()).await {
+            // Not for long: without the kept result the call runs again,
+            // which an idempotent function allows (and a caller retrying
+            // after a node loss should not wait for its results bucket).
+            let kept = tokio::time::timeout(KEPT_LOOKUP, results.get(key.as_str())).await;
+            if let Ok(Ok(Some(record))) = kept {
                 self.untrack(&meta.call_id);
                 if let Ok((message, _)) = record::decode(record) {
                     let headers = message.headers.unwrap_or_default();
@@ -68,8 +75,9 @@ impl Endpoint {
 }
 
 /// Answers call-status probes for `service` (`<prefix>._status.<service>`,
-/// payload a call id): "running" when this worker runs that idempotent
-/// call, silence otherwise. A probed call's result is kept for a retry.
+/// payload one call id or several separated by spaces): the ids of those
+/// this worker holds, separated by spaces; silence when it holds none. A
+/// probed call's result is kept for a retry (idempotent calls).
 pub(crate) async fn answer_probes(
     nats: &async_nats::Client,
     prefix: &str,
@@ -85,15 +93,9 @@ pub(crate) async fn answer_probes(
     Ok(tokio::spawn(async move {
         while let Some(probe) = probes.next().await {
             let Some(reply) = probe.reply else { continue };
-            let running = match shared.running.lock().unwrap().get_mut(&probe.payload) {
-                Some(probed) => {
-                    *probed = true;
-                    true
-                }
-                None => false,
-            };
-            if running {
-                let _ = nats.publish(reply, Bytes::from_static(b"running")).await;
+            let held = crate::wire::probe::answer(&probe.payload, |id| shared.running.probe(id));
+            if !held.is_empty() {
+                let _ = nats.publish(reply, held.into()).await;
             }
         }
     }))

@@ -163,10 +163,8 @@ impl Endpoint {
             }
             parts => parts,
         };
-        if spec.idempotent {
-            if let Ok((_, meta, _)) = &parts {
-                endpoint.track(&meta.call_id);
-            }
+        if let Ok((_, meta, _)) = &parts {
+            endpoint.track(&meta.call_id);
         }
         Box::pin(async move {
             let Some(_permit) = admission.run(&endpoint.shared).await else {
@@ -207,5 +205,6 @@ impl Endpoint {
         }
         let outcome = self.execute(codec, &meta, args, started, None).await;
         self.respond(reply, codec, &meta, outcome, started).await;
+        self.untrack(&meta.call_id);
     }
 }

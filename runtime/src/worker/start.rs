@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -122,7 +122,7 @@ impl Worker {
             backlog: AtomicUsize::new(0),
             max_backlog: self.backlog.unwrap_or(self.concurrency),
             identity,
-            running: Mutex::new(HashMap::new()),
+            running: super::endpoint::Running::new(),
             prefix: prefix.clone(),
             owned: owned.clone(),
             client: self.client.clone(),
