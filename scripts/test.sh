@@ -37,8 +37,34 @@ step "objects bench smoke run" quietly cargo run -q -p wharf-examples --bin obje
 
 say "cargo test (every test binary, even after a failure)"
 log="$(mktemp)"
-cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
+target_dir="$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+# Into a file, not a pipe: a process a test leaked would hold a pipe open
+# and the run would never end. `tail --pid` follows until cargo exits.
+cargo test --workspace --no-fail-fast >"$log" 2>&1 &
+cargo_pid=$!
+tail -n +1 -f --pid="$cargo_pid" "$log"
+wait "$cargo_pid"
+status=$?
+
+# Tests remove what they start, even when they fail: anything of this
+# build still running now (workers, supervisors, test servers) or a
+# container wharf labelled is a leak, named, removed and counted.
+leaked=$( (pgrep -af "^${target_dir}/" ; pgrep -af "wharf-test-nats-") | grep -v "^$$ " | sort -u)
+if [ -n "$leaked" ]; then
+    echo "processes left running by the tests:"
+    printf '  %s\n' "$leaked" | cut -c1-200
+    echo "$leaked" | awk '{ print $1 }' | xargs -r kill -9 2>/dev/null
+    failed_steps+=("processes left running by the tests")
+fi
+if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+    containers=$(docker ps --all --quiet --filter label=wharf.managed)
+    if [ -n "$containers" ]; then
+        echo "containers left by the tests: $(echo $containers)"
+        docker rm --force $containers >/dev/null 2>&1
+        failed_steps+=("containers left by the tests")
+    fi
+fi
 
 # Sums over every binary's `test result:` line.
 passed=$(sed -nE 's/^test result: .* ([0-9]+) passed; .*/\1/p' "$log" | awk '{ s += $1 } END { print s + 0 }')

@@ -5,6 +5,8 @@
 //! tests in `tests/` use: worker processes, process inspection and the
 //! locally built NATS image.
 
+pub mod cluster;
+
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -397,28 +399,71 @@ pub fn descendants(pid: u32) -> Vec<u32> {
     found
 }
 
+/// How long one docker command may take: a daemon that stops answering
+/// fails the test rather than hanging the run.
+const DOCKER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `docker` with `args` (at most [`DOCKER_TIMEOUT`]) and returns what
+/// it printed, or what went wrong.
+pub fn try_docker(args: &[&str]) -> Result<String, String> {
+    let mut child = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("docker cannot be run: {e}"))?;
+    let until = Instant::now() + DOCKER_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() > until => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "docker {} did not finish within {DOCKER_TIMEOUT:?} (is the Docker daemon stuck?)",
+                    args.join(" ")
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("docker {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// [`try_docker`], panicking with what went wrong.
+pub fn docker(args: &[&str]) -> String {
+    try_docker(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Force-removes every container (running or not) carrying `label`
 /// (`key=value`); a no-op without Docker.
 pub fn remove_containers(label: &str) {
-    let listed = Command::new("docker")
-        .args(["ps", "--all", "--quiet", "--filter"])
-        .arg(format!("label={label}"))
-        .stderr(Stdio::null())
-        .output();
-    let Ok(listed) = listed else {
+    let Ok(listed) = try_docker(&[
+        "ps",
+        "--all",
+        "--quiet",
+        "--filter",
+        &format!("label={label}"),
+    ]) else {
         return;
     };
-    let ids: Vec<String> = String::from_utf8_lossy(&listed.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
-    if !ids.is_empty() {
-        let _ = Command::new("docker")
-            .args(["rm", "--force"])
-            .args(&ids)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+    // One at a time: removing many at once has been seen to wedge the
+    // daemon.
+    for id in listed.split_whitespace() {
+        let _ = try_docker(&["rm", "--force", "--volumes", id]);
     }
 }
 

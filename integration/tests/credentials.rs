@@ -166,6 +166,9 @@ async fn a_supervisor_hands_its_credentials_to_its_instances_unseen() {
     .await
     .pid()
     .expect("the worker names itself");
+    // The instance outlives a killed supervisor (a standby adopts it), so
+    // it is stopped here even if the test fails.
+    let _instance = KilledOnDrop(pid);
     assert!(
         wharf_integration::descendants(supervisor.pid()).contains(&pid),
         "pid {pid} was not started by the supervisor"
@@ -188,4 +191,20 @@ async fn a_supervisor_hands_its_credentials_to_its_instances_unseen() {
         );
     }
     assert!(seen > 0, "the supervisor announced nothing");
+    // Stopped, the supervisor drains its instance.
+    wharf_integration::signal(supervisor.pid(), libc::SIGTERM);
+    assert!(supervisor.exit_status().await.success());
+    assert!(
+        wharf_integration::wait_gone(&[pid], Duration::from_secs(30)),
+        "the instance outlived its supervisor"
+    );
+}
+
+/// Kills a process when dropped.
+struct KilledOnDrop(u32);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        wharf::process::kill(self.0);
+    }
 }

@@ -104,6 +104,9 @@ pub struct Event {
     pub instance: Option<String>,
     /// Why.
     pub reason: String,
+    /// The supervisor that decided (its id, which starts with its pid).
+    #[serde(default)]
+    pub supervisor: String,
 }
 
 /// Publishes `event` on `<prefix>._events` and logs it; `quiet` (local
@@ -138,6 +141,7 @@ mod tests {
     #[test]
     fn kinds_keep_their_wire_names() {
         let event = Event {
+            supervisor: "1-x".into(),
             at_ms: 1,
             service: Some("s".into()),
             kind: EventKind::CrashLoop,

@@ -80,6 +80,8 @@ impl Supervisor {
             async move { !probe || nats.send_request(subject, request).await.is_ok() }
         }))
         .await;
+        // The pings took a while: act only if the lease still allows.
+        let leader = self.is_leader();
         for (id, answered) in ids.into_iter().zip(pings) {
             let beat_age = self
                 .beats
@@ -111,7 +113,7 @@ impl Supervisor {
                     DRAIN_GRACE
                 };
                 if !managed.instance.alive() {
-                    self.managed.remove(&id);
+                    self.forget(&id);
                     self.event(
                         Some(&service),
                         EventKind::Drained,
@@ -119,9 +121,9 @@ impl Supervisor {
                         "finished its calls and exited".to_owned(),
                     )
                     .await;
-                } else if since.elapsed() > limit {
+                } else if since.elapsed() > limit && leader {
                     managed.instance.kill();
-                    self.managed.remove(&id);
+                    self.forget(&id);
                     self.event(
                         Some(&service),
                         EventKind::Killed,
@@ -136,7 +138,7 @@ impl Supervisor {
                 // Only a start that failed counts towards a crash loop: an
                 // instance that never became ready, or died right after.
                 let failed_start = beat_age.is_none() || managed.started.elapsed() < CRASH_WINDOW;
-                self.managed.remove(&id);
+                self.forget(&id);
                 if failed_start {
                     self.note_exit(&service);
                 }
@@ -158,16 +160,18 @@ impl Supervisor {
                 continue;
             }
             if probe {
-                managed.misses = if stale || !answered {
+                // Both must fail: heartbeats stop while JetStream elects a
+                // leader after a node loss, and a ping can be lost on a
+                // busy connection, but a hung instance does neither.
+                managed.misses = if stale && !answered {
                     managed.misses + 1
                 } else {
                     0
                 };
             }
-            if managed.misses >= MISSES_ALLOWED {
+            if managed.misses >= MISSES_ALLOWED && leader {
                 managed.instance.kill();
-                self.managed.remove(&id);
-                self.beats.lock().unwrap().remove(&id);
+                self.forget(&id);
                 self.note_exit(&service);
                 self.event(
                     Some(&service),
@@ -178,6 +182,13 @@ impl Supervisor {
                 .await;
             }
         }
+    }
+
+    /// Stops managing instance `id`, and forgets its last heartbeat so that
+    /// it is not adopted again (a fresh heartbeat would be: it lives).
+    fn forget(&mut self, id: &str) {
+        self.managed.remove(id);
+        self.beats.lock().unwrap().remove(id);
     }
 
     /// Counts an unplanned exit; too many in a short time back restarts off.

@@ -109,10 +109,18 @@ impl Supervisor {
     }
 
     pub(crate) async fn start(&mut self, service: &str) {
+        // Checked before each action, not once a round: a round can take
+        // longer than the lease has left.
+        if !self.is_leader() {
+            return;
+        }
         let instance = format!("{service}-{}", nuid::next().as_str());
         let entry = &self.services[service];
         let mut env = entry.config.env.clone();
-        env.insert("NATS_URL".into(), self.url.clone());
+        // The supervisor's servers, unless the service names its own (its
+        // instances reach NATS another way, or should sit on other nodes).
+        env.entry("NATS_URL".into())
+            .or_insert_with(|| self.url.clone());
         // The supervisor's own credentials, through the environment (never
         // the command line), unless the service names its own (as the
         // worker credentials `wharf auth` writes for it): then only what it
@@ -130,6 +138,17 @@ impl Supervisor {
         for (name, value) in self.client.credentials().env() {
             if !(own_identity && IDENTITY.contains(&name)) {
                 env.entry(name.into()).or_insert(value);
+            }
+        }
+        // Its streams and buckets as the supervisor's.
+        if let Ok(settings) = crate::settings::Settings::get() {
+            if let Some(replicas) = settings.replicas {
+                env.entry("WHARF_REPLICAS".into())
+                    .or_insert(replicas.to_string());
+            }
+            if !settings.placement.is_empty() {
+                env.entry("WHARF_PLACEMENT".into())
+                    .or_insert(settings.placement.join(","));
             }
         }
         env.insert("WHARF_PREFIX".into(), self.client.prefix().to_owned());
@@ -180,6 +199,9 @@ impl Supervisor {
     /// Asks an instance to drain over NATS (it finishes its calls and
     /// exits); a signal if it does not answer.
     pub(crate) async fn drain(&mut self, id: &str, why: &str) {
+        if !self.is_leader() {
+            return;
+        }
         let subject = subjects::control(self.client.prefix(), id);
         let request = async_nats::Request::new()
             .payload("drain".into())
@@ -220,8 +242,9 @@ impl Supervisor {
         while Instant::now() < until && self.managed.values_mut().any(|m| m.instance.alive()) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let leader = self.is_leader();
         for managed in self.managed.values_mut() {
-            if managed.instance.alive() {
+            if leader && managed.instance.alive() {
                 managed.instance.kill();
             }
         }

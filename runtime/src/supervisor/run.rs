@@ -59,15 +59,14 @@ impl Supervisor {
         self.hold_lease().await;
         if !self.is_leader() {
             if was_leader {
-                self.event(
-                    None,
-                    EventKind::Standby,
-                    None,
-                    "lost the lease to another supervisor".to_owned(),
-                )
-                .await;
-                // Another supervisor runs the instances now.
-                self.managed.clear();
+                let why = if self.lease_revision.is_some() {
+                    // Perhaps still ours: it acts again once a renewal is
+                    // confirmed, keeping its instances.
+                    "its lease could not be renewed in time (cut off from the JetStream quorum?): it stops acting until it is".to_owned()
+                } else {
+                    "lost the lease to another supervisor".to_owned()
+                };
+                self.event(None, EventKind::Standby, None, why).await;
             } else if !self.standing_by {
                 self.event(
                     None,
@@ -92,8 +91,11 @@ impl Supervisor {
                 format!("supervisor {} holds the lease", self.id),
             )
             .await;
-            self.adopt().await;
         }
+        // Every round, not only on taking the lease: instances whose
+        // heartbeats reach it only later (a healed partition) are adopted
+        // too, rather than left running unmanaged.
+        self.adopt().await;
         self.check_health().await;
         self.scale().await;
         self.reconcile().await;
@@ -106,7 +108,7 @@ impl Supervisor {
 pub async fn supervise_file(path: &std::path::Path) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = UpConfig::load(path)?;
-    let settings = config.settings()?;
+    let settings = crate::settings::Settings::install(&config.broker)?.clone();
     let url = settings.nats_url.clone().ok_or_else(|| {
         Error::new(
             ErrorKind::Config,

@@ -18,6 +18,12 @@ use std::time::{Duration, Instant};
 /// How long a lease outlives its last renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
 
+/// A leader acts only while its lease has at least this long to run by
+/// its own clock (counted from before its last confirmed renewal was
+/// sent): longer than one action takes, so that no start or kill of a
+/// supervisor that may have lost the lease lands after another took it.
+pub const FENCE_MARGIN: Duration = Duration::from_secs(1);
+
 /// Heartbeats or pings an instance may miss in a row before it is
 /// considered hung and replaced.
 pub const MISSES_ALLOWED: u32 = 3;
@@ -61,6 +67,34 @@ pub(crate) struct Service {
 /// Fresh heartbeats, by instance, with when each arrived here.
 pub(crate) type Beats = Arc<Mutex<HashMap<String, (Heartbeat, Instant)>>>;
 
+/// Keeps `beats` up to date from the heartbeat bucket. A watch that ends
+/// or fails (its server lost, the stream electing a leader) is made again,
+/// so heartbeats keep coming across a node loss.
+async fn hear_heartbeats(store: kv::Store, mut watch: kv::Watch, beats: Beats) {
+    loop {
+        while let Some(entry) = watch.next().await {
+            let Ok(entry) = entry else { break };
+            let mut beats = beats.lock().unwrap();
+            match entry.operation {
+                kv::Operation::Put => {
+                    if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&entry.value) {
+                        beats.insert(entry.key, (beat, Instant::now()));
+                    }
+                }
+                _ => {
+                    beats.remove(&entry.key);
+                }
+            }
+        }
+        watch = loop {
+            tokio::time::sleep(TICK).await;
+            if let Ok(watch) = store.watch_all().await {
+                break watch;
+            }
+        };
+    }
+}
+
 /// A supervisor of the services in an [`UpConfig`].
 pub struct Supervisor {
     pub(crate) client: Client,
@@ -72,6 +106,9 @@ pub struct Supervisor {
     pub(crate) demand: Arc<Mutex<HashSet<String>>>,
     pub(crate) lease: kv::Store,
     pub(crate) lease_revision: Option<u64>,
+    /// Until when the lease is surely ours: [`LEASE_TTL`] after the last
+    /// renewal the server confirmed was sent.
+    pub(crate) lease_until: Option<Instant>,
     pub(crate) quiet: bool,
     pub(crate) rounds: u64,
     /// Whether the `standby` event for this spell without the lease went out.
@@ -95,8 +132,11 @@ impl Supervisor {
         client: &Client,
         config: Vec<(ServiceConfig, Box<dyn Backend>)>,
     ) -> Result<Supervisor, Error> {
-        let js = jetstream::new(client.nats().clone());
-        let lease = crate::bucket::bucket(
+        let mut js = jetstream::new(client.nats().clone());
+        // A renewal that cannot be confirmed soon is as good as failed:
+        // the fence, not this timeout, keeps a cut-off leader from acting.
+        js.set_timeout(LEASE_TTL / 3);
+        let lease = crate::storage::bucket(
             &js,
             LEASE_BUCKET,
             "wharf: the acting supervisor's lease",
@@ -123,29 +163,14 @@ impl Supervisor {
         }
         let beats: Beats = Arc::default();
         let store = heartbeat::instances_bucket(&js).await?;
-        let mut watch = store.watch_all().await.map_err(|e| {
+        let watch = store.watch_all().await.map_err(|e| {
             Error::new(
                 ErrorKind::Connection,
                 format!("cannot watch `{}`: {e}", subjects::INSTANCES_BUCKET),
             )
             .with_source(e)
         })?;
-        let seen = beats.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(entry)) = watch.next().await {
-                let mut beats = seen.lock().unwrap();
-                match entry.operation {
-                    kv::Operation::Put => {
-                        if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&entry.value) {
-                            beats.insert(entry.key, (beat, Instant::now()));
-                        }
-                    }
-                    _ => {
-                        beats.remove(&entry.key);
-                    }
-                }
-            }
-        });
+        tokio::spawn(hear_heartbeats(store, watch, beats.clone()));
         let demand: Arc<Mutex<HashSet<String>>> = Arc::default();
         let mut wanted = client
             .nats()
@@ -177,6 +202,7 @@ impl Supervisor {
             demand,
             lease,
             lease_revision: None,
+            lease_until: None,
             quiet: false,
             rounds: 0,
             standing_by: false,
@@ -190,9 +216,15 @@ impl Supervisor {
         self
     }
 
-    /// Whether this supervisor holds the lease.
+    /// Whether this supervisor holds the lease and may act: the lease
+    /// runs at least [`FENCE_MARGIN`] longer. A supervisor cut off from the
+    /// quorum cannot renew, so it stops acting before its lease can expire
+    /// and be taken.
     pub fn is_leader(&self) -> bool {
         self.lease_revision.is_some()
+            && self
+                .lease_until
+                .is_some_and(|until| Instant::now() + FENCE_MARGIN < until)
     }
 
     pub(crate) async fn event(
@@ -208,6 +240,7 @@ impl Supervisor {
             kind,
             instance: instance.map(str::to_owned),
             reason,
+            supervisor: self.id.clone(),
         };
         events::publish(&self.client, self.quiet, &event).await;
     }
