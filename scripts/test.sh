@@ -58,11 +58,17 @@ if [ -n "$leaked" ]; then
     failed_steps+=("processes left running by the tests")
 fi
 if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
-    containers=$(docker ps --all --quiet --filter label=wharf.managed)
+    containers=$( (docker ps --all --quiet --filter label=wharf.managed; docker ps --all --quiet --filter label=wharf.test) | sort -u)
     if [ -n "$containers" ]; then
         echo "containers left by the tests: $(echo $containers)"
-        docker rm --force $containers >/dev/null 2>&1
+        for id in $containers; do docker rm --force "$id" >/dev/null 2>&1; done
         failed_steps+=("containers left by the tests")
+    fi
+    networks=$(docker network ls --quiet --filter label=wharf.test)
+    if [ -n "$networks" ]; then
+        echo "networks left by the tests: $(echo $networks)"
+        for id in $networks; do docker network rm "$id" >/dev/null 2>&1; done
+        failed_steps+=("networks left by the tests")
     fi
 fi
 

@@ -83,7 +83,7 @@ impl Cluster {
         let aliases: Vec<String> = (1..=3).map(|i| format!("{name}-r{i}")).collect();
         for i in 1..=3 {
             let node = format!("{name}-n{i}");
-            let config = node_config(cluster._dir.path(), &node, &aliases, profile);
+            let config = node_config(cluster._dir.path(), &node, i, &aliases, profile);
             let container = GenericImage::new(image, tag)
                 .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
                 .with_container_name(&node)
@@ -263,7 +263,13 @@ pub fn remove_labelled(name: &str) {
 }
 
 /// A node's configuration, written into `dir`.
-fn node_config(dir: &Path, node: &str, routes: &[String], profile: Profile) -> PathBuf {
+fn node_config(
+    dir: &Path,
+    node: &str,
+    index: usize,
+    routes: &[String],
+    profile: Profile,
+) -> PathBuf {
     let sync = match profile {
         Profile::Default => "",
         Profile::Production => "  sync_interval: always\n",
@@ -278,6 +284,7 @@ fn node_config(dir: &Path, node: &str, routes: &[String], profile: Profile) -> P
     let text = format!(
         "server_name: {node}\nlisten: 0.0.0.0:4222\nhttp: 0.0.0.0:8222\n\
          client_advertise: \"{node}:4222\"\n\
+         server_tags: [\"node:{index}\"]\n\
          # Hung or cut-off peers and clients are noticed within seconds.\n\
          ping_interval: \"1s\"\nping_max: 2\n\
          jetstream {{\n  store_dir: \"/data\"\n{sync}}}\n\

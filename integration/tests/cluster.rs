@@ -618,3 +618,109 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
     wharf_integration::signal(first.pid(), libc::SIGTERM);
     assert!(first.exit_status().await.success());
 }
+
+/// Replicas and leader of stream `name`.
+async fn layout_of(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> (usize, String, Vec<String>) {
+    let info = eventually(
+        &format!("stream `{name}` to exist with a leader"),
+        Duration::from_secs(60),
+        || {
+            let js = js.clone();
+            async move {
+                let mut stream = js.get_stream(name).await.map_err(|e| e.to_string())?;
+                let info = stream.info().await.map_err(|e| e.to_string())?;
+                match info.cluster.as_ref().and_then(|c| c.leader.clone()) {
+                    Some(_) => Ok(info.clone()),
+                    None => Err("no leader yet".to_owned()),
+                }
+            }
+        },
+    )
+    .await;
+    let tags = info
+        .config
+        .placement
+        .as_ref()
+        .map(|p| p.tags.clone())
+        .unwrap_or_default();
+    (
+        info.config.num_replicas,
+        info.cluster.and_then(|c| c.leader).unwrap_or_default(),
+        tags,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stream_and_bucket_is_replicated_on_a_cluster() {
+    let Some(mut cluster) = Cluster::start("replicas", Profile::Default).await else {
+        return;
+    };
+    let prefix = cluster.name.replace('-', "_");
+    let client = Client::connect(&cluster.urls_from(0))
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
+    let js = async_nats::jetstream::new(client.nats().clone());
+    // A bucket made before, by hand, with one replica: raised to three.
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: wharf::wire::subjects::OBJECTS_BUCKET.to_owned(),
+        history: 1,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // A worker (with a transaction and an object) makes the rest.
+    cluster
+        .worker(1, &[("WHARF_PREFIX", prefix.as_str())])
+        .await;
+    wharf_integration::wait_for_workers(&client, 1).await;
+    assert_eq!(
+        tally::request(1, 0).client(&client).await.unwrap(),
+        1,
+        "a durable call goes through"
+    );
+    // Small (KV) and large (Object Store).
+    let objects = wharf::objects::Objects::new(&client).unwrap();
+    for size in [10, 300 * 1024] {
+        let data = bytes::Bytes::from(vec![7u8; size]);
+        let stored = objects.put_bytes(data.clone()).await.unwrap();
+        assert_eq!(stored.bytes_with(&client).await.unwrap(), data);
+    }
+    let txn = client.transaction().await.unwrap();
+    txn.end().await.unwrap();
+    let streams = [
+        wharf::wire::subjects::calls_stream(&prefix, "itest"),
+        wharf::wire::subjects::dead_letter_stream(&prefix),
+        wharf::wire::subjects::kv_stream(&wharf::wire::subjects::results_bucket("itest")),
+        wharf::wire::subjects::kv_stream(wharf::wire::subjects::INSTANCES_BUCKET),
+        wharf::wire::subjects::kv_stream(wharf::wire::subjects::TXN_BUCKET),
+        wharf::wire::subjects::kv_stream(wharf::wire::subjects::OBJECTS_BUCKET),
+        wharf::wire::subjects::object_store_stream(wharf::wire::subjects::BLOBS_BUCKET),
+    ];
+    for stream in &streams {
+        let (replicas, leader, _) = layout_of(&js, stream).await;
+        println!("REPORT replicas: {stream} has {replicas}, led by {leader}");
+        assert_eq!(replicas, 3, "`{stream}` has {replicas} replicas");
+    }
+
+    // Asked for one replica, placed by tag: on node 3 alone.
+    let placed = format!("{prefix}_placed");
+    cluster
+        .worker(
+            0,
+            &[
+                ("WHARF_PREFIX", placed.as_str()),
+                ("WHARF_REPLICAS", "1"),
+                ("WHARF_PLACEMENT", "node:3"),
+            ],
+        )
+        .await;
+    let (replicas, leader, tags) =
+        layout_of(&js, &wharf::wire::subjects::calls_stream(&placed, "itest")).await;
+    assert_eq!((replicas, tags), (1, vec!["node:3".to_owned()]));
+    assert!(leader.ends_with("-n3"), "placed on {leader}, not node 3");
+}
