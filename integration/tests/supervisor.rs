@@ -23,6 +23,8 @@ use wharf_integration::{
 enum Runs {
     Processes,
     Containers,
+    /// Tasks of a Docker Swarm service.
+    Swarm,
 }
 
 impl Runs {
@@ -30,6 +32,7 @@ impl Runs {
         match self {
             Runs::Processes => "process",
             Runs::Containers => "container",
+            Runs::Swarm => "swarm",
         }
     }
 }
@@ -41,6 +44,9 @@ fn config(dir: &std::path::Path, url: &str, runs: Runs, extra: &str) -> std::pat
         Runs::Processes => format!("command = [\"{}\", \"worker\"]", svc_binary().display()),
         Runs::Containers => {
             format!("backend = \"docker\"\nimage = \"{SVC_IMAGE}\"\ncommand = [\"worker\"]")
+        }
+        Runs::Swarm => {
+            format!("backend = \"swarm\"\nimage = \"{SVC_IMAGE}\"\ncommand = [\"worker\"]")
         }
     };
     let text =
@@ -74,7 +80,19 @@ enum Place {
 impl Place {
     fn of(beat: &Heartbeat) -> Place {
         match &beat.container {
-            Some(name) => Place::Container(name.clone()),
+            // A Swarm task's container, by its task id.
+            Some(name) => match name.strip_prefix(wharf::backend::swarm::TASK_PREFIX) {
+                Some(task) => {
+                    let found = std::process::Command::new("docker")
+                        .args(["ps", "--all", "--quiet", "--filter"])
+                        .arg(format!("label=com.docker.swarm.task.id={task}"))
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                        .unwrap_or_default();
+                    Place::Container(found)
+                }
+                None => Place::Container(name.clone()),
+            },
             None => Place::Pid(beat.pid),
         }
     }
@@ -106,7 +124,7 @@ impl Scene {
     /// A scene, or `None` when containers are asked for and Docker is
     /// missing (and not required).
     async fn new(runs: Runs) -> Option<Scene> {
-        if runs == Runs::Containers {
+        if runs != Runs::Processes {
             svc_image()?;
         }
         let server = NatsServer::start().unwrap();
@@ -281,12 +299,80 @@ impl Drop for Scene {
                 place.kill();
             }
         }
-        if self.runs == Runs::Containers {
-            remove_containers(&format!(
-                "{}={}",
-                wharf::backend::docker::PREFIX_LABEL,
-                self.prefix
-            ));
+        let label = format!("{}={}", wharf::backend::docker::PREFIX_LABEL, self.prefix);
+        if self.runs == Runs::Swarm {
+            // Its Swarm service first, which would start tasks again.
+            if let Ok(services) = wharf_integration::try_docker(&[
+                "service",
+                "ls",
+                "--quiet",
+                "--filter",
+                &format!("label={label}"),
+            ]) {
+                for service in services.split_whitespace() {
+                    let _ = wharf_integration::try_docker(&["service", "rm", service]);
+                }
+            }
+            let _ = eventually_blocking_gone(&label);
+            if let Ok(secrets) = wharf_integration::try_docker(&[
+                "secret",
+                "ls",
+                "--quiet",
+                "--filter",
+                &format!("label={label}"),
+            ]) {
+                for secret in secrets.split_whitespace() {
+                    let _ = wharf_integration::try_docker(&["secret", "rm", secret]);
+                }
+            }
+        }
+        if self.runs != Runs::Processes {
+            remove_containers(&label);
+        }
+    }
+}
+
+/// Waits (up to a minute) until no container carries `label`: a removed
+/// Swarm service's tasks stop on their own, draining.
+fn eventually_blocking_gone(label: &str) -> bool {
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        let left = wharf_integration::try_docker(&[
+            "ps",
+            "--quiet",
+            "--filter",
+            &format!("label={label}"),
+        ])
+        .unwrap_or_default();
+        if left.trim().is_empty() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// This Docker engine in swarm mode for a test, and out of it again
+/// afterwards (even when the test fails) if the test put it there.
+struct SwarmMode {
+    joined: bool,
+}
+
+impl SwarmMode {
+    fn enter() -> SwarmMode {
+        let state = wharf_integration::docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+        if state.trim() == "active" {
+            return SwarmMode { joined: false };
+        }
+        wharf_integration::docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+        SwarmMode { joined: true }
+    }
+}
+
+impl Drop for SwarmMode {
+    fn drop(&mut self) {
+        if self.joined {
+            let _ = wharf_integration::try_docker(&["swarm", "leave", "--force"]);
         }
     }
 }
@@ -486,6 +572,105 @@ async fn scales_up_and_down(runs: Runs) {
         scales.iter().map(|e| e.reason.clone()).collect::<Vec<_>>()
     ));
     scene.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_service_scales_with_load_drains_what_it_removes_and_replaces_a_killed_task() {
+    if svc_image().is_none() {
+        return;
+    }
+    // Declared first, so it is dropped last: after the scene removed the
+    // Swarm service.
+    let _swarm = SwarmMode::enter();
+    let mut scene = Scene::new(Runs::Swarm).await.unwrap();
+    scene.supervise("min = 1\nmax = 3\nscale_down_after = \"2s\"");
+    scene
+        .wait_for("1 Swarm task", Duration::from_secs(90), |live| {
+            live.len() == 1
+        })
+        .await;
+    let service = wharf::backend::swarm::service_name(&scene.prefix, "itest");
+    // Plain calls (not idempotent) the whole time: none may fail, through
+    // the scale-up, the scale-down (Swarm stops tasks with SIGTERM, on which
+    // they drain) and the lost task.
+    let stop_plain = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // (At a gentle rate: their CPU must let the service scale back down.)
+    let plain: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, stop) = (scene.client.clone(), stop_plain.clone());
+            tokio::spawn(async move {
+                let mut calls = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let sum = wharf_integration::add::request(calls as i64, 1)
+                        .client(&client)
+                        .await
+                        .expect("no plain call fails");
+                    assert_eq!(sum, calls as i64 + 1);
+                    calls += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                calls
+            })
+        })
+        .collect();
+    let (stop, callers) = burn_load(&scene.client);
+    let peak = scene
+        .wait_for("more Swarm tasks", Duration::from_secs(120), |live| {
+            live.len() >= 2
+        })
+        .await
+        .len();
+    let replicas = wharf_integration::docker(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{.Spec.Mode.Replicated.Replicas}}",
+        &service,
+    ]);
+    assert!(
+        replicas.trim().parse::<usize>().unwrap() >= 2,
+        "the Swarm service asks for {replicas} tasks"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut burned = 0;
+    for caller in callers {
+        burned += caller.await.expect("no failed burn call");
+    }
+    scene
+        .wait_for("back to 1 Swarm task", Duration::from_secs(120), |live| {
+            live.len() == 1
+        })
+        .await;
+    // A task killed outright: Swarm starts another.
+    let survivor = scene.live().await[0].clone();
+    Place::of(&survivor).kill();
+    scene
+        .wait_for("a new Swarm task", Duration::from_secs(90), |live| {
+            live.iter().any(|b| b.instance != survivor.instance)
+        })
+        .await;
+    stop_plain.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut calls = 0;
+    for caller in plain {
+        calls += caller.await.expect("no failed plain call");
+    }
+    let set: Vec<String> = scene
+        .events_of("replicas")
+        .iter()
+        .map(|e| e.reason.clone())
+        .collect();
+    report(format!(
+        "REPORT swarm: {burned} burn calls and {calls} plain calls, 0 failed; peak {peak} tasks; replica counts set: {set:?}"
+    ));
+    scene.down().await;
+    assert!(
+        eventually_blocking_gone(&format!(
+            "{}={}",
+            wharf::backend::docker::PREFIX_LABEL,
+            scene.prefix
+        )),
+        "the Swarm service's tasks outlived `wharf down`"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,10 @@ impl Adopted {
     /// process `pid` on `host`.
     pub fn from_heartbeat(beat: &Heartbeat) -> Box<dyn Instance> {
         match &beat.container {
+            #[cfg(feature = "swarm")]
+            Some(name) if name.starts_with(super::swarm::TASK_PREFIX) => Box::new(
+                super::swarm::Task::new(&name[super::swarm::TASK_PREFIX.len()..]),
+            ),
             Some(name) => Box::new(Container::new(name.clone())),
             None => Box::new(Adopted {
                 pid: beat.pid,

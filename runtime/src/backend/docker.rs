@@ -20,19 +20,28 @@ pub const PREFIX_LABEL: &str = "wharf.prefix";
 pub struct DockerBackend {
     image: String,
     args: Vec<String>,
+    network: Option<String>,
 }
 
 impl DockerBackend {
     /// A backend running `image` (a local tag; nothing is pulled) with
-    /// `args`, for example `["worker"]`.
-    pub fn new(image: String, args: Vec<String>) -> Result<DockerBackend, Error> {
+    /// `args`, for example `["worker"]`, on `network` (or the host's).
+    pub fn new(
+        image: String,
+        args: Vec<String>,
+        network: Option<String>,
+    ) -> Result<DockerBackend, Error> {
         if image.trim().is_empty() {
             return Err(Error::new(
                 ErrorKind::Config,
                 "the docker backend needs an image, for example image = \"myapp:local\"",
             ));
         }
-        Ok(DockerBackend { image, args })
+        Ok(DockerBackend {
+            image,
+            args,
+            network,
+        })
     }
 }
 
@@ -49,7 +58,7 @@ impl Backend for DockerBackend {
             "--detach",
             "--rm",
             "--network",
-            "host",
+            self.network.as_deref().unwrap_or("host"),
             "--name",
             &name,
         ]);

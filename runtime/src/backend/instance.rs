@@ -51,4 +51,28 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Starts one instance.
     fn start(&self, launch: &Launch) -> Result<Box<dyn Instance>, Error>;
+    /// The backend as a [`Pool`], when it runs a service's instances
+    /// itself (an orchestrator) rather than one at a time.
+    fn pool(&self) -> Option<&dyn Pool> {
+        None
+    }
 }
+
+/// A backend that runs all of a service's instances itself, as Docker Swarm
+/// does: the supervisor only says how many, from its own signals (CPU,
+/// backlog, demand); the orchestrator places them on its nodes, restarts
+/// those that exit, and stops those it removes with SIGTERM, on which a
+/// worker drains (or quiesces). The supervisor knows the instances from
+/// their heartbeats.
+pub trait Pool: Send + Sync {
+    /// Makes the service run `replicas` instances of `launch`, creating it
+    /// when it does not exist yet. `launch.instance` is not used: each
+    /// instance is named by the orchestrator.
+    fn scale<'a>(&'a self, launch: &'a Launch, replicas: usize)
+        -> BoxFuture<'a, Result<(), Error>>;
+    /// Removes the service; its instances drain on the way out.
+    fn remove<'a>(&'a self, launch: &'a Launch) -> BoxFuture<'a, Result<(), Error>>;
+}
+
+/// A boxed future of a [`Pool`].
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -6,8 +6,12 @@ mod adopted;
 pub mod docker;
 mod instance;
 mod process;
+#[cfg(feature = "swarm")]
+pub mod swarm;
 
 pub use adopted::Adopted;
 pub use docker::DockerBackend;
-pub use instance::{Backend, Instance, Launch};
+pub use instance::{Backend, BoxFuture, Instance, Launch, Pool};
 pub use process::ProcessBackend;
+#[cfg(feature = "swarm")]
+pub use swarm::SwarmBackend;

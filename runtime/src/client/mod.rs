@@ -91,6 +91,10 @@ impl Client {
                 match &event {
                     async_nats::Event::ServerError(error) => {
                         let text = error.to_string();
+                        if !text.to_ascii_lowercase().contains("permissions violation") {
+                            // (Refusals are the calls' own errors.)
+                            tracing::warn!("NATS server says: {text}");
+                        }
                         if text.to_ascii_lowercase().contains("expired") {
                             // The server ends the connection; reconnects
                             // are refused until the credentials are renewed.
@@ -101,7 +105,10 @@ impl Client {
                     async_nats::Event::Connected => noted.clear(),
                     // Replies to calls sent before cannot arrive: the
                     // server they went through is gone.
-                    async_nats::Event::Disconnected | async_nats::Event::Closed => losses.lose(),
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                        tracing::warn!("NATS connection lost ({event}); calls waiting on it go on or fail at once, and it reconnects");
+                        losses.lose()
+                    }
                     _ => {}
                 }
                 tracing::debug!("NATS: {event}");

@@ -46,15 +46,19 @@ pub type BrokerConfig = FileSettings;
 pub struct ServiceConfig {
     /// The wharf service name (as in `wharf.<service>.<function>`).
     pub name: String,
-    /// `process` (the default) or `docker`.
+    /// `process` (the default), `docker` or `swarm`.
     #[serde(default = "default_backend")]
     pub backend: String,
     /// Process backend: the program and its arguments. Docker backend: the
     /// arguments after the image (for example `["worker"]`).
     #[serde(default)]
     pub command: Vec<String>,
-    /// Docker backend: a locally built image (nothing is pulled).
+    /// Docker and swarm backends: a locally built image (nothing is
+    /// pulled; for a swarm, built on every node).
     pub image: Option<String>,
+    /// Docker and swarm backends: the network the instances join; unset,
+    /// the host's (so the supervisor's `NATS_URL` works inside).
+    pub network: Option<String>,
     /// Extra environment for each instance.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -236,6 +240,7 @@ impl ServiceConfig {
             backend: default_backend(),
             command,
             image: None,
+            network: None,
             env: BTreeMap::new(),
             min: default_min(),
             max: default_max(),
@@ -303,11 +308,26 @@ impl ServiceConfig {
             "docker" => Ok(Box::new(DockerBackend::new(
                 self.image.clone().unwrap_or_default(),
                 self.command.clone(),
+                self.network.clone(),
             )?)),
+            #[cfg(feature = "swarm")]
+            "swarm" => Ok(Box::new(crate::backend::SwarmBackend::new(
+                self.image.clone().unwrap_or_default(),
+                self.command.clone(),
+                self.network.clone(),
+            )?)),
+            #[cfg(not(feature = "swarm"))]
+            "swarm" => Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "wharf.toml, service `{}`: this build of wharf has no swarm backend: build it with the `swarm` feature (the `wharf` command has it)",
+                    self.name
+                ),
+            )),
             other => Err(Error::new(
                 ErrorKind::Config,
                 format!(
-                    "wharf.toml, service `{}`: unknown backend `{other}`; use `process` or `docker`",
+                    "wharf.toml, service `{}`: unknown backend `{other}`; use `process`, `docker` or `swarm`",
                     self.name
                 ),
             )),

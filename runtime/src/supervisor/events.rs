@@ -24,6 +24,9 @@ pub enum EventKind {
     Hung,
     /// A service's wanted instance count changed.
     Scale,
+    /// It set the instance count of a service an orchestrator runs (Docker
+    /// Swarm), which starts and stops the instances itself.
+    Replicas,
     /// It asked an instance to drain.
     Drain,
     /// A draining instance finished and exited.
@@ -49,6 +52,7 @@ impl EventKind {
             EventKind::Exited => "exited",
             EventKind::Hung => "hung",
             EventKind::Scale => "scale",
+            EventKind::Replicas => "replicas",
             EventKind::Drain => "drain",
             EventKind::Drained => "drained",
             EventKind::Killed => "killed",

@@ -47,7 +47,13 @@ impl Supervisor {
                     misses: 0,
                 },
             );
-            if let Some(entry) = self.services.get_mut(&service) {
+            if let Some(entry) = self
+                .services
+                .get_mut(&service)
+                // An orchestrator's instances come and go as it was told:
+                // they do not change the count wanted.
+                .filter(|entry| entry.backend.pool().is_none())
+            {
                 let live = self
                     .managed
                     .values()
@@ -89,10 +95,28 @@ impl Supervisor {
                 .unwrap()
                 .get(&id)
                 .map(|(_, at)| at.elapsed());
+            let pooled = self
+                .managed
+                .get(&id)
+                .and_then(|m| self.services.get(&m.service))
+                .is_some_and(|s| s.backend.pool().is_some());
+            let beat_draining = self
+                .beats
+                .lock()
+                .unwrap()
+                .get(&id)
+                .is_some_and(|(beat, _)| beat.draining);
             let Some(managed) = self.managed.get_mut(&id) else {
                 continue;
             };
             let service = managed.service.clone();
+            // An orchestrator drains its own instances (SIGTERM): seen in
+            // their heartbeats, they no longer count as live.
+            if pooled && beat_draining && managed.draining_since.is_none() {
+                managed.draining_since = Some(Instant::now());
+            }
+            // Its instances are gone when their heartbeats are.
+            let beat_gone = beat_age.is_none_or(|age| age > HEARTBEAT_INTERVAL * MISSES_ALLOWED);
             if let Some(since) = managed.draining_since {
                 // A stateful instance quiesces: it drains only once its open
                 // transactions end, so it may take longer (bounded).
@@ -112,7 +136,7 @@ impl Supervisor {
                 } else {
                     DRAIN_GRACE
                 };
-                if !managed.instance.alive() {
+                if !managed.instance.alive() || (pooled && beat_gone) {
                     self.forget(&id);
                     self.event(
                         Some(&service),
@@ -168,6 +192,33 @@ impl Supervisor {
                 } else {
                     0
                 };
+            }
+            // A drained worker takes its heartbeat down as it leaves: an
+            // orchestrator stopped it.
+            if pooled && beat_age.is_none() && managed.started.elapsed() > STARTUP_GRACE {
+                self.forget(&id);
+                self.event(
+                    Some(&service),
+                    EventKind::Drained,
+                    Some(&id),
+                    "its orchestrator stopped it: it finished its calls and took its heartbeat down".to_owned(),
+                )
+                .await;
+                continue;
+            }
+            if managed.misses >= MISSES_ALLOWED && leader && pooled {
+                // The orchestrator replaces a task that ends; one that hangs
+                // is killed where it can be, and replaced then.
+                managed.instance.kill();
+                self.forget(&id);
+                self.event(
+                    Some(&service),
+                    EventKind::Exited,
+                    Some(&id),
+                    format!("no heartbeat or ping answer for {MISSES_ALLOWED} intervals: gone (its orchestrator replaces tasks that end)"),
+                )
+                .await;
+                continue;
             }
             if managed.misses >= MISSES_ALLOWED && leader {
                 managed.instance.kill();

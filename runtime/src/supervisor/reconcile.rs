@@ -10,6 +10,10 @@ use crate::wire::subjects;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+/// How often a pooled service's instance count is set again though it did
+/// not change (someone may have changed it in the orchestrator).
+const POOL_RECHECK: Duration = Duration::from_secs(30);
+
 impl Supervisor {
     /// Runs each service's scaler on its instances' heartbeats.
     pub(crate) async fn scale(&mut self) {
@@ -61,6 +65,10 @@ impl Supervisor {
     pub(crate) async fn reconcile(&mut self) {
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
+            if self.services[&name].backend.pool().is_some() {
+                self.reconcile_pool(&name).await;
+                continue;
+            }
             let live: Vec<String> = self
                 .managed
                 .iter()
@@ -108,13 +116,65 @@ impl Supervisor {
             .count()
     }
 
-    pub(crate) async fn start(&mut self, service: &str) {
-        // Checked before each action, not once a round: a round can take
-        // longer than the lease has left.
+    /// A service an orchestrator runs: its instance count is set to
+    /// `desired` (again now and then, in case it was changed there); the
+    /// orchestrator starts and stops the instances.
+    async fn reconcile_pool(&mut self, name: &str) {
         if !self.is_leader() {
             return;
         }
-        let instance = format!("{service}-{}", nuid::next().as_str());
+        let entry = &self.services[name];
+        if entry.next_start.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let desired = entry.desired;
+        let due = match entry.replicas_set {
+            Some((set, at)) => set != desired || at.elapsed() > POOL_RECHECK,
+            None => true,
+        };
+        if !due {
+            return;
+        }
+        let launch = self.launch(name, None);
+        let outcome = {
+            let pool = entry.backend.pool().expect("a pooled service");
+            pool.scale(&launch, desired).await
+        };
+        let before = entry.replicas_set.map(|(set, _)| set);
+        let backend = entry.backend.name();
+        match outcome {
+            Ok(()) => {
+                if let Some(entry) = self.services.get_mut(name) {
+                    entry.replicas_set = Some((desired, Instant::now()));
+                    entry.next_start = None;
+                    entry.backoff = Duration::from_secs(1);
+                }
+                if before != Some(desired) {
+                    self.event(
+                        Some(name),
+                        EventKind::Replicas,
+                        None,
+                        format!("{backend} runs {desired} instance(s)"),
+                    )
+                    .await;
+                }
+            }
+            Err(error) => {
+                // Tried again after a growing pause, not every tick.
+                if let Some(entry) = self.services.get_mut(name) {
+                    entry.next_start = Some(Instant::now() + entry.backoff);
+                    entry.backoff = (entry.backoff * 2).min(Duration::from_secs(60));
+                }
+                self.event(Some(name), EventKind::StartFailed, None, error.to_string())
+                    .await;
+            }
+        }
+    }
+
+    /// What an instance of `service` is started with: the service's
+    /// environment, the supervisor's servers and credentials (unless the
+    /// service names its own), the prefix, the instance's id if given.
+    fn launch(&self, service: &str, instance: Option<String>) -> Launch {
         let entry = &self.services[service];
         let mut env = entry.config.env.clone();
         // The supervisor's servers, unless the service names its own (its
@@ -152,14 +212,27 @@ impl Supervisor {
             }
         }
         env.insert("WHARF_PREFIX".into(), self.client.prefix().to_owned());
-        env.insert("WHARF_INSTANCE_ID".into(), instance.clone());
+        if let Some(instance) = &instance {
+            env.insert("WHARF_INSTANCE_ID".into(), instance.clone());
+        }
         env.insert("WHARF_ROLE".into(), "worker".into());
-        let launch = Launch {
+        Launch {
             service: service.to_owned(),
-            instance: instance.clone(),
+            instance: instance.unwrap_or_default(),
             prefix: self.client.prefix().to_owned(),
             env,
-        };
+        }
+    }
+
+    pub(crate) async fn start(&mut self, service: &str) {
+        // Checked before each action, not once a round: a round can take
+        // longer than the lease has left.
+        if !self.is_leader() {
+            return;
+        }
+        let instance = format!("{service}-{}", nuid::next().as_str());
+        let launch = self.launch(service, Some(instance.clone()));
+        let entry = &self.services[service];
         match entry.backend.start(&launch) {
             Ok(handle) => {
                 let location = handle.location();
@@ -232,6 +305,31 @@ impl Supervisor {
     /// Drains every instance this supervisor runs, waits for them, and
     /// releases the lease.
     pub(crate) async fn shutdown(&mut self) {
+        // Services an orchestrator runs are removed there; their instances
+        // drain on the way out.
+        let pooled: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.backend.pool().is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        if self.is_leader() {
+            for name in &pooled {
+                let launch = self.launch(name, None);
+                let removed = {
+                    let pool = self.services[name].backend.pool().expect("pooled");
+                    pool.remove(&launch).await
+                };
+                let why = match removed {
+                    Ok(()) => {
+                        "supervisor stopping: service removed, its instances drain".to_owned()
+                    }
+                    Err(error) => error.to_string(),
+                };
+                self.event(Some(name), EventKind::Stop, None, why).await;
+            }
+        }
+        self.managed.retain(|_, m| !pooled.contains(&m.service));
         let ids: Vec<String> = self.managed.keys().cloned().collect();
         for id in &ids {
             if self.managed[id].draining_since.is_none() {

@@ -62,6 +62,9 @@ pub(crate) struct Service {
     pub(crate) exits: VecDeque<Instant>,
     pub(crate) backoff: Duration,
     pub(crate) next_start: Option<Instant>,
+    /// A pooled service (an orchestrator runs it): the instance count last
+    /// set, and when.
+    pub(crate) replicas_set: Option<(usize, Instant)>,
 }
 
 /// Fresh heartbeats, by instance, with when each arrived here.
@@ -158,6 +161,7 @@ impl Supervisor {
                     exits: VecDeque::new(),
                     backoff: Duration::from_secs(1),
                     next_start: None,
+                    replicas_set: None,
                 },
             );
         }
