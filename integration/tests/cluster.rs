@@ -664,7 +664,8 @@ async fn every_stream_and_bucket_is_replicated_on_a_cluster() {
         .unwrap()
         .with_prefix(&prefix);
     let js = async_nats::jetstream::new(client.nats().clone());
-    // A bucket made before, by hand, with one replica: raised to three.
+    // A bucket made before, by hand, with one replica: left alone by
+    // processes with the default count, raised by one that asks for three.
     js.create_key_value(async_nats::jetstream::kv::Config {
         bucket: wharf::wire::subjects::OBJECTS_BUCKET.to_owned(),
         history: 1,
@@ -692,6 +693,22 @@ async fn every_stream_and_bucket_is_replicated_on_a_cluster() {
     }
     let txn = client.transaction().await.unwrap();
     txn.end().await.unwrap();
+    let objects_stream = wharf::wire::subjects::kv_stream(wharf::wire::subjects::OBJECTS_BUCKET);
+    assert_eq!(
+        layout_of(&js, &objects_stream).await.0,
+        1,
+        "raised without being asked"
+    );
+    let url = cluster.urls_from(0);
+    let asked = wharf_integration::spawn_svc(
+        &["put-object"],
+        &[
+            ("NATS_URL", url.as_str()),
+            ("WHARF_PREFIX", prefix.as_str()),
+            ("WHARF_REPLICAS", "3"),
+        ],
+    );
+    assert!(asked.exit_status().await.success(), "svc put-object failed");
     let streams = [
         wharf::wire::subjects::calls_stream(&prefix, "itest"),
         wharf::wire::subjects::dead_letter_stream(&prefix),

@@ -164,9 +164,12 @@ pub(crate) async fn bucket(
     .await
 }
 
-/// Raises stream `name` to the layout's replicas when it has fewer
-/// (JetStream copies its data to the new peers); a stream with more is
-/// left as it is.
+/// Raises stream `name` to the layout's replicas when it has fewer and
+/// the count was asked for (`WHARF_REPLICAS`): JetStream copies its data to
+/// the new peers. With the default count it is left as it is, and the log
+/// says what raises it: a process whose settings differ from the rest of
+/// its deployment must not change the deployment's streams. A stream with
+/// more replicas is always left as it is.
 async fn raise(js: &jetstream::Context, name: &str, layout: &Layout) -> Result<(), Error> {
     if layout.replicas <= 1 {
         return Ok(());
@@ -181,6 +184,15 @@ async fn raise(js: &jetstream::Context, name: &str, layout: &Layout) -> Result<(
         return Ok(());
     }
     let had = info.config.num_replicas.max(1);
+    if !layout.asked {
+        tracing::warn!(
+            "stream `{name}` has {had} replica(s) on a cluster where new ones get {}: set WHARF_REPLICAS={} (or [broker] replicas) to have wharf raise it, or run `nats stream edit {name} --replicas {}`",
+            layout.replicas,
+            layout.replicas,
+            layout.replicas
+        );
+        return Ok(());
+    }
     let mut config = info.config.clone();
     config.num_replicas = layout.replicas;
     match js.update_stream(config).await {
@@ -189,6 +201,7 @@ async fn raise(js: &jetstream::Context, name: &str, layout: &Layout) -> Result<(
                 "stream `{name}` raised from {had} to {} replicas",
                 layout.replicas
             );
+            settle(js, name, layout.replicas).await;
             Ok(())
         }
         Err(e) => Err(Error::new(
@@ -202,6 +215,29 @@ async fn raise(js: &jetstream::Context, name: &str, layout: &Layout) -> Result<(
         )
         .with_source(e)),
     }
+}
+
+/// Waits (a while at most) until stream `name` has a leader and its other
+/// `replicas - 1` peers are current: right after a raise it elects again,
+/// and writes meanwhile time out.
+async fn settle(js: &jetstream::Context, name: &str, replicas: usize) {
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::time::Instant::now() < until {
+        if let Ok(mut stream) = js.get_stream(name).await {
+            if let Ok(info) = stream.info().await {
+                let settled = info.cluster.as_ref().is_some_and(|cluster| {
+                    cluster.leader.is_some()
+                        && cluster.replicas.len() + 1 >= replicas
+                        && cluster.replicas.iter().all(|peer| peer.current)
+                });
+                if settled {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tracing::warn!("stream `{name}` has not settled on its {replicas} replicas yet");
 }
 
 fn created_failed(
