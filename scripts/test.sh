@@ -34,6 +34,7 @@ step "objects example" quietly cargo run -q -p wharf-examples --bin objects
 step "bench smoke run (numbers need --release; see docs/BENCHMARKS.md)" \
     quietly cargo run -q -p wharf-examples --bin bench -- --quick
 step "objects bench smoke run" quietly cargo run -q -p wharf-examples --bin objects_bench -- --quick
+step "cluster bench smoke run" quietly cargo run -q -p wharf-examples --bin cluster_bench -- --quick
 
 say "cargo test (every test binary, even after a failure)"
 log="$(mktemp)"

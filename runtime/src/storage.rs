@@ -31,9 +31,16 @@ impl Layout {
     /// by the size of its cluster.
     pub(crate) fn of(js: &jetstream::Context) -> Layout {
         let settings = Settings::get().ok();
+        // The default is taken once per process, from the first server
+        // asked: while a node is down the others report a smaller cluster,
+        // and streams made then would get fewer replicas.
+        static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
         let (replicas, asked) = match settings.and_then(|s| s.replicas) {
             Some(replicas) => (replicas, true),
-            None => (default_replicas(&js.client().server_info()), false),
+            None => (
+                *DEFAULT.get_or_init(|| default_replicas(&js.client().server_info())),
+                false,
+            ),
         };
         let placement = settings
             .map(|s| s.placement.clone())
@@ -78,7 +85,7 @@ pub(crate) async fn stream(
 ) -> Result<stream::Stream, Error> {
     let layout = Layout::of(js);
     let name = config.name.clone();
-    if let Ok(stream) = js.get_stream(&name).await {
+    if let Some(stream) = existing(js, &name).await? {
         raise(js, &name, &layout).await?;
         return Ok(stream);
     }
@@ -97,9 +104,12 @@ pub(crate) async fn key_value(
 ) -> Result<kv::Store, Error> {
     let layout = Layout::of(js);
     let name = config.bucket.clone();
-    if let Ok(store) = js.get_key_value(&name).await {
-        raise(js, &crate::wire::subjects::kv_stream(&name), &layout).await?;
-        return Ok(store);
+    let stream = crate::wire::subjects::kv_stream(&name);
+    if existing(js, &stream).await?.is_some() {
+        if let Ok(store) = js.get_key_value(&name).await {
+            raise(js, &stream, &layout).await?;
+            return Ok(store);
+        }
     }
     config.num_replicas = layout.replicas;
     config.placement = layout.placement.clone();
@@ -121,14 +131,12 @@ pub(crate) async fn object_store(
 ) -> Result<object_store::ObjectStore, Error> {
     let layout = Layout::of(js);
     let name = config.bucket.clone();
-    if let Ok(store) = js.get_object_store(&name).await {
-        raise(
-            js,
-            &crate::wire::subjects::object_store_stream(&name),
-            &layout,
-        )
-        .await?;
-        return Ok(store);
+    let stream = crate::wire::subjects::object_store_stream(&name);
+    if existing(js, &stream).await?.is_some() {
+        if let Ok(store) = js.get_object_store(&name).await {
+            raise(js, &stream, &layout).await?;
+            return Ok(store);
+        }
     }
     config.num_replicas = layout.replicas;
     config.placement = layout.placement.clone();
@@ -137,6 +145,28 @@ pub(crate) async fn object_store(
         Err(e) => match js.get_object_store(&name).await {
             Ok(store) => Ok(store),
             Err(_) => Err(created_failed("Object Store bucket", &name, &layout, e)),
+        },
+    }
+}
+
+/// Stream `name` if it exists; `None` only when JetStream says there is
+/// none. Any other failure (no answer while a node is lost, say) is an
+/// error: it must not be taken for a missing stream and one made anew.
+async fn existing(js: &jetstream::Context, name: &str) -> Result<Option<stream::Stream>, Error> {
+    use jetstream::context::GetStreamErrorKind;
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(error)
+                if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(Error::new(
+                ErrorKind::Connection,
+                format!("cannot look up stream `{name}`: {e}; wharf keeps its state in JetStream (nats-server -js)"),
+            )
+            .with_source(e)),
         },
     }
 }

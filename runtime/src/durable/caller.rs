@@ -42,7 +42,15 @@ impl std::fmt::Debug for DurableClient {
 impl DurableClient {
     pub(crate) async fn new(nats: &async_nats::Client) -> Result<DurableClient, Error> {
         Ok(DurableClient {
-            js: jetstream::new(nats.clone()),
+            js: {
+                let mut js = jetstream::new(nats.clone());
+                // An acknowledgement that takes longer is sent again under
+                // the same message id (stored once), and a result not read
+                // in time is read again: across a node loss, a stream's new
+                // leader is found sooner than async-nats's 5 s default.
+                js.set_timeout(JETSTREAM_TIMEOUT);
+                js
+            },
             streams: Mutex::new(HashSet::new()),
             replies: Replies::start(nats).await?,
             results: Mutex::new(HashMap::new()),
@@ -144,10 +152,15 @@ impl Client {
         headers.insert(headers::CALL_ID, id.as_str());
         let subject = subjects::durable_call(self.prefix(), spec.service, spec.name);
         let reply = durable.replies.register(&id);
-        let policy = options.retry.unwrap_or(spec.retry);
+        let mut policy = options.retry.unwrap_or(spec.retry);
         // Re-sent under the same message id, JetStream stores a call once
         // within the duplicate window, so every failure that may be
-        // retried is.
+        // retried is, until the deadline rather than for a number of tries:
+        // a stream whose leader's node was lost accepts nothing until its
+        // peers elect another (nats-server waits 4 to 9 s for that).
+        if policy.attempts > 1 {
+            policy.attempts = u32::MAX;
+        }
         let stored = with_retries(&policy, true, call.deadline, |_| {
             let publish = jetstream::message::PublishMessage::build()
                 .payload(prepared.payload.clone())
@@ -229,6 +242,10 @@ fn refused(e: jetstream::context::PublishError) -> Error {
     };
     Error::new(kind, e.to_string()).with_source(e)
 }
+
+/// How long a durable call's publish waits for JetStream's acknowledgement,
+/// and a lookup of its stored result for an answer, before trying again.
+const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long past a durable call's deadline its caller still waits for the
 /// result: the worker's answer to a call that ran out of time is on its way.
@@ -342,11 +359,14 @@ impl<R: Returns> Pending<R> {
                     }
                 }
                 _ = poll => {
-                    let results = durable.results(self.spec.service).await?;
-                    if let Ok(Some(record)) = results.get(self.id.as_str()).await {
-                        durable.replies.waiting.lock().unwrap().remove(&self.id);
-                        let (message, codec) = record::decode(record)?;
-                        return Ok((message, codec, 1));
+                    // A lookup that fails (a node lost, its bucket electing a
+                    // leader) is tried again on the next round.
+                    if let Ok(results) = durable.results(self.spec.service).await {
+                        if let Ok(Some(record)) = results.get(self.id.as_str()).await {
+                            durable.replies.waiting.lock().unwrap().remove(&self.id);
+                            let (message, codec) = record::decode(record)?;
+                            return Ok((message, codec, 1));
+                        }
                     }
                     if Instant::now() >= until {
                         durable.replies.waiting.lock().unwrap().remove(&self.id);

@@ -9,8 +9,10 @@
 //! # Ok(()) }
 //! ```
 
+mod cluster;
 mod secure;
 
+pub use cluster::NatsCluster;
 pub use secure::{JwtAccount, Pki};
 
 use crate::{Error, ErrorKind};
@@ -76,7 +78,21 @@ impl NatsServer {
     /// on the same ports with the same JetStream store. Clients reconnect on
     /// their own.
     pub fn restart(&mut self) -> Result<(), Error> {
+        self.kill();
+        self.revive()
+    }
+
+    /// Kills the server with SIGKILL, as a crash would; [`revive`] starts
+    /// it again.
+    ///
+    /// [`revive`]: NatsServer::revive
+    pub fn kill(&mut self) {
         crate::process::kill_child(&mut self.child);
+    }
+
+    /// Starts a killed server again on the same ports with the same
+    /// JetStream store.
+    pub fn revive(&mut self) -> Result<(), Error> {
         let binary = crate::local::server::nats_server_binary()?;
         let _ = std::fs::remove_file(
             self.dir

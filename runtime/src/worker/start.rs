@@ -95,8 +95,8 @@ impl Worker {
         let js = async_nats::jetstream::new(nats.clone());
         // Durable calls and kept results need JetStream; without it the
         // worker still serves plain calls.
-        let jetstream = match js.query_account().await {
-            Ok(_) => true,
+        let jetstream = match jetstream_ready(&js, &nats).await {
+            Ok(()) => true,
             Err(e) => {
                 tracing::warn!("JetStream is not available ({e}); this worker serves plain calls only, not durable ones");
                 false
@@ -461,6 +461,28 @@ impl RunningWorker {
                 heartbeats.purge(self.instance.as_str()),
             )
             .await;
+        }
+    }
+}
+
+/// How long a worker waits at start for a JetStream its server says it has
+/// (a cluster that is still electing its meta leader answers nothing yet).
+const JETSTREAM_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether JetStream answers: at once when the server has none, after up to
+/// [`JETSTREAM_WAIT`] of asking again when it has (a cluster forming).
+async fn jetstream_ready(
+    js: &async_nats::jetstream::Context,
+    nats: &async_nats::Client,
+) -> Result<(), async_nats::jetstream::context::AccountError> {
+    let until = tokio::time::Instant::now() + JETSTREAM_WAIT;
+    loop {
+        match js.query_account().await {
+            Ok(_) => return Ok(()),
+            Err(e) if !nats.server_info().jetstream || tokio::time::Instant::now() >= until => {
+                return Err(e)
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
 }
