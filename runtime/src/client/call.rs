@@ -347,13 +347,32 @@ impl Client {
         // small): its connection, its worker, its deadline.
         let look =
             tokio::time::sleep_until((Instant::now() + WATCH_AFTER).min(call.deadline).into());
-        let result = tokio::select! {
-            biased;
-            result = &mut reply => self.settle(spec, call, txn, &subject, owner.clone(), result),
-            denied = denials.refused(&subject), if watch => Err(denied),
-            _ = look => {
-                let waiting = Waiting { spec, call, txn, subject: &subject, owner: owner.clone(), losses, watch };
-                out_of_line(|| self.wait_longer(waiting, reply.as_mut())).await
+        let waiting = |owner| Waiting {
+            spec,
+            call,
+            txn,
+            subject: &subject,
+            owner,
+            losses,
+            watch,
+        };
+        let result = if watch {
+            // Rare (a function's first calls on a connection with
+            // permissions of its own): the refusal is watched from the start.
+            out_of_line(|| async {
+                tokio::select! {
+                    biased;
+                    result = &mut reply => self.settle(spec, call, txn, &subject, owner.clone(), result),
+                    denied = denials.refused(&subject) => Err(denied),
+                    _ = look => self.wait_longer(waiting(owner.clone()), reply.as_mut()).await,
+                }
+            })
+            .await
+        } else {
+            tokio::select! {
+                biased;
+                result = &mut reply => self.settle(spec, call, txn, &subject, owner.clone(), result),
+                _ = look => out_of_line(|| self.wait_longer(waiting(owner.clone()), reply.as_mut())).await,
             }
         };
         if watch && !routed && result.is_ok() {
