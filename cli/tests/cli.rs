@@ -125,6 +125,37 @@ impl Drop for Up {
     }
 }
 
+/// Runs `wharf down` (as `down` makes it) until it reaches `up`, then
+/// waits for `up` to exit cleanly.
+async fn down_stops(up: &mut Up, down: impl Fn() -> tokio::process::Command) {
+    let said = eventually(
+        "`wharf down` to reach `wharf up`",
+        Duration::from_secs(30),
+        || {
+            let mut command = down();
+            async move {
+                let out = command.output().await.map_err(|e| e.to_string())?;
+                if out.status.success() {
+                    Ok(text(&out.stdout))
+                } else {
+                    Err(text(&out.stderr))
+                }
+            }
+        },
+    )
+    .await;
+    assert!(said.contains("stopping"), "{said}");
+    let status = eventually_blocking(
+        "`wharf up` to exit after `wharf down`",
+        Duration::from_secs(30),
+        || match up.0.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(status.success(), "{status}");
+}
+
 #[tokio::test]
 async fn up_honours_nats_url_and_down_stops_it() {
     let server = NatsServer::start().unwrap();
@@ -143,37 +174,15 @@ async fn up_honours_nats_url_and_down_stops_it() {
         .spawn()
         .expect("wharf up starts"));
     // `wharf down` reaches it through the server NATS_URL names.
-    let down = eventually(
-        "`wharf down` to reach `wharf up`",
-        Duration::from_secs(30),
-        || {
-            let url = url.clone();
-            async move {
-                let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"));
-                command
-                    .arg("down")
-                    .env("NATS_URL", &url)
-                    .env("WHARF_PREFIX", "cliup");
-                let out = command.output().await.map_err(|e| e.to_string())?;
-                if out.status.success() {
-                    Ok(text(&out.stdout))
-                } else {
-                    Err(text(&out.stderr))
-                }
-            }
-        },
-    )
+    down_stops(&mut up, || {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"));
+        command
+            .arg("down")
+            .env("NATS_URL", &url)
+            .env("WHARF_PREFIX", "cliup");
+        command
+    })
     .await;
-    assert!(down.contains("stopping"), "{down}");
-    let status = eventually_blocking(
-        "`wharf up` to exit after `wharf down`",
-        Duration::from_secs(30),
-        || match up.0.try_wait() {
-            Ok(Some(status)) => Ok(status),
-            other => Err(format!("{other:?}")),
-        },
-    );
-    assert!(status.success(), "{status}");
 }
 
 #[tokio::test]
@@ -263,33 +272,12 @@ async fn every_verb_authenticates_and_shows_no_secret() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("wharf up starts"));
-    let down = eventually(
-        "`wharf down` to reach `wharf up`",
-        Duration::from_secs(30),
-        || {
-            let mut command = as_ops(&["down"], "s3cret-pw");
-            command.env("WHARF_PREFIX", "cliauth");
-            async move {
-                let out = command.output().await.map_err(|e| e.to_string())?;
-                if out.status.success() {
-                    Ok(text(&out.stdout))
-                } else {
-                    Err(text(&out.stderr))
-                }
-            }
-        },
-    )
+    down_stops(&mut up, || {
+        let mut command = as_ops(&["down"], "s3cret-pw");
+        command.env("WHARF_PREFIX", "cliauth");
+        command
+    })
     .await;
-    assert!(down.contains("stopping"), "{down}");
-    let status = eventually_blocking(
-        "`wharf up` to exit after `wharf down`",
-        Duration::from_secs(30),
-        || match up.0.try_wait() {
-            Ok(Some(status)) => Ok(status),
-            other => Err(format!("{other:?}")),
-        },
-    );
-    assert!(status.success(), "{status}");
     let mut logged = String::new();
     std::io::Read::read_to_string(&mut up.0.stderr.take().unwrap(), &mut logged).unwrap();
     assert!(logged.contains("supervising"), "{logged}");

@@ -290,6 +290,26 @@ pub fn spawn_svc(args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
     WorkerProcess(command.spawn().expect("the svc binary starts"))
 }
 
+/// Calls `add(2, 3)` through `client` until a worker answers (up to 60 s),
+/// and returns its reply, which names the worker; `what` says which worker
+/// is awaited, for the failure message.
+pub async fn first_answer(client: &wharf::Client, what: &str) -> wharf::Reply<i64> {
+    let reply = wharf::testing::eventually(what, Duration::from_secs(60), || {
+        let client = client.clone();
+        async move {
+            add::request(2, 3)
+                .client(&client)
+                .timeout(Duration::from_secs(5))
+                .send_detailed()
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    assert_eq!(reply.value, 5, "{what}");
+    reply
+}
+
 /// Waits (up to 60 s) until `count` distinct processes answer `whoami`
 /// through `client`; returns their pids.
 pub async fn wait_for_workers(client: &wharf::Client, count: usize) -> Vec<u32> {

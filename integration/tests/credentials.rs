@@ -6,7 +6,7 @@
 use futures_util::StreamExt;
 use std::time::Duration;
 use wharf::settings::{Credentials, Secret};
-use wharf::testing::{eventually, JwtAccount, NatsServer, Pki, TempDir};
+use wharf::testing::{JwtAccount, NatsServer, Pki, TempDir};
 use wharf_integration::{spawn_svc, spawn_worker_with};
 
 /// The command line of `pid`, as `ps` shows it.
@@ -22,23 +22,11 @@ async fn served(url: &str, credentials: &Credentials, what: &str) -> u32 {
     let client = wharf::Client::connect_with(url, credentials)
         .await
         .unwrap_or_else(|e| panic!("{what}: the caller cannot connect: {e}"));
-    let reply = eventually(
+    let reply = wharf_integration::first_answer(
+        &client,
         &format!("a worker authenticated by {what} to answer"),
-        Duration::from_secs(60),
-        || {
-            let client = client.clone();
-            async move {
-                wharf_integration::add::request(2, 3)
-                    .client(&client)
-                    .timeout(Duration::from_secs(5))
-                    .send_detailed()
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        },
     )
     .await;
-    assert_eq!(reply.value, 5, "{what}");
     reply.pid().expect("the worker names itself")
 }
 
@@ -148,24 +136,10 @@ async fn a_supervisor_hands_its_credentials_to_its_instances_unseen() {
         .await
         .unwrap()
         .with_prefix("credsup");
-    let pid = eventually(
-        "the supervisor's instance to answer",
-        Duration::from_secs(60),
-        || {
-            let client = client.clone();
-            async move {
-                wharf_integration::add::request(2, 3)
-                    .client(&client)
-                    .timeout(Duration::from_secs(5))
-                    .send_detailed()
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        },
-    )
-    .await
-    .pid()
-    .expect("the worker names itself");
+    let pid = wharf_integration::first_answer(&client, "the supervisor's instance to answer")
+        .await
+        .pid()
+        .expect("the worker names itself");
     // The instance outlives a killed supervisor (a standby adopts it), so
     // it is stopped here even if the test fails.
     let _instance = KilledOnDrop(pid);

@@ -76,23 +76,8 @@ async fn a_deployment_runs_under_the_permissions_wharf_auth_writes() {
     let web = wharf::Client::connect_with(&server.url(), &user("web"))
         .await
         .unwrap();
-    let reply = eventually(
-        "a worker started by the supervisor to answer",
-        Duration::from_secs(60),
-        || {
-            let web = web.clone();
-            async move {
-                wharf_integration::add::request(2, 3)
-                    .client(&web)
-                    .timeout(Duration::from_secs(5))
-                    .send_detailed()
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        },
-    )
-    .await;
-    assert_eq!(reply.value, 5);
+    let reply =
+        wharf_integration::first_answer(&web, "a worker started by the supervisor to answer").await;
     let worker = reply.pid().expect("the worker names itself");
     assert!(
         wharf_integration::descendants(supervisor.pid()).contains(&worker),
