@@ -158,8 +158,11 @@ impl Client {
         // retried is, until the deadline rather than for a number of tries:
         // a stream whose leader's node was lost accepts nothing until its
         // peers elect another (nats-server waits 4 to 9 s for that).
+        // And soon after the new leader is there: no pause of more than
+        // 250 ms between tries (a few small publishes a second per call).
         if policy.attempts > 1 {
             policy.attempts = u32::MAX;
+            policy.max_backoff_ms = policy.max_backoff_ms.min(DURABLE_MAX_BACKOFF_MS);
         }
         let stored = with_retries(&policy, true, call.deadline, |_| {
             let publish = jetstream::message::PublishMessage::build()
@@ -242,6 +245,9 @@ fn refused(e: jetstream::context::PublishError) -> Error {
     };
     Error::new(kind, e.to_string()).with_source(e)
 }
+
+/// The longest pause between two tries of a durable publish.
+const DURABLE_MAX_BACKOFF_MS: u64 = 250;
 
 /// How long a durable call's publish waits for JetStream's acknowledgement,
 /// and a lookup of its stored result for an answer, before trying again.
