@@ -290,6 +290,21 @@ pub fn spawn_svc(args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
     WorkerProcess(command.spawn().expect("the svc binary starts"))
 }
 
+/// Writes a `REPORT` line past the test harness's capture, so that every
+/// run (CI's included) shows what a test measured.
+pub fn report_line(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// `report!("REPORT ...", ..)`: [`report_line`] with `format!` arguments.
+#[macro_export]
+macro_rules! report {
+    ($($arg:tt)*) => {
+        $crate::report_line(format!($($arg)*))
+    };
+}
+
 /// Calls `add(2, 3)` through `client` until a worker answers (up to 60 s),
 /// and returns its reply, which names the worker; `what` says which worker
 /// is awaited, for the failure message.

@@ -263,7 +263,7 @@ async fn scenario(fault: Fault) {
         .iter()
         .map(|c| c.nats().server_info().server_name)
         .collect();
-    println!("REPORT cluster {stem}: callers attached to {attached:?}");
+    wharf_integration::report!("REPORT cluster {stem}: callers attached to {attached:?}");
     let stop = Arc::new(AtomicBool::new(false));
     let running = tokio::spawn(load(callers.clone(), stop.clone()));
     tokio::time::sleep(CALM).await;
@@ -327,15 +327,14 @@ async fn scenario(fault: Fault) {
                 window = window.max(ended - last);
                 last = ended;
             }
-            println!("REPORT cluster {stem} caller {caller} {kind:?}: at most {window:?} without a call through, from the fault on");
+            wharf_integration::report!("REPORT cluster {stem} caller {caller} {kind:?}: at most {window:?} without a call through, from the fault on");
             outages.entry(kind).or_default().push(window);
         }
     }
     for windows in outages.values_mut() {
         windows.sort();
     }
-    println!(
-        "REPORT cluster {stem} of node {} (the calls stream's leader): {} calls ({durable_calls} durable), {lost} durable lost, {duplicates} duplicates, failures {failures:?}",
+    wharf_integration::report!("REPORT cluster {stem} of node {} (the calls stream's leader): {} calls ({durable_calls} durable), {lost} durable lost, {duplicates} duplicates, failures {failures:?}",
         victim + 1,
         outcomes.len(),
     );
@@ -346,8 +345,7 @@ async fn scenario(fault: Fault) {
             .map(|o| o.ended - o.started)
             .collect();
         took.sort();
-        println!(
-            "REPORT cluster {stem} {kind:?} calls: {} went through, latency p50 {:?}, p99 {:?}, max {:?}",
+        wharf_integration::report!("REPORT cluster {stem} {kind:?} calls: {} went through, latency p50 {:?}, p99 {:?}, max {:?}",
             took.len(),
             percentile(&took, 0.5),
             percentile(&took, 0.99),
@@ -355,14 +353,14 @@ async fn scenario(fault: Fault) {
         );
     }
     for (kind, windows) in &outages {
-        println!(
+        wharf_integration::report!(
             "REPORT cluster {stem} outage window, {kind:?} calls: p50 {:?}, max {:?}",
             percentile(windows, 0.5),
             percentile(windows, 1.0)
         );
     }
     for ((kind, error), text) in &examples {
-        println!("REPORT cluster {stem} e.g. {kind:?} {error}: {text}");
+        wharf_integration::report!("REPORT cluster {stem} e.g. {kind:?} {error}: {text}");
     }
     assert_eq!(lost, 0, "durable calls lost");
     for ((kind, error), count) in &failures {
@@ -593,8 +591,7 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
         .filter(|e| e.supervisor.starts_with(&of(first.pid())) && acts(e))
         .collect();
     let last_act = first_acts.iter().map(|e| e.at_ms).max().unwrap_or(0);
-    println!(
-        "REPORT fencing: partitioned at {cut_ms}; the cut-off supervisor's last action at {last_act}, it stopped at {} ({} ms after the cut), the other led at {} ({} ms after the cut)",
+    wharf_integration::report!("REPORT fencing: partitioned at {cut_ms}; the cut-off supervisor's last action at {last_act}, it stopped at {} ({} ms after the cut), the other led at {} ({} ms after the cut)",
         fenced.at_ms,
         fenced.at_ms.saturating_sub(cut_ms),
         leads.at_ms,
@@ -720,7 +717,7 @@ async fn every_stream_and_bucket_is_replicated_on_a_cluster() {
     ];
     for stream in &streams {
         let (replicas, leader, _) = layout_of(&js, stream).await;
-        println!("REPORT replicas: {stream} has {replicas}, led by {leader}");
+        wharf_integration::report!("REPORT replicas: {stream} has {replicas}, led by {leader}");
         assert_eq!(replicas, 3, "`{stream}` has {replicas} replicas");
     }
 

@@ -12,13 +12,6 @@ use wharf_integration::{
     wait_for_workers, WorkerProcess, TALLY_BUCKET,
 };
 
-/// Prints a result line past the test harness's capture, so every run
-/// (CI included) shows what the fault tests saw.
-fn report(line: String) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 /// Calls a [`load`] has completed so far.
 type Progress = Arc<AtomicU64>;
 
@@ -141,7 +134,7 @@ async fn idempotent_calls_survive_a_worker_killed_every_second() {
     .await;
     stop.store(true, Ordering::Relaxed);
     let kills = killer.join().unwrap();
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT idempotent under kills: 10000 calls ok in {took:?}, {kills} workers SIGKILLed, {retries} retries"
     ));
     assert!(kills >= 1, "the load outlasted at least one kill");
@@ -213,7 +206,7 @@ async fn durable_calls_survive_every_worker_killed_mid_run() {
     let runs = tally_runs(&client, calls).await;
     let lost: Vec<u64> = (0..calls).filter(|n| runs[*n as usize] == 0).collect();
     let duplicates: u64 = runs.iter().map(|r| r.saturating_sub(1)).sum();
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT durable under kills: {calls} calls answered in {took:?}, every worker SIGKILLed once, {} lost, {duplicates} ran more than once",
         lost.len()
     ));
@@ -257,7 +250,7 @@ async fn a_worker_drained_during_load_fails_no_call() {
         status.success(),
         "the drained worker exits cleanly: {status}"
     );
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT drain under load: 3000 calls, 0 failed, worker {drained} drained"
     ));
 }
@@ -323,7 +316,7 @@ async fn a_broker_restart_under_load_loses_nothing() {
     let runs = tally_runs(&client, 2_000).await;
     let lost = runs.iter().filter(|r| **r == 0).count();
     let duplicates: u64 = runs.iter().map(|r| r.saturating_sub(1)).sum();
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT broker restart: 4000 core calls in {core_took:?} with {core_retries} retries; 2000 durable calls in {durable_took:?}, {lost} lost, {duplicates} duplicates"
     ));
     assert_eq!(lost, 0, "no durable call lost");
@@ -359,7 +352,7 @@ async fn a_call_that_kills_every_worker_ends_in_the_dead_letter_stream() {
     assert!(error.message().contains("delivered 3 times"), "{error}");
     assert!(error.message().contains("wharf_dead_letters"), "{error}");
     assert_eq!(restarts, 2, "two deliveries killed two workers");
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT poisonous durable call: dead-lettered after {restarts} workers died running it"
     ));
 }
@@ -438,7 +431,7 @@ async fn a_call_whose_connection_is_lost_does_not_wait_out_its_deadline() {
     assert_eq!(error.kind(), wharf::ErrorKind::ConnectionLost, "{error}");
     assert!(error.message().contains("may have run"), "{error}");
     let after_restart = restarted.elapsed().min(took);
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT connection lost: a non-idempotent call failed as connection_lost {} ms after the restart began (deadline 30 s)",
         after_restart.as_millis()
     ));

@@ -254,7 +254,9 @@ async fn random_and_mutated_requests_are_all_answered_and_nothing_dies() {
             Err(e) => unanswered.push(format!("{subject}: {e}")),
         }
     }
-    println!("REPORT hostile seed={seed} requests={REQUESTS} answers by code {by_code:?}");
+    wharf_integration::report!(
+        "REPORT hostile seed={seed} requests={REQUESTS} answers by code {by_code:?}"
+    );
     assert!(
         unanswered.is_empty(),
         "seed {seed}: {} of {REQUESTS} requests got no answer, e.g. {:?}",

@@ -402,11 +402,6 @@ fn burn_load(
     (stop, callers)
 }
 
-fn report(line: String) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 #[test]
 fn the_annotated_example_config_parses() {
     let text = include_str!(concat!(
@@ -460,7 +455,7 @@ async fn killed_and_replaced(runs: Runs) {
         })
         .await;
     // How fast is measured by scale_bench; here it only has to happen.
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT {} SIGKILLed to its replacement's first heartbeat: {:?}",
         runs.name(),
         killed.elapsed()
@@ -566,7 +561,7 @@ async fn scales_up_and_down(runs: Runs) {
     scene
         .wait_for_events("drain", 1, Duration::from_secs(30))
         .await;
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT autoscale ({}): {calls} burn calls, 0 failed; peak {peak} instances; scale events: {:?}",
         runs.name(),
         scales.iter().map(|e| e.reason.clone()).collect::<Vec<_>>()
@@ -659,7 +654,7 @@ async fn a_swarm_service_scales_with_load_drains_what_it_removes_and_replaces_a_
         .iter()
         .map(|e| e.reason.clone())
         .collect();
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT swarm: {burned} burn calls and {calls} plain calls, 0 failed; peak {peak} tasks; replica counts set: {set:?}"
     ));
     scene.down().await;
@@ -720,7 +715,7 @@ async fn a_standby_takes_over_from_a_killed_leader_without_duplicates() {
     scene
         .wait_for_events("leader", 2, Duration::from_secs(60))
         .await;
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT leader SIGKILLed, standby leads after {:?}",
         took_over.elapsed()
     ));
@@ -778,7 +773,7 @@ async fn scale_to_zero_and_a_cold_start_on_the_first_call() {
         .expect("a cold start, not a failure");
     assert_eq!(reply.value, 5);
     assert!(reply.attempts > 1);
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT cold start: first call answered after {:?} ({} tries)",
         started.elapsed(),
         reply.attempts
@@ -851,7 +846,7 @@ async fn a_crash_looping_service_is_backed_off_not_restarted_hot() {
         "restarts {gap:?} apart, not backed off: {}",
         scene.seen_so_far(&[])
     );
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT crash loop: {starts_before_pause} starts before the first pause, the next {gap:?} later; {}",
         loops[0].reason
     ));
@@ -954,7 +949,7 @@ async fn a_supervised_scale_down_waits_for_open_transactions() {
         },
     )
     .await;
-    report(format!(
+    wharf_integration::report_line(format!(
         "REPORT stateful scale-down: {} instances asked to drain kept {} open transactions through {rounds} rounds over 40 s, then left; 0 calls failed",
         drains.len(),
         quiescing.iter().map(|b| b.transactions).sum::<usize>()

@@ -58,7 +58,7 @@ async fn a_thousand_transactions_each_stay_on_one_instance() {
         assert!(pids.contains(&pid));
         *per_instance.entry(pid).or_default() += 1;
     }
-    println!("REPORT 1000 transactions over 3 instances: {per_instance:?}");
+    wharf_integration::report!("REPORT 1000 transactions over 3 instances: {per_instance:?}");
     assert_eq!(
         per_instance.len(),
         3,
@@ -123,8 +123,7 @@ async fn a_scale_down_breaks_no_open_transaction() {
         wait_gone(&[leaving_pid], Duration::from_secs(30)),
         "the quiesced instance did not exit within 30 s of its transactions' end"
     );
-    println!(
-        "REPORT scale-down: {held} open transactions kept through 5 rounds; the instance exited {} ms after they ended",
+    wharf_integration::report!("REPORT scale-down: {held} open transactions kept through 5 rounds; the instance exited {} ms after they ended",
         started.elapsed().as_millis()
     );
     drop((server, workers));
@@ -174,7 +173,7 @@ async fn two_callers_racing_to_claim_a_transaction_get_one_owner() {
     }
     // With three instances, two of every three races land the two first
     // calls on different instances, and one claim loses the compare-and-set.
-    println!("REPORT claim race: 200 races, one owner each");
+    wharf_integration::report!("REPORT claim race: 200 races, one owner each");
 }
 
 #[tokio::test]
