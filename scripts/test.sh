@@ -25,6 +25,18 @@ step() {
 }
 quietly() { "$@" >/dev/null; }
 
+# A clean build with the tests and the clippy check takes about 4 GB; an
+# earlier, fuller build once filled a CI machine's disk mid-link, which
+# reads as a linker crash. Say so up front rather than after.
+free_kb=$(df -Pk "$repo_root" | awk 'NR == 2 { print $4 }')
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((6 * 1024 * 1024)) ]; then
+    say "warning: only $((free_kb / 1024)) MB free on the disk of $repo_root; the build needs about 4 GB"
+fi
+# Incremental caches only pay off when the same tree is built again.
+if [ -n "${CI:-}" ]; then
+    export CARGO_INCREMENTAL=0
+fi
+
 started=$SECONDS
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
@@ -65,6 +77,8 @@ if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
         for id in $containers; do docker rm --force "$id" >/dev/null 2>&1; done
         failed_steps+=("containers left by the tests")
     fi
+    # Earlier builds' worker images, now untagged (the current one stays).
+    docker image prune --force --filter label=wharf.test >/dev/null 2>&1
     networks=$(docker network ls --quiet --filter label=wharf.test)
     if [ -n "$networks" ]; then
         echo "networks left by the tests: $(echo $networks)"

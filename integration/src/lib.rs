@@ -633,7 +633,9 @@ fn build_svc_image() {
     }
     std::fs::write(
         context.join("Dockerfile"),
-        "FROM scratch\nCOPY rootfs/ /\nENTRYPOINT [\"/svc\"]\n",
+        // The label lets the test command prune the images that earlier
+        // builds of `svc` left dangling.
+        "FROM scratch\nLABEL wharf.test=svc\nCOPY rootfs/ /\nENTRYPOINT [\"/svc\"]\n",
     )
     .expect("Dockerfile");
     let status = Command::new("docker")
