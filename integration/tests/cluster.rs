@@ -408,12 +408,15 @@ fn now_ms() -> u64 {
 
 /// Kills processes when dropped: the instances a test's supervisors
 /// started, which outlive a killed supervisor by design.
-struct Reaped(Arc<Mutex<Vec<u32>>>);
+/// Kills, when dropped, every process started under a supervisor: made
+/// right after the supervisor's own guard, it drops first, while the
+/// supervisor still lives and its instances can still be found.
+struct Reaped(u32);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
-        for pid in self.0.lock().unwrap().iter() {
-            wharf::process::kill(*pid);
+        for pid in wharf_integration::descendants(self.0) {
+            wharf::process::kill(pid);
         }
     }
 }
@@ -475,8 +478,6 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
         .with_prefix(&prefix);
     hear_events(&on_1, heard.clone()).await;
     hear_events(&on_2, heard.clone()).await;
-    let pids = Arc::new(Mutex::new(Vec::new()));
-    let _reaped = Reaped(pids.clone());
     let saw = |supervisor: u32, kind: EventKind, after_ms: u64| {
         let heard = heard.clone();
         move || {
@@ -501,6 +502,7 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
 
     // The first supervisor leads and starts two instances; the second stands by.
     let first = wharf_integration::spawn_svc(&["supervise", &config_1], &[]);
+    let _first_instances = Reaped(first.pid());
     eventually(
         "the first supervisor to lead",
         Duration::from_secs(60),
@@ -508,6 +510,7 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
     )
     .await;
     let second = wharf_integration::spawn_svc(&["supervise", &config_2], &[]);
+    let _second_instances = Reaped(second.pid());
     eventually(
         "the second supervisor to stand by",
         Duration::from_secs(60),
@@ -519,7 +522,6 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
         Duration::from_secs(60),
         || {
             let started = wharf_integration::descendants(first.pid());
-            pids.lock().unwrap().extend(started.iter().copied());
             async move {
                 if started.len() == 2 {
                     Ok(started)
@@ -536,8 +538,10 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
     cluster.partition(0);
     let cut_ms = now_ms();
     wharf::process::kill(instances[0]);
-    // It stops acting; the second takes the lease, adopts the survivor and
-    // replaces the lost one.
+    // It stops acting; the second takes the lease and runs two instances
+    // again: the survivor adopted, the lost one replaced (by the first,
+    // when it saw the loss while its lease still surely held, or by the
+    // second).
     let fenced = eventually(
         "the cut-off supervisor to stop acting",
         Duration::from_secs(30),
@@ -557,16 +561,36 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
     )
     .await;
     eventually(
-        "the second supervisor to replace the lost instance",
+        "the second supervisor to run two instances (adopted or started)",
         Duration::from_secs(60),
-        saw(second.pid(), EventKind::Start, leads.at_ms),
+        || {
+            let heard = heard.lock().unwrap();
+            let mine: Vec<String> = heard
+                .iter()
+                .filter(|e| {
+                    e.supervisor.starts_with(&format!("{}-", second.pid()))
+                        && e.at_ms >= leads.at_ms
+                })
+                .map(|e| format!("{} {}", e.kind, e.reason))
+                .collect();
+            let running = heard
+                .iter()
+                .filter(|e| {
+                    e.supervisor.starts_with(&format!("{}-", second.pid()))
+                        && e.at_ms >= leads.at_ms
+                        && matches!(e.kind, EventKind::Adopt | EventKind::Start)
+                })
+                .count();
+            async move {
+                if running >= 2 {
+                    Ok(())
+                } else {
+                    Err(format!("its events since it leads: {mine:?}"))
+                }
+            }
+        },
     )
     .await;
-    for supervisor in [first.pid(), second.pid()] {
-        pids.lock()
-            .unwrap()
-            .extend(wharf_integration::descendants(supervisor));
-    }
     wharf_integration::wait_for_workers(&on_2, 2).await;
     // Healed, the first stays a standby.
     cluster.heal(0);
