@@ -585,9 +585,8 @@ async fn a_swarm_service_scales_with_load_drains_what_it_removes_and_replaces_a_
         })
         .await;
     let service = wharf::backend::swarm::service_name(&scene.prefix, "itest");
-    // Plain calls (not idempotent) the whole time: none may fail, through
-    // the scale-up, the scale-down (Swarm stops tasks with SIGTERM, on which
-    // they drain) and the lost task.
+    // Plain calls (not idempotent) through the scale-up and the scale-down
+    // (Swarm stops tasks with SIGTERM, on which they drain): none may fail.
     let stop_plain = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // (At a gentle rate: their CPU must let the service scale back down.)
     let plain: Vec<_> = (0..4)
@@ -636,7 +635,14 @@ async fn a_swarm_service_scales_with_load_drains_what_it_removes_and_replaces_a_
             live.len() == 1
         })
         .await;
-    // A task killed outright: Swarm starts another.
+    stop_plain.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut calls = 0;
+    for caller in plain {
+        calls += caller.await.expect("no failed plain call");
+    }
+    // A task killed outright: Swarm starts another, which serves. (Not
+    // under the plain load: a non-idempotent call in flight on a killed
+    // worker fails as `worker_lost`, by design.)
     let survivor = scene.live().await[0].clone();
     Place::of(&survivor).kill();
     scene
@@ -644,11 +650,7 @@ async fn a_swarm_service_scales_with_load_drains_what_it_removes_and_replaces_a_
             live.iter().any(|b| b.instance != survivor.instance)
         })
         .await;
-    stop_plain.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut calls = 0;
-    for caller in plain {
-        calls += caller.await.expect("no failed plain call");
-    }
+    wharf_integration::first_answer(&scene.client, "the new Swarm task").await;
     let set: Vec<String> = scene
         .events_of("replicas")
         .iter()
