@@ -25,12 +25,12 @@ step() {
 }
 quietly() { "$@" >/dev/null; }
 
-# A clean build with the tests and the clippy check takes about 4 GB; an
+# A clean build with the tests and the clippy check takes about 5.5 GB; an
 # earlier, fuller build once filled a CI machine's disk mid-link, which
 # reads as a linker crash. Say so up front rather than after.
 free_kb=$(df -Pk "$repo_root" | awk 'NR == 2 { print $4 }')
-if [ -n "$free_kb" ] && [ "$free_kb" -lt $((6 * 1024 * 1024)) ]; then
-    say "warning: only $((free_kb / 1024)) MB free on the disk of $repo_root; the build needs about 4 GB"
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((8 * 1024 * 1024)) ]; then
+    say "warning: only $((free_kb / 1024)) MB free on the disk of $repo_root; the build needs about 5.5 GB"
 fi
 # Incremental caches only pay off when the same tree is built again.
 if [ -n "${CI:-}" ]; then
