@@ -1,9 +1,10 @@
 //! wharf against raw async-nats request-reply, in one run.
 //!
 //! `cargo run --release -p wharf-examples --bin bench` starts a nats-server,
-//! one raw responder process and one wharf worker process, then measures in
-//! interleaved rounds: serial latency (p50/p99) and calls/s at 16 and 256
-//! calls in flight. Both sides move the same postcard payload, `(i64, i64)`
+//! two raw responder processes (one spawns a task per request, one answers
+//! inside its subscription loop: the two ways a user writes one) and one
+//! wharf worker process, then measures in interleaved rounds: serial
+//! latency (p50/p99) and calls/s at 16 and 256 calls in flight. Both sides move the same postcard payload, `(i64, i64)`
 //! in and `i64` out. It also measures a wharf worker's start-to-ready time
 //! and its idle RSS, robust-call variants against plain calls, and stateful
 //! calls (in a transaction) against stateless ones. `--quick` runs a short
@@ -60,6 +61,7 @@ static TXNS: OnceLock<Vec<wharf::Transaction>> = OnceLock::new();
 static NEXT_TXN: AtomicUsize = AtomicUsize::new(0);
 
 const RAW_SUBJECT: &str = "raw.bench.add";
+const RAW_INLINE_SUBJECT: &str = "raw.bench.add.inline";
 
 struct Plan {
     rounds: usize,
@@ -72,7 +74,8 @@ struct Plan {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (quick, focus, stateful_only) = match args.next().as_deref() {
-        Some("raw-worker") => return raw_worker().await,
+        Some("raw-worker") => return raw_worker(false).await,
+        Some("raw-inline-worker") => return raw_worker(true).await,
         Some("--quick") => (true, false, false),
         Some("--focus") => (false, true, false),
         Some("--stateful") => (false, true, true),
@@ -108,8 +111,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = wharf::Client::connect(&url).await?;
 
     let mut raw = spawn_worker(&url, &["raw-worker"], &[])?;
+    let mut raw_inline = spawn_worker(&url, &["raw-inline-worker"], &[])?;
     let mut worker = spawn_worker(&url, &[], &[("WHARF_ROLE", "worker")])?;
-    wait_until_served(&nats, &client).await?;
+    wait_until_served(&nats, &client, &[Side::Raw, Side::RawInline, Side::Wharf]).await?;
     // The first durable call sets up the client's JetStream state.
     Side::Durable
         .call(&nats, &client)
@@ -135,13 +139,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     for round in 0..plan.rounds {
         eprintln!("round {} of {}", round + 1, plan.rounds);
-        // Alternate which side goes first, so neither always runs on a
-        // system still busy with the other's load.
-        let sides = if round % 2 == 0 {
-            [Side::Raw, Side::Wharf]
-        } else {
-            [Side::Wharf, Side::Raw]
-        };
+        // Rotate which side goes first, so none always runs on a system
+        // still busy with another's load.
+        let mut sides = [Side::Raw, Side::RawInline, Side::Wharf];
+        sides.rotate_left(round % 3);
         if !focus {
             for side in sides {
                 let (p50, p99) = serial(plan.serial_calls, || side.call(&nats, &client)).await?;
@@ -165,6 +166,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     server.pid(),
                     match side {
                         Side::Raw => raw.id(),
+                        Side::RawInline => raw_inline.id(),
                         _ => worker.id(),
                     },
                     std::process::id(),
@@ -231,6 +233,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let busy_rss = rss_kib(worker.id());
     stop(&mut raw);
+    stop(&mut raw_inline);
     stop(&mut worker);
 
     let of_metric = |metric: &str, side: &str| {
@@ -290,12 +293,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|(_, side, _)| *side == "raw")
         .map(|(m, _, _)| *m)
         .collect();
-    for metric in metrics {
+    for metric in &metrics {
         println!(
             "{}",
             ratio_row(
                 metric,
                 &of_metric(metric, "raw"),
+                &of_metric(metric, "wharf")
+            )
+        );
+    }
+    println!();
+    println!("| metric | raw async-nats, inline | wharf | wharf / raw inline | per-round ratio, min to max |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for metric in &metrics {
+        println!(
+            "{}",
+            ratio_row(
+                metric,
+                &of_metric(metric, "raw inline"),
                 &of_metric(metric, "wharf")
             )
         );
@@ -379,6 +395,7 @@ const STATEFUL_METRICS: [&str; 4] = [
 #[derive(Clone, Copy)]
 enum Side {
     Raw,
+    RawInline,
     Wharf,
     Requested,
     NoRetry,
@@ -391,6 +408,7 @@ impl Side {
     fn name(self) -> &'static str {
         match self {
             Side::Raw => "raw",
+            Side::RawInline => "raw inline",
             Side::Wharf => "wharf",
             Side::Requested => "requested",
             Side::NoRetry => "no-retry",
@@ -411,6 +429,7 @@ impl Side {
     async fn call(self, nats: &async_nats::Client, client: &wharf::Client) -> CallResult {
         match self {
             Side::Raw => raw_call(nats).await,
+            Side::RawInline => raw_call_to(nats, RAW_INLINE_SUBJECT).await,
             Side::Wharf => wharf_call(client).await,
             Side::Requested => check(add::request(20, 22).client(client).await?),
             Side::NoRetry => check(
@@ -490,12 +509,20 @@ async fn failover(
     Ok(times)
 }
 
-/// One raw request: postcard `(i64, i64)` out, postcard `i64` back.
+/// One raw request to the task-per-request responder.
 async fn raw_call(
     nats: &async_nats::Client,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    raw_call_to(nats, RAW_SUBJECT).await
+}
+
+/// One raw request: postcard `(i64, i64)` out, postcard `i64` back.
+async fn raw_call_to(
+    nats: &async_nats::Client,
+    subject: &'static str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let payload = postcard::to_allocvec(&(20i64, 22i64))?;
-    let reply = nats.request(RAW_SUBJECT, payload.into()).await?;
+    let reply = nats.request(subject, payload.into()).await?;
     let sum: i64 = postcard::from_bytes(&reply.payload)?;
     check(sum)
 }
@@ -633,13 +660,19 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Waits until every one of `sides` answers a call.
 async fn wait_until_served(
     nats: &async_nats::Client,
     client: &wharf::Client,
+    sides: &[Side],
 ) -> Result<(), Box<dyn std::error::Error>> {
     let until = Instant::now() + Duration::from_secs(15);
     loop {
-        if raw_call(nats).await.is_ok() && wharf_call(client).await.is_ok() {
+        let mut served = true;
+        for side in sides {
+            served &= side.call(nats, client).await.is_ok();
+        }
+        if served {
             return Ok(());
         }
         if Instant::now() > until {
@@ -649,9 +682,11 @@ async fn wait_until_served(
     }
 }
 
-/// The baseline: a plain async-nats queue subscriber doing the same decode,
-/// add and encode, one task per request like the wharf worker.
-async fn raw_worker() -> Result<(), Box<dyn std::error::Error>> {
+/// The baselines: a plain async-nats queue subscriber doing the same
+/// decode, add and encode, either in a task per request or, with `inline`,
+/// inside its subscription loop (the simplest way to write one, and the
+/// fastest for a function this quick).
+async fn raw_worker(inline: bool) -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("NATS_URL")?;
     let nats = raw_connect(
         &url,
@@ -659,28 +694,40 @@ async fn raw_worker() -> Result<(), Box<dyn std::error::Error>> {
         std::env::var_os("NATS_CREDS").map(Into::into),
     )
     .await?;
-    let mut requests = nats.queue_subscribe(RAW_SUBJECT, "q".into()).await?;
+    let subject = if inline {
+        RAW_INLINE_SUBJECT
+    } else {
+        RAW_SUBJECT
+    };
+    let mut requests = nats.queue_subscribe(subject, "q".into()).await?;
     nats.flush().await?;
     // The loop runs as a task on the runtime's worker threads, as the wharf
     // worker's does; left on the `block_on` thread, every spawn would have
     // to wake a worker thread first and the baseline would be slower.
     let serve = tokio::spawn(async move {
         while let Some(message) = requests.next().await {
-            let nats = nats.clone();
-            tokio::spawn(async move {
-                let Some(reply) = message.reply else { return };
-                let Ok((a, b)) = postcard::from_bytes::<(i64, i64)>(&message.payload) else {
-                    return;
-                };
-                let Ok(body) = postcard::to_allocvec(&a.wrapping_add(b)) else {
-                    return;
-                };
-                let _ = nats.publish(reply, Bytes::from(body)).await;
-            });
+            if inline {
+                answer(&nats, message).await;
+            } else {
+                let nats = nats.clone();
+                tokio::spawn(async move { answer(&nats, message).await });
+            }
         }
     });
     serve.await?;
     Ok(())
+}
+
+/// The raw responders' answer: decode, add, encode, publish.
+async fn answer(nats: &async_nats::Client, message: async_nats::Message) {
+    let Some(reply) = message.reply else { return };
+    let Ok((a, b)) = postcard::from_bytes::<(i64, i64)>(&message.payload) else {
+        return;
+    };
+    let Ok(body) = postcard::to_allocvec(&a.wrapping_add(b)) else {
+        return;
+    };
+    let _ = nats.publish(reply, Bytes::from(body)).await;
 }
 
 /// A plain async-nats connection, over TLS with `ca` when given, with the
@@ -736,7 +783,7 @@ impl Setup {
         let worker = spawn_worker(&url, &[], &worker_env)?;
         let nats = raw_connect(&url, credentials.ca.clone(), credentials.creds.clone()).await?;
         let client = wharf::Client::connect_with(&url, &credentials).await?;
-        wait_until_served(&nats, &client).await?;
+        wait_until_served(&nats, &client, &[Side::Raw, Side::Wharf]).await?;
         Ok(Setup {
             server_pid: server.pid(),
             raw,
