@@ -13,9 +13,11 @@ use crate::wire::request::CallMeta;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
@@ -94,10 +96,22 @@ impl Endpoint {
                 }
                 Err(tokio::sync::TryAcquireError::Closed) => return,
             };
-            // The call's future is boxed and spawned with no wrapper around
-            // it (the permit rides inside): tokio moves a task several
-            // times per call, and a box is all it then moves.
-            tokio::spawn(endpoint.handle(message, direct, admission));
+            // A call of a fast async function usually ends in its first
+            // poll (decode, run, hand the reply to the connection): that
+            // poll runs here, and only a call that must wait (a sync
+            // function on the blocking pool, a full backlog, a store) pays
+            // for a task. The future is boxed with no wrapper around it
+            // (the permit rides inside), so a spawn moves only a box.
+            // A panic there ends that call only, as it would end its task.
+            let mut call = endpoint.handle(message, direct, admission);
+            let pending = std::future::poll_fn(|cx| {
+                let poll = std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx)));
+                Poll::Ready(matches!(poll, Ok(Poll::Pending)))
+            })
+            .await;
+            if pending {
+                tokio::spawn(call);
+            }
         }
     }
 
