@@ -408,15 +408,38 @@ fn now_ms() -> u64 {
 
 /// Kills processes when dropped: the instances a test's supervisors
 /// started, which outlive a killed supervisor by design.
-/// Kills, when dropped, every process started under a supervisor: made
-/// right after the supervisor's own guard, it drops first, while the
-/// supervisor still lives and its instances can still be found.
-struct Reaped(u32);
+/// Kills, when dropped, every process started under a supervisor: those
+/// seen by [`Reaped::note`] (an instance may outlive its supervisor: a
+/// supervisor that is not sure it leads stops none) and those still under
+/// it. Made right after the supervisor's own guard, it drops first.
+struct Reaped {
+    supervisor: u32,
+    seen: Vec<u32>,
+}
+
+impl Reaped {
+    fn new(supervisor: u32) -> Reaped {
+        Reaped {
+            supervisor,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Remembers the supervisor's instances as they are now.
+    fn note(&mut self) {
+        for pid in wharf_integration::descendants(self.supervisor) {
+            if !self.seen.contains(&pid) {
+                self.seen.push(pid);
+            }
+        }
+    }
+}
 
 impl Drop for Reaped {
     fn drop(&mut self) {
-        for pid in wharf_integration::descendants(self.0) {
-            wharf::process::kill(pid);
+        self.note();
+        for pid in &self.seen {
+            wharf::process::kill(*pid);
         }
     }
 }
@@ -502,7 +525,7 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
 
     // The first supervisor leads and starts two instances; the second stands by.
     let first = wharf_integration::spawn_svc(&["supervise", &config_1], &[]);
-    let _first_instances = Reaped(first.pid());
+    let mut first_instances = Reaped::new(first.pid());
     eventually(
         "the first supervisor to lead",
         Duration::from_secs(60),
@@ -510,7 +533,7 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
     )
     .await;
     let second = wharf_integration::spawn_svc(&["supervise", &config_2], &[]);
-    let _second_instances = Reaped(second.pid());
+    let mut second_instances = Reaped::new(second.pid());
     eventually(
         "the second supervisor to stand by",
         Duration::from_secs(60),
@@ -532,6 +555,7 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
         },
     )
     .await;
+    first_instances.note();
     wharf_integration::wait_for_workers(&on_2, 2).await;
 
     // Cut the first supervisor's node off, and lose an instance with it.
@@ -591,6 +615,8 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
         },
     )
     .await;
+    first_instances.note();
+    second_instances.note();
     wharf_integration::wait_for_workers(&on_2, 2).await;
     // Healed, the first stays a standby.
     cluster.heal(0);
@@ -634,6 +660,8 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
         "the first supervisor took the lease back"
     );
     // Stopped, the second drains what it runs.
+    first_instances.note();
+    second_instances.note();
     wharf_integration::signal(second.pid(), libc::SIGTERM);
     assert!(second.exit_status().await.success());
     wharf_integration::signal(first.pid(), libc::SIGTERM);
