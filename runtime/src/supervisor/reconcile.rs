@@ -305,6 +305,12 @@ impl Supervisor {
     /// Drains every instance this supervisor runs, waits for them, and
     /// releases the lease.
     pub(crate) async fn shutdown(&mut self) {
+        // A renewal that failed (a lost quorum, a timeout) leaves the lease
+        // unsure; one more try tells whether it still holds, so a stopping
+        // leader does not leave its instances to no one.
+        if self.lease_revision.is_some() && !self.is_leader() {
+            self.hold_lease().await;
+        }
         // Services an orchestrator runs are removed there; their instances
         // drain on the way out.
         let pooled: Vec<String> = self
