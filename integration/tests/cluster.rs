@@ -406,8 +406,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Kills processes when dropped: the instances a test's supervisors
-/// started, which outlive a killed supervisor by design.
 /// Kills, when dropped, every process started under a supervisor: those
 /// seen by [`Reaped::note`] (an instance may outlive its supervisor: a
 /// supervisor that is not sure it leads stops none) and those still under
@@ -589,22 +587,21 @@ async fn a_supervisor_cut_off_from_the_quorum_stops_acting_and_another_takes_ove
         Duration::from_secs(60),
         || {
             let heard = heard.lock().unwrap();
-            let mine: Vec<String> = heard
+            let mine: Vec<_> = heard
                 .iter()
                 .filter(|e| {
                     e.supervisor.starts_with(&format!("{}-", second.pid()))
                         && e.at_ms >= leads.at_ms
                 })
+                .collect();
+            let running = mine
+                .iter()
+                .filter(|e| matches!(e.kind, EventKind::Adopt | EventKind::Start))
+                .count();
+            let mine: Vec<String> = mine
+                .iter()
                 .map(|e| format!("{} {}", e.kind, e.reason))
                 .collect();
-            let running = heard
-                .iter()
-                .filter(|e| {
-                    e.supervisor.starts_with(&format!("{}-", second.pid()))
-                        && e.at_ms >= leads.at_ms
-                        && matches!(e.kind, EventKind::Adopt | EventKind::Start)
-                })
-                .count();
             async move {
                 if running >= 2 {
                     Ok(())
