@@ -290,6 +290,33 @@ pub fn spawn_svc(args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
     WorkerProcess(command.spawn().expect("the svc binary starts"))
 }
 
+/// The `svc` binary with `args` and `env`, killed when dropped, and the
+/// lines it writes to stderr as they come.
+pub fn spawn_svc_logged(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (WorkerProcess, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::BufRead;
+    let mut command = Command::new(svc_binary());
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("the svc binary starts");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heard = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            heard.lock().unwrap().push(line);
+        }
+    });
+    (WorkerProcess(child), lines)
+}
+
 /// Writes a `REPORT` line past the test harness's capture, so that every
 /// run (CI's included) shows what a test measured.
 pub fn report_line(line: String) {

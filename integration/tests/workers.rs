@@ -93,3 +93,74 @@ async fn sigterm_drains_calls_in_flight() {
     let status = worker.exit_status().await;
     assert!(status.success(), "a drained worker exits cleanly: {status}");
 }
+
+#[tokio::test]
+async fn a_worker_logs_json_lines_when_asked_and_refuses_an_unknown_format() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let (worker, lines) = wharf_integration::spawn_svc_logged(
+        &["worker"],
+        &[("NATS_URL", url.as_str()), ("WHARF_LOG_FORMAT", "json")],
+    );
+    let ready = wharf::testing::eventually(
+        "a JSON log line saying the worker is ready",
+        Duration::from_secs(60),
+        || {
+            let lines = lines.lock().unwrap().clone();
+            async move {
+                lines
+                    .iter()
+                    .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                    .find(|event| {
+                        event["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("worker ready"))
+                    })
+                    .ok_or_else(|| format!("its stderr so far: {lines:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(ready["level"], "INFO", "{ready}");
+    assert_eq!(
+        ready["pid"],
+        worker.pid(),
+        "fields are keys of the object: {ready}"
+    );
+    assert!(ready["timestamp"].is_string(), "{ready}");
+    for line in lines.lock().unwrap().iter() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "every line is a JSON object, not: {line}"
+        );
+    }
+    drop(worker);
+
+    let (bad, lines) = wharf_integration::spawn_svc_logged(
+        &["worker"],
+        &[("NATS_URL", url.as_str()), ("WHARF_LOG_FORMAT", "xml")],
+    );
+    let status = bad.exit_status().await;
+    assert!(
+        !status.success(),
+        "an unknown log format is a start-up error"
+    );
+    wharf::testing::eventually(
+        "the worker to say what was wrong with WHARF_LOG_FORMAT",
+        Duration::from_secs(10),
+        || {
+            let lines = lines.lock().unwrap().clone();
+            async move {
+                if lines
+                    .iter()
+                    .any(|l| l.contains("WHARF_LOG_FORMAT must be `text`") && l.contains("`xml`"))
+                {
+                    Ok(())
+                } else {
+                    Err(format!("its stderr: {lines:?}"))
+                }
+            }
+        },
+    )
+    .await;
+}

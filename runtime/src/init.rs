@@ -5,7 +5,7 @@ use crate::client::{self, Client};
 use crate::error::{Error, ErrorKind};
 use crate::handler::registered;
 use crate::local::{children, server, workers};
-use crate::settings::{Credentials, Role, Settings};
+use crate::settings::{Credentials, LogFormat, Role, Settings};
 use crate::worker::Worker;
 use std::time::Duration;
 
@@ -255,18 +255,35 @@ fn parent_is_gone() -> bool {
 }
 
 /// Logs wharf's messages to stderr, filtered by `RUST_LOG` (default: wharf
-/// at `info`, the libraries under it at `warn`), unless the program
+/// at `info`, the libraries under it at `warn`), as readable lines or, with
+/// `WHARF_LOG_FORMAT=json`, one JSON object per line; unless the program
 /// installed a `tracing` subscriber of its own.
 pub fn install_logging() {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("warn,wharf=info,wharf_cli=info"));
-    // Fails only when a subscriber is already set: the program's own wins.
-    let _ = tracing_subscriber::fmt()
+    // Read on its own, not through `Settings::get`: logging starts before
+    // a program's settings are complete. A bad value is logged here in
+    // text, and fails the settings later with the same message.
+    let format = LogFormat::from_env();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    // Fails only when a subscriber is already set: the program's own wins.
+    let installed = match format {
+        Ok(LogFormat::Json) => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        _ => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+    if let (Ok(()), Err(error)) = (installed, format) {
+        tracing::warn!("{error}; logging readable lines");
+    }
 }

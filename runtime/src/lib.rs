@@ -97,7 +97,7 @@ pub use local::{
 pub use objects::{put, Blob, ObjectRef};
 pub use request::Request;
 pub use retry::RetryPolicy;
-pub use settings::{Settings, DEFAULT_LEASE};
+pub use settings::{LogFormat, Settings, DEFAULT_LEASE};
 pub use spec::{ArgSpec, FnSpec};
 pub use txn::{transaction, State, Transaction, QUIESCE_LIMIT};
 pub use wharf_macros::{main, microservice};

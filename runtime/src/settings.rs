@@ -55,6 +55,35 @@ pub enum Role {
     Describe,
 }
 
+/// How this process writes its log lines (`WHARF_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One readable line per event (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for a log collector.
+    Json,
+}
+
+impl LogFormat {
+    /// `WHARF_LOG_FORMAT`'s value: unset or empty is [`LogFormat::Text`].
+    pub fn from_env() -> Result<LogFormat, Error> {
+        LogFormat::parse(std::env::var("WHARF_LOG_FORMAT").ok().as_deref())
+    }
+
+    fn parse(value: Option<&str>) -> Result<LogFormat, Error> {
+        match value.map(str::trim) {
+            None | Some("") | Some("text") => Ok(LogFormat::Text),
+            Some("json") => Ok(LogFormat::Json),
+            Some(other) => Err(invalid(
+                "WHARF_LOG_FORMAT",
+                other,
+                "`text` (readable lines, the default) or `json` (one object per line)",
+            )),
+        }
+    }
+}
+
 /// Every setting of this process, checked. Its `Debug` shows the URL
 /// redacted and secrets as `***`.
 #[derive(Clone)]
@@ -65,6 +94,8 @@ pub struct Settings {
     pub prefix: String,
     /// `WHARF_ROLE` (or a first argument `worker`).
     pub role: Role,
+    /// `WHARF_LOG_FORMAT`: readable lines or JSON.
+    pub log_format: LogFormat,
     /// `WHARF_WORKERS`: local mode's worker processes.
     pub workers: usize,
     /// `WHARF_MAX_WORKERS`: local mode scales up to this many.
@@ -115,6 +146,7 @@ impl std::fmt::Debug for Settings {
             .field("nats_url", &self.nats_url.as_deref().map(redact))
             .field("prefix", &self.prefix)
             .field("role", &self.role)
+            .field("log_format", &self.log_format)
             .field("workers", &self.workers)
             .field("max_workers", &self.max_workers)
             .field("concurrency", &self.concurrency)
@@ -564,6 +596,7 @@ impl Settings {
                 ))
             }
         };
+        let log_format = LogFormat::parse(var("WHARF_LOG_FORMAT").as_deref())?;
         let workers = number(&var, "WHARF_WORKERS", 0, 1024)?.unwrap_or(DEFAULT_WORKERS);
         let max_workers = match number(&var, "WHARF_MAX_WORKERS", 1, 1024)? {
             Some(max) if max < workers => {
@@ -637,6 +670,7 @@ impl Settings {
             nats_url,
             prefix,
             role,
+            log_format,
             workers,
             max_workers,
             concurrency,
@@ -836,6 +870,11 @@ mod tests {
         assert_eq!(settings.nats_url, None);
         assert_eq!(settings.prefix, "wharf");
         assert_eq!(settings.role, Role::Caller);
+        assert_eq!(settings.log_format, LogFormat::Text);
+        assert_eq!(
+            read(&[("WHARF_LOG_FORMAT", "json")]).unwrap().log_format,
+            LogFormat::Json
+        );
         assert_eq!(settings.workers, DEFAULT_WORKERS);
         assert_eq!(settings.max_workers, DEFAULT_MAX_WORKERS);
         assert_eq!(settings.concurrency, DEFAULT_CONCURRENCY);
@@ -849,6 +888,7 @@ mod tests {
     fn every_bad_value_is_an_error_naming_variable_value_and_rule() {
         for (name, value, allowed) in [
             ("WHARF_WORKERS", "two", "whole number"),
+            ("WHARF_LOG_FORMAT", "xml", "`json`"),
             ("WHARF_MAX_WORKERS", "0", "from 1 to 1024"),
             ("WHARF_CONCURRENCY", "-1", "whole number"),
             ("WHARF_BACKLOG", "lots", "whole number"),
