@@ -66,6 +66,28 @@ pub async fn whoami() -> u32 {
     std::process::id()
 }
 
+/// The serving process and the `traceparent` of the trace this call runs
+/// in (empty without one).
+#[wharf::microservice(service = "itest")]
+pub async fn traced() -> (u32, String) {
+    let trace = wharf::trace::current().map(|t| t.traceparent());
+    (std::process::id(), trace.unwrap_or_default())
+}
+
+/// [`traced`] of this call, then of a [`traced`] call made from here.
+#[wharf::microservice(service = "itest")]
+pub async fn traced_nested() -> ((u32, String), (u32, String)) {
+    let trace = wharf::trace::current().map(|t| t.traceparent());
+    let inner = traced().await.expect("traced answers");
+    ((std::process::id(), trace.unwrap_or_default()), inner)
+}
+
+/// [`traced`] for a sync function, which runs on the blocking pool.
+#[wharf::microservice(service = "itest")]
+pub fn traced_blocking() -> String {
+    wharf::trace::current().map_or_else(String::new, |t| t.traceparent())
+}
+
 /// Sleeps, then answers: a call that is in flight for a while.
 #[wharf::microservice(service = "itest", timeout = "30s")]
 pub async fn sleep_ms(ms: u64) -> u64 {

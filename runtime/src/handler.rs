@@ -93,16 +93,20 @@ impl Incoming {
         T: Send + 'static,
     {
         let deadline_ms = self.deadline_ms;
-        tokio::task::spawn_blocking(move || crate::context::scope_blocking(deadline_ms, f))
-            .await
-            .map_err(|e| {
-                let message = if e.is_panic() {
-                    panic_message(e.into_panic().as_ref())
-                } else {
-                    "the blocking task was cancelled".to_owned()
-                };
-                Fault::panicked(self.spec, &message)
-            })
+        // Read here, in the call's task, for the blocking thread.
+        let trace = crate::trace::current();
+        tokio::task::spawn_blocking(move || {
+            crate::context::scope_blocking(deadline_ms, || crate::trace::in_blocking(trace, f))
+        })
+        .await
+        .map_err(|e| {
+            let message = if e.is_panic() {
+                panic_message(e.into_panic().as_ref())
+            } else {
+                "the blocking task was cancelled".to_owned()
+            };
+            Fault::panicked(self.spec, &message)
+        })
     }
 }
 

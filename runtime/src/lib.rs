@@ -75,6 +75,7 @@ mod storage;
 pub mod supervisor;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 mod txn;
 pub mod wire;
 pub mod worker;

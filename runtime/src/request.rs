@@ -13,11 +13,13 @@ use crate::txn::lease::outside;
 use crate::txn::transaction::{current, Transaction};
 use crate::wire::codec::Codec;
 use crate::wire::reply::instance;
+use async_nats::Message;
 use serde::Serialize;
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// A call being prepared: set options, then `.await` it (or call
 /// [`Request::send`]). Made by `<function>::request(args..)`.
@@ -150,18 +152,24 @@ impl<A: Serialize, R: Returns> Request<A, R> {
             (None, None) => global()?.clone(),
         };
         let call = CallState::new(self.spec, &self.options)?;
+        let span = call.span(self.spec);
         let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
-        let (message, codec, attempts) = if self.options.durable.unwrap_or(self.spec.durable) {
-            let pending = client
-                .start_durable::<R>(self.spec, prepared, call, &self.options)
-                .await?;
-            pending.wait_message().await?
-        } else {
-            let (message, attempts) = client
-                .invoke(self.spec, prepared, call, &self.options)
-                .await?;
-            (message, self.options.codec, attempts)
+        let answer = async {
+            if self.options.durable.unwrap_or(self.spec.durable) {
+                let pending = client
+                    .start_durable::<R>(self.spec, prepared, call, &self.options)
+                    .await?;
+                pending.wait_message().await
+            } else {
+                let (message, attempts) = client
+                    .invoke(self.spec, prepared, call, &self.options)
+                    .await?;
+                Ok((message, self.options.codec, attempts))
+            }
         };
+        let answer = answer.instrument(span.clone()).await;
+        record_outcome(&span, answer.as_ref().map(|(message, _, _)| message));
+        let (message, codec, attempts) = answer?;
         let value = R::decode(self.spec, codec, &message)?;
         let instance = instance(&message);
         Ok(Reply {
@@ -199,10 +207,32 @@ pub async fn call<A: Serialize, R: Returns>(
     }
     let options = CallOptions::default();
     let call = CallState::new(spec, &options)?;
+    let span = call.span(spec);
     let prepared = client.prepare(spec, &args, &options, &call)?;
     drop(args);
-    let (message, _) = client.invoke(spec, prepared, call, &options).await?;
+    let answer = client
+        .invoke(spec, prepared, call, &options)
+        .instrument(span.clone())
+        .await;
+    record_outcome(&span, answer.as_ref().map(|(message, _)| message));
+    let (message, _) = answer?;
     R::decode(spec, options.codec, &message)
+}
+
+/// Notes on a call's span how it ended: `ok`, the kind of the error
+/// reply, or the kind of the call's own failure.
+fn record_outcome(span: &tracing::Span, answer: Result<&Message, &Error>) {
+    if span.is_disabled() {
+        return;
+    }
+    let outcome = match answer {
+        Ok(message) => match crate::wire::reply::status_code(message) {
+            Some(code) if code >= 400 => ErrorKind::from_code(code).as_str(),
+            _ => "ok",
+        },
+        Err(error) => error.kind().as_str(),
+    };
+    span.record("rpc.outcome", outcome);
 }
 
 /// Calls `spec` through the client set up by [`crate::init`].

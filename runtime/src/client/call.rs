@@ -74,6 +74,9 @@ pub(crate) struct CallState {
     pub(crate) deadline_ms: u64,
     /// The same deadline on the monotonic clock (what the caller waits on).
     pub(crate) deadline: Instant,
+    /// This call's span in the current trace, if there is one: what the
+    /// request carries as its `traceparent`.
+    pub(crate) trace: Option<crate::trace::TraceContext>,
 }
 
 impl CallState {
@@ -107,7 +110,27 @@ impl CallState {
             id: call_id(),
             deadline_ms,
             deadline,
+            trace: crate::trace::current().map(|trace| trace.child()),
         })
+    }
+
+    /// The caller's span of this call (a `debug` span: off unless a
+    /// subscriber asks for it, and then nearly free), with the OpenTelemetry
+    /// RPC attributes.
+    pub(crate) fn span(&self, spec: &FnSpec) -> tracing::Span {
+        let trace = self.trace.as_ref();
+        tracing::debug_span!(
+            "wharf.call",
+            otel.name = %format_args!("{}/{}", spec.service, spec.name),
+            otel.kind = "client",
+            rpc.system = "nats",
+            rpc.service = spec.service,
+            rpc.method = spec.name,
+            wharf.call_id = self.id.as_str(),
+            trace_id = trace.map(|t| t.trace_id()),
+            span_id = trace.map(|t| t.span_id()),
+            rpc.outcome = tracing::field::Empty,
+        )
     }
 
     fn deadline_passed(&self, spec: &FnSpec, subject: &str) -> Error {
@@ -160,6 +183,7 @@ impl Client {
             attempt: 1,
             report_instance: options.report_instance,
             txn: options.txn.as_ref().map(|txn| txn.id()),
+            trace: call.trace.as_ref(),
         };
         request::encode(&outgoing, args).map_err(|e| {
             Error::new(

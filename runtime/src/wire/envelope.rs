@@ -15,6 +15,12 @@ pub const FLAG_REPORT_INSTANCE: u8 = 1;
 /// the envelope.
 pub const FLAG_TXN: u8 = 2;
 
+/// Envelope flag: the caller's W3C trace context follows (after the
+/// transaction id, if any), as two postcard byte strings: `traceparent`,
+/// then `tracestate` (empty when none). Set only when a trace is current,
+/// so calls without one carry nothing.
+pub const FLAG_TRACE: u8 = 4;
+
 /// Call metadata in front of the arguments of every postcard request.
 ///
 /// JSON requests carry the same fields as `Wharf-*` headers. Postcard
@@ -73,6 +79,26 @@ impl<'a> Envelope<'a> {
         let (txn, rest) = postcard::take_from_bytes::<&[u8]>(&payload[at..])
             .map_err(|e| format!("malformed transaction id after the wharf envelope: {e}"))?;
         Ok((txn, payload.len() - rest.len()))
+    }
+
+    /// The `traceparent` and `tracestate` bytes after an envelope with
+    /// [`FLAG_TRACE`] (`None` without the flag) and where the arguments
+    /// start; `at` is where the transaction id (or the envelope) ends.
+    #[allow(clippy::type_complexity)]
+    pub fn split_trace(
+        &self,
+        payload: &'a [u8],
+        at: usize,
+    ) -> Result<(Option<(&'a [u8], &'a [u8])>, usize), String> {
+        if self.flags & FLAG_TRACE == 0 {
+            return Ok((None, at));
+        }
+        let malformed =
+            |e: postcard::Error| format!("malformed trace context after the wharf envelope: {e}");
+        let (parent, rest) =
+            postcard::take_from_bytes::<&[u8]>(&payload[at..]).map_err(malformed)?;
+        let (state, rest) = postcard::take_from_bytes::<&[u8]>(rest).map_err(malformed)?;
+        Ok((Some((parent, state)), payload.len() - rest.len()))
     }
 }
 

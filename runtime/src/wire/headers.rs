@@ -19,6 +19,10 @@ pub const TXN: HeaderName = HeaderName::from_static("Wharf-Txn");
 /// queue group: the owning instance, whose own subject later calls of
 /// the transaction go to.
 pub const TXN_OWNER: HeaderName = HeaderName::from_static("Wharf-Txn-Owner");
+/// W3C trace context: the caller's span (`00-<trace id>-<span id>-<flags>`).
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// W3C trace context: vendors' state, passed on with [`TRACEPARENT`].
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// `instance`: ask the worker to name itself in [`INSTANCE`].
 pub const REPORT: HeaderName = HeaderName::from_static("Wharf-Report");
 /// Durable calls: the subject the worker replies to.

@@ -2,8 +2,11 @@
 //! headers, then the arguments) and read back by the worker.
 
 use crate::error::{Error, ErrorKind};
+use crate::trace::TraceContext;
 use crate::wire::codec::{self, Codec, CodecError};
-use crate::wire::envelope::{Envelope, ENVELOPE_VERSION, FLAG_REPORT_INSTANCE, FLAG_TXN};
+use crate::wire::envelope::{
+    Envelope, ENVELOPE_VERSION, FLAG_REPORT_INSTANCE, FLAG_TRACE, FLAG_TXN,
+};
 use crate::wire::headers;
 use crate::wire::reply::spilled;
 use async_nats::{HeaderMap, Message};
@@ -25,6 +28,8 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) report_instance: bool,
     /// The transaction of a stateful call.
     pub(crate) txn: Option<&'a str>,
+    /// The caller's span, when a trace is current.
+    pub(crate) trace: Option<&'a TraceContext>,
 }
 
 /// An encoded try, ready to send.
@@ -52,11 +57,17 @@ pub(crate) fn encode<A: Serialize>(call: &Outgoing, args: &A) -> Result<Prepared
                     FLAG_REPORT_INSTANCE
                 } else {
                     0
-                } | if call.txn.is_some() { FLAG_TXN } else { 0 },
+                } | if call.txn.is_some() { FLAG_TXN } else { 0 }
+                    | if call.trace.is_some() { FLAG_TRACE } else { 0 },
             };
             let mut buffer = postcard::to_extend(&envelope, Vec::with_capacity(64))?;
             if let Some(txn) = call.txn {
                 buffer = postcard::to_extend(txn.as_bytes(), buffer)?;
+            }
+            if let Some(trace) = call.trace {
+                buffer = postcard::to_extend(trace.traceparent().as_bytes(), buffer)?;
+                let state = trace.tracestate().unwrap_or_default();
+                buffer = postcard::to_extend(state.as_bytes(), buffer)?;
             }
             let args_at = buffer.len();
             let buffer = postcard::to_extend(args, buffer)?;
@@ -80,6 +91,12 @@ pub(crate) fn encode<A: Serialize>(call: &Outgoing, args: &A) -> Result<Prepared
             }
             if let Some(txn) = call.txn {
                 headers.insert(headers::TXN, txn);
+            }
+            if let Some(trace) = call.trace {
+                headers.insert(headers::TRACEPARENT, trace.traceparent());
+                if let Some(state) = trace.tracestate() {
+                    headers.insert(headers::TRACESTATE, state);
+                }
             }
             Ok(Prepared {
                 payload: Codec::Json.encode(args)?,
@@ -140,6 +157,9 @@ pub(crate) struct CallMeta {
     /// The object holding the arguments, when they were spilled: URI and
     /// digest. Boxed: every call's future carries this struct.
     pub(crate) spill: Option<Box<(String, String)>>,
+    /// The caller's trace context; `None` when none was sent or it was
+    /// malformed (ignored, never a failed call). Boxed like `spill`.
+    pub(crate) trace: Option<Box<TraceContext>>,
 }
 
 /// The spilled-arguments object a request names, if any.
@@ -163,6 +183,12 @@ pub(crate) fn read(message: &Message) -> Result<(Codec, CallMeta, Bytes), (Codec
         Codec::Postcard => {
             let (envelope, at) = Envelope::split(&message.payload).map_err(bad)?;
             let (txn, at) = envelope.split_txn(&message.payload, at).map_err(bad)?;
+            let (trace, at) = envelope.split_trace(&message.payload, at).map_err(bad)?;
+            let trace = trace.and_then(|(parent, state)| {
+                let parent = std::str::from_utf8(parent).ok()?;
+                let state = std::str::from_utf8(state).ok().filter(|s| !s.is_empty());
+                TraceContext::parse(parent, state).map(Box::new)
+            });
             let meta = CallMeta {
                 sig: (envelope.sig != 0).then_some(envelope.sig),
                 deadline_ms: (envelope.deadline_ms != 0).then_some(envelope.deadline_ms),
@@ -180,6 +206,7 @@ pub(crate) fn read(message: &Message) -> Result<(Codec, CallMeta, Bytes), (Codec
                     message.payload.slice_ref(txn)
                 },
                 spill: spilled_args(message),
+                trace,
             };
             Ok((codec, meta, message.payload.slice(at..)))
         }
@@ -219,6 +246,9 @@ pub(crate) fn read(message: &Message) -> Result<(Codec, CallMeta, Bytes), (Codec
                     .map(|id| Bytes::copy_from_slice(id.as_bytes()))
                     .unwrap_or_default(),
                 spill: spilled_args(message),
+                trace: header(headers::TRACEPARENT)
+                    .and_then(|parent| TraceContext::parse(parent, header(headers::TRACESTATE)))
+                    .map(Box::new),
             };
             Ok((codec, meta, message.payload.clone()))
         }
@@ -243,6 +273,11 @@ mod tests {
 
     #[test]
     fn both_codecs_read_back_what_was_encoded() {
+        let trace = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("congo=t61rcWkgMzE"),
+        )
+        .unwrap();
         for codec in [Codec::Postcard, Codec::Json] {
             let call = Outgoing {
                 codec,
@@ -252,6 +287,7 @@ mod tests {
                 attempt: 1,
                 report_instance: true,
                 txn: Some("tx_1"),
+                trace: Some(&trace),
             };
             let prepared = encode(&call, &(2i64, 3i64)).unwrap();
             let again = with_attempt(&prepared, codec, 2);
@@ -263,9 +299,48 @@ mod tests {
             assert_eq!(meta.attempt, 2);
             assert!(meta.report_instance);
             assert_eq!(&meta.txn[..], b"tx_1");
+            assert_eq!(meta.trace.as_deref(), Some(&trace));
             let decoded: (i64, i64) = codec.decode_args(&args).unwrap();
             assert_eq!(decoded, (2, 3));
         }
+    }
+
+    #[test]
+    fn a_malformed_traceparent_is_ignored() {
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::CONTENT_TYPE, codec::JSON);
+        headers.insert(headers::TRACEPARENT, "00-not-a-trace-01");
+        let prepared = Prepared {
+            payload: Bytes::from_static(b"{}"),
+            headers: Some(headers),
+            args_at: 0,
+        };
+        let (_, meta, _) = read(&message(prepared)).unwrap_or_else(|_| panic!());
+        assert_eq!(meta.trace, None);
+        // The same in the envelope: the call still reads, with no trace.
+        let mut payload = postcard::to_allocvec(&Envelope {
+            version: ENVELOPE_VERSION,
+            sig: 0,
+            deadline_ms: 0,
+            call_id: b"",
+            attempt: 0,
+            flags: FLAG_TRACE,
+        })
+        .unwrap();
+        payload = postcard::to_extend(&b"00-zz"[..], payload).unwrap();
+        payload = postcard::to_extend(&b""[..], payload).unwrap();
+        payload = postcard::to_extend(&(2i64, 3i64), payload).unwrap();
+        let prepared = Prepared {
+            payload: payload.into(),
+            headers: None,
+            args_at: 0,
+        };
+        let (_, meta, args) = read(&message(prepared)).unwrap_or_else(|_| panic!());
+        assert_eq!(meta.trace, None);
+        assert_eq!(
+            Codec::Postcard.decode_args::<(i64, i64)>(&args).unwrap(),
+            (2, 3)
+        );
     }
 
     #[test]

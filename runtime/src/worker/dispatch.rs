@@ -8,6 +8,7 @@ use crate::error::ErrorKind;
 use crate::handler::{panic_message, Fault, Incoming};
 use crate::objects::store as objects;
 use crate::spec::FnSpec;
+use crate::trace::TraceContext;
 use crate::txn::state::Slot;
 use crate::wire::codec::Codec;
 use crate::wire::request::{self, CallMeta};
@@ -16,6 +17,7 @@ use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::Instrument;
 
 impl Endpoint {
     /// The common call, admitted by [`Endpoint::handle`]: runs the function
@@ -37,8 +39,7 @@ impl Endpoint {
             self.untrack(&meta.call_id);
             return;
         };
-        let deadline_ms = meta.deadline_ms.unwrap_or(0);
-        match self.call_handler(codec, deadline_ms, args, None).await {
+        match self.call_handler(codec, &meta, args, None).await {
             Ok(body)
                 if codec == Codec::Postcard
                     && !meta.report_instance
@@ -65,20 +66,20 @@ impl Endpoint {
         txn: Option<Arc<Slot>>,
     ) -> Result<Bytes, Fault> {
         admit(self.registration.spec, meta, started)?;
-        self.call_handler(codec, meta.deadline_ms.unwrap_or(0), args, txn)
-            .await
+        self.call_handler(codec, meta, args, txn).await
     }
 
-    /// Decodes, calls and encodes, within the call's deadline; a panic
-    /// becomes a 500.
+    /// Decodes, calls and encodes, within the call's deadline and in its
+    /// trace; a panic becomes a 500.
     pub(crate) async fn call_handler(
         &self,
         codec: Codec,
-        deadline_ms: u64,
+        meta: &CallMeta,
         args: Bytes,
         txn: Option<Arc<Slot>>,
     ) -> Result<Bytes, Fault> {
         let spec = self.registration.spec;
+        let deadline_ms = meta.deadline_ms.unwrap_or(0);
         let incoming = Incoming {
             codec,
             payload: args,
@@ -87,9 +88,32 @@ impl Endpoint {
             txn,
         };
         let handler = AssertUnwindSafe((self.registration.handler)(incoming)).catch_unwind();
-        crate::context::scope(deadline_ms, handler)
-            .await
-            .unwrap_or_else(|panic| Err(Fault::panicked(spec, &panic_message(panic.as_ref()))))
+        let span = server_span(spec, meta);
+        let outcome = if span.is_disabled() && meta.trace.is_none() {
+            // The common call: no trace to carry, no span to keep.
+            crate::context::scope(deadline_ms, handler).await
+        } else {
+            // The worker's own span is a child of the caller's, and the
+            // calls the function makes are children of it.
+            let trace = meta.trace.as_deref().map(TraceContext::child);
+            if let Some(trace) = &trace {
+                span.record("trace_id", trace.trace_id());
+                span.record("span_id", trace.span_id());
+            }
+            let traced = crate::trace::maybe_in(trace, handler);
+            let span = span.clone();
+            out_of_line(move || crate::context::scope(deadline_ms, traced).instrument(span)).await
+        };
+        let outcome = outcome
+            .unwrap_or_else(|panic| Err(Fault::panicked(spec, &panic_message(panic.as_ref()))));
+        if !span.is_disabled() {
+            let kind = outcome
+                .as_ref()
+                .err()
+                .map_or("ok", |fault| fault.kind().as_str());
+            span.record("rpc.outcome", kind);
+        }
+        outcome
     }
 
     /// The arguments of a spilled call, from the object store.
@@ -109,6 +133,26 @@ impl Endpoint {
                 )
             })
     }
+}
+
+/// The worker's span of a call (a `debug` span: off unless a subscriber
+/// asks for it), with the OpenTelemetry RPC attributes and wharf's own.
+fn server_span(spec: &FnSpec, meta: &CallMeta) -> tracing::Span {
+    tracing::debug_span!(
+        "wharf.serve",
+        otel.name = %format_args!("{}/{}", spec.service, spec.name),
+        otel.kind = "server",
+        rpc.system = "nats",
+        rpc.service = spec.service,
+        rpc.method = spec.name,
+        wharf.call_id = %String::from_utf8_lossy(&meta.call_id),
+        wharf.attempt = meta.attempt,
+        wharf.txn = %String::from_utf8_lossy(&meta.txn),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = meta.trace.as_deref().map(TraceContext::span_id),
+        rpc.outcome = tracing::field::Empty,
+    )
 }
 
 /// Reads a request; one that cannot be read is answered as a fault.

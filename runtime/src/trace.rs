@@ -1,0 +1,253 @@
+//! W3C trace context (`traceparent`, `tracestate`) carried with calls.
+//!
+//! A call made while a trace is current carries it: a JSON request in the
+//! standard `traceparent` and `tracestate` headers, a postcard request
+//! after its envelope (flag bit 2, docs/protocol.md). The worker runs the
+//! function with the call's trace current, so every call the function
+//! makes is a child of the one it serves, across processes; durable calls
+//! keep it through JetStream, as part of the stored request. Without a
+//! current trace nothing is carried and nothing is paid.
+//!
+//! A trace starts where a program says so ([`in_trace`], with a context of
+//! its own or [`TraceContext::new_root`]) or where a foreign client sends
+//! a `traceparent`. A malformed one is ignored: the call runs as if none
+//! had been sent, and never fails for it.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+
+/// One span's place in a trace: the trace id, the id of the span that is
+/// the parent of whatever is made under it, the W3C trace flags, and the
+/// vendors' `tracestate`, passed on unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    trace_id: u128,
+    span_id: u64,
+    flags: u8,
+    state: Option<Box<str>>,
+}
+
+/// The W3C trace flag that says the trace is sampled.
+const SAMPLED: u8 = 1;
+
+impl TraceContext {
+    /// Reads a `traceparent` header (and its `tracestate`), as the W3C
+    /// Trace Context recommendation has it; `None` when it is malformed
+    /// (wrong lengths, not lowercase hex, version `ff`, an id of zeros).
+    pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<TraceContext> {
+        let text = traceparent.trim();
+        let mut parts = text.split('-');
+        let version = parts.next()?;
+        let trace_id = parts.next()?;
+        let span_id = parts.next()?;
+        let flags = parts.next()?;
+        let hex = |s: &str, len: usize| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if !hex(version, 2) || version == "ff" || !hex(trace_id, 32) || !hex(span_id, 16) {
+            return None;
+        }
+        if !hex(flags, 2) {
+            return None;
+        }
+        // Version 00 has exactly four fields; a later version may add more.
+        if version == "00" && parts.next().is_some() {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace_id, 16).ok()?;
+        let span_id = u64::from_str_radix(span_id, 16).ok()?;
+        if trace_id == 0 || span_id == 0 {
+            return None;
+        }
+        let state = tracestate
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE && s.is_ascii())
+            .map(Into::into);
+        Some(TraceContext {
+            trace_id,
+            span_id,
+            flags: u8::from_str_radix(flags, 16).ok()?,
+            state,
+        })
+    }
+
+    /// The start of a new trace, sampled or not.
+    pub fn new_root(sampled: bool) -> TraceContext {
+        let trace_id = (u128::from(random_id()) << 64) | u128::from(random_id());
+        TraceContext {
+            trace_id,
+            span_id: random_id(),
+            flags: if sampled { SAMPLED } else { 0 },
+            state: None,
+        }
+    }
+
+    /// A new span in the same trace, under this one.
+    pub fn child(&self) -> TraceContext {
+        TraceContext {
+            span_id: random_id(),
+            ..self.clone()
+        }
+    }
+
+    /// The `traceparent` header naming this span.
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        )
+    }
+
+    /// The `tracestate` passed on with it, if any.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.state.as_deref()
+    }
+
+    /// The trace id, 32 lowercase hex digits.
+    pub fn trace_id(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// This span's id, 16 lowercase hex digits.
+    pub fn span_id(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+
+    /// Whether the trace is sampled (W3C flag bit 0).
+    pub fn sampled(&self) -> bool {
+        self.flags & SAMPLED != 0
+    }
+}
+
+/// The longest `tracestate` passed on (W3C: 32 members of at most 256
+/// characters; real ones are far shorter). A longer one is dropped.
+const MAX_TRACESTATE: usize = 8192;
+
+/// A random, non-zero id: the std hasher's per-process random keys over a
+/// per-thread counter (a span id needs to be unique, not secret).
+fn random_id() -> u64 {
+    thread_local! {
+        static STATE: (std::collections::hash_map::RandomState, std::cell::Cell<u64>) =
+            (std::collections::hash_map::RandomState::new(), std::cell::Cell::new(0));
+    }
+    STATE.with(|(keys, counter)| {
+        counter.set(counter.get().wrapping_add(1));
+        let mut hasher = keys.build_hasher();
+        hasher.write_u64(counter.get());
+        hasher.finish().max(1)
+    })
+}
+
+tokio::task_local! {
+    static CURRENT: TraceContext;
+}
+
+thread_local! {
+    static BLOCKING: RefCell<Option<TraceContext>> = const { RefCell::new(None) };
+}
+
+/// The trace this code runs in: the call being served (when its caller
+/// sent one) or an [`in_trace`] scope; calls made here carry it.
+pub fn current() -> Option<TraceContext> {
+    CURRENT
+        .try_with(Clone::clone)
+        .ok()
+        .or_else(|| BLOCKING.with(|t| t.borrow().clone()))
+}
+
+/// Runs `future` with `trace` current: every call it makes carries it.
+///
+/// ```no_run
+/// # #[wharf::microservice] async fn add(a: i64, b: i64) -> i64 { a + b }
+/// # fn main() {}
+/// # async fn run() -> Result<(), wharf::Error> {
+/// let trace = wharf::trace::TraceContext::new_root(true);
+/// let sum = wharf::trace::in_trace(trace, add(2, 3)).await?;
+/// # Ok(()) }
+/// ```
+pub async fn in_trace<F: Future>(trace: TraceContext, future: F) -> F::Output {
+    CURRENT.scope(trace, future).await
+}
+
+/// Runs `future` with `trace` current when there is one.
+pub(crate) async fn maybe_in<F: Future>(trace: Option<TraceContext>, future: F) -> F::Output {
+    match trace {
+        Some(trace) => CURRENT.scope(trace, future).await,
+        None => future.await,
+    }
+}
+
+/// Runs a sync handler with `trace` current on its blocking thread.
+pub(crate) fn in_blocking<T>(trace: Option<TraceContext>, f: impl FnOnce() -> T) -> T {
+    if trace.is_none() {
+        return f();
+    }
+    let previous = BLOCKING.with(|t| t.replace(trace));
+    // Restored even if `f` panics: a pooled thread keeps no stale trace.
+    struct Restore(Option<TraceContext>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BLOCKING.with(|t| *t.borrow_mut() = self.0.take());
+        }
+    }
+    let _restore = Restore(previous);
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn reads_and_writes_the_w3c_header() {
+        let trace = TraceContext::parse(EXAMPLE, Some("congo=t61rcWkgMzE")).unwrap();
+        assert_eq!(trace.traceparent(), EXAMPLE);
+        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.span_id(), "00f067aa0ba902b7");
+        assert!(trace.sampled());
+        assert_eq!(trace.tracestate(), Some("congo=t61rcWkgMzE"));
+        let child = trace.child();
+        assert_eq!(child.trace_id(), trace.trace_id());
+        assert_ne!(child.span_id(), trace.span_id());
+        assert_eq!(child.tracestate(), trace.tracestate());
+        // A later version may carry more fields.
+        assert!(TraceContext::parse(&format!("01{}-extra", &EXAMPLE[2..]), None).is_some());
+    }
+
+    #[test]
+    fn a_malformed_header_is_no_trace() {
+        for bad in [
+            "",
+            "garbage",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+        ] {
+            assert_eq!(TraceContext::parse(bad, None), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_current_trace_is_scoped() {
+        assert_eq!(current(), None);
+        let root = TraceContext::new_root(true);
+        assert!(root.sampled() && TraceContext::parse(&root.traceparent(), None).is_some());
+        let seen = in_trace(root.clone(), async { current() }).await;
+        assert_eq!(seen, Some(root.clone()));
+        assert_eq!(current(), None);
+        let caught = std::panic::catch_unwind(|| in_blocking(Some(root.clone()), || panic!()));
+        assert!(caught.is_err());
+        assert_eq!(current(), None);
+        assert_eq!(in_blocking(Some(root.clone()), current), Some(root));
+    }
+}
