@@ -23,26 +23,28 @@ impl Supervisor {
         // Counted from before the request: the server's expiry is later.
         let sent = Instant::now();
         match self.lease_revision {
-            Some(revision) => match self
-                .lease
-                .update(subjects::LEADER_KEY, value.into(), revision)
-                .await
+            Some(revision) => match bounded(self.lease.update(
+                subjects::LEADER_KEY,
+                value.into(),
+                revision,
+            ))
+            .await
             {
-                Ok(revision) => self.renewed(revision, sent),
+                Some(Ok(revision)) => self.renewed(revision, sent),
                 // Another supervisor holds it now, or it expired and went,
                 // or an earlier renewal of ours was stored after all.
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                Some(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => {
                     self.renew_stored_write(sent).await
                 }
                 // Unknown (no quorum, a timeout): try again next tick.
-                Err(_) => {}
+                _ => {}
             },
-            None => match self.lease.create(subjects::LEADER_KEY, value.into()).await {
-                Ok(revision) => self.renewed(revision, sent),
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+            None => match bounded(self.lease.create(subjects::LEADER_KEY, value.into())).await {
+                Some(Ok(revision)) => self.renewed(revision, sent),
+                Some(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => {
                     self.renew_stored_write(sent).await
                 }
-                Err(_) => {}
+                _ => {}
             },
         }
     }
@@ -51,28 +53,29 @@ impl Supervisor {
     /// it: renews it if the key holds this supervisor's id (a write of ours
     /// whose answer was lost), else counts the lease as lost.
     async fn renew_stored_write(&mut self, sent: Instant) {
-        let stored = match self.lease.entry(subjects::LEADER_KEY).await {
-            Ok(Some(entry))
+        let stored = match bounded(self.lease.entry(subjects::LEADER_KEY)).await {
+            Some(Ok(Some(entry)))
                 if entry.operation == Operation::Put && entry.value == self.id.as_bytes() =>
             {
                 entry.revision
             }
             // Another's id, or no key: lost. Unknown: try again next tick.
-            Ok(_) => return self.lost_lease(),
-            Err(_) => return,
+            Some(Ok(_)) => return self.lost_lease(),
+            _ => return,
         };
         let value = self.id.clone().into_bytes();
-        match self
-            .lease
-            .update(subjects::LEADER_KEY, value.into(), stored)
-            .await
+        match bounded(
+            self.lease
+                .update(subjects::LEADER_KEY, value.into(), stored),
+        )
+        .await
         {
-            Ok(revision) => {
+            Some(Ok(revision)) => {
                 tracing::debug!("renewed the lease from a write of ours whose answer was lost");
                 self.renewed(revision, sent)
             }
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => self.lost_lease(),
-            Err(_) => {}
+            Some(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => self.lost_lease(),
+            _ => {}
         }
     }
 
@@ -89,6 +92,16 @@ impl Supervisor {
         self.lease_revision = None;
         self.lease_until = None;
     }
+}
+
+/// A lease request, given up (`None`: its outcome unknown) when it is not
+/// answered soon: a renewal that cannot be confirmed soon is as good as
+/// failed, and the fence, not this bound, keeps a cut-off leader from
+/// acting. Bounded here rather than by the JetStream context's timeout,
+/// which also bounds the creation of the buckets, slower on a loaded
+/// cluster.
+pub(crate) async fn bounded<T>(request: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(LEASE_TTL / 3, request).await.ok()
 }
 
 #[cfg(test)]

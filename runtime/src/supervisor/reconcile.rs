@@ -354,7 +354,7 @@ impl Supervisor {
         }
         self.managed.clear();
         if self.is_leader() {
-            let _ = self.lease.purge(subjects::LEADER_KEY).await;
+            let _ = super::lease::bounded(self.lease.purge(subjects::LEADER_KEY)).await;
         }
     }
 }

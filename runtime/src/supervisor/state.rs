@@ -135,10 +135,9 @@ impl Supervisor {
         client: &Client,
         config: Vec<(ServiceConfig, Box<dyn Backend>)>,
     ) -> Result<Supervisor, Error> {
-        let mut js = jetstream::new(client.nats().clone());
-        // A renewal that cannot be confirmed soon is as good as failed:
-        // the fence, not this timeout, keeps a cut-off leader from acting.
-        js.set_timeout(LEASE_TTL / 3);
+        // Lease requests are bounded on their own (`lease::bounded`); the
+        // buckets are made with JetStream's usual patience.
+        let js = jetstream::new(client.nats().clone());
         let lease = crate::storage::bucket(
             &js,
             LEASE_BUCKET,
