@@ -6,7 +6,13 @@
 //! function with the call's trace current, so every call the function
 //! makes is a child of the one it serves, across processes; durable calls
 //! keep it through JetStream, as part of the stored request. Without a
-//! current trace nothing is carried and nothing is paid.
+//! current trace nothing is carried: the call pays two thread-local
+//! lookups and a disabled span.
+//!
+//! The trace is current in the task that serves a call (and on the
+//! blocking thread of a sync function); a task the function spawns with
+//! `tokio::spawn` does not inherit it: wrap that task's future in
+//! [`in_trace`] with [`current`]'s context to keep its calls in the trace.
 //!
 //! A trace starts where a program says so ([`in_trace`], with a context of
 //! its own or [`TraceContext::new_root`]) or where a foreign client sends
@@ -62,14 +68,22 @@ impl TraceContext {
         if trace_id == 0 || span_id == 0 {
             return None;
         }
+        // Printable ASCII only: it is passed on as a NATS header, where a
+        // control character (CR, LF) has no place.
         let state = tracestate
             .map(str::trim)
-            .filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE && s.is_ascii())
+            .filter(|s| {
+                !s.is_empty()
+                    && s.len() <= MAX_TRACESTATE
+                    && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+            })
             .map(Into::into);
+        // Only the sampled bit is defined for version 00; the rest are
+        // passed on as zero, as the recommendation asks.
         Some(TraceContext {
             trace_id,
             span_id,
-            flags: u8::from_str_radix(flags, 16).ok()?,
+            flags: u8::from_str_radix(flags, 16).ok()? & SAMPLED,
             state,
         })
     }
@@ -217,6 +231,14 @@ mod tests {
         assert_eq!(child.tracestate(), trace.tracestate());
         // A later version may carry more fields.
         assert!(TraceContext::parse(&format!("01{}-extra", &EXAMPLE[2..]), None).is_some());
+        // Undefined flags are passed on as zero.
+        let flagged = TraceContext::parse(&EXAMPLE.replace("-01", "-ff"), None).unwrap();
+        assert!(flagged.traceparent().ends_with("-01"));
+        // A tracestate that could not be a header is dropped, the trace kept.
+        for bad in ["a=b\r\nInjected: yes", "a=\u{7f}", "caf\u{e9}=1"] {
+            let trace = TraceContext::parse(EXAMPLE, Some(bad)).unwrap();
+            assert_eq!(trace.tracestate(), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "foundation",
-        &["error", "context", "process", "boxed", "histogram"],
+        &["error", "context", "trace", "process", "boxed", "histogram"],
     ),
     ("wire", &["wire"]),
     (

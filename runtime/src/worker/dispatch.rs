@@ -88,24 +88,32 @@ impl Endpoint {
             txn,
         };
         let handler = AssertUnwindSafe((self.registration.handler)(incoming)).catch_unwind();
-        let span = server_span(spec, meta);
-        let outcome = if span.is_disabled() && meta.trace.is_none() {
-            // The common call: no trace to carry, no span to keep.
-            crate::context::scope(deadline_ms, handler).await
-        } else {
-            // The worker's own span is a child of the caller's, and the
-            // calls the function makes are children of it.
-            let trace = meta.trace.as_deref().map(TraceContext::child);
-            if let Some(trace) = &trace {
-                span.record("trace_id", trace.trace_id());
-                span.record("span_id", trace.span_id());
-            }
-            let traced = crate::trace::maybe_in(trace, handler);
-            let span = span.clone();
-            out_of_line(move || crate::context::scope(deadline_ms, traced).instrument(span)).await
+        let panicked = |panic: Box<dyn std::any::Any + Send>| {
+            Err(Fault::panicked(spec, &panic_message(panic.as_ref())))
         };
-        let outcome = outcome
-            .unwrap_or_else(|panic| Err(Fault::panicked(spec, &panic_message(panic.as_ref()))));
+        let span = server_span(spec, meta);
+        if span.is_disabled() && meta.trace.is_none() {
+            // The common call: no trace to carry, no span to keep (dropped
+            // here, so the call's future does not hold it).
+            drop(span);
+            return crate::context::scope(deadline_ms, handler)
+                .await
+                .unwrap_or_else(panicked);
+        }
+        // The worker's own span is a child of the caller's, and the calls
+        // the function makes are children of it.
+        let trace = meta.trace.as_deref().map(TraceContext::child);
+        if let Some(trace) = &trace {
+            span.record("trace_id", trace.trace_id());
+            span.record("span_id", trace.span_id());
+        }
+        let traced = crate::trace::maybe_in(trace, handler);
+        let instrumented = span.clone();
+        let outcome = out_of_line(move || {
+            crate::context::scope(deadline_ms, traced).instrument(instrumented)
+        })
+        .await
+        .unwrap_or_else(panicked);
         if !span.is_disabled() {
             let kind = outcome
                 .as_ref()
