@@ -40,6 +40,22 @@ ensure_nats_py() {
     fi
 }
 
+# A Prometheus server for the metrics test (Debian packages one).
+ensure_prometheus() {
+    command -v prometheus >/dev/null && return
+    if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
+        say "installing prometheus (apt-get install prometheus)"
+        apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 \
+                && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
+            || die "apt-get install prometheus failed"
+        # The package enables a system service; the test starts its own.
+        command -v systemctl >/dev/null && systemctl disable --now prometheus >/dev/null 2>&1
+        return
+    fi
+    die "the metrics test needs a Prometheus server: install Debian's \`prometheus\` package (or put a \`prometheus\` binary on PATH)"
+}
+
 # A Docker engine for the container tests; started here if it is installed
 # but not running.
 ensure_docker() {

@@ -10,6 +10,7 @@ set -uo pipefail
 source "$(dirname "$0")/bootstrap.sh"
 ensure_nats_server
 ensure_nats_py
+ensure_prometheus
 ensure_docker
 cd "$repo_root"
 

@@ -40,7 +40,7 @@
 //! From the bottom: `error`, `context`, `process` and `boxed` need nothing
 //! of wharf; `wire` is the wire contract (headers, codecs, envelope,
 //! request and reply encoding, every subject and bucket name); `settings`,
-//! `retry`, `spec`, `handler` and the shared halves of `txn`, `durable`
+//! `retry`, `spec`, `handler`, `metrics` and the shared halves of `txn`, `durable`
 //! and `objects` sit on it; `client` and `worker` are the two sides of a
 //! call, with the caller's and the worker's halves of durable calls,
 //! transactions and objects beside them; `request` is the builder every
@@ -62,6 +62,7 @@ pub mod heartbeat;
 mod histogram;
 mod init;
 mod local;
+mod metrics;
 mod micro;
 pub mod objects;
 pub mod permissions;
@@ -95,6 +96,7 @@ pub use local::{
     forget_local_url, nats_server_binary, remember_local_url, remembered_local_url,
     start_nats_server_on,
 };
+pub use metrics::{address as metrics_address, serve as serve_metrics};
 pub use objects::{put, Blob, ObjectRef};
 pub use request::Request;
 pub use retry::RetryPolicy;

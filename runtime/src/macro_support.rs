@@ -3,6 +3,7 @@
 
 pub use crate::client::returns::{Fallible, Plain};
 pub use crate::handler::{HandlerFuture, Incoming, Registration};
+pub use crate::metrics::set_counting as set_metrics_counting;
 pub use crate::request::{call, call_global};
 pub use crate::spec::SubjectCache;
 pub use inventory;

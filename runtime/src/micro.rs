@@ -8,6 +8,7 @@
 //! subscriptions with lock-free counters, and this module answers
 //! `$SRV.PING|INFO|STATS` with the documents ADR-32 defines.
 
+use crate::handler::Fault;
 use crate::wire::subjects;
 use crate::{Error, ErrorKind};
 use futures_util::StreamExt;
@@ -29,13 +30,19 @@ pub(crate) struct EndpointStats {
     processing_ns: AtomicU64,
     /// Processing times, for p50 and p99 in heartbeats.
     latency: crate::histogram::Histogram,
+    /// Processing times by outcome, for Prometheus (only with metrics on).
+    pub(crate) outcomes: crate::metrics::Outcomes,
+    /// Durable calls delivered again (after a worker died or an ack was lost).
+    pub(crate) redeliveries: AtomicU64,
+    /// Durable calls moved to the dead-letter stream.
+    pub(crate) dead_letters: AtomicU64,
     /// Only written on the error path.
     last_error: Mutex<Option<(u16, String)>>,
 }
 
 impl EndpointStats {
-    /// Records one answered call.
-    pub(crate) fn record(&self, elapsed: Duration, error: Option<(u16, &str)>) {
+    /// Records one answered call, and how it failed if it did.
+    pub(crate) fn record(&self, elapsed: Duration, failure: Option<&Fault>) {
         let n = self.requests.fetch_add(1, Ordering::Relaxed);
         let ns = elapsed.as_nanos() as u64;
         self.processing_ns.fetch_add(ns, Ordering::Relaxed);
@@ -44,10 +51,12 @@ impl EndpointStats {
         if n % LATENCY_SAMPLE == 0 {
             self.latency.add(ns);
         }
-        if let Some((code, message)) = error {
+        self.outcomes.observe(elapsed, failure.map(|f| f.kind));
+        if let Some(fault) = failure {
             self.errors.fetch_add(1, Ordering::Relaxed);
+            let code = fault.kind.code().unwrap_or(500);
             let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
-            *last = Some((code, message.to_owned()));
+            *last = Some((code, fault.message().to_owned()));
         }
     }
 
@@ -262,7 +271,10 @@ mod tests {
     fn stats_count_errors_and_time() {
         let stats = EndpointStats::default();
         stats.record(Duration::from_micros(10), None);
-        stats.record(Duration::from_micros(30), Some((422, "no")));
+        stats.record(
+            Duration::from_micros(30),
+            Some(&Fault::new(ErrorKind::Application, "no".to_owned())),
+        );
         let json = stats.to_json();
         assert_eq!(json["num_requests"], 2);
         assert_eq!(json["num_errors"], 1);

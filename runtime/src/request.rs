@@ -18,7 +18,7 @@ use serde::Serialize;
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 /// A call being prepared: set options, then `.await` it (or call
@@ -153,6 +153,7 @@ impl<A: Serialize, R: Returns> Request<A, R> {
         };
         let call = CallState::new(self.spec, &self.options)?;
         let span = call.span(self.spec);
+        let started = Instant::now();
         let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
         let answer = async {
             if self.options.durable.unwrap_or(self.spec.durable) {
@@ -168,7 +169,12 @@ impl<A: Serialize, R: Returns> Request<A, R> {
             }
         };
         let answer = answer.instrument(span.clone()).await;
-        record_outcome(&span, answer.as_ref().map(|(message, _, _)| message));
+        record_outcome(
+            self.spec,
+            started,
+            &span,
+            answer.as_ref().map(|(message, _, _)| message),
+        );
         let (message, codec, attempts) = answer?;
         let value = R::decode(self.spec, codec, &message)?;
         let instance = instance(&message);
@@ -208,31 +214,43 @@ pub async fn call<A: Serialize, R: Returns>(
     let options = CallOptions::default();
     let call = CallState::new(spec, &options)?;
     let span = call.span(spec);
+    let started = Instant::now();
     let prepared = client.prepare(spec, &args, &options, &call)?;
     drop(args);
     let answer = client
         .invoke(spec, prepared, call, &options)
         .instrument(span.clone())
         .await;
-    record_outcome(&span, answer.as_ref().map(|(message, _)| message));
+    record_outcome(
+        spec,
+        started,
+        &span,
+        answer.as_ref().map(|(message, _)| message),
+    );
     let (message, _) = answer?;
     R::decode(spec, options.codec, &message)
 }
 
-/// Notes on a call's span how it ended: `ok`, the kind of the error
-/// reply, or the kind of the call's own failure.
-fn record_outcome(span: &tracing::Span, answer: Result<&Message, &Error>) {
-    if span.is_disabled() {
+/// Notes how a call ended (`ok`, the kind of the error reply, or the kind
+/// of the call's own failure) on its span and in the caller's metrics.
+fn record_outcome(
+    spec: &'static FnSpec,
+    started: Instant,
+    span: &tracing::Span,
+    answer: Result<&Message, &Error>,
+) {
+    if span.is_disabled() && !crate::metrics::on() {
         return;
     }
-    let outcome = match answer {
+    let failure = match answer {
         Ok(message) => match crate::wire::reply::status_code(message) {
-            Some(code) if code >= 400 => ErrorKind::from_code(code).as_str(),
-            _ => "ok",
+            Some(code) if code >= 400 => Some(ErrorKind::from_code(code)),
+            _ => None,
         },
-        Err(error) => error.kind().as_str(),
+        Err(error) => Some(error.kind()),
     };
-    span.record("rpc.outcome", outcome);
+    spec.observe_call(started.elapsed(), failure);
+    span.record("rpc.outcome", failure.map_or("ok", ErrorKind::as_str));
 }
 
 /// Calls `spec` through the client set up by [`crate::init`].

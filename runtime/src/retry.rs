@@ -107,6 +107,7 @@ pub(crate) async fn with_retries<T, F, Fut>(
     idempotent: bool,
     deadline: Instant,
     mut attempt: F,
+    mut on_retry: impl FnMut(ErrorKind),
 ) -> Result<(T, u32), (Error, u32)>
 where
     F: FnMut(u32) -> Fut,
@@ -125,6 +126,7 @@ where
         if Instant::now() + delay >= deadline {
             return Err((failure, tries));
         }
+        on_retry(failure.kind());
         tokio::time::sleep(delay).await;
         tries += 1;
     }
@@ -163,22 +165,30 @@ mod tests {
             .unwrap()
             .backoff(Duration::ZERO, Duration::ZERO);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let outcome = with_retries(&policy, false, deadline, |n| async move {
-            if n < 3 {
-                Err(Error::new(ErrorKind::NoResponders, "none yet"))
-            } else {
-                Ok(n * 10)
-            }
-        })
+        let mut retried = Vec::new();
+        let outcome = with_retries(
+            &policy,
+            false,
+            deadline,
+            |n| async move {
+                if n < 3 {
+                    Err(Error::new(ErrorKind::NoResponders, "none yet"))
+                } else {
+                    Ok(n * 10)
+                }
+            },
+            |kind| retried.push(kind),
+        )
         .await;
         assert_eq!(outcome.ok(), Some((30, 3)));
+        assert_eq!(retried, [ErrorKind::NoResponders; 2]);
         // A timeout may have run: not retried unless idempotent.
         let late = || async { Err::<(), _>(Error::new(ErrorKind::Timeout, "late")) };
-        let (error, tries) = with_retries(&policy, false, deadline, |_| late())
+        let (error, tries) = with_retries(&policy, false, deadline, |_| late(), |_| {})
             .await
             .unwrap_err();
         assert_eq!((error.kind(), tries), (ErrorKind::Timeout, 1));
-        let (_, tries) = with_retries(&policy, true, deadline, |_| late())
+        let (_, tries) = with_retries(&policy, true, deadline, |_| late(), |_| {})
             .await
             .unwrap_err();
         assert_eq!(tries, 5);

@@ -65,6 +65,9 @@ pub enum Decision {
     Scale {
         /// The new instance count.
         to: usize,
+        /// Why, in one word, for metrics: `below_min`, `above_max`,
+        /// `cold_start`, `cpu`, `backlog`, `cpu_low` or `idle`.
+        cause: &'static str,
         /// Why, for the event log.
         reason: String,
     },
@@ -95,12 +98,17 @@ impl Scaler {
             self.reset();
             return scale(
                 policy.min,
+                "below_min",
                 format!("{n} instances, below min {}", policy.min),
             );
         }
         if n == 0 {
             if seen.demand && policy.max > 0 {
-                return scale(1, "a call found no worker: cold start".to_owned());
+                return scale(
+                    1,
+                    "cold_start",
+                    "a call found no worker: cold start".to_owned(),
+                );
             }
             return Decision::Hold;
         }
@@ -112,19 +120,24 @@ impl Scaler {
         if desired > n {
             self.reset();
             let avg = seen.cpu_sum / seen.reporting.max(1) as f32;
-            let reason = if by_backlog > by_cpu {
-                format!(
+            let (cause, reason) = if by_backlog > by_cpu {
+                let reason = format!(
                     "backlog {} is over {per} per instance on {n} instances",
                     seen.backlog
-                )
+                );
+                ("backlog", reason)
             } else {
-                format!("average CPU {avg:.0}% is over the {target:.0}% target on {n} instances")
+                let reason = format!(
+                    "average CPU {avg:.0}% is over the {target:.0}% target on {n} instances"
+                );
+                ("cpu", reason)
             };
-            return scale(desired, reason);
+            return scale(desired, cause, reason);
         }
         if n > policy.max {
             return scale(
                 policy.max,
+                "above_max",
                 format!("{n} instances, above max {}", policy.max),
             );
         }
@@ -151,6 +164,7 @@ impl Scaler {
                 self.reset();
                 return scale(
                     0,
+                    "idle",
                     format!("idle for {:?}: scale to zero", policy.idle_to_zero),
                 );
             }
@@ -162,6 +176,7 @@ impl Scaler {
             self.low_since = Some(now);
             return scale(
                 n - 1,
+                "cpu_low",
                 format!(
                     "average CPU {avg:.0}% under {:.0}% with no backlog for {:?}",
                     policy.cpu_low, policy.scale_down_after
@@ -177,8 +192,8 @@ impl Scaler {
     }
 }
 
-fn scale(to: usize, reason: String) -> Decision {
-    Decision::Scale { to, reason }
+fn scale(to: usize, cause: &'static str, reason: String) -> Decision {
+    Decision::Scale { to, cause, reason }
 }
 
 #[cfg(test)]
@@ -202,7 +217,7 @@ mod tests {
         let now = Instant::now();
         // One instance at 180%: ceil(180 / 50) = 4 at once.
         match scaler.decide(&policy, &seen(1, 180.0), now) {
-            Decision::Scale { to, reason } => {
+            Decision::Scale { to, reason, .. } => {
                 assert_eq!(to, 4);
                 assert!(reason.contains("180%"), "{reason}");
             }
@@ -244,7 +259,7 @@ mod tests {
             ..seen(1, 10.0)
         };
         match scaler.decide(&policy, &queued, Instant::now()) {
-            Decision::Scale { to, reason } => {
+            Decision::Scale { to, reason, .. } => {
                 assert_eq!(to, 3);
                 assert!(reason.contains("backlog 120"), "{reason}");
             }
@@ -331,7 +346,7 @@ mod tests {
             ..Observed::default()
         };
         match scaler.decide(&policy, &demand, later) {
-            Decision::Scale { to, reason } => {
+            Decision::Scale { to, reason, .. } => {
                 assert_eq!(to, 1);
                 assert!(reason.contains("cold start"));
             }

@@ -135,6 +135,9 @@ pub struct Settings {
     /// `WHARF_PLACEMENT` (comma-separated, or `[broker] placement`, a
     /// list): JetStream placement tags of the streams wharf creates.
     pub placement: Vec<String>,
+    /// `WHARF_METRICS_PORT`: serve Prometheus metrics on this port (0: any
+    /// free port); `None`: no metrics.
+    pub metrics_port: Option<u16>,
     /// How to authenticate to NATS and check the server (`NATS_USER`,
     /// `NATS_CREDS`, `NATS_CA`, ...).
     pub credentials: Credentials,
@@ -153,6 +156,7 @@ impl std::fmt::Debug for Settings {
             .field("backlog", &self.backlog)
             .field("replicas", &self.replicas)
             .field("placement", &self.placement)
+            .field("metrics_port", &self.metrics_port)
             .field("credentials", &self.credentials)
             .finish_non_exhaustive()
     }
@@ -666,6 +670,8 @@ impl Settings {
                 None => Vec::new(),
             },
         };
+        let metrics_port =
+            number(&var, "WHARF_METRICS_PORT", 0, u16::MAX as usize)?.map(|p| p as u16);
         Ok(Settings {
             nats_url,
             prefix,
@@ -688,6 +694,7 @@ impl Settings {
             parent_pid,
             replicas,
             placement,
+            metrics_port,
             credentials: Credentials::read(&var, file)?,
         })
     }

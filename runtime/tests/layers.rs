@@ -25,6 +25,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "retry",
             "spec",
             "storage",
+            "metrics",
             "micro",
             "handler",
             "heartbeat",

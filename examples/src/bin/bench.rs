@@ -12,7 +12,8 @@
 //! only the stateful comparison, `--tls` calls/s at 16 and 256 in flight
 //! over plain TCP and over TLS (a second server, certificates made for the
 //! run), raw and wharf on each, in interleaved rounds; `--auth` the same
-//! with a user and password in place of TLS.
+//! with a user and password in place of TLS; `--metrics` the same with
+//! Prometheus metrics on (worker and caller) in place of TLS.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -81,10 +82,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("--stateful") => (false, true, true),
         Some("--tls") => return comparison(Secured::Tls).await,
         Some("--auth") => return comparison(Secured::Creds).await,
+        Some("--metrics") => return comparison(Secured::Metrics).await,
         None => (false, false, false),
         Some(other) => {
             return Err(format!(
-                "unknown argument `{other}`; use --quick, --focus, --stateful, --tls, --auth or nothing"
+                "unknown argument `{other}`; use --quick, --focus, --stateful, --tls, --auth, --metrics or nothing"
             )
             .into())
         }
@@ -755,6 +757,9 @@ enum Secured {
     /// A creds file of a JWT account (which makes wharf watch for
     /// refusals, as any user connection does).
     Creds,
+    /// No security: Prometheus metrics on, in the worker and in this
+    /// calling process, against the same with metrics off.
+    Metrics,
 }
 
 /// A server with its raw responder and wharf worker, and the bench's
@@ -773,6 +778,7 @@ impl Setup {
     async fn start(
         server: &NatsServer,
         credentials: wharf::settings::Credentials,
+        extra_env: &[(&str, &str)],
     ) -> Result<Setup, Box<dyn std::error::Error>> {
         let url = server.url();
         let env: Vec<(&str, String)> = credentials.env();
@@ -780,6 +786,7 @@ impl Setup {
         let raw = spawn_worker(&url, &["raw-worker"], &env)?;
         let mut worker_env = env.clone();
         worker_env.push(("WHARF_ROLE", "worker"));
+        worker_env.extend_from_slice(extra_env);
         let worker = spawn_worker(&url, &[], &worker_env)?;
         let nats = raw_connect(&url, credentials.ca.clone(), credentials.creds.clone()).await?;
         let client = wharf::Client::connect_with(&url, &credentials).await?;
@@ -801,7 +808,7 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
     const CALLS: usize = 60_000;
     let dir = wharf::testing::TempDir::new("bench-secured");
     let open = NatsServer::start()?;
-    let mut plain = Setup::start(&open, Default::default()).await?;
+    let mut plain = Setup::start(&open, Default::default(), &[]).await?;
     // The secured server lives (with its creds files) until the end.
     let (mut tls, _server, _account) = match secured {
         Secured::Tls => {
@@ -812,7 +819,7 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
                 ..Default::default()
             };
             (
-                Setup::start(&server, credentials).await?,
+                Setup::start(&server, credentials, &[]).await?,
                 Some(server),
                 None,
             )
@@ -821,15 +828,25 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
             let jwt = wharf::testing::JwtAccount::start("bench-creds")?;
             let credentials = jwt.creds("bench", serde_json::json!({ "pub": {}, "sub": {} }));
             (
-                Setup::start(&jwt.server, credentials).await?,
+                Setup::start(&jwt.server, credentials, &[]).await?,
                 None,
                 Some(jwt),
             )
+        }
+        Secured::Metrics => {
+            let server = NatsServer::start()?;
+            // This process serves metrics too; it counts only while the
+            // metrics setup is measured (below).
+            wharf::serve_metrics(0).await?;
+            let setup =
+                Setup::start(&server, Default::default(), &[("WHARF_METRICS_PORT", "0")]).await?;
+            (setup, Some(server), None)
         }
     };
     let name = match secured {
         Secured::Tls => "over TLS",
         Secured::Creds => "with a creds file",
+        Secured::Metrics => "with metrics on",
     };
     let mut results: Vec<(String, Vec<f64>)> = Vec::new();
     let mut record = |key: String, value: f64| match results.iter_mut().find(|(k, _)| *k == key) {
@@ -844,6 +861,7 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
             [("tls", &tls), ("plain", &plain)]
         };
         for (transport, setup) in setups {
+            wharf::__private::set_metrics_counting(transport == "tls");
             for in_flight in [16, 256] {
                 let sides = if round % 2 == 0 {
                     [Side::Raw, Side::Wharf]

@@ -22,6 +22,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let path = std::env::args()
             .nth(2)
             .ok_or("svc supervise <wharf.toml>")?;
+        wharf::install_logging();
         return Ok(wharf::supervisor::supervise_file(path.as_ref()).await?);
     }
     if mode == "objects" {

@@ -33,6 +33,9 @@ impl Backend for ProcessBackend {
         let mut command = Command::new(&self.command[0]);
         command
             .args(&self.command[1..])
+            // The supervisor's own metrics port is not its workers': two
+            // processes cannot listen on it. A service's `env` may set one.
+            .env_remove("WHARF_METRICS_PORT")
             .envs(&launch.env)
             .stdin(Stdio::null());
         let child = command.spawn().map_err(|e| {

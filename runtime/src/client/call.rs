@@ -278,15 +278,21 @@ impl Client {
         let policy = options.retry.unwrap_or(spec.retry);
         let txn = options.txn.as_deref();
         let (call, prepared) = (&call, &prepared);
-        let outcome = with_retries(&policy, spec.idempotent, call.deadline, |attempt| {
-            // The same arguments under a new envelope or `Wharf-Attempt`.
-            let prepared = if attempt == 1 {
-                prepared.clone()
-            } else {
-                request::with_attempt(prepared, options.codec, attempt)
-            };
-            self.try_once(spec, call, prepared, options.codec, txn)
-        })
+        let outcome = with_retries(
+            &policy,
+            spec.idempotent,
+            call.deadline,
+            |attempt| {
+                // The same arguments under a new envelope or `Wharf-Attempt`.
+                let prepared = if attempt == 1 {
+                    prepared.clone()
+                } else {
+                    request::with_attempt(prepared, options.codec, attempt)
+                };
+                self.try_once(spec, call, prepared, options.codec, txn)
+            },
+            |failure| spec.observe_retry(failure),
+        )
         .await;
         match outcome {
             Ok((message, tries)) if spilled(&message).is_some() => {

@@ -81,6 +81,11 @@ impl Client {
     /// [`Client::connect`] with these credentials instead of the settings'
     /// (for example those of a `wharf.toml`).
     pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Client, Error> {
+        // The first connection of a process that asks for metrics serves
+        // them: callers, workers, supervisors and the objects service alike.
+        if let Ok(settings) = Settings::get() {
+            crate::metrics::serve_if_asked(settings.metrics_port).await?;
+        }
         let denials = Arc::new(Denials::new(connect::as_user(url, credentials)));
         let noted = denials.clone();
         let connection = Arc::new(connection::Connection::default());

@@ -197,7 +197,7 @@ impl Client {
                     )),
                 }
             }
-        })
+        }, |failure| spec.observe_retry(failure))
         .await;
         if let Err((error, tries)) = stored {
             durable.replies.waiting.lock().unwrap().remove(&id);

@@ -107,6 +107,9 @@ impl Backend for LocalBackend {
     fn start(&self, launch: &Launch) -> Result<Box<dyn Instance>, Error> {
         let mut command = Command::new(&self.exe);
         command
+            // The program's metrics port is its own: workers listening on
+            // it too would fail to start.
+            .env_remove("WHARF_METRICS_PORT")
             .envs(&launch.env)
             .env("WHARF_READY_SUBJECT", &self.ready_subject)
             .env("WHARF_PARENT_PID", std::process::id().to_string())

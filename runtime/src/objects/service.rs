@@ -16,6 +16,7 @@ use super::bytes::{digest_of, read_error, Algorithm, Hashing, Pieces, BYTES_TYPE
 use super::reference::{Blob, ObjectRef, Objects};
 use super::store::{self, Location, Target};
 use super::{external, jetstream};
+use crate::metrics::{Exposition, Outcomes, Source};
 use crate::wire::codec::{self, Codec};
 use crate::wire::reply::error_reply;
 use crate::wire::{headers, subjects};
@@ -24,6 +25,7 @@ use async_nats::{HeaderMap, HeaderName, Message};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -41,6 +43,43 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// A running object service; dropping it stops serving.
 pub struct ObjectService {
     tasks: Vec<JoinHandle<()>>,
+    /// Its metrics, shown at scrapes for as long as it serves.
+    _metrics: Arc<dyn Source>,
+}
+
+/// The verbs the service answers, in the order of [`ServiceMetrics`]'
+/// durations.
+const VERBS: [&str; 4] = ["put", "get", "stat", "delete"];
+
+/// What the objects service shows at a scrape.
+#[derive(Default)]
+struct ServiceMetrics {
+    /// Object bytes received (`put`) and sent (`get`).
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    /// Request durations by verb (as [`VERBS`]) and outcome.
+    durations: [Outcomes; 4],
+}
+
+impl Source for ServiceMetrics {
+    fn write(&self, out: &mut Exposition) {
+        for (direction, bytes) in [("in", &self.bytes_in), ("out", &self.bytes_out)] {
+            out.counter(
+                "wharf_object_bytes_total",
+                "Object bytes the objects service received (in: put) and sent (out: get).",
+                &[("direction", direction)],
+                bytes.load(Ordering::Relaxed),
+            );
+        }
+        for (verb, durations) in VERBS.iter().zip(&self.durations) {
+            durations.write(
+                out,
+                "wharf_objects_request_duration_seconds",
+                "Duration of the objects service's requests, by verb and outcome.",
+                &[("verb", verb)],
+            );
+        }
+    }
 }
 
 impl Drop for ObjectService {
@@ -62,8 +101,9 @@ impl std::fmt::Debug for ObjectService {
 /// expired blobs. `wharf up` runs one.
 pub async fn serve(client: &Client) -> Result<ObjectService, Error> {
     let objects = Objects::new(client)?;
+    let metrics = Arc::new(ServiceMetrics::default());
     let mut tasks = Vec::new();
-    for verb in ["put", "get", "stat", "delete"] {
+    for (index, verb) in VERBS.into_iter().enumerate() {
         let subject = subjects::objects(client.prefix(), verb);
         let mut requests = client
             .nats()
@@ -71,19 +111,32 @@ pub async fn serve(client: &Client) -> Result<ObjectService, Error> {
             .await
             .map_err(|e| crate::micro::subscribe_failed(&subject, e))?;
         let objects = objects.clone();
+        let metrics = metrics.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(message) = requests.next().await {
                 let objects = objects.clone();
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
                     let Some(reply) = message.reply.clone() else {
                         return;
                     };
+                    let started = std::time::Instant::now();
                     let answer = match verb {
                         "put" => put(&objects, &message).await,
                         "get" => get(&objects, &message).await,
                         "stat" => stat(&objects, &message).await,
                         _ => remove(&objects, &message).await,
                     };
+                    metrics.durations[index]
+                        .observe(started.elapsed(), answer.as_ref().err().map(Error::kind));
+                    if verb == "put" {
+                        let received = message.payload.len() as u64;
+                        metrics.bytes_in.fetch_add(received, Ordering::Relaxed);
+                    }
+                    if let ("get", Ok((_, body))) = (verb, &answer) {
+                        let sent = body.len() as u64;
+                        metrics.bytes_out.fetch_add(sent, Ordering::Relaxed);
+                    }
                     let (headers, body) = answer.unwrap_or_else(|error| failure(&error));
                     let _ = objects
                         .client
@@ -108,7 +161,12 @@ pub async fn serve(client: &Client) -> Result<ObjectService, Error> {
         )
         .with_source(e)
     })?;
-    Ok(ObjectService { tasks })
+    let metrics: Arc<dyn Source> = metrics;
+    crate::metrics::register(&metrics);
+    Ok(ObjectService {
+        tasks,
+        _metrics: metrics,
+    })
 }
 
 type Answer = Result<(HeaderMap, Bytes), Error>;

@@ -14,6 +14,7 @@ mod config;
 mod events;
 mod health;
 mod lease;
+mod metrics;
 mod reconcile;
 mod run;
 mod state;

@@ -41,10 +41,11 @@ impl Supervisor {
                     }
                 }
             }
-            if let Decision::Scale { to, reason } =
+            if let Decision::Scale { to, cause, reason } =
                 service.scaler.decide(&service.policy, &seen, now)
             {
                 if to != service.desired {
+                    self.metrics.decided(name, service.desired, to, cause);
                     decisions.push((name.clone(), service.desired, to, reason));
                     service.desired = to;
                 }

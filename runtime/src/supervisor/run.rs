@@ -57,6 +57,7 @@ impl Supervisor {
     pub(crate) async fn tick(&mut self) {
         let was_leader = self.is_leader();
         self.hold_lease().await;
+        self.note_for_metrics();
         if !self.is_leader() {
             if was_leader {
                 let why = if self.lease_revision.is_some() {
@@ -155,4 +156,33 @@ pub async fn instances(client: &Client) -> Result<Vec<Heartbeat>, Error> {
             .then(a.instance.cmp(&b.instance))
     });
     Ok(out)
+}
+
+impl Supervisor {
+    /// Notes the lease and the instances by state for the next scrape.
+    fn note_for_metrics(&self) {
+        let beats = self.beats.lock().unwrap_or_else(|e| e.into_inner());
+        let mut instances = std::collections::BTreeMap::new();
+        // Every state of every service, so a state that empties shows 0
+        // rather than its last count.
+        for name in self.services.keys() {
+            for state in ["starting", "ready", "draining"] {
+                instances.insert((name.clone(), state), 0);
+            }
+        }
+        for (id, managed) in &self.managed {
+            let state = if managed.draining_since.is_some() {
+                "draining"
+            } else if beats.contains_key(id) {
+                "ready"
+            } else {
+                "starting"
+            };
+            *instances
+                .entry((managed.service.clone(), state))
+                .or_default() += 1;
+        }
+        drop(beats);
+        self.metrics.note(self.is_leader(), instances);
+    }
 }

@@ -116,6 +116,8 @@ pub struct Supervisor {
     pub(crate) rounds: u64,
     /// Whether the `standby` event for this spell without the lease went out.
     pub(crate) standing_by: bool,
+    /// What scrapes of this process's metrics show of it.
+    pub(crate) metrics: Arc<super::metrics::SupervisorMetrics>,
 }
 
 impl Supervisor {
@@ -194,7 +196,11 @@ impl Supervisor {
                 }
             }
         });
+        let metrics = Arc::new(super::metrics::SupervisorMetrics::default());
+        let source: Arc<dyn crate::metrics::Source> = metrics.clone();
+        crate::metrics::register(&source);
         Ok(Supervisor {
+            metrics,
             client: client.clone(),
             url: client.url().to_owned(),
             // The pid first: the lease's value then names the process.

@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, consumer::pull, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
@@ -91,6 +92,9 @@ pub(crate) async fn serve(
 async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream::Message) {
     let started = SystemTime::now();
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    if delivered > 1 {
+        endpoint.stats.redeliveries.fetch_add(1, Ordering::Relaxed);
+    }
     let inbox_prefix = crate::settings::Settings::get()
         .map_or(subjects::DEFAULT_INBOX_PREFIX, |s| {
             s.credentials.inbox_prefix()
@@ -204,8 +208,7 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         return;
     }
     answer(endpoint, fate.reply, headers, body).await;
-    let failure = outcome.as_ref().err().map(|fault| (code, fault.message()));
-    endpoint.record(started, failure);
+    endpoint.record(started, outcome.as_ref().err());
     let _ = message.ack().await;
 }
 
@@ -311,6 +314,7 @@ async fn dead_letter(
             .await;
         return;
     }
+    endpoint.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
     let stream = subjects::dead_letter_stream(prefix);
     let fault = Fault::new(
         ErrorKind::DeadLetter,
@@ -332,6 +336,6 @@ async fn dead_letter(
         .await;
     }
     answer(endpoint, fate.reply, headers, body).await;
-    endpoint.record(SystemTime::now(), Some((code, fault.message())));
+    endpoint.record(SystemTime::now(), Some(&fault));
     let _ = message.ack_with(AckKind::Term).await;
 }

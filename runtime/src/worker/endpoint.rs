@@ -183,7 +183,7 @@ impl Endpoint {
     }
 
     /// Counts a finished call in the endpoint's stats.
-    pub(crate) fn record(&self, started: SystemTime, failure: Option<(u16, &str)>) {
+    pub(crate) fn record(&self, started: SystemTime, failure: Option<&crate::handler::Fault>) {
         self.stats
             .record(started.elapsed().unwrap_or_default(), failure);
     }

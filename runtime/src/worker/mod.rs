@@ -15,6 +15,7 @@ pub(crate) mod durable;
 pub(crate) mod endpoint;
 pub(crate) mod idempotent;
 pub(crate) mod intake;
+pub(crate) mod metrics;
 pub(crate) mod reply;
 pub(crate) mod start;
 pub(crate) mod stateful;

@@ -89,12 +89,12 @@ impl Endpoint {
         fault: Fault,
         started: SystemTime,
     ) {
-        let (code, headers, body) = fault.answer(codec);
+        let (_, headers, body) = fault.answer(codec);
         let _ = self
             .shared
             .nats
             .publish_with_headers(reply, headers, body)
             .await;
-        self.record(started, Some((code, fault.message.as_str())));
+        self.record(started, Some(&fault));
     }
 }

@@ -138,6 +138,7 @@ impl Worker {
         // Every subject subscribed to, to check for refusals.
         let mut served: Vec<String> = Vec::new();
         let mut all_stats = Vec::new();
+        let mut served_metrics = Vec::new();
         let mut services = Vec::new();
         for (service_name, regs) in by_service {
             let stream = if jetstream {
@@ -175,8 +176,10 @@ impl Worker {
                     shared: shared.clone(),
                     results: results.clone(),
                 });
+                let mut durable = None;
                 if let Some(stream) = &stream {
                     let consumer = streams::consumer(stream, &prefix, spec).await?;
+                    durable = Some(consumer.clone());
                     tasks.spawn(super::durable::serve(
                         endpoint.clone(),
                         consumer,
@@ -184,6 +187,12 @@ impl Worker {
                         stopped.clone(),
                     ));
                 }
+                served_metrics.push(super::metrics::Served {
+                    spec,
+                    stats: endpoint.stats.clone(),
+                    consumer: durable,
+                    pending: Default::default(),
+                });
                 if let Some(owned) = &owned {
                     if spec.stateful {
                         let direct = subjects::instance_call(
@@ -297,8 +306,17 @@ impl Worker {
         if self.client.denials().watching {
             refused_subscription(&nats, self.client.denials(), &served).await?;
         }
+        // Registered whether or not this process serves metrics: a scrape
+        // is the only cost, and a later `metrics::serve` finds it.
+        let metrics: Arc<dyn crate::metrics::Source> = Arc::new(super::metrics::WorkerMetrics {
+            instance: instance.clone(),
+            shared: shared.clone(),
+            served: served_metrics,
+        });
+        crate::metrics::register(&metrics);
         Ok(RunningWorker {
             nats,
+            _metrics: metrics,
             instance,
             stop,
             stop_direct,
@@ -398,6 +416,8 @@ pub struct RunningWorker {
     drain_asked: watch::Receiver<bool>,
     heartbeats: Option<kv::Store>,
     shared: Arc<Shared>,
+    /// Its metrics, shown at scrapes for as long as it lives.
+    _metrics: Arc<dyn crate::metrics::Source>,
 }
 
 impl RunningWorker {

@@ -105,7 +105,7 @@ impl Endpoint {
             nats.publish_with_headers(reply, headers, body).await
         };
         match &code {
-            Some((code, fault)) => self.record(started, Some((*code, fault.message()))),
+            Some((_, fault)) => self.record(started, Some(fault)),
             None => self.record(started, None),
         }
     }
