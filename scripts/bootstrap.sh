@@ -40,6 +40,16 @@ ensure_nats_py() {
     fi
 }
 
+# kubernetes-validate, which checks `wharf k8s` manifests against the
+# Kubernetes schemas (offline).
+ensure_kubernetes_validate() {
+    if ! command -v kubernetes-validate >/dev/null; then
+        say "installing kubernetes-validate (pip install kubernetes-validate)"
+        python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate \
+            || die "pip install kubernetes-validate failed"
+    fi
+}
+
 # A Prometheus server for the metrics test (Debian packages one).
 ensure_prometheus() {
     command -v prometheus >/dev/null && return

@@ -11,6 +11,7 @@ source "$(dirname "$0")/bootstrap.sh"
 ensure_nats_server
 ensure_nats_py
 ensure_prometheus
+ensure_kubernetes_validate
 ensure_docker
 cd "$repo_root"
 

@@ -97,6 +97,36 @@ enum Command {
         #[arg(long, default_value = "server", value_parser = ["server", "jwt"])]
         format: String,
     },
+    /// Write Kubernetes manifests for the services of wharf.toml: a
+    /// Deployment each (image, environment, credentials from a Secret,
+    /// readiness, a draining preStop) and, with `--keda`, a KEDA
+    /// ScaledObject each. Reads each image's functions with Docker.
+    K8s {
+        /// The file that declares the services.
+        #[arg(short = 'c', long = "config", default_value = "wharf.toml")]
+        config: PathBuf,
+        /// Scale with KEDA (JetStream lag, backlog through Prometheus, CPU)
+        /// instead of fixed replicas (each service's `min`).
+        #[arg(long)]
+        keda: bool,
+        /// The workers' metrics and readiness port.
+        #[arg(long, default_value_t = 9464)]
+        metrics_port: u16,
+        /// The Secret holding the NATS credentials (keys NATS_USER,
+        /// NATS_PASSWORD, NATS_TOKEN, NATS_NKEY, or credential files).
+        #[arg(long, default_value = "wharf-nats")]
+        secret: String,
+        /// The Prometheus server KEDA queries.
+        #[arg(long, default_value = "http://prometheus.monitoring.svc:9090")]
+        prometheus: String,
+        /// nats-server's monitoring endpoint for KEDA (default: the broker
+        /// URL's host, port 8222).
+        #[arg(long)]
+        nats_monitoring: Option<String>,
+        /// The NATS account of the calls streams.
+        #[arg(long, default_value = "$G")]
+        nats_account: String,
+    },
     /// Print a completion script for a shell, e.g. `wharf completions bash`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -413,6 +443,32 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::K8s {
+        config,
+        keda,
+        metrics_port,
+        secret,
+        prometheus,
+        nats_monitoring,
+        nats_account,
+    } = command
+    {
+        let config = wharf::supervisor::UpConfig::load(&config)?;
+        let options = wharf::k8s::Options {
+            scaling: if keda {
+                wharf::k8s::Scaling::Keda
+            } else {
+                wharf::k8s::Scaling::Fixed
+            },
+            metrics_port,
+            secret,
+            prometheus,
+            nats_monitoring,
+            nats_account,
+        };
+        print!("{}", wharf::k8s::manifests(&config, &options).await?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let settings = wharf::Settings::get()?;
     let client = match &settings.nats_url {
         Some(url) => Client::connect(url).await?,
@@ -434,7 +490,10 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
         Command::Events => events(&client).await,
         Command::Down => down(&client).await,
         Command::Objects => objects(&client).await,
-        Command::Up { .. } | Command::Auth { .. } | Command::Completions { .. } => {
+        Command::Up { .. }
+        | Command::Auth { .. }
+        | Command::K8s { .. }
+        | Command::Completions { .. } => {
             unreachable!("handled before")
         }
     }

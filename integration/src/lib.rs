@@ -339,6 +339,55 @@ pub fn spawn_svc_logged(
     (WorkerProcess(child), lines)
 }
 
+/// The port a process logged that it serves metrics on.
+pub async fn logged_metrics_port(
+    lines: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    who: &str,
+) -> u16 {
+    wharf::testing::eventually(
+        &format!("the {who} to log its metrics address"),
+        Duration::from_secs(60),
+        || async {
+            let lines = lines.lock().unwrap();
+            lines
+                .iter()
+                .find_map(|line| {
+                    let (_, rest) = line.split_once("serving Prometheus metrics on http://")?;
+                    let address = rest.split('/').next()?;
+                    address.rsplit(':').next()?.parse().ok()
+                })
+                .ok_or_else(|| format!("its log so far: {lines:?}"))
+        },
+    )
+    .await
+}
+
+/// A plain HTTP/1.1 GET to `127.0.0.1:port`: the status code and the body.
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| e.to_string())?;
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or("no HTTP head")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("no status in `{head}`"))?;
+    Ok((status, body.to_owned()))
+}
+
 /// Writes a `REPORT` line past the test harness's capture, so that every
 /// run (CI's included) shows what a test measured.
 pub fn report_line(line: String) {

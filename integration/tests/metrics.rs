@@ -3,14 +3,14 @@
 //! process (a caller, and an objects service), and read back through
 //! Prometheus's HTTP API.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wharf::testing::{eventually, NatsServer, TempDir};
 use wharf::Client;
-use wharf_integration::{add, add_remotely, spawn_svc_logged, take, tally, wait_for_workers};
+use wharf_integration::{
+    add, add_remotely, http_get, logged_metrics_port, spawn_svc_logged, take, tally,
+    wait_for_workers,
+};
 
 /// A Prometheus server of its own, stopped when dropped.
 struct Prometheus {
@@ -52,7 +52,10 @@ impl Prometheus {
 
     /// The instant vector `query` returns now, as (labels, value) pairs.
     fn query(&self, query: &str) -> Result<Vec<(serde_json::Value, f64)>, String> {
-        let body = http_get(self.port, &format!("/api/v1/query?query={}", encode(query)))?;
+        let body = ok_body(http_get(
+            self.port,
+            &format!("/api/v1/query?query={}", encode(query)),
+        ))?;
         let answer: serde_json::Value =
             serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
         if answer["status"] != "success" {
@@ -76,7 +79,7 @@ impl Prometheus {
 
     /// Each target's job, health and last error, for failure messages.
     fn targets(&self) -> String {
-        let Ok(body) = http_get(self.port, "/api/v1/targets") else {
+        let Ok(body) = ok_body(http_get(self.port, "/api/v1/targets")) else {
             return "(unknown)".to_owned();
         };
         let targets: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -130,26 +133,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A plain HTTP/1.1 GET; the body of a 200 answer.
-fn http_get(port: u16, path: &str) -> Result<String, String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .map_err(|e| e.to_string())?;
-    let (head, body) = answer.split_once("\r\n\r\n").ok_or("no HTTP head")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("{head}\n{body}"));
+/// The body of a 200 answer.
+fn ok_body(answer: Result<(u16, String), String>) -> Result<String, String> {
+    match answer? {
+        (200, body) => Ok(body),
+        (status, body) => Err(format!("HTTP {status}: {body}")),
     }
-    Ok(body.to_owned())
 }
 
 /// Percent-encodes a query parameter.
@@ -162,26 +151,6 @@ fn encode(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// The port a process logged that it serves metrics on.
-async fn metrics_port(lines: &Arc<Mutex<Vec<String>>>, who: &str) -> u16 {
-    eventually(
-        &format!("the {who} to log its metrics address"),
-        Duration::from_secs(60),
-        || async {
-            let lines = lines.lock().unwrap();
-            lines
-                .iter()
-                .find_map(|line| {
-                    let (_, rest) = line.split_once("serving Prometheus metrics on http://")?;
-                    let address = rest.split('/').next()?;
-                    address.rsplit(':').next()?.parse().ok()
-                })
-                .ok_or_else(|| format!("its log so far: {lines:?}"))
-        },
-    )
-    .await
 }
 
 #[tokio::test]
@@ -200,7 +169,7 @@ async fn prometheus_scrapes_a_worker_a_supervisor_and_a_caller() {
             ("WHARF_METRICS_PORT", "0"),
         ],
     );
-    let worker_port = metrics_port(&worker_log, "worker").await;
+    let worker_port = logged_metrics_port(&worker_log, "worker").await;
     wait_for_workers(&client, 1).await;
 
     // A supervisor through a server of its own, so that its instance takes
@@ -224,7 +193,7 @@ async fn prometheus_scrapes_a_worker_a_supervisor_and_a_caller() {
         &["supervise", config.to_str().unwrap()],
         &[("WHARF_METRICS_PORT", "0")],
     );
-    let supervisor_port = metrics_port(&supervisor_log, "supervisor").await;
+    let supervisor_port = logged_metrics_port(&supervisor_log, "supervisor").await;
 
     let prometheus = Prometheus::start(&[
         ("worker", format!("127.0.0.1:{worker_port}")),

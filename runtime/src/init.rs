@@ -77,6 +77,9 @@ pub async fn init_with(config: Config) -> Result<Client, Error> {
         return Ok(client.clone());
     }
     describe_if_asked();
+    if is_drain_role() {
+        std::process::exit(drain_process().await);
+    }
     if is_worker_role() {
         let code = worker_process(config.drain_grace).await;
         std::process::exit(code);
@@ -169,6 +172,66 @@ pub fn describe_if_asked() {
         .collect();
     println!("{}", serde_json::json!({ "functions": functions }));
     std::process::exit(0);
+}
+
+/// Whether this process was started to drain a worker: `WHARF_ROLE=drain`,
+/// or `drain` as its first argument.
+pub fn is_drain_role() -> bool {
+    Settings::get().is_ok_and(|s| s.role == Role::Drain)
+        || std::env::args().nth(1).is_some_and(|arg| arg == "drain")
+}
+
+/// The drain role's whole life (a Kubernetes preStop hook, run in the
+/// worker's container with its environment): asks the worker named by
+/// `WHARF_INSTANCE_ID` to drain, then waits until it has stopped answering
+/// its control subject, so the pod's termination waits for the drain.
+/// Returns the process exit code.
+pub(crate) async fn drain_process() -> i32 {
+    install_logging();
+    match drain_instance().await {
+        Ok(()) => 0,
+        Err(error) => {
+            tracing::error!("wharf drain: {error}");
+            1
+        }
+    }
+}
+
+async fn drain_instance() -> Result<(), Error> {
+    let settings = Settings::get()?;
+    let url = settings.nats_url.as_deref().ok_or_else(|| {
+        Error::new(ErrorKind::Config, "NATS_URL is not set: the drain role asks the worker through the NATS server it serves on")
+    })?;
+    let instance = settings.instance_id.as_deref().ok_or_else(|| {
+        Error::new(ErrorKind::Config, "WHARF_INSTANCE_ID is not set: the drain role drains the worker of that id (in Kubernetes, the pod's name)")
+    })?;
+    // Plain async-nats: this short-lived process must not serve metrics on
+    // the port its worker holds.
+    let options = crate::client::connect::options(url, &settings.credentials).await?;
+    let servers = crate::client::connect::servers(url);
+    let nats = options
+        .connect(servers.as_slice())
+        .await
+        .map_err(|e| crate::client::connect::failed(url, &settings.credentials, e))?;
+    let control = crate::wire::subjects::control(&settings.prefix, instance);
+    let asked = nats.request(control.clone(), "drain".into()).await;
+    if asked.is_err() {
+        // No worker of that id answers: nothing left to drain.
+        return Ok(());
+    }
+    tracing::info!("asked worker {instance} to drain; waiting until it stops");
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The control subscription lives until the worker exits, after its
+        // drain (and the quiesce of its transactions).
+        if nats
+            .request(control.clone(), "status".into())
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
 }
 
 /// Whether this process was started to serve: `WHARF_ROLE=worker`, or

@@ -61,6 +61,7 @@ mod handler;
 pub mod heartbeat;
 mod histogram;
 mod init;
+pub mod k8s;
 mod local;
 mod metrics;
 mod micro;

@@ -13,6 +13,9 @@ pub use serde;
 /// the describe role, prints them and exits.
 pub fn serve_if_worker() {
     crate::init::describe_if_asked();
+    if crate::init::is_drain_role() {
+        std::process::exit(block_on(crate::init::drain_process()));
+    }
     if crate::init::is_worker_role() {
         let code = block_on(crate::init::worker_process(std::time::Duration::from_secs(
             10,

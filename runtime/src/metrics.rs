@@ -1,5 +1,5 @@
 //! Prometheus metrics: `GET /metrics` on `WHARF_METRICS_PORT`, off unless
-//! that is set.
+//! that is set; `GET /ready` on the same port says whether a worker serves.
 //!
 //! Nothing is kept for metrics that wharf does not count anyway: the
 //! endpoints' ADR-32 counters, the workers' load, the supervisor's
@@ -163,6 +163,30 @@ pub(crate) trait Source: Send + Sync {
 
     /// Writes this source's samples.
     fn write(&self, out: &mut Exposition);
+
+    /// Whether this source takes work now (a worker: serving, not
+    /// draining); `None` for sources that take none.
+    fn ready(&self) -> Option<bool> {
+        None
+    }
+}
+
+/// `/ready`: serving when some source takes work and none is draining.
+fn readiness() -> (&'static str, String) {
+    let sources: Vec<Arc<dyn Source>> = SOURCES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    let states: Vec<bool> = sources.iter().filter_map(|s| s.ready()).collect();
+    if states.contains(&false) {
+        ("503 Service Unavailable", "draining\n".to_owned())
+    } else if states.is_empty() {
+        ("503 Service Unavailable", "not serving yet\n".to_owned())
+    } else {
+        ("200 OK", "ready\n".to_owned())
+    }
 }
 
 /// How long a scrape waits for sources to refresh: a JetStream that does
@@ -408,7 +432,8 @@ pub(crate) async fn serve_if_asked(port: Option<u16>) -> Result<(), Error> {
 const MAX_HEAD: usize = 8 * 1024;
 
 /// Answers one HTTP/1.x connection: `GET /metrics` (any query) gets the
-/// exposition, anything else 404 or 405; then the connection closes.
+/// exposition, `GET /ready` 200 or 503 (for a Kubernetes readiness probe),
+/// anything else 404 or 405; then the connection closes.
 async fn answer(mut stream: tokio::net::TcpStream) {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -440,8 +465,12 @@ async fn answer(mut stream: tokio::net::TcpStream) {
     let path = target.split(|b| *b == b'?').next().unwrap_or_default();
     let (status, body) = match (method, path) {
         (b"GET", b"/metrics") => ("200 OK", scrape().await),
-        (_, b"/metrics") => ("405 Method Not Allowed", "use GET\n".to_owned()),
-        _ => ("404 Not Found", "metrics are at /metrics\n".to_owned()),
+        (b"GET", b"/ready") => readiness(),
+        (_, b"/metrics" | b"/ready") => ("405 Method Not Allowed", "use GET\n".to_owned()),
+        _ => (
+            "404 Not Found",
+            "metrics are at /metrics, readiness at /ready\n".to_owned(),
+        ),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

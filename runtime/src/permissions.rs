@@ -304,8 +304,36 @@ pub fn roles_serving(
 /// with `WHARF_ROLE=describe` (a process backend's command, or the docker
 /// backend's image without a network), which prints them and exits.
 pub async fn served_by(service: &ServiceConfig) -> Result<Served, String> {
+    let mut served = Served::new();
+    for function in describe(service).await? {
+        served
+            .entry(function.service)
+            .or_default()
+            .push(function.name);
+    }
+    Ok(served)
+}
+
+/// One function a service's binary serves, as `WHARF_ROLE=describe`
+/// prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    /// Its service.
+    pub service: String,
+    /// Its name.
+    pub name: String,
+    /// Called through JetStream by default.
+    pub durable: bool,
+    /// Served by the instance that owns a call's transaction.
+    pub stateful: bool,
+}
+
+/// Every function `service`'s binary serves: it is run once with
+/// `WHARF_ROLE=describe` (a process backend's command, or a container
+/// backend's image without a network), which prints them and exits.
+pub async fn describe(service: &ServiceConfig) -> Result<Vec<Described>, String> {
     let mut command = match service.backend.as_str() {
-        "docker" => {
+        "docker" | "swarm" => {
             let mut command = tokio::process::Command::new("docker");
             command.args([
                 "run",
@@ -345,18 +373,17 @@ pub async fn served_by(service: &ServiceConfig) -> Result<Served, String> {
     }
     let described: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("it printed no function list ({e}); is it built with wharf?"))?;
-    let mut served = Served::new();
-    for function in described["functions"].as_array().into_iter().flatten() {
-        if let (Some(service), Some(name)) =
-            (function["service"].as_str(), function["name"].as_str())
-        {
-            served
-                .entry(service.to_owned())
-                .or_default()
-                .push(name.to_owned());
-        }
-    }
-    Ok(served)
+    let functions = described["functions"].as_array().into_iter().flatten();
+    Ok(functions
+        .filter_map(|function| {
+            Some(Described {
+                service: function["service"].as_str()?.to_owned(),
+                name: function["name"].as_str()?.to_owned(),
+                durable: function["durable"].as_bool().unwrap_or(false),
+                stateful: function["stateful"].as_bool().unwrap_or(false),
+            })
+        })
+        .collect())
 }
 
 /// A nats-server `authorization` block: one user per role, each password

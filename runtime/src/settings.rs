@@ -53,6 +53,9 @@ pub enum Role {
     /// Prints the microservices linked into it as JSON and exits, without
     /// connecting (`wharf auth` reads a binary's functions this way).
     Describe,
+    /// Asks the worker `WHARF_INSTANCE_ID` to drain, waits until it has
+    /// stopped, and exits (a Kubernetes preStop hook).
+    Drain,
 }
 
 /// How this process writes its log lines (`WHARF_LOG_FORMAT`).
@@ -592,11 +595,12 @@ impl Settings {
             None => Role::Caller,
             Some("worker") => Role::Worker,
             Some("describe") => Role::Describe,
+            Some("drain") => Role::Drain,
             Some(other) => {
                 return Err(invalid(
                     "WHARF_ROLE",
                     other,
-                    "`worker`, `describe` (print the functions and exit), or unset for a program that calls",
+                    "`worker`, `describe` (print the functions and exit), `drain` (drain the worker WHARF_INSTANCE_ID and exit), or unset for a program that calls",
                 ))
             }
         };

@@ -51,7 +51,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "instances",
-        &["scaler", "backend", "supervisor", "permissions"],
+        &["scaler", "backend", "supervisor", "permissions", "k8s"],
     ),
     (
         "process set-up",

@@ -8,7 +8,7 @@ use crate::spec::FnSpec;
 use async_nats::jetstream::consumer::{pull, Consumer};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// One served function, as its metrics show it.
@@ -26,9 +26,15 @@ pub(crate) struct WorkerMetrics {
     pub(crate) instance: String,
     pub(crate) shared: Arc<Shared>,
     pub(crate) served: Vec<Served>,
+    /// Set once the worker drains.
+    pub(crate) draining: Arc<AtomicBool>,
 }
 
 impl Source for WorkerMetrics {
+    fn ready(&self) -> Option<bool> {
+        Some(!self.draining.load(Ordering::Relaxed))
+    }
+
     fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async {
             let asks = self.served.iter().filter_map(|served| {

@@ -312,6 +312,7 @@ impl Worker {
             instance: instance.clone(),
             shared: shared.clone(),
             served: served_metrics,
+            draining: draining.clone(),
         });
         crate::metrics::register(&metrics);
         Ok(RunningWorker {
