@@ -50,20 +50,34 @@ ensure_kubernetes_validate() {
     fi
 }
 
+# A Debian package that provides `command`, installed when it is missing.
+ensure_package() {
+    local command="$1" package="$2" why="$3"
+    command -v "$command" >/dev/null && return
+    if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
+        say "installing $package (apt-get install $package)"
+        apt-get install -y -qq --no-install-recommends "$package" >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 \
+                && apt-get install -y -qq --no-install-recommends "$package" >/dev/null 2>&1; } \
+            || die "apt-get install $package failed"
+        return
+    fi
+    die "$why needs \`$command\`: install Debian's \`$package\` package (or put it on PATH)"
+}
+
 # A Prometheus server for the metrics test (Debian packages one).
 ensure_prometheus() {
     command -v prometheus >/dev/null && return
-    if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
-        say "installing prometheus (apt-get install prometheus)"
-        apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
-            || { apt-get update -qq >/dev/null 2>&1 \
-                && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
-            || die "apt-get install prometheus failed"
-        # The package enables a system service; the test starts its own.
-        command -v systemctl >/dev/null && systemctl disable --now prometheus >/dev/null 2>&1
-        return
+    ensure_package prometheus prometheus "the metrics test"
+    # The package enables a system service; the test starts its own.
+    if command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
     fi
-    die "the metrics test needs a Prometheus server: install Debian's \`prometheus\` package (or put a \`prometheus\` binary on PATH)"
+}
+
+# tmux, in which the test of `wharf top` runs it.
+ensure_tmux() {
+    ensure_package tmux tmux "the test of wharf top"
 }
 
 # A Docker engine for the container tests; started here if it is installed

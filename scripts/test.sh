@@ -12,6 +12,7 @@ ensure_nats_server
 ensure_nats_py
 ensure_prometheus
 ensure_kubernetes_validate
+ensure_tmux
 ensure_docker
 cd "$repo_root"
 

@@ -16,6 +16,8 @@
 //! `nats://127.0.0.1:4222`); `up` uses `NATS_URL` or `broker.url` from
 //! `wharf.toml`, or starts a nats-server on port 4222.
 
+mod top;
+
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -77,6 +79,13 @@ enum Command {
         /// Print the instances' heartbeats as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// A live view of services, instances and the supervisor's decisions:
+    /// calls/s, p50/p99, errors, CPU, memory, backlog, transactions.
+    Top {
+        /// How often it refreshes, e.g. `1s`, `500ms`.
+        #[arg(long, default_value = "1s", value_parser = refresh_every)]
+        every: Duration,
     },
     /// Follow the supervisor's decisions and their reasons.
     Events,
@@ -488,6 +497,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
         } => Ok(bench(Call::new(target)?, client, calls, concurrency).await),
         Command::Status { json } => status(&client, json).await,
         Command::Events => events(&client).await,
+        Command::Top { every } => top::top(&client, every).await,
         Command::Down => down(&client).await,
         Command::Objects => objects(&client).await,
         Command::Up { .. }
@@ -497,6 +507,16 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             unreachable!("handled before")
         }
     }
+}
+
+/// `--every`: a duration of 100 ms to an hour.
+fn refresh_every(text: &str) -> Result<Duration, String> {
+    let every = wharf::settings::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration such as 1s or 500ms ({e})"))?;
+    if every < Duration::from_millis(100) || every > Duration::from_secs(3600) {
+        return Err(format!("`{text}`: refresh between 100ms and 1h"));
+    }
+    Ok(every)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

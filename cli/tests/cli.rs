@@ -312,3 +312,120 @@ async fn every_verb_authenticates_and_shows_no_secret() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["web"]["sub"]["allow"][0], "_INBOX.web.>");
 }
+
+/// A tmux session of its own, killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("tmux runs (scripts/test.sh installs it)")
+    }
+
+    /// What the session's pane shows now.
+    fn screen(&self) -> String {
+        text(&self.run(&["capture-pane", "-p", "-t", &self.0]).stdout)
+    }
+
+    fn alive(&self) -> bool {
+        self.run(&["has-session", "-t", &self.0]).status.success()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-session", "-t", &self.0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_services_instances_and_decisions_live() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let client = Client::connect(&url).await.unwrap();
+    let worker = Worker::new(&client).start().await.unwrap();
+    let session = Tmux(format!("wharf-top-{}", std::process::id()));
+    let started = session.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session.0,
+        "-x",
+        "200",
+        "-y",
+        "50",
+        "-e",
+        &format!("NATS_URL={url}"),
+        env!("CARGO_BIN_EXE_wharf"),
+        "top",
+    ]);
+    assert!(started.status.success(), "{}", text(&started.stderr));
+
+    // Load, including errors: `even` fails for odd numbers.
+    let load = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for n in 0u32.. {
+                let _ = add::call(&client, 1, 2).await;
+                let _ = even::call(&client, n).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    // A decision as a supervisor publishes it.
+    let event = wharf::supervisor::Event {
+        at_ms: 0,
+        service: Some("cli".into()),
+        kind: wharf::supervisor::EventKind::Scale,
+        instance: None,
+        reason: "1 -> 2: backlog 120 is over 50 per instance on 1 instances".into(),
+        supervisor: "test".into(),
+    };
+    let subject = wharf::wire::subjects::events(client.prefix());
+    let screen = eventually(
+        "wharf top to show the service, its instance under load, errors and the decision",
+        Duration::from_secs(60),
+        || async {
+            // Published until seen: `top` may not have subscribed yet.
+            let _ = client
+                .nats()
+                .publish(subject.clone(), serde_json::to_vec(&event).unwrap().into())
+                .await;
+            let screen = session.screen();
+            let service = screen
+                .lines()
+                .find(|line| line.contains("│cli "))
+                .ok_or_else(|| format!("no service row yet:\n{screen}"))?;
+            // service, instances, calls/s, p50, p99, errors/s, ...
+            let cells: Vec<&str> = service
+                .trim_matches(|c| c == '│' || c == ' ')
+                .split_whitespace()
+                .collect();
+            let calls: f64 = cells.get(2).and_then(|c| c.parse().ok()).unwrap_or(0.0);
+            let errors: f64 = cells.get(5).and_then(|c| c.parse().ok()).unwrap_or(0.0);
+            if calls > 0.0
+                && errors > 0.0
+                && screen.contains(worker.instance())
+                && screen.contains("backlog 120 is over 50")
+            {
+                Ok(screen)
+            } else {
+                Err(format!("calls/s {calls}, errors/s {errors}:\n{screen}"))
+            }
+        },
+    )
+    .await;
+    assert!(screen.contains("supervisor decisions"), "{screen}");
+    load.abort();
+
+    session.run(&["send-keys", "-t", &session.0, "q"]);
+    eventually_blocking("`q` to end wharf top", Duration::from_secs(30), || {
+        if session.alive() {
+            Err("its session still runs".to_owned())
+        } else {
+            Ok(())
+        }
+    });
+}

@@ -287,6 +287,22 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// A process and everything it started, all killed when dropped: for a
+/// supervisor, whose instances would outlive its SIGKILL.
+pub struct ProcessTree(pub WorkerProcess);
+
+impl Drop for ProcessTree {
+    fn drop(&mut self) {
+        // Found before the parent dies: orphans are reparented and lost.
+        let started = descendants(self.0.pid());
+        self.0.kill();
+        for pid in started {
+            // SAFETY: kill(2) on a pid of our own descendants.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 /// A worker process of the `svc` binary serving through `url`.
 pub fn spawn_worker(url: &str) -> WorkerProcess {
     spawn_worker_with(url, &[])

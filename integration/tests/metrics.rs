@@ -189,10 +189,12 @@ async fn prometheus_scrapes_a_worker_a_supervisor_and_a_caller() {
         ),
     )
     .unwrap();
-    let (_supervisor, supervisor_log) = spawn_svc_logged(
+    let (supervisor, supervisor_log) = spawn_svc_logged(
         &["supervise", config.to_str().unwrap()],
         &[("WHARF_METRICS_PORT", "0")],
     );
+    // Its instances go with it, even when the test fails.
+    let _supervisor = wharf_integration::ProcessTree(supervisor);
     let supervisor_port = logged_metrics_port(&supervisor_log, "supervisor").await;
 
     let prometheus = Prometheus::start(&[

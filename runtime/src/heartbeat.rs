@@ -43,6 +43,9 @@ pub struct Heartbeat {
     pub backlog: usize,
     /// Calls answered since the instance started.
     pub calls: u64,
+    /// Calls answered with an error since the instance started.
+    #[serde(default)]
+    pub errors: u64,
     /// Calls answered per second since the last heartbeat.
     pub calls_per_s: f64,
     /// Mean processing time since the last heartbeat, milliseconds.
@@ -119,6 +122,7 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
             .iter()
             .map(|e| e.totals())
             .fold((0, 0), |(c, n), (c2, n2)| (c + c2, n + n2));
+        let errors = source.endpoints.iter().map(|e| e.errors()).sum();
         let mut latencies = [0u64; crate::histogram::BUCKETS];
         for endpoint in &source.endpoints {
             for (sum, count) in latencies.iter_mut().zip(endpoint.latencies()) {
@@ -149,6 +153,7 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
             in_flight,
             backlog,
             calls,
+            errors,
             calls_per_s: new_calls as f64 / elapsed,
             mean_ms: if new_calls == 0 {
                 0.0

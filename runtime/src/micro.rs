@@ -68,6 +68,11 @@ impl EndpointStats {
         )
     }
 
+    /// Calls answered with an error.
+    pub(crate) fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
     /// Processing-time counts by histogram bucket.
     pub(crate) fn latencies(&self) -> [u64; crate::histogram::BUCKETS] {
         self.latency.snapshot()
