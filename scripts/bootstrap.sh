@@ -40,6 +40,16 @@ ensure_nats_py() {
     fi
 }
 
+# grpcio and opentelemetry-proto: the OTLP receiver of the span export test
+# (integration/python/otlp_receiver.py).
+ensure_otlp_receiver() {
+    if ! python3 -c 'import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc' 2>/dev/null; then
+        say "installing grpcio and opentelemetry-proto (pip install grpcio opentelemetry-proto)"
+        python3 -m pip install --quiet --disable-pip-version-check grpcio opentelemetry-proto \
+            || die "pip install grpcio opentelemetry-proto failed"
+    fi
+}
+
 # kubernetes-validate, which checks `wharf k8s` manifests against the
 # Kubernetes schemas (offline).
 ensure_kubernetes_validate() {

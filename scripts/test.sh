@@ -10,6 +10,7 @@ set -uo pipefail
 source "$(dirname "$0")/bootstrap.sh"
 ensure_nats_server
 ensure_nats_py
+ensure_otlp_receiver
 ensure_prometheus
 ensure_kubernetes_validate
 ensure_tmux

@@ -257,13 +257,17 @@ pub(crate) async fn worker_process(grace: Duration) -> i32 {
         tracing::error!("wharf worker: NATS_URL is not set; a worker serves through the NATS server its callers use, e.g. NATS_URL=nats://127.0.0.1:4222");
         return 2;
     };
-    match serve_until_signal(url, grace).await {
+    let code = match serve_until_signal(url, grace).await {
         Ok(()) => 0,
         Err(error) => {
             tracing::error!("wharf worker: {error}");
             1
         }
-    }
+    };
+    // The spans of the last calls, before the process exits.
+    #[cfg(feature = "otel")]
+    crate::otel::flush();
+    code
 }
 
 async fn serve_until_signal(url: &str, grace: Duration) -> Result<(), Error> {
@@ -320,33 +324,55 @@ fn parent_is_gone() -> bool {
 /// Logs wharf's messages to stderr, filtered by `RUST_LOG` (default: wharf
 /// at `info`, the libraries under it at `warn`), as readable lines or, with
 /// `WHARF_LOG_FORMAT=json`, one JSON object per line; unless the program
-/// installed a `tracing` subscriber of its own.
+/// installed a `tracing` subscriber of its own. With the `otel` feature and
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` set, wharf's call spans are exported over
+/// OTLP too, whatever `RUST_LOG` says (see [`crate::otel`]).
 pub fn install_logging() {
     use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, Registry};
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("warn,wharf=info,wharf_cli=info"));
     // Read on its own, not through `Settings::get`: logging starts before
     // a program's settings are complete. A bad value is logged here in
     // text, and fails the settings later with the same message.
     let format = LogFormat::from_env();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
-    // Fails only when a subscriber is already set: the program's own wins.
-    let installed = match format {
-        Ok(LogFormat::Json) => builder
+    let lines: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        Ok(LogFormat::Json) => lines
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
-        _ => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+            .boxed(),
+        _ => lines.with_ansi(std::io::stderr().is_terminal()).boxed(),
     };
-    if let (Ok(()), Err(error)) = (installed, format) {
+    // Each layer has its own filter: `RUST_LOG` says what is logged, not
+    // which call spans are exported.
+    let subscriber = tracing_subscriber::registry().with(lines.with_filter(filter));
+    #[cfg(feature = "otel")]
+    let (subscriber, export_error) = {
+        let exported = crate::otel::from_vars(|name| std::env::var(name).ok())
+            .and_then(|export| export.map(crate::otel::layer).transpose());
+        let (layer, error) = match exported {
+            Ok(layer) => (layer, None),
+            Err(error) => (None, Some(error)),
+        };
+        let calls = tracing_subscriber::filter::filter_fn(|meta| {
+            meta.is_span() && crate::otel::SPAN_NAMES.contains(&meta.name())
+        });
+        (subscriber.with(layer.with_filter(calls)), error)
+    };
+    // Fails only when a subscriber is already set: the program's own wins.
+    let installed = subscriber.try_init();
+    if let (Ok(()), Err(error)) = (&installed, format) {
         tracing::warn!("{error}; logging readable lines");
+    }
+    #[cfg(feature = "otel")]
+    if let (Ok(()), Some(error)) = (&installed, export_error) {
+        tracing::error!("{error}; wharf's spans are not exported");
     }
 }

@@ -66,6 +66,8 @@ mod local;
 mod metrics;
 mod micro;
 pub mod objects;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod permissions;
 pub mod process;
 mod request;

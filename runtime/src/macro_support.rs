@@ -24,13 +24,17 @@ pub fn serve_if_worker() {
     }
 }
 
-/// Runs `future` on a new multi-threaded tokio runtime (`#[wharf::main]`).
+/// Runs `future` on a new multi-threaded tokio runtime (`#[wharf::main]`),
+/// then (with the `otel` feature) exports the spans still buffered.
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
+    let output = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime")
-        .block_on(future)
+        .block_on(future);
+    #[cfg(feature = "otel")]
+    crate::otel::flush();
+    output
 }
 
 /// Text for an application error: its `Display` if it has one, else its

@@ -605,6 +605,10 @@ impl Settings {
             }
         };
         let log_format = LogFormat::parse(var("WHARF_LOG_FORMAT").as_deref())?;
+        // Spans are exported from the moment logging starts; a variable it
+        // could not use fails the settings here, with the same message.
+        #[cfg(feature = "otel")]
+        crate::otel::from_vars(var)?;
         let workers = number(&var, "WHARF_WORKERS", 0, 1024)?.unwrap_or(DEFAULT_WORKERS);
         let max_workers = match number(&var, "WHARF_MAX_WORKERS", 1, 1024)? {
             Some(max) if max < workers => {

@@ -17,11 +17,15 @@
 //! A trace starts where a program says so ([`in_trace`], with a context of
 //! its own or [`TraceContext::new_root`]) or where a foreign client sends
 //! a `traceparent`. A malformed one is ignored: the call runs as if none
-//! had been sent, and never fails for it.
+//! had been sent, and never fails for it. While spans are exported (the
+//! `otel` feature), every call made or served outside a trace starts one,
+//! sampled at the configured ratio; a call inside a trace follows its
+//! sampled flag.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One span's place in a trace: the trace id, the id of the span that is
 /// the parent of whatever is made under it, the W3C trace flags, and the
@@ -90,7 +94,10 @@ impl TraceContext {
 
     /// The start of a new trace, sampled or not.
     pub fn new_root(sampled: bool) -> TraceContext {
-        let trace_id = (u128::from(random_id()) << 64) | u128::from(random_id());
+        TraceContext::root(sampled, random_trace_id())
+    }
+
+    fn root(sampled: bool, trace_id: u128) -> TraceContext {
         TraceContext {
             trace_id,
             span_id: random_id(),
@@ -118,6 +125,11 @@ impl TraceContext {
     /// The `tracestate` passed on with it, if any.
     pub fn tracestate(&self) -> Option<&str> {
         self.state.as_deref()
+    }
+
+    /// The id of this span, as a number (what span exporters take).
+    pub(crate) fn span_number(&self) -> u64 {
+        self.span_id
     }
 
     /// The trace id, 32 lowercase hex digits.
@@ -153,6 +165,45 @@ fn random_id() -> u64 {
         hasher.write_u64(counter.get());
         hasher.finish().max(1)
     })
+}
+
+fn random_trace_id() -> u128 {
+    (u128::from(random_id()) << 64) | u128::from(random_id())
+}
+
+/// Which new traces are sampled while spans are exported: a trace id whose
+/// low 64 bits are below this threshold is (the W3C random part, so the
+/// decision is the same wherever it is made). `0` means that spans are not
+/// exported and no trace starts by itself; `u64::MAX` samples every trace.
+static ROOT_THRESHOLD: AtomicU64 = AtomicU64::new(0);
+
+/// Starts traces by themselves from now on, sampling `ratio` (0 to 1) of
+/// them: a span exporter is installed.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+pub(crate) fn start_roots(ratio: f64) {
+    ROOT_THRESHOLD.store(threshold(ratio), Ordering::Relaxed);
+}
+
+/// The threshold for `ratio`, at least 1: a ratio of 0 still starts
+/// (unsampled) traces, whose calls then tell workers not to sample either.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+fn threshold(ratio: f64) -> u64 {
+    ((ratio.clamp(0.0, 1.0) * u64::MAX as f64) as u64).max(1)
+}
+
+fn sampled(threshold: u64, trace_id: u128) -> bool {
+    threshold == u64::MAX || (trace_id as u64) < threshold
+}
+
+/// A new trace for a call made or served outside one, while spans are
+/// exported; `None` otherwise (one atomic load).
+pub(crate) fn new_root_if_exporting() -> Option<TraceContext> {
+    let threshold = ROOT_THRESHOLD.load(Ordering::Relaxed);
+    if threshold == 0 {
+        return None;
+    }
+    let trace_id = random_trace_id();
+    Some(TraceContext::root(sampled(threshold, trace_id), trace_id))
 }
 
 tokio::task_local! {
@@ -257,6 +308,23 @@ mod tests {
         ] {
             assert_eq!(TraceContext::parse(bad, None), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn new_traces_are_sampled_at_the_ratio() {
+        let share = |ratio: f64| {
+            let threshold = threshold(ratio);
+            (0..100_000)
+                .filter(|_| sampled(threshold, random_trace_id()))
+                .count()
+        };
+        assert_eq!(share(1.0), 100_000);
+        assert_eq!(share(0.0), 0);
+        let one_percent = share(0.01);
+        assert!(
+            (700..1300).contains(&one_percent),
+            "{one_percent} of 100000"
+        );
     }
 
     #[tokio::test]

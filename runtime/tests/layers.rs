@@ -26,6 +26,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "spec",
             "storage",
             "metrics",
+            "otel",
             "micro",
             "handler",
             "heartbeat",

@@ -12,6 +12,8 @@
 //!   in KV `itest_refs` under `greeting`, and exit.
 //! - `svc objects`: serve the object store through `NATS_URL` until SIGTERM,
 //!   as `wharf objects` does.
+//! - `svc traced <n>`: call `traced_nested` `n` times through `NATS_URL` and
+//!   print one JSON line per call of what it answered.
 
 use wharf_integration::{add, take, whoami, InventoryError};
 
@@ -46,6 +48,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await?;
         kv.put("greeting", serde_json::to_vec(&stored)?.into())
             .await?;
+        return Ok(());
+    }
+    if mode == "traced" {
+        let times: usize = std::env::args().nth(2).unwrap_or_default().parse()?;
+        wharf::init().await?;
+        for _ in 0..times {
+            let answer = wharf_integration::traced_nested().await?;
+            println!("{}", serde_json::to_string(&answer)?);
+        }
         return Ok(());
     }
     wharf::init().await?;

@@ -74,9 +74,12 @@ pub(crate) struct CallState {
     pub(crate) deadline_ms: u64,
     /// The same deadline on the monotonic clock (what the caller waits on).
     pub(crate) deadline: Instant,
-    /// This call's span in the current trace, if there is one: what the
-    /// request carries as its `traceparent`.
+    /// This call's span in the current trace, if there is one (or in a new
+    /// trace, while spans are exported): what the request carries as its
+    /// `traceparent`.
     pub(crate) trace: Option<crate::trace::TraceContext>,
+    /// The span this call was made in, if any.
+    pub(crate) parent_span: Option<u64>,
 }
 
 impl CallState {
@@ -106,11 +109,16 @@ impl CallState {
         let deadline = now
             .checked_add(Duration::from_millis(deadline_ms - now_ms))
             .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+        let parent = crate::trace::current();
         Ok(CallState {
             id: call_id(),
             deadline_ms,
             deadline,
-            trace: crate::trace::current().map(|trace| trace.child()),
+            trace: match &parent {
+                Some(parent) => Some(parent.child()),
+                None => crate::trace::new_root_if_exporting(),
+            },
+            parent_span: parent.map(|parent| parent.span_number()),
         })
     }
 
@@ -129,6 +137,8 @@ impl CallState {
             wharf.call_id = self.id.as_str(),
             trace_id = trace.map(|t| t.trace_id()),
             span_id = trace.map(|t| t.span_id()),
+            parent_span_id = self.parent_span.map(|id| format!("{id:016x}")),
+            trace.sampled = trace.map(|t| t.sampled()),
             rpc.outcome = tracing::field::Empty,
         )
     }

@@ -101,11 +101,16 @@ impl Endpoint {
                 .unwrap_or_else(panicked);
         }
         // The worker's own span is a child of the caller's, and the calls
-        // the function makes are children of it.
-        let trace = meta.trace.as_deref().map(TraceContext::child);
+        // the function makes are children of it; while spans are exported, a
+        // call that came without a trace starts one.
+        let trace = match meta.trace.as_deref() {
+            Some(parent) => Some(parent.child()),
+            None => crate::trace::new_root_if_exporting(),
+        };
         if let Some(trace) = &trace {
             span.record("trace_id", trace.trace_id());
             span.record("span_id", trace.span_id());
+            span.record("trace.sampled", trace.sampled());
         }
         let traced = crate::trace::maybe_in(trace, handler);
         let instrumented = span.clone();
@@ -159,6 +164,7 @@ fn server_span(spec: &FnSpec, meta: &CallMeta) -> tracing::Span {
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
         parent_span_id = meta.trace.as_deref().map(TraceContext::span_id),
+        trace.sampled = tracing::field::Empty,
         rpc.outcome = tracing::field::Empty,
     )
 }
