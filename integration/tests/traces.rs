@@ -214,6 +214,29 @@ async fn spans_are_exported_over_otlp_as_one_trace_across_processes() {
         ["itest-worker-a", "itest-worker-b"][index.expect("a pid of one of the workers")]
     };
 
+    // A caller that samples no trace: its calls tell the workers so.
+    let unsampled = std::process::Command::new(wharf_integration::svc_binary())
+        .args(["traced", "4"])
+        .env("NATS_URL", &url)
+        .envs(
+            otel("itest-unsampled")
+                .iter()
+                .map(|(k, v)| (*k, v.as_str())),
+        )
+        .env("OTEL_TRACES_SAMPLER", "always_off")
+        .output()
+        .expect("svc traced runs");
+    assert!(unsampled.status.success(), "{unsampled:?}");
+    let unsampled: Vec<TraceContext> = String::from_utf8_lossy(&unsampled.stdout)
+        .lines()
+        .map(|line| {
+            let answer: ((u64, String), (u64, String)) = serde_json::from_str(line).unwrap();
+            parse(&answer.1 .1)
+        })
+        .collect();
+    assert_eq!(unsampled.len(), 4);
+    assert!(unsampled.iter().all(|t| !t.sampled()), "{unsampled:?}");
+
     // The caller is a process of its own that exports too. Each of its
     // calls starts a trace; one whose nested call reached the other worker
     // is looked at (the queue group picks at random).
@@ -260,6 +283,14 @@ async fn spans_are_exported_over_otlp_as_one_trace_across_processes() {
     )
     .await;
     assert_eq!(spans.len(), 4, "one span per hop: {spans:#?}");
+    // The unsampled calls came before, through the same workers (whose
+    // batches go out in order): none of their spans was exported.
+    for trace in &unsampled {
+        assert_eq!(
+            receiver.trace(&trace.trace_id()),
+            Vec::<serde_json::Value>::new()
+        );
+    }
     let find = |kind: u64, name: &str| {
         spans
             .iter()

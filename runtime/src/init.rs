@@ -361,8 +361,26 @@ pub fn install_logging() {
             Ok(layer) => (layer, None),
             Err(error) => (None, Some(error)),
         };
-        let calls = tracing_subscriber::filter::filter_fn(|meta| {
-            meta.is_span() && crate::otel::SPAN_NAMES.contains(&meta.name())
+        let active = layer.is_some();
+        // Asked at each span, not once per callsite: whether to export
+        // changes with the call (sampled or not) and the bench's toggle.
+        let calls = tracing_subscriber::filter::dynamic_filter_fn(|_, _| {
+            crate::otel::exporting() && crate::trace::sampled_hint()
+        })
+        // wharf's call spans are `debug`: without this hint the global
+        // maximum would be `trace`, and every `trace!` of the libraries
+        // would reach its callsite check.
+        .with_max_level_hint(tracing::level_filters::LevelFilter::DEBUG)
+        // Never asked at all when nothing is exported. (The layer stays, as
+        // `None`: a `None` layer with no filter of its own would make every
+        // callsite the logging filter turned off "sometimes", asked at each
+        // event.)
+        .with_callsite_filter(move |meta| {
+            if active && meta.is_span() && crate::otel::SPAN_NAMES.contains(&meta.name()) {
+                tracing::subscriber::Interest::sometimes()
+            } else {
+                tracing::subscriber::Interest::never()
+            }
         });
         (subscriber.with(layer.with_filter(calls)), error)
     };

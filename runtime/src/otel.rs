@@ -16,6 +16,7 @@
 //! so a call pays for recording its span, never for the export.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
@@ -100,6 +101,33 @@ fn config(message: String) -> Error {
     Error::new(ErrorKind::Config, message)
 }
 
+/// Whether spans are exported now: on once the layer is made. The bench
+/// turns it off and on to measure both in one process
+/// (`__private::set_span_export`).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// The sampling ratio the layer was made with.
+static RATIO: OnceLock<f64> = OnceLock::new();
+
+/// Whether wharf's call spans are recorded for export now.
+pub(crate) fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Turns export off (no span recorded, no trace started) or back on.
+pub fn set_exporting(on: bool) {
+    match (on, RATIO.get()) {
+        (true, Some(ratio)) => {
+            crate::trace::start_roots(*ratio);
+            EXPORTING.store(true, Ordering::Relaxed);
+        }
+        _ => {
+            EXPORTING.store(false, Ordering::Relaxed);
+            crate::trace::stop_roots();
+        }
+    }
+}
+
 /// The processor that batches and sends spans, once made.
 static PROCESSOR: OnceLock<Arc<BatchSpanProcessor>> = OnceLock::new();
 
@@ -153,7 +181,8 @@ pub(crate) fn layer(export: Export) -> Result<SpanLayer, Error> {
             PROCESSOR.get_or_init(|| Arc::new(processor)).clone()
         }
     };
-    crate::trace::start_roots(export.ratio);
+    let _ = RATIO.set(export.ratio);
+    set_exporting(true);
     Ok(SpanLayer {
         processor,
         scope: InstrumentationScope::builder("wharf")
@@ -295,13 +324,10 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        // Only sampled calls' spans get here (the filter asks
+        // `trace::sampled_hint`).
         let mut fields = Fields::default();
         attrs.record(&mut fields);
-        // A caller's span knows at once whether it is sampled; a worker's
-        // learns it when its trace is recorded.
-        if fields.sampled == Some(false) {
-            return;
-        }
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(Open {
                 start: SystemTime::now(),

@@ -184,6 +184,12 @@ pub(crate) fn start_roots(ratio: f64) {
     ROOT_THRESHOLD.store(threshold(ratio), Ordering::Relaxed);
 }
 
+/// Starts no more traces by themselves (span export is off).
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+pub(crate) fn stop_roots() {
+    ROOT_THRESHOLD.store(0, Ordering::Relaxed);
+}
+
 /// The threshold for `ratio`, at least 1: a ratio of 0 still starts
 /// (unsampled) traces, whose calls then tell workers not to sample either.
 #[cfg_attr(not(feature = "otel"), allow(dead_code))]
@@ -204,6 +210,32 @@ pub(crate) fn new_root_if_exporting() -> Option<TraceContext> {
     }
     let trace_id = random_trace_id();
     Some(TraceContext::root(sampled(threshold, trace_id), trace_id))
+}
+
+thread_local! {
+    /// Whether the call span being made now is in a sampled trace: set
+    /// around the span's creation, so that the export filter, which sees
+    /// only the span's static metadata, leaves unsampled calls without one.
+    static SAMPLED_HINT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `make` (which makes a call's span) telling span filters whether
+/// the call is in a sampled trace.
+pub(crate) fn with_sampled_hint<R>(trace: Option<&TraceContext>, make: impl FnOnce() -> R) -> R {
+    let sampled = trace.is_some_and(TraceContext::sampled);
+    if !sampled {
+        return make();
+    }
+    SAMPLED_HINT.with(|hint| hint.set(true));
+    let made = make();
+    SAMPLED_HINT.with(|hint| hint.set(false));
+    made
+}
+
+/// Whether the call span being made now is in a sampled trace.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+pub(crate) fn sampled_hint() -> bool {
+    SAMPLED_HINT.with(std::cell::Cell::get)
 }
 
 tokio::task_local! {

@@ -13,7 +13,10 @@
 //! over plain TCP and over TLS (a second server, certificates made for the
 //! run), raw and wharf on each, in interleaved rounds; `--auth` the same
 //! with a user and password in place of TLS; `--metrics` the same with
-//! Prometheus metrics on (worker and caller) in place of TLS.
+//! Prometheus metrics on (worker and caller) in place of TLS; `--otel` (built
+//! with `--features otel`) the same with wharf's spans exported over OTLP at
+//! 1% sampling (worker and caller), to `OTEL_EXPORTER_OTLP_ENDPOINT` or, when
+//! that is unset, to the receiver of integration/python/otlp_receiver.py.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -83,10 +86,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("--tls") => return comparison(Secured::Tls).await,
         Some("--auth") => return comparison(Secured::Creds).await,
         Some("--metrics") => return comparison(Secured::Metrics).await,
+        Some("--otel") => return comparison(Secured::Otel).await,
         None => (false, false, false),
         Some(other) => {
             return Err(format!(
-                "unknown argument `{other}`; use --quick, --focus, --stateful, --tls, --auth, --metrics or nothing"
+                "unknown argument `{other}`; use --quick, --focus, --stateful, --tls, --auth, --metrics, --otel or nothing"
             )
             .into())
         }
@@ -749,6 +753,60 @@ async fn raw_connect(
     options.connect(url).await
 }
 
+/// Sets this process and the workers it starts from now on to export spans
+/// at 1% sampling: to `OTEL_EXPORTER_OTLP_ENDPOINT`, or to an OTLP receiver
+/// started here (returned, to be kept while the run lasts).
+fn export_spans() -> Result<Option<Child>, Box<dyn std::error::Error>> {
+    if !cfg!(feature = "otel") {
+        return Err("bench --otel needs the otel feature: cargo run --release -p wharf-examples --features otel --bin bench -- --otel".into());
+    }
+    let mut receiver = None;
+    if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
+        use std::io::BufRead;
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../integration/python/otlp_receiver.py"
+        );
+        let mut child = Command::new("python3")
+            .args([script, "--quiet"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut lines = std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let first = lines.next().transpose()?.unwrap_or_default();
+        let port = first
+            .strip_prefix("port ")
+            .ok_or("the OTLP receiver did not start (pip install grpcio opentelemetry-proto)")?
+            .to_owned();
+        // Its spans are read and dropped, so that it never blocks on stdout.
+        std::thread::spawn(move || lines.for_each(drop));
+        std::env::set_var(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        );
+        receiver = Some(child);
+    }
+    std::env::set_var("OTEL_TRACES_SAMPLER", "parentbased_traceidratio");
+    // 1% unless asked otherwise.
+    if std::env::var_os("OTEL_TRACES_SAMPLER_ARG").is_none() {
+        std::env::set_var("OTEL_TRACES_SAMPLER_ARG", "0.01");
+    }
+    std::env::set_var("OTEL_SERVICE_NAME", "wharf-bench");
+    wharf::install_logging();
+    Ok(receiver)
+}
+
+thread_local! {
+    static CALLER_EXPORTS: bool = std::env::var("BENCH_OTEL_SIDES").as_deref() != Ok("worker");
+}
+
+/// Turns this process's span export on or off (the `otel` feature).
+fn set_span_export(on: bool) {
+    #[cfg(feature = "otel")]
+    wharf::__private::set_span_export(on);
+    let _ = on;
+}
+
 /// What `comparison` secures the second server with.
 #[derive(Clone, Copy, PartialEq)]
 enum Secured {
@@ -760,6 +818,9 @@ enum Secured {
     /// No security: Prometheus metrics on, in the worker and in this
     /// calling process, against the same with metrics off.
     Metrics,
+    /// No security: spans exported over OTLP at 1% sampling, in the worker
+    /// and in this calling process, against the same with export off.
+    Otel,
 }
 
 /// A server with its raw responder and wharf worker, and the bench's
@@ -808,7 +869,12 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
     const CALLS: usize = 60_000;
     let dir = wharf::testing::TempDir::new("bench-secured");
     let open = NatsServer::start()?;
-    let mut plain = Setup::start(&open, Default::default(), &[]).await?;
+    // The open setup's worker exports nothing, whatever this process does.
+    let plain_env: &[(&str, &str)] = match secured {
+        Secured::Otel => &[("OTEL_SDK_DISABLED", "true")],
+        _ => &[],
+    };
+    let mut plain = Setup::start(&open, Default::default(), plain_env).await?;
     // The secured server lives (with its creds files) until the end.
     let (mut tls, _server, _account) = match secured {
         Secured::Tls => {
@@ -833,6 +899,14 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
                 Some(jwt),
             )
         }
+        Secured::Otel => {
+            let server = NatsServer::start()?;
+            let receiver = export_spans()?;
+            let setup = Setup::start(&server, Default::default(), &[]).await?;
+            // The receiver goes with the run.
+            std::mem::forget(receiver);
+            (setup, Some(server), None)
+        }
         Secured::Metrics => {
             let server = NatsServer::start()?;
             // This process serves metrics too; it counts only while the
@@ -847,6 +921,7 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
         Secured::Tls => "over TLS",
         Secured::Creds => "with a creds file",
         Secured::Metrics => "with metrics on",
+        Secured::Otel => "exporting spans at 1%",
     };
     let mut results: Vec<(String, Vec<f64>)> = Vec::new();
     let mut record = |key: String, value: f64| match results.iter_mut().find(|(k, _)| *k == key) {
@@ -861,7 +936,11 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
             [("tls", &tls), ("plain", &plain)]
         };
         for (transport, setup) in setups {
-            wharf::__private::set_metrics_counting(transport == "tls");
+            match secured {
+                Secured::Metrics => wharf::__private::set_metrics_counting(transport == "tls"),
+                Secured::Otel => set_span_export(transport == "tls" && CALLER_EXPORTS.with(|c| *c)),
+                _ => {}
+            }
             for in_flight in [16, 256] {
                 let sides = if round % 2 == 0 {
                     [Side::Raw, Side::Wharf]

@@ -127,20 +127,22 @@ impl CallState {
     /// RPC attributes.
     pub(crate) fn span(&self, spec: &FnSpec) -> tracing::Span {
         let trace = self.trace.as_ref();
-        tracing::debug_span!(
-            "wharf.call",
-            otel.name = %format_args!("{}/{}", spec.service, spec.name),
-            otel.kind = "client",
-            rpc.system = "nats",
-            rpc.service = spec.service,
-            rpc.method = spec.name,
-            wharf.call_id = self.id.as_str(),
-            trace_id = trace.map(|t| t.trace_id()),
-            span_id = trace.map(|t| t.span_id()),
-            parent_span_id = self.parent_span.map(|id| format!("{id:016x}")),
-            trace.sampled = trace.map(|t| t.sampled()),
-            rpc.outcome = tracing::field::Empty,
-        )
+        crate::trace::with_sampled_hint(trace, || {
+            tracing::debug_span!(
+                "wharf.call",
+                otel.name = %format_args!("{}/{}", spec.service, spec.name),
+                otel.kind = "client",
+                rpc.system = "nats",
+                rpc.service = spec.service,
+                rpc.method = spec.name,
+                wharf.call_id = self.id.as_str(),
+                trace_id = trace.map(|t| t.trace_id()),
+                span_id = trace.map(|t| t.span_id()),
+                parent_span_id = self.parent_span.map(|id| format!("{id:016x}")),
+                trace.sampled = trace.map(|t| t.sampled()),
+                rpc.outcome = tracing::field::Empty,
+            )
+        })
     }
 
     fn deadline_passed(&self, spec: &FnSpec, subject: &str) -> Error {

@@ -91,15 +91,6 @@ impl Endpoint {
         let panicked = |panic: Box<dyn std::any::Any + Send>| {
             Err(Fault::panicked(spec, &panic_message(panic.as_ref())))
         };
-        let span = server_span(spec, meta);
-        if span.is_disabled() && meta.trace.is_none() {
-            // The common call: no trace to carry, no span to keep (dropped
-            // here, so the call's future does not hold it).
-            drop(span);
-            return crate::context::scope(deadline_ms, handler)
-                .await
-                .unwrap_or_else(panicked);
-        }
         // The worker's own span is a child of the caller's, and the calls
         // the function makes are children of it; while spans are exported, a
         // call that came without a trace starts one.
@@ -107,10 +98,14 @@ impl Endpoint {
             Some(parent) => Some(parent.child()),
             None => crate::trace::new_root_if_exporting(),
         };
-        if let Some(trace) = &trace {
-            span.record("trace_id", trace.trace_id());
-            span.record("span_id", trace.span_id());
-            span.record("trace.sampled", trace.sampled());
+        let span = server_span(spec, meta, trace.as_ref());
+        if span.is_disabled() && trace.is_none() {
+            // The common call: no trace to carry, no span to keep (dropped
+            // here, so the call's future does not hold it).
+            drop(span);
+            return crate::context::scope(deadline_ms, handler)
+                .await
+                .unwrap_or_else(panicked);
         }
         let traced = crate::trace::maybe_in(trace, handler);
         let instrumented = span.clone();
@@ -150,23 +145,25 @@ impl Endpoint {
 
 /// The worker's span of a call (a `debug` span: off unless a subscriber
 /// asks for it), with the OpenTelemetry RPC attributes and wharf's own.
-fn server_span(spec: &FnSpec, meta: &CallMeta) -> tracing::Span {
-    tracing::debug_span!(
-        "wharf.serve",
-        otel.name = %format_args!("{}/{}", spec.service, spec.name),
-        otel.kind = "server",
-        rpc.system = "nats",
-        rpc.service = spec.service,
-        rpc.method = spec.name,
-        wharf.call_id = %String::from_utf8_lossy(&meta.call_id),
-        wharf.attempt = meta.attempt,
-        wharf.txn = %String::from_utf8_lossy(&meta.txn),
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-        parent_span_id = meta.trace.as_deref().map(TraceContext::span_id),
-        trace.sampled = tracing::field::Empty,
-        rpc.outcome = tracing::field::Empty,
-    )
+fn server_span(spec: &FnSpec, meta: &CallMeta, trace: Option<&TraceContext>) -> tracing::Span {
+    crate::trace::with_sampled_hint(trace, || {
+        tracing::debug_span!(
+            "wharf.serve",
+            otel.name = %format_args!("{}/{}", spec.service, spec.name),
+            otel.kind = "server",
+            rpc.system = "nats",
+            rpc.service = spec.service,
+            rpc.method = spec.name,
+            wharf.call_id = %String::from_utf8_lossy(&meta.call_id),
+            wharf.attempt = meta.attempt,
+            wharf.txn = %String::from_utf8_lossy(&meta.txn),
+            trace_id = trace.map(TraceContext::trace_id),
+            span_id = trace.map(TraceContext::span_id),
+            parent_span_id = meta.trace.as_deref().map(TraceContext::span_id),
+            trace.sampled = trace.map(TraceContext::sampled),
+            rpc.outcome = tracing::field::Empty,
+        )
+    })
 }
 
 /// Reads a request; one that cannot be read is answered as a fault.
