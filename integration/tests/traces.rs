@@ -214,7 +214,10 @@ async fn spans_are_exported_over_otlp_as_one_trace_across_processes() {
         ["itest-worker-a", "itest-worker-b"][index.expect("a pid of one of the workers")]
     };
 
-    // A caller that samples no trace: its calls tell the workers so.
+    // A caller that samples no trace: its calls tell the workers so with a
+    // flag bit and no ids. The workers sample every trace they start
+    // (the default sampler), so a worker that started one for these calls,
+    // or for the nested calls they make, would export it.
     let unsampled = std::process::Command::new(wharf_integration::svc_binary())
         .args(["traced", "4"])
         .env("NATS_URL", &url)
@@ -227,15 +230,17 @@ async fn spans_are_exported_over_otlp_as_one_trace_across_processes() {
         .output()
         .expect("svc traced runs");
     assert!(unsampled.status.success(), "{unsampled:?}");
-    let unsampled: Vec<TraceContext> = String::from_utf8_lossy(&unsampled.stdout)
+    let answers: Vec<((u64, String), (u64, String))> = String::from_utf8_lossy(&unsampled.stdout)
         .lines()
-        .map(|line| {
-            let answer: ((u64, String), (u64, String)) = serde_json::from_str(line).unwrap();
-            parse(&answer.1 .1)
-        })
+        .map(|line| serde_json::from_str(line).unwrap())
         .collect();
-    assert_eq!(unsampled.len(), 4);
-    assert!(unsampled.iter().all(|t| !t.sampled()), "{unsampled:?}");
+    assert_eq!(answers.len(), 4);
+    assert!(
+        answers
+            .iter()
+            .all(|(outer, inner)| outer.1.is_empty() && inner.1.is_empty()),
+        "an unsampled trace has no ids for the function to see: {answers:?}"
+    );
 
     // The caller is a process of its own that exports too. Each of its
     // calls starts a trace; one whose nested call reached the other worker
@@ -284,11 +289,23 @@ async fn spans_are_exported_over_otlp_as_one_trace_across_processes() {
     .await;
     assert_eq!(spans.len(), 4, "one span per hop: {spans:#?}");
     // The unsampled calls came before, through the same workers (whose
-    // batches go out in order): none of their spans was exported.
-    for trace in &unsampled {
-        assert_eq!(
-            receiver.trace(&trace.trace_id()),
-            Vec::<serde_json::Value>::new()
+    // batches go out in order): every span of these functions exported is
+    // of a trace that the exporting caller started, none of a trace a
+    // worker started for them (as it does for the test's own calls, which
+    // come without a trace: `whoami`, asked while waiting for workers).
+    let exported = receiver.spans.lock().unwrap().clone();
+    let of_traced = |span: &&serde_json::Value| {
+        span["name"]
+            .as_str()
+            .is_some_and(|name| name.starts_with("itest/traced"))
+    };
+    for span in exported.iter().filter(of_traced) {
+        assert!(
+            receiver
+                .trace(span["trace_id"].as_str().unwrap())
+                .iter()
+                .any(|root| { root["service"] == "itest-caller" && root["parent_span_id"] == "" }),
+            "a span of a trace no sampling caller started: {span}"
         );
     }
     let find = |kind: u64, name: &str| {

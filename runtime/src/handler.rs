@@ -94,7 +94,7 @@ impl Incoming {
     {
         let deadline_ms = self.deadline_ms;
         // Read here, in the call's task, for the blocking thread.
-        let trace = crate::trace::current();
+        let trace = crate::trace::carried();
         tokio::task::spawn_blocking(move || {
             crate::context::scope_blocking(deadline_ms, || crate::trace::in_blocking(trace, f))
         })

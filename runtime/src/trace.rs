@@ -20,7 +20,8 @@
 //! had been sent, and never fails for it. While spans are exported (the
 //! `otel` feature), every call made or served outside a trace starts one,
 //! sampled at the configured ratio; a call inside a trace follows its
-//! sampled flag.
+//! sampled flag. A trace started so and not sampled has no ids: calls carry
+//! it as one envelope flag bit, and [`current`] is `None` inside it.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -42,6 +43,23 @@ pub struct TraceContext {
 const SAMPLED: u8 = 1;
 
 impl TraceContext {
+    /// A trace that is not sampled and has no ids: what a caller that
+    /// exports spans starts for a call it does not sample. It travels as one
+    /// envelope flag bit (docs/protocol.md), so that the worker and every
+    /// nested call follow the decision without ids made, formatted and
+    /// parsed for a trace nobody records.
+    pub(crate) const UNSAMPLED: TraceContext = TraceContext {
+        trace_id: 0,
+        span_id: 0,
+        flags: 0,
+        state: None,
+    };
+
+    /// Whether this trace has ids (every trace but [`Self::UNSAMPLED`]).
+    pub(crate) fn has_ids(&self) -> bool {
+        self.trace_id != 0
+    }
+
     /// Reads a `traceparent` header (and its `tracestate`), as the W3C
     /// Trace Context recommendation has it; `None` when it is malformed
     /// (wrong lengths, not lowercase hex, version `ff`, an id of zeros).
@@ -108,6 +126,9 @@ impl TraceContext {
 
     /// A new span in the same trace, under this one.
     pub fn child(&self) -> TraceContext {
+        if !self.has_ids() {
+            return TraceContext::UNSAMPLED;
+        }
         TraceContext {
             span_id: random_id(),
             ..self.clone()
@@ -116,6 +137,11 @@ impl TraceContext {
 
     /// The `traceparent` header naming this span.
     pub fn traceparent(&self) -> String {
+        if !self.has_ids() {
+            // Where no flag bit can say "unsampled" (a JSON request), a
+            // header with fresh ids and the sampled flag clear says it.
+            return TraceContext::root(false, random_trace_id()).traceparent();
+        }
         format!(
             "00-{:032x}-{:016x}-{:02x}",
             self.trace_id, self.span_id, self.flags
@@ -202,14 +228,26 @@ fn sampled(threshold: u64, trace_id: u128) -> bool {
 }
 
 /// A new trace for a call made or served outside one, while spans are
-/// exported; `None` otherwise (one atomic load).
+/// exported ([`TraceContext::UNSAMPLED`] when it is not sampled); `None`
+/// otherwise (one atomic load).
 pub(crate) fn new_root_if_exporting() -> Option<TraceContext> {
     let threshold = ROOT_THRESHOLD.load(Ordering::Relaxed);
     if threshold == 0 {
         return None;
     }
-    let trace_id = random_trace_id();
-    Some(TraceContext::root(sampled(threshold, trace_id), trace_id))
+    // The decision is drawn first, as the trace id's random low half; the
+    // rest of the id is drawn only for a trace that is sampled.
+    let low = random_id();
+    if !sampled(threshold, u128::from(low)) {
+        return Some(TraceContext::UNSAMPLED);
+    }
+    let trace_id = (u128::from(random_id()) << 64) | u128::from(low);
+    Some(TraceContext::root(true, trace_id))
+}
+
+/// The trace a call's span names: `trace` unless it has no ids.
+pub(crate) fn with_ids(trace: Option<&TraceContext>) -> Option<&TraceContext> {
+    trace.filter(|trace| trace.has_ids())
 }
 
 thread_local! {
@@ -247,8 +285,16 @@ thread_local! {
 }
 
 /// The trace this code runs in: the call being served (when its caller
-/// sent one) or an [`in_trace`] scope; calls made here carry it.
+/// sent one) or an [`in_trace`] scope; calls made here carry it. `None`
+/// too in a call whose caller exports spans but did not sample it: that
+/// trace has no ids (calls made there still carry its decision).
 pub fn current() -> Option<TraceContext> {
+    carried().filter(TraceContext::has_ids)
+}
+
+/// What calls made here carry: [`current`], or the unsampled trace
+/// without ids.
+pub(crate) fn carried() -> Option<TraceContext> {
     CURRENT
         .try_with(Clone::clone)
         .ok()

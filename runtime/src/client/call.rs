@@ -109,7 +109,7 @@ impl CallState {
         let deadline = now
             .checked_add(Duration::from_millis(deadline_ms - now_ms))
             .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
-        let parent = crate::trace::current();
+        let parent = crate::trace::carried();
         Ok(CallState {
             id: call_id(),
             deadline_ms,
@@ -118,7 +118,7 @@ impl CallState {
                 Some(parent) => Some(parent.child()),
                 None => crate::trace::new_root_if_exporting(),
             },
-            parent_span: parent.map(|parent| parent.span_number()),
+            parent_span: crate::trace::with_ids(parent.as_ref()).map(|parent| parent.span_number()),
         })
     }
 
@@ -126,7 +126,7 @@ impl CallState {
     /// subscriber asks for it, and then nearly free), with the OpenTelemetry
     /// RPC attributes.
     pub(crate) fn span(&self, spec: &FnSpec) -> tracing::Span {
-        let trace = self.trace.as_ref();
+        let trace = crate::trace::with_ids(self.trace.as_ref());
         crate::trace::with_sampled_hint(trace, || {
             tracing::debug_span!(
                 "wharf.call",

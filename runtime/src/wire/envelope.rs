@@ -21,6 +21,12 @@ pub const FLAG_TXN: u8 = 2;
 /// so calls without one carry nothing.
 pub const FLAG_TRACE: u8 = 4;
 
+/// Envelope flag: the caller is in a trace that is not sampled and sends
+/// no ids (nothing follows for it). The worker records no span for the
+/// call, starts no trace of its own, and the calls the function makes
+/// carry this flag in turn. Ignored when [`FLAG_TRACE`] is set too.
+pub const FLAG_UNSAMPLED: u8 = 8;
+
 /// Call metadata in front of the arguments of every postcard request.
 ///
 /// JSON requests carry the same fields as `Wharf-*` headers. Postcard

@@ -5,7 +5,7 @@ use crate::error::{Error, ErrorKind};
 use crate::trace::TraceContext;
 use crate::wire::codec::{self, Codec, CodecError};
 use crate::wire::envelope::{
-    Envelope, ENVELOPE_VERSION, FLAG_REPORT_INSTANCE, FLAG_TRACE, FLAG_TXN,
+    Envelope, ENVELOPE_VERSION, FLAG_REPORT_INSTANCE, FLAG_TRACE, FLAG_TXN, FLAG_UNSAMPLED,
 };
 use crate::wire::headers;
 use crate::wire::reply::spilled;
@@ -47,6 +47,13 @@ pub(crate) struct Prepared {
 pub(crate) fn encode<A: Serialize>(call: &Outgoing, args: &A) -> Result<Prepared, CodecError> {
     match call.codec {
         Codec::Postcard => {
+            // An unsampled trace without ids is the flag bit alone.
+            let trace = crate::trace::with_ids(call.trace);
+            let trace_flag = match call.trace {
+                Some(_) if trace.is_some() => FLAG_TRACE,
+                Some(_) => FLAG_UNSAMPLED,
+                None => 0,
+            };
             let envelope = Envelope {
                 version: ENVELOPE_VERSION,
                 sig: call.sig,
@@ -58,13 +65,13 @@ pub(crate) fn encode<A: Serialize>(call: &Outgoing, args: &A) -> Result<Prepared
                 } else {
                     0
                 } | if call.txn.is_some() { FLAG_TXN } else { 0 }
-                    | if call.trace.is_some() { FLAG_TRACE } else { 0 },
+                    | trace_flag,
             };
             let mut buffer = postcard::to_extend(&envelope, Vec::with_capacity(64))?;
             if let Some(txn) = call.txn {
                 buffer = postcard::to_extend(txn.as_bytes(), buffer)?;
             }
-            if let Some(trace) = call.trace {
+            if let Some(trace) = trace {
                 buffer = postcard::to_extend(trace.traceparent().as_bytes(), buffer)?;
                 let state = trace.tracestate().unwrap_or_default();
                 buffer = postcard::to_extend(state.as_bytes(), buffer)?;
@@ -160,6 +167,9 @@ pub(crate) struct CallMeta {
     /// The caller's trace context; `None` when none was sent or it was
     /// malformed (ignored, never a failed call). Boxed like `spill`.
     pub(crate) trace: Option<Box<TraceContext>>,
+    /// The caller is in a trace it does not sample and sent no ids
+    /// (postcard flag bit 3; a JSON caller sends a `traceparent` instead).
+    pub(crate) unsampled: bool,
 }
 
 /// The spilled-arguments object a request names, if any.
@@ -206,6 +216,7 @@ pub(crate) fn read(message: &Message) -> Result<(Codec, CallMeta, Bytes), (Codec
                     message.payload.slice_ref(txn)
                 },
                 spill: spilled_args(message),
+                unsampled: trace.is_none() && envelope.flags & FLAG_UNSAMPLED != 0,
                 trace,
             };
             Ok((codec, meta, message.payload.slice(at..)))
@@ -249,6 +260,7 @@ pub(crate) fn read(message: &Message) -> Result<(Codec, CallMeta, Bytes), (Codec
                 trace: header(headers::TRACEPARENT)
                     .and_then(|parent| TraceContext::parse(parent, header(headers::TRACESTATE)))
                     .map(Box::new),
+                unsampled: false,
             };
             Ok((codec, meta, message.payload.clone()))
         }
@@ -303,6 +315,48 @@ mod tests {
             let decoded: (i64, i64) = codec.decode_args(&args).unwrap();
             assert_eq!(decoded, (2, 3));
         }
+    }
+
+    #[test]
+    fn an_unsampled_trace_without_ids_is_one_flag_bit() {
+        let plain = Outgoing {
+            codec: Codec::Postcard,
+            sig: 0xab,
+            deadline_ms: 1_700_000_000_000,
+            call_id: "call-1",
+            attempt: 1,
+            report_instance: false,
+            txn: None,
+            trace: None,
+        };
+        let unsampled = Outgoing {
+            trace: Some(&TraceContext::UNSAMPLED),
+            ..plain
+        };
+        let without = encode(&plain, &(2i64, 3i64)).unwrap();
+        let with = encode(&unsampled, &(2i64, 3i64)).unwrap();
+        // The same bytes but for the flag: no ids travel.
+        assert_eq!(with.payload.len(), without.payload.len());
+        let (_, meta, args) = read(&message(with)).unwrap_or_else(|_| panic!());
+        assert!(meta.unsampled && meta.trace.is_none());
+        assert_eq!(
+            Codec::Postcard.decode_args::<(i64, i64)>(&args).unwrap(),
+            (2, 3)
+        );
+        let (_, meta, _) = read(&message(without)).unwrap_or_else(|_| panic!());
+        assert!(!meta.unsampled);
+        // JSON has no flag bit: it sends fresh ids with the sampled flag clear.
+        let json = encode(
+            &Outgoing {
+                codec: Codec::Json,
+                ..unsampled
+            },
+            &(2i64, 3i64),
+        )
+        .unwrap();
+        let (_, meta, _) = read(&message(json)).unwrap_or_else(|_| panic!());
+        let trace = meta.trace.expect("a traceparent");
+        assert!(trace.has_ids() && !trace.sampled());
     }
 
     #[test]

@@ -96,16 +96,23 @@ impl Endpoint {
         // call that came without a trace starts one.
         let trace = match meta.trace.as_deref() {
             Some(parent) => Some(parent.child()),
+            None if meta.unsampled => Some(TraceContext::UNSAMPLED),
             None => crate::trace::new_root_if_exporting(),
         };
         let span = server_span(spec, meta, trace.as_ref());
-        if span.is_disabled() && trace.is_none() {
-            // The common call: no trace to carry, no span to keep (dropped
-            // here, so the call's future does not hold it).
+        if span.is_disabled() && !trace.as_ref().is_some_and(TraceContext::has_ids) {
+            // The common call: no span to keep (dropped here, so the call's
+            // future does not hold it), and no trace or one without ids,
+            // whose decision the function's calls carry on.
             drop(span);
-            return crate::context::scope(deadline_ms, handler)
-                .await
-                .unwrap_or_else(panicked);
+            let handled = match trace {
+                None => crate::context::scope(deadline_ms, handler).await,
+                Some(unsampled) => {
+                    let carried = crate::trace::in_trace(unsampled, handler);
+                    crate::context::scope(deadline_ms, carried).await
+                }
+            };
+            return handled.unwrap_or_else(panicked);
         }
         let traced = crate::trace::maybe_in(trace, handler);
         let instrumented = span.clone();
@@ -146,6 +153,7 @@ impl Endpoint {
 /// The worker's span of a call (a `debug` span: off unless a subscriber
 /// asks for it), with the OpenTelemetry RPC attributes and wharf's own.
 fn server_span(spec: &FnSpec, meta: &CallMeta, trace: Option<&TraceContext>) -> tracing::Span {
+    let trace = crate::trace::with_ids(trace);
     crate::trace::with_sampled_hint(trace, || {
         tracing::debug_span!(
             "wharf.serve",
