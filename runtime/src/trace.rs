@@ -12,7 +12,8 @@
 //! The trace is current in the task that serves a call (and on the
 //! blocking thread of a sync function); a task the function spawns with
 //! `tokio::spawn` does not inherit it: wrap that task's future in
-//! [`in_trace`] with [`current`]'s context to keep its calls in the trace.
+//! [`in_current`] to keep its calls in the trace (and in an unsampled
+//! trace's decision, which [`current`] does not show).
 //!
 //! A trace starts where a program says so ([`in_trace`], with a context of
 //! its own or [`TraceContext::new_root`]) or where a foreign client sends
@@ -315,6 +316,25 @@ pub async fn in_trace<F: Future>(trace: TraceContext, future: F) -> F::Output {
     CURRENT.scope(trace, future).await
 }
 
+/// Wraps `future` to run in the trace current here, when there is one:
+/// for a task spawned from a call, so that its calls stay in the call's
+/// trace (sampled or not, with or without ids).
+///
+/// ```no_run
+/// #[wharf::microservice]
+/// async fn add(a: i64, b: i64) -> i64 { a + b }
+///
+/// #[wharf::microservice]
+/// async fn add_later(a: i64, b: i64) -> i64 {
+///     let task = tokio::spawn(wharf::trace::in_current(add(a, b)));
+///     task.await.unwrap().unwrap_or(0)
+/// }
+/// # fn main() {}
+/// ```
+pub fn in_current<F: Future>(future: F) -> impl Future<Output = F::Output> {
+    maybe_in(carried(), future)
+}
+
 /// Runs `future` with `trace` current when there is one.
 pub(crate) async fn maybe_in<F: Future>(trace: Option<TraceContext>, future: F) -> F::Output {
     match trace {
@@ -416,6 +436,16 @@ mod tests {
         let caught = std::panic::catch_unwind(|| in_blocking(Some(root.clone()), || panic!()));
         assert!(caught.is_err());
         assert_eq!(current(), None);
-        assert_eq!(in_blocking(Some(root.clone()), current), Some(root));
+        assert_eq!(in_blocking(Some(root.clone()), current), Some(root.clone()));
+        // A spawned task keeps the trace, and the unsampled one too.
+        for trace in [root, TraceContext::UNSAMPLED] {
+            let spawned = in_trace(trace.clone(), async {
+                tokio::spawn(in_current(async { carried() })).await.unwrap()
+            })
+            .await;
+            assert_eq!(spawned, Some(trace));
+        }
+        let unsampled = in_trace(TraceContext::UNSAMPLED, async { current() }).await;
+        assert_eq!(unsampled, None, "a trace without ids is not shown");
     }
 }
