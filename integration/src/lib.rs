@@ -141,6 +141,84 @@ pub async fn hang() {
     }
 }
 
+/// Where the levels of a call tree of run `run` tell what they do:
+/// `itest.tree.<run>`, payloads `started <level> <pid>` and
+/// `stopped <level> <pid>`.
+pub fn tree_subject(run: &str) -> String {
+    format!("itest.tree.{run}")
+}
+
+/// Tells [`tree_subject`] that a level stopped, when dropped: a cancelled
+/// call's future is dropped where it waits.
+struct Stopped {
+    subject: String,
+    level: u32,
+}
+
+impl Stopped {
+    fn start(run: &str, level: u32) -> Stopped {
+        let subject = tree_subject(run);
+        tell(&subject, format!("started {level} {}", std::process::id()));
+        Stopped { subject, level }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let text = format!("stopped {} {}", self.level, std::process::id());
+        tell(&self.subject, text);
+    }
+}
+
+/// Publishes `text` on `subject` through the worker's connection, from a
+/// task of its own (callable where nothing can be awaited).
+fn tell(subject: &str, text: String) {
+    let nats = wharf::client().expect("a worker's client").nats().clone();
+    let subject = subject.to_owned();
+    tokio::runtime::Handle::current().spawn(async move {
+        let _ = nats.publish(subject, text.into()).await;
+        let _ = nats.flush().await;
+    });
+}
+
+/// One level of a call tree that runs until it is cancelled: levels 1 and
+/// 2 call the next level and wait for it; level 3 is [`tree_leaf`].
+#[wharf::microservice(service = "itest", timeout = "60s")]
+pub async fn tree(run: String, level: u32) -> u32 {
+    let _stopped = Stopped::start(&run, level);
+    // A level whose call below timed out answers 0: the test reads the
+    // events, not the answer.
+    if level >= 2 {
+        tree_leaf(run).await.unwrap_or(0)
+    } else {
+        tree(run, level + 1).await.unwrap_or(0)
+    }
+}
+
+/// The last level of a [`tree`]: a sync function that works until
+/// `wharf::cancelled()` says to stop (at most a minute), then tells it.
+#[wharf::microservice(service = "itest", timeout = "60s")]
+pub fn tree_leaf(run: String) -> u32 {
+    let subject = tree_subject(&run);
+    let pid = std::process::id();
+    tell(&subject, format!("started 3 {pid}"));
+    let until = Instant::now() + Duration::from_secs(60);
+    while !wharf::cancelled() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    tell(&subject, format!("stopped 3 {pid}"));
+    3
+}
+
+/// A durable call that runs until it is cancelled (at most a minute),
+/// telling [`tree_subject`] of `run` when it starts and stops (level 1).
+#[wharf::microservice(service = "itest", durable, timeout = "120s")]
+pub async fn hold(run: String) -> u32 {
+    let _stopped = Stopped::start(&run, 1);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    1
+}
+
 /// Adds `by` to the transaction's running total after `ms` milliseconds;
 /// returns the total and the pid of the instance holding it.
 #[wharf::microservice(service = "itest", stateful)]

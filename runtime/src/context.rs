@@ -2,10 +2,13 @@
 //! microservices inherit its deadline.
 //!
 //! Async handlers see it through a tokio task-local; sync handlers, which
-//! run on the blocking pool, through a thread-local set around the call.
+//! run on the blocking pool, through a thread-local set around the call,
+//! with the flag that says the call was cancelled ([`cancelled`]).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 tokio::task_local! {
@@ -14,6 +17,7 @@ tokio::task_local! {
 
 thread_local! {
     static BLOCKING_DEADLINE_MS: Cell<u64> = const { Cell::new(0) };
+    static BLOCKING_CANCELLED: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
 }
 
 /// Runs `future` as the handling of a call whose deadline is `deadline_ms`
@@ -22,19 +26,54 @@ pub(crate) async fn scope<F: Future>(deadline_ms: u64, future: F) -> F::Output {
     DEADLINE_MS.scope(deadline_ms, future).await
 }
 
-/// Runs a sync handler with the deadline of the call that started it.
-pub(crate) fn scope_blocking<T>(deadline_ms: u64, f: impl FnOnce() -> T) -> T {
+/// Runs a sync handler with the deadline of the call that started it and
+/// the flag its cancellation sets.
+pub(crate) fn scope_blocking<T>(
+    deadline_ms: u64,
+    cancelled: Arc<AtomicBool>,
+    f: impl FnOnce() -> T,
+) -> T {
     let previous = BLOCKING_DEADLINE_MS.with(|d| d.replace(deadline_ms));
+    let previous_flag = BLOCKING_CANCELLED.with(|c| c.replace(Some(cancelled)));
     // Restored even if `f` panics, so a pooled thread never carries a stale
-    // deadline into the next call.
-    struct Restore(u64);
+    // deadline (or cancel flag) into the next call.
+    struct Restore(u64, Option<Arc<AtomicBool>>);
     impl Drop for Restore {
         fn drop(&mut self) {
             BLOCKING_DEADLINE_MS.with(|d| d.set(self.0));
+            BLOCKING_CANCELLED.with(|c| *c.borrow_mut() = self.1.take());
         }
     }
-    let _restore = Restore(previous);
+    let _restore = Restore(previous, previous_flag);
     f()
+}
+
+/// Whether the microservice call this code runs in was cancelled: its
+/// caller dropped the call or its deadline passed. A sync function checks
+/// it to stop long work early (its slot on the worker is already free);
+/// an async function needs not, as it is stopped at its next `.await`.
+/// False outside a call.
+///
+/// ```no_run
+/// #[wharf::microservice]
+/// fn crunch(n: u64) -> u64 {
+///     let mut sum = 0;
+///     for i in 0..n {
+///         if i % 1024 == 0 && wharf::cancelled() {
+///             return 0;
+///         }
+///         sum += i;
+///     }
+///     sum
+/// }
+/// # fn main() {}
+/// ```
+pub fn cancelled() -> bool {
+    BLOCKING_CANCELLED.with(|c| {
+        c.borrow()
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Relaxed))
+    })
 }
 
 /// The deadline of the call being handled, unix milliseconds, if any.
@@ -94,9 +133,18 @@ mod tests {
 
     #[test]
     fn blocking_scope_restores_after_a_panic() {
-        let caught = std::panic::catch_unwind(|| scope_blocking(7, || panic!("boom")));
+        let flag = Arc::new(AtomicBool::new(true));
+        let caught =
+            std::panic::catch_unwind(|| scope_blocking(7, flag.clone(), || panic!("boom")));
         assert!(caught.is_err());
         assert_eq!(inherited_deadline_ms(), None);
-        assert_eq!(scope_blocking(9, inherited_deadline_ms), Some(9));
+        assert!(!cancelled());
+        let fresh = Arc::new(AtomicBool::new(false));
+        assert_eq!(
+            scope_blocking(9, fresh.clone(), inherited_deadline_ms),
+            Some(9)
+        );
+        assert!(scope_blocking(9, flag, cancelled));
+        assert!(!scope_blocking(9, fresh, cancelled));
     }
 }

@@ -81,6 +81,10 @@ pub enum ErrorKind {
     /// The server refused a publish or subscribe these credentials are not
     /// permitted.
     PermissionDenied,
+    /// The call was cancelled (code 499, kind `cancelled`): a durable
+    /// call cancelled by id ([`crate::Pending::cancel`]) before it
+    /// completed. A plain call whose caller gave it up gets no reply.
+    Cancelled,
     /// A reply carried a status code this version does not know.
     Other,
 }
@@ -104,6 +108,7 @@ impl ErrorKind {
             ErrorKind::ObjectTypeMismatch => 400,
             ErrorKind::StoreUnavailable => 503,
             ErrorKind::UnsupportedStore => 400,
+            ErrorKind::Cancelled => 499,
             _ => return None,
         })
     }
@@ -116,6 +121,7 @@ impl ErrorKind {
             409 => ErrorKind::SignatureMismatch,
             410 => ErrorKind::TransactionLost,
             422 => ErrorKind::Application,
+            499 => ErrorKind::Cancelled,
             500 => ErrorKind::Panicked,
             503 => ErrorKind::Unavailable,
             504 => ErrorKind::DeadlineExceeded,
@@ -167,6 +173,7 @@ impl ErrorKind {
             ErrorKind::UnsupportedStore => "unsupported_store",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Cancelled => "cancelled",
             ErrorKind::Other => "other",
         }
     }
@@ -315,6 +322,7 @@ mod tests {
             ErrorKind::Panicked,
             ErrorKind::Unavailable,
             ErrorKind::DeadlineExceeded,
+            ErrorKind::Cancelled,
         ] {
             let code = kind.code().expect("remote kinds have codes");
             assert_eq!(ErrorKind::from_code(code), kind);

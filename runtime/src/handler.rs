@@ -13,6 +13,7 @@ use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The future a generated handler returns.
@@ -95,11 +96,26 @@ impl Incoming {
         let deadline_ms = self.deadline_ms;
         // Read here, in the call's task, for the blocking thread.
         let trace = crate::trace::carried();
-        tokio::task::spawn_blocking(move || {
-            crate::context::scope_blocking(deadline_ms, || crate::trace::in_blocking(trace, f))
+        // Raised when this future is dropped: a cancelled call's task is
+        // aborted while the function runs on, and sees the flag through
+        // `wharf::cancelled()`. (Raised after a normal end too, when nothing
+        // reads it any more.)
+        struct Raise(Arc<AtomicBool>);
+        impl Drop for Raise {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let flag = Arc::new(AtomicBool::new(false));
+        let raise = Raise(flag.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            crate::context::scope_blocking(deadline_ms, flag, || {
+                crate::trace::in_blocking(trace, f)
+            })
         })
-        .await
-        .map_err(|e| {
+        .await;
+        drop(raise);
+        outcome.map_err(|e| {
             let message = if e.is_panic() {
                 panic_message(e.into_panic().as_ref())
             } else {

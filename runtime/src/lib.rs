@@ -87,7 +87,7 @@ pub mod worker;
 pub use client::call::CallOptions;
 pub use client::returns::{Fallible, Plain, Reply, Returns};
 pub use client::{global as client, Client};
-pub use context::{deadline, time_left};
+pub use context::{cancelled, deadline, time_left};
 pub use durable::Pending;
 pub use error::{CallError, Error, ErrorKind};
 pub use handler::registered;

@@ -92,6 +92,7 @@ fn calling(prefix: &str, service: &str, function: &str) -> Vec<String> {
     let mut publish = vec![
         subjects::call(prefix, service, function),
         subjects::call_status(prefix, service),
+        subjects::call_cancel(prefix, service),
         subjects::demand(prefix, service),
         subjects::durable_call(prefix, service, function),
         subjects::instance_call(prefix, "*", service, function),
@@ -234,6 +235,7 @@ pub fn roles_serving(
             }
             worker.subscribe.extend([
                 subjects::call_status(prefix, name),
+                subjects::call_cancel(prefix, name),
                 subjects::discovery_of("*", name),
                 subjects::discovery_at("*", name, "*"),
             ]);

@@ -17,6 +17,9 @@
 //! with `--features otel`) the same with wharf's spans exported over OTLP at
 //! 1% sampling (worker and caller), to `OTEL_EXPORTER_OTLP_ENDPOINT` or, when
 //! that is unset, to the receiver of integration/python/otlp_receiver.py.
+//! `--cancel` measures cancellation: a call tree of depth 3 over three
+//! worker processes, dropped at the top once its last level runs, timed
+//! until every level has told the caller it stopped.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -59,6 +62,46 @@ pub async fn add_stateful(a: i64, b: i64, calls: wharf::State<u64>) -> i64 {
     a.wrapping_add(b)
 }
 
+/// Where [`chain`] tells the caller what its levels do: `started <level>`
+/// and `stopped <level>` on `bench.chain.<run>`.
+fn chain_subject(run: u32) -> String {
+    format!("bench.chain.{run}")
+}
+
+/// Publishes `text` on `subject` through the worker's connection, from a
+/// task of its own (Drop cannot await).
+fn tell(subject: String, text: String) {
+    let Ok(client) = wharf::client() else { return };
+    let nats = client.nats().clone();
+    tokio::spawn(async move {
+        let _ = nats.publish(subject, text.into()).await;
+        let _ = nats.flush().await;
+    });
+}
+
+/// Tells that a level stopped, when its call's future is dropped.
+struct ChainLevel(u32, u32);
+
+impl Drop for ChainLevel {
+    fn drop(&mut self) {
+        tell(chain_subject(self.0), format!("stopped {}", self.1));
+    }
+}
+
+/// One level of a call tree that runs until cancelled: levels below 3 call
+/// the next one, level 3 waits.
+#[wharf::microservice(service = "bench", timeout = "60s")]
+pub async fn chain(run: u32, level: u32) -> u32 {
+    let _level = ChainLevel(run, level);
+    tell(chain_subject(run), format!("started {level}"));
+    if level < 3 {
+        chain(run, level + 1).await.unwrap_or(0)
+    } else {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        level
+    }
+}
+
 /// Open transactions the stateful calls take turns on: as many as calls in
 /// flight, so calls of one transaction rarely wait for each other.
 static TXNS: OnceLock<Vec<wharf::Transaction>> = OnceLock::new();
@@ -87,6 +130,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("--auth") => return comparison(Secured::Creds).await,
         Some("--metrics") => return comparison(Secured::Metrics).await,
         Some("--otel") => return comparison(Secured::Otel).await,
+        Some("--cancel") => return cancel_latency().await,
         None => (false, false, false),
         Some(other) => {
             return Err(format!(
@@ -644,6 +688,96 @@ fn record_cpu(
     };
     for (name, value) in names.into_iter().zip(cpu) {
         record(name, side, value);
+    }
+}
+
+/// Cancellation latency across processes: per round, a [`chain`] of three
+/// levels starts; once level 3 runs, the caller drops the top call and
+/// times how long until each level's "stopped" reaches it.
+async fn cancel_latency() -> Result<(), Box<dyn std::error::Error>> {
+    const ROUNDS: u32 = 50;
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let client = wharf::Client::connect(&url).await?;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(spawn_worker(&url, &[], &[("WHARF_ROLE", "worker")])?);
+    }
+    wait_until_served(client.nats(), &client, &[Side::Wharf]).await?;
+    // Every worker registered (discovery), so the levels can spread.
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let inbox = client.nats().new_inbox();
+        let mut pings = client.nats().subscribe(inbox.clone()).await?;
+        client
+            .nats()
+            .publish_with_reply("$SRV.PING.bench", inbox, "".into())
+            .await?;
+        let mut answered = 0;
+        while tokio::time::timeout(Duration::from_millis(300), pings.next())
+            .await
+            .is_ok_and(|m| m.is_some())
+        {
+            answered += 1;
+        }
+        if answered >= 3 {
+            break;
+        }
+        if Instant::now() > until {
+            return Err("three workers did not register within 15 s".into());
+        }
+    }
+    let mut last = Vec::new();
+    let mut first = Vec::new();
+    for run in 0..ROUNDS {
+        let mut events = client.nats().subscribe(chain_subject(run)).await?;
+        client.nats().flush().await?;
+        let top = tokio::spawn({
+            let client = client.clone();
+            async move { chain::request(run, 1).client(&client).await }
+        });
+        while next_told(&mut events).await? != "started 3" {}
+        let dropped = Instant::now();
+        top.abort();
+        let mut stopped = 0;
+        while stopped < 3 {
+            if next_told(&mut events).await?.starts_with("stopped") {
+                stopped += 1;
+                let ms = dropped.elapsed().as_secs_f64() * 1e3;
+                if stopped == 1 {
+                    first.push(ms);
+                }
+                if stopped == 3 {
+                    last.push(ms);
+                }
+            }
+        }
+    }
+    for worker in &mut workers {
+        stop(worker);
+    }
+    let max = |values: &[f64]| values.iter().copied().fold(0.0, f64::max);
+    println!("cancellation of a call tree of depth 3 over three workers, {ROUNDS} rounds:");
+    println!("| from dropping the top call until | p50 (ms) | max (ms) |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| the first level stopped | {:.2} | {:.2} |",
+        median(&first),
+        max(&first)
+    );
+    println!(
+        "| every level stopped | {:.2} | {:.2} |",
+        median(&last),
+        max(&last)
+    );
+    Ok(())
+}
+
+/// The next event a [`chain`] told, waiting at most 10 s.
+async fn next_told(events: &mut async_nats::Subscriber) -> Result<String, &'static str> {
+    match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+        Ok(Some(message)) => Ok(String::from_utf8_lossy(&message.payload).into_owned()),
+        _ => Err("a level told nothing within 10 s"),
     }
 }
 

@@ -156,6 +156,34 @@ impl CallState {
     }
 }
 
+/// Cancels a try's call when dropped armed: publishes its id on
+/// `<prefix>._cancel.<service>`, where the worker holding it stops it.
+struct CancelOnDrop<'a> {
+    client: &'a Client,
+    spec: &'static FnSpec,
+    call: &'a CallState,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Drop cannot wait: the publish goes out from a task of its own,
+        // when there is a runtime left to run it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let nats = self.client.nats().clone();
+        let subject = subjects::call_cancel(self.client.prefix(), self.spec.service);
+        let id = Bytes::copy_from_slice(self.call.id.as_bytes());
+        runtime.spawn(async move {
+            let _ = nats.publish(subject, id).await;
+        });
+    }
+}
+
 /// Adds the number of tries to the message of a call's final error.
 pub(crate) fn annotate(error: Error, tries: u32) -> Error {
     if tries == 1 {
@@ -382,6 +410,14 @@ impl Client {
         // Noted before sending: a loss after this means the reply cannot
         // come on this connection.
         let losses = self.connection().losses();
+        // Dropped while it waits, or given up at its deadline, the call is
+        // cancelled on the worker that holds it (and the calls it made).
+        let mut cancel = CancelOnDrop {
+            client: self,
+            spec,
+            call,
+            armed: true,
+        };
         let reply = self.nats().send_request(subject.clone(), request);
         tokio::pin!(reply);
         // The common call is answered before this first look; one that is
@@ -420,6 +456,9 @@ impl Client {
         if watch && !routed && result.is_ok() {
             spec.mark_permitted(generation);
         }
+        // A reply, or a failure after which the call is retried under the
+        // same id or cannot have run: nothing to cancel.
+        cancel.armed = matches!(&result, Err(e) if e.kind() == ErrorKind::Timeout);
         let failure = match result {
             // Draining or overloaded: the call did not run here.
             Ok(message) if status_code(&message) == Some(503) => remote_failure(codec, &message)

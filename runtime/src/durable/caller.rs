@@ -315,6 +315,67 @@ impl<R: Returns> Pending<R> {
         self
     }
 
+    /// Cancels the call, before or while it runs: a worker that has not
+    /// started it never will, and one running it stops it (an async
+    /// function at its next `.await`; a sync one sees
+    /// [`crate::cancelled`]). Its result becomes a `cancelled` error (code
+    /// 499) for whoever collects it. Returns false, changing nothing, when
+    /// the call had completed already (its result stays).
+    ///
+    /// A worker that connects only after the cancel was sent may still
+    /// run the call; its result is then dropped, and the call reads as
+    /// cancelled all the same.
+    pub async fn cancel(mut self) -> Result<bool, Error> {
+        let client = match self.client.take() {
+            Some(client) => client,
+            None => crate::client::global()?.clone(),
+        };
+        if !subjects::valid_id(self.id.as_bytes()) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "`{}` is not a wharf call id (letters, digits, '-' and '_')",
+                    self.id
+                ),
+            ));
+        }
+        let durable = client.durable_state().await?;
+        let results = durable.results(self.spec.service).await?;
+        // The cancel's record first, as a create: once it is stored no
+        // worker's result replaces it, and a call that completed first
+        // keeps its own.
+        let message = format!(
+            "durable call {} of `{}` was cancelled",
+            self.id, self.spec.path
+        );
+        let (code, _, body) =
+            crate::wire::reply::error_reply(ErrorKind::Cancelled, &message, None, Codec::Json);
+        let record = record::encode(code, Codec::Json, &body);
+        match results.create(self.id.as_str(), record).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    format!(
+                    "cannot cancel durable call {} of `{}`: storing its cancellation failed: {e}",
+                    self.id, self.spec.path
+                ),
+                )
+                .with_source(e))
+            }
+        }
+        // Then every worker of the service hears it: the one running the
+        // call stops it, the others remember it should they pull it.
+        let subject = subjects::call_cancel(client.prefix(), self.spec.service);
+        let nats = client.nats();
+        let sent = nats.publish(subject, self.id.clone().into()).await;
+        if sent.is_ok() {
+            let _ = nats.flush().await;
+        }
+        Ok(true)
+    }
+
     /// Waits for the call's result.
     pub async fn wait(self) -> Result<R::Value, R::Err> {
         let spec = self.spec;

@@ -56,6 +56,13 @@ pub fn call_status(prefix: &str, service: &str) -> String {
     format!("{prefix}._status.{service}")
 }
 
+/// Where a caller cancels calls of `service`: `<prefix>._cancel.<service>`,
+/// payload call ids separated by spaces. Every worker of the service
+/// listens; the one holding a call stops it.
+pub fn call_cancel(prefix: &str, service: &str) -> String {
+    format!("{prefix}._cancel.{service}")
+}
+
 /// The subject on which `instance` serves `service.function` to the
 /// transactions it owns: `<prefix>._inst.<instance>.<service>.<function>`.
 pub fn instance_call(prefix: &str, instance: &str, service: &str, function: &str) -> String {

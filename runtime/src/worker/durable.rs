@@ -4,7 +4,7 @@
 //! succeed goes to the dead-letter stream.
 
 use super::dispatch::read_request;
-use super::endpoint::Endpoint;
+use super::endpoint::{Endpoint, Stop};
 use crate::durable::streams::{ack_wait, max_deliver};
 use crate::error::ErrorKind;
 use crate::handler::Fault;
@@ -12,7 +12,7 @@ use crate::wire::codec::Codec;
 use crate::wire::reply::one_line;
 use crate::wire::subjects;
 use crate::wire::{headers, record};
-use async_nats::jetstream::{self, consumer::pull, AckKind};
+use async_nats::jetstream::{self, consumer::pull, context::PublishErrorKind, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -171,11 +171,26 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
             return;
         }
     }
+    if endpoint.shared.cancels.contains(id.as_bytes()) {
+        // Cancelled before it reached a worker: it never runs.
+        endpoint.shared.cancelled.fetch_add(1, Ordering::Relaxed);
+        return settle_cancelled(endpoint, &message, fate, &id).await;
+    }
+    // Held while it runs, so a cancel finds it and stops it.
+    let held = Bytes::copy_from_slice(id.as_bytes());
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    endpoint.track(&held);
+    endpoint.shared.running.attach(&held, Stop::Signal(stop));
     // While the call runs (and its result is stored), tell JetStream it is
     // still ours, so it is not handed to another worker after the ack wait.
     let outcome = tokio::select! {
-        outcome = endpoint.execute(codec, &meta, args, started, None) => outcome,
+        outcome = endpoint.execute(codec, &meta, args, started, None) => Some(outcome),
+        Ok(()) = stopped => None,
         never = keep_claimed(&message) => match never {},
+    };
+    endpoint.untrack(&held);
+    let Some(outcome) = outcome else {
+        return settle_cancelled(endpoint, &message, fate, &id).await;
     };
     let (code, headers, body) = match &outcome {
         Ok(body) => (
@@ -201,13 +216,25 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         stored = store_patiently(js, service, &id, &record) => stored,
         never = keep_claimed(&message) => match never {},
     };
-    if !stored {
-        let _ = message
-            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-            .await;
-        return;
+    match stored {
+        Stored::Now => answer(endpoint, fate.reply, headers, body).await,
+        Stored::Before => {
+            // Cancelled meanwhile (by a canceller whose cancel this worker
+            // did not hear), or run before: what is stored is the answer.
+            if let Ok(Some(record)) = results.get(id.as_str()).await {
+                if let Ok((stored, _)) = record::decode(record) {
+                    let headers = stored.headers.unwrap_or_default();
+                    answer(endpoint, fate.reply, headers, stored.payload).await;
+                }
+            }
+        }
+        Stored::Not => {
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
     }
-    answer(endpoint, fate.reply, headers, body).await;
     endpoint.record(started, outcome.as_ref().err());
     let _ = message.ack().await;
 }
@@ -250,39 +277,80 @@ async fn keep_claimed(message: &jetstream::Message) -> std::convert::Infallible 
 /// call back to the work queue.
 const STORE_PATIENCE: Duration = Duration::from_secs(60);
 
-/// Stores a result record, trying again (with a growing pause, up to a
-/// second) until JetStream confirms or [`STORE_PATIENCE`] runs out.
-async fn store_patiently(js: &jetstream::Context, service: &str, id: &str, record: &Bytes) -> bool {
+/// Whether a result got stored.
+enum Stored {
+    /// This one, now.
+    Now,
+    /// Another was there already: the call was cancelled, or ran before.
+    Before,
+    /// JetStream did not confirm within [`STORE_PATIENCE`].
+    Not,
+}
+
+/// Stores a result record unless one is stored already, trying again
+/// (with a growing pause, up to a second) until JetStream confirms or
+/// [`STORE_PATIENCE`] runs out.
+async fn store_patiently(
+    js: &jetstream::Context,
+    service: &str,
+    id: &str,
+    record: &Bytes,
+) -> Stored {
     let until = tokio::time::Instant::now() + STORE_PATIENCE;
     let mut pause = Duration::from_millis(50);
     loop {
-        if store(js, service, id, record.clone()).await.is_ok() {
-            return true;
+        match store(js, service, id, record.clone()).await {
+            Ok(()) => return Stored::Now,
+            Err(PublishErrorKind::WrongLastSequence) => return Stored::Before,
+            Err(_) => {}
         }
         if tokio::time::Instant::now() + pause > until {
-            return false;
+            return Stored::Not;
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
-/// Stores a result record under `id`, waiting for JetStream to confirm.
+/// Stores a result record under `id` when none is there yet (a KV
+/// create: a cancel's record, or an earlier run's, is never overwritten),
+/// waiting for JetStream to confirm.
 async fn store(
     js: &jetstream::Context,
     service: &str,
     id: &str,
     record: Bytes,
-) -> Result<(), String> {
-    js.publish(
+) -> Result<(), PublishErrorKind> {
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(record)
+        .expected_last_subject_sequence(0);
+    js.send_publish(
         subjects::kv_key(&subjects::results_bucket(service), id),
-        record,
+        publish,
     )
     .await
-    .map_err(|e| e.to_string())?
+    .map_err(|e| e.kind())?
     .await
     .map(|_| ())
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.kind())
+}
+
+/// Ends a durable call that was cancelled: its record (code 499) was
+/// stored by whoever cancelled it; its caller is told, and the call leaves
+/// the work queue for good.
+async fn settle_cancelled(endpoint: &Endpoint, message: &jetstream::Message, fate: Fate, id: &str) {
+    let spec = endpoint.registration.spec;
+    let fault = Fault::new(
+        ErrorKind::Cancelled,
+        format!(
+            "durable call {id} of `{}.{}` was cancelled",
+            spec.service, spec.name
+        ),
+    );
+    let (_, headers, body) = fault.answer(fate.codec);
+    answer(endpoint, fate.reply, headers, body).await;
+    endpoint.record(SystemTime::now(), Some(&fault));
+    let _ = message.ack_with(AckKind::Term).await;
 }
 
 /// Moves a call to the dead-letter stream with `reason`, answers its

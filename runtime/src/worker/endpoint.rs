@@ -13,7 +13,7 @@ use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::sync::Semaphore;
@@ -31,6 +31,10 @@ pub(crate) struct Shared {
     /// The calls this worker holds (running or waiting for a slot), for
     /// callers' probes.
     pub(crate) running: Running,
+    /// Calls stopped because their callers cancelled them.
+    pub(crate) cancelled: AtomicU64,
+    /// Cancels of calls not held here when they came.
+    pub(crate) cancels: super::cancel::Cancelled,
     /// Subject prefix.
     pub(crate) prefix: String,
     /// The transactions this instance owns, when it serves stateful
@@ -52,13 +56,45 @@ impl Shared {
     }
 }
 
-/// The calls a worker holds, by call id, each with whether a caller has
-/// probed for it (an idempotent call's result is then kept for a retry).
-/// Sharded by the id's last byte (call ids end in random characters), so
-/// that calls starting and ending on several threads rarely meet on a
-/// lock.
+/// The calls a worker holds, by call id: whether a caller has probed for
+/// each (an idempotent call's result is then kept for a retry), and how to
+/// stop it when its caller cancels it. Sharded by the id's last byte (call
+/// ids end in random characters), so that calls starting and ending on
+/// several threads rarely meet on a lock.
 pub(crate) struct Running {
-    shards: Box<[Mutex<HashMap<Bytes, bool, IdHash>>]>,
+    shards: Box<[Mutex<HashMap<Bytes, Held, IdHash>>]>,
+}
+
+/// What [`Running`] knows of one call.
+#[derive(Default)]
+struct Held {
+    probed: bool,
+    /// A cancel came before the call could be stopped (it had no
+    /// [`Stop`] yet): it is stopped as soon as it gets one.
+    cancelled: bool,
+    stop: Option<Stop>,
+}
+
+/// How a held call is stopped. A call that ends in its first poll has
+/// none and needs none: it is over before a cancel can be read.
+pub(crate) enum Stop {
+    /// The call's own task: aborted, it stops at its next await, and its
+    /// permit, its nested calls (each cancelled in turn) and its sync
+    /// function's cancel flag are dropped with it.
+    Abort(tokio::task::AbortHandle),
+    /// A durable call, told to stop so that it can settle its message.
+    Signal(tokio::sync::oneshot::Sender<()>),
+}
+
+impl Stop {
+    fn fire(self) {
+        match self {
+            Stop::Abort(task) => task.abort(),
+            Stop::Signal(tell) => {
+                let _ = tell.send(());
+            }
+        }
+    }
 }
 
 /// Call ids are random already: FNV-1a spreads them as well as SipHash,
@@ -95,29 +131,74 @@ impl Running {
         }
     }
 
-    fn shard(&self, id: &[u8]) -> &Mutex<HashMap<Bytes, bool, IdHash>> {
+    fn shard(&self, id: &[u8]) -> &Mutex<HashMap<Bytes, Held, IdHash>> {
         &self.shards[id.last().map_or(0, |b| *b as usize) % Self::SHARDS]
     }
 
     /// Registers call `id` as held here.
     pub(crate) fn insert(&self, id: &Bytes) {
-        self.shard(id).lock().unwrap().insert(id.clone(), false);
+        self.shard(id)
+            .lock()
+            .unwrap()
+            .insert(id.clone(), Held::default());
     }
 
     /// Unregisters call `id`; true when a caller probed for it meanwhile.
     pub(crate) fn remove(&self, id: &[u8]) -> bool {
-        self.shard(id).lock().unwrap().remove(id).unwrap_or(false)
+        self.shard(id)
+            .lock()
+            .unwrap()
+            .remove(id)
+            .is_some_and(|held| held.probed)
     }
 
     /// Whether call `id` is held here; marks it probed when it is.
     pub(crate) fn probe(&self, id: &[u8]) -> bool {
         match self.shard(id).lock().unwrap().get_mut(id) {
-            Some(probed) => {
-                *probed = true;
+            Some(held) => {
+                held.probed = true;
                 true
             }
             None => false,
         }
+    }
+
+    /// Gives held call `id` the means to stop it; a call cancelled before
+    /// that is stopped now. A call that already ended is left alone.
+    pub(crate) fn attach(&self, id: &[u8], stop: Stop) {
+        let mut shard = self.shard(id).lock().unwrap();
+        let Some(held) = shard.get_mut(id) else {
+            return;
+        };
+        if held.cancelled {
+            if matches!(stop, Stop::Abort(_)) {
+                // An aborted task never unregisters itself.
+                shard.remove(id);
+            }
+            drop(shard);
+            stop.fire();
+        } else {
+            held.stop = Some(stop);
+        }
+    }
+
+    /// Stops held call `id`; false when it is not held here.
+    pub(crate) fn cancel(&self, id: &[u8]) -> bool {
+        let mut shard = self.shard(id).lock().unwrap();
+        let Some(held) = shard.get_mut(id) else {
+            return false;
+        };
+        match held.stop.take() {
+            Some(stop) => {
+                if matches!(stop, Stop::Abort(_)) {
+                    shard.remove(id);
+                }
+                drop(shard);
+                stop.fire();
+            }
+            None => held.cancelled = true,
+        }
+        true
     }
 }
 
@@ -135,9 +216,17 @@ impl Admission {
         match self {
             Admission::Running(permit) => Some(permit),
             Admission::Queued => {
+                // Left on drop too: a call cancelled while it waits
+                // leaves the backlog all the same.
+                struct Leave<'a>(&'a AtomicUsize);
+                impl Drop for Leave<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                let _leave = Leave(&shared.backlog);
                 // Boxed: only a queued call's task carries the wait.
                 let permit = Box::pin(shared.permits.clone().acquire_owned()).await;
-                shared.backlog.fetch_sub(1, Ordering::Relaxed);
                 permit.ok()
             }
         }

@@ -4,7 +4,7 @@
 //! to the stage that serves it.
 
 use super::dispatch::{admit, read_request};
-use super::endpoint::{Admission, Endpoint};
+use super::endpoint::{Admission, Endpoint, Stop};
 use crate::boxed::out_of_line;
 use crate::error::ErrorKind;
 use crate::handler::Fault;
@@ -103,14 +103,19 @@ impl Endpoint {
             // for a task. The future is boxed with no wrapper around it
             // (the permit rides inside), so a spawn moves only a box.
             // A panic there ends that call only, as it would end its task.
-            let mut call = endpoint.handle(message, direct, admission);
+            let (mut call, id) = endpoint.handle(message, direct, admission);
             let pending = std::future::poll_fn(|cx| {
                 let poll = std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx)));
                 Poll::Ready(matches!(poll, Ok(Poll::Pending)))
             })
             .await;
             if pending {
-                tokio::spawn(call);
+                let task = tokio::spawn(call);
+                // Only a call that outlives its first poll can be cancelled:
+                // its task is what a cancel aborts.
+                if !id.is_empty() {
+                    shared.running.attach(&id, Stop::Abort(task.abort_handle()));
+                }
             }
         }
     }
@@ -134,7 +139,8 @@ impl Endpoint {
     }
 
     /// Reads the request now and returns the rest of the call as a boxed
-    /// future, spawned as it is. The common call (not spilled, not
+    /// future, spawned as it is, with the call id under which it is held
+    /// (empty when it is not: no id, or a stateful call). The common call (not spilled, not
     /// idempotent, signature and deadline checked here) gets a future of its
     /// own that holds only what it needs: every call allocates and moves
     /// its future, and that one stays small enough for the allocator's
@@ -144,7 +150,7 @@ impl Endpoint {
         message: async_nats::Message,
         direct: bool,
         admission: Admission,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    ) -> (Pin<Box<dyn Future<Output = ()> + Send>>, Bytes) {
         // One clock read serves the deadline check and the processing time.
         let started = SystemTime::now();
         let endpoint = self.clone();
@@ -152,15 +158,16 @@ impl Endpoint {
         let Some(reply) = message.reply.clone() else {
             // A publish, not a request: nobody waits for an answer.
             admission.leave(&endpoint.shared);
-            return Box::pin(std::future::ready(()));
+            return (Box::pin(std::future::ready(())), Bytes::new());
         };
         if spec.stateful {
-            return Box::pin(async move {
+            let call = Box::pin(async move {
                 let Some(_permit) = admission.run(&endpoint.shared).await else {
                     return;
                 };
                 endpoint.run_stateful(reply, message, direct, started).await;
             });
+            return (call, Bytes::new());
         }
         let parts = read_request(&message);
         drop(message);
@@ -168,24 +175,29 @@ impl Endpoint {
             Ok((codec, meta, args)) if meta.spill.is_none() && !spec.idempotent => {
                 match admit(spec, &meta, started) {
                     Ok(()) => {
-                        return Box::pin(
-                            endpoint.run_plain(admission, reply, codec, meta, args, started),
-                        )
+                        let id = meta.call_id.clone();
+                        let call = endpoint.run_plain(admission, reply, codec, meta, args, started);
+                        return (Box::pin(call), id);
                     }
                     Err(fault) => Err((codec, fault)),
                 }
             }
             parts => parts,
         };
-        if let Ok((_, meta, _)) = &parts {
-            endpoint.track(&meta.call_id);
-        }
-        Box::pin(async move {
+        let id = match &parts {
+            Ok((_, meta, _)) => {
+                endpoint.track(&meta.call_id);
+                meta.call_id.clone()
+            }
+            Err(_) => Bytes::new(),
+        };
+        let call = Box::pin(async move {
             let Some(_permit) = admission.run(&endpoint.shared).await else {
                 return;
             };
             endpoint.run(reply, parts, started).await;
-        })
+        });
+        (call, id)
     }
 
     /// A call that is not the common plain one: spilled, idempotent, or one

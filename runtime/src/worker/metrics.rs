@@ -73,6 +73,12 @@ impl Source for WorkerMetrics {
             &instance,
             shared.concurrency as f64,
         );
+        out.counter(
+            "wharf_worker_cancelled_total",
+            "Calls this worker stopped because their callers cancelled them.",
+            &instance,
+            shared.cancelled.load(Ordering::Relaxed),
+        );
         if let Some(owned) = &shared.owned {
             out.gauge(
                 "wharf_transactions_open",

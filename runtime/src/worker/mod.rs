@@ -7,9 +7,11 @@
 //!
 //! A call passes through stages, one file each: `intake` takes and admits
 //! it, `dispatch` runs it, `reply` answers; `idempotent`, `stateful` and
-//! `durable` are the paths of those kinds of calls; `start` sets it all up
+//! `durable` are the paths of those kinds of calls; `cancel` stops the
+//! calls their callers gave up; `start` sets it all up
 //! and drains it; `endpoint` holds what they share.
 
+pub(crate) mod cancel;
 pub(crate) mod dispatch;
 pub(crate) mod durable;
 pub(crate) mod endpoint;

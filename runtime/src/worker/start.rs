@@ -2,6 +2,7 @@
 //! linked into the binary, its durable consumers, discovery, heartbeats and
 //! the supervisor's control subject; and the drain that ends it.
 
+use super::cancel::answer_cancels;
 use super::endpoint::{Endpoint, Shared};
 use super::idempotent::answer_probes;
 use crate::client::denials::Denials;
@@ -19,7 +20,7 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Semaphore};
@@ -123,6 +124,8 @@ impl Worker {
             max_backlog: self.backlog.unwrap_or(self.concurrency),
             identity,
             running: super::endpoint::Running::new(),
+            cancelled: AtomicU64::new(0),
+            cancels: Default::default(),
             prefix: prefix.clone(),
             owned: owned.clone(),
             client: self.client.clone(),
@@ -213,6 +216,9 @@ impl Worker {
             probes.push(Discovery(
                 answer_probes(&nats, &prefix, service_name, shared.clone()).await?,
             ));
+            probes.push(Discovery(
+                answer_cancels(&nats, &prefix, service_name, shared.clone()).await?,
+            ));
             services.push(service_name.to_owned());
             let info = micro::ServiceInfo {
                 name: service_name.to_owned(),
@@ -230,6 +236,7 @@ impl Worker {
                     "in_flight": stats_shared.in_flight(),
                     "backlog": stats_shared.backlog(),
                     "concurrency": stats_shared.concurrency,
+                    "cancelled": stats_shared.cancelled.load(Ordering::Relaxed),
                 })
             };
             discovery.push(Discovery(
