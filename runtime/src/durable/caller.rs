@@ -330,15 +330,7 @@ impl<R: Returns> Pending<R> {
             Some(client) => client,
             None => crate::client::global()?.clone(),
         };
-        if !subjects::valid_id(self.id.as_bytes()) {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "`{}` is not a wharf call id (letters, digits, '-' and '_')",
-                    self.id
-                ),
-            ));
-        }
+        self.check_id()?;
         let durable = client.durable_state().await?;
         let results = durable.results(self.spec.service).await?;
         // The cancel's record first, as a create: once it is stored no
@@ -376,6 +368,20 @@ impl<R: Returns> Pending<R> {
         Ok(true)
     }
 
+    /// Fails unless the id is one a wharf call can have.
+    fn check_id(&self) -> Result<(), Error> {
+        if subjects::valid_id(self.id.as_bytes()) {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "`{}` is not a wharf call id (letters, digits, '-' and '_')",
+                self.id
+            ),
+        ))
+    }
+
     /// Waits for the call's result.
     pub async fn wait(self) -> Result<R::Value, R::Err> {
         let spec = self.spec;
@@ -390,15 +396,7 @@ impl<R: Returns> Pending<R> {
             None => crate::client::global()?.clone(),
         };
         let durable = client.durable_state().await?;
-        if !subjects::valid_id(self.id.as_bytes()) {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "`{}` is not a wharf call id (letters, digits, '-' and '_')",
-                    self.id
-                ),
-            ));
-        }
+        self.check_id()?;
         let until = Instant::now() + self.wait;
         let mut reply = self.reply.take();
         loop {
