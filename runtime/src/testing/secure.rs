@@ -125,7 +125,8 @@ impl JwtAccount {
         );
         let server = NatsServer::start_with_config(&format!(
             "operator: {operator_jwt}\nsystem_account: {system_key}\nresolver: MEMORY\n\
-             resolver_preload: {{ {account_key}: {account_jwt}, {system_key}: {system_jwt} }}\n",
+             resolver_preload: {{ {account_key}: {account_jwt}, {system_key}: {system_jwt} }}\n\
+             max_control_line: 16384\n",
             system_key = system.public_key(),
             account_key = account.public_key()
         ))?;

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 
 pub(crate) struct Shared {
@@ -34,7 +34,7 @@ pub(crate) struct Shared {
     /// Calls stopped because their callers cancelled them.
     pub(crate) cancelled: AtomicU64,
     /// Cancels of calls not held here when they came.
-    pub(crate) cancels: super::cancel::Cancelled,
+    pub(crate) cancels: Cancelled,
     /// Subject prefix.
     pub(crate) prefix: String,
     /// The transactions this instance owns, when it serves stateful
@@ -202,6 +202,41 @@ impl Running {
     }
 }
 
+/// How long a cancel of a call not held here is remembered: longer than a
+/// durable call waits in its queue in any sane deployment.
+const REMEMBER: Duration = Duration::from_secs(600);
+
+/// Most cancels remembered; past it the oldest go first.
+const REMEMBER_MAX: usize = 65_536;
+
+/// Cancels that found no call held here, with when they came.
+#[derive(Default)]
+pub(crate) struct Cancelled {
+    ids: Mutex<HashMap<Bytes, Instant>>,
+}
+
+impl Cancelled {
+    /// Remembers that call `id` was cancelled.
+    pub(crate) fn note(&self, id: &[u8]) {
+        let mut ids = self.ids.lock().unwrap();
+        if ids.len() >= REMEMBER_MAX {
+            let now = Instant::now();
+            ids.retain(|_, at| now.duration_since(*at) < REMEMBER);
+            if ids.len() >= REMEMBER_MAX {
+                // A flood of cancels: forget rather than grow.
+                ids.clear();
+            }
+        }
+        ids.insert(Bytes::copy_from_slice(id), Instant::now());
+    }
+
+    /// Whether call `id` was cancelled before it reached this worker.
+    pub(crate) fn contains(&self, id: &[u8]) -> bool {
+        let ids = self.ids.lock().unwrap();
+        ids.get(id).is_some_and(|at| at.elapsed() < REMEMBER)
+    }
+}
+
 /// A call's place among the calls a worker runs at once.
 pub(crate) enum Admission {
     /// It holds a permit and runs now.
@@ -275,5 +310,22 @@ impl Endpoint {
     pub(crate) fn record(&self, started: SystemTime, failure: Option<&crate::handler::Fault>) {
         self.stats
             .record(started.elapsed().unwrap_or_default(), failure);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancels_are_remembered_and_bounded() {
+        let cancelled = Cancelled::default();
+        assert!(!cancelled.contains(b"a1"));
+        cancelled.note(b"a1");
+        assert!(cancelled.contains(b"a1"));
+        for n in 0..REMEMBER_MAX + 10 {
+            cancelled.note(format!("id{n}").as_bytes());
+        }
+        assert!(cancelled.ids.lock().unwrap().len() <= REMEMBER_MAX);
     }
 }
