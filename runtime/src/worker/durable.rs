@@ -12,7 +12,7 @@ use crate::wire::codec::Codec;
 use crate::wire::reply::one_line;
 use crate::wire::subjects;
 use crate::wire::{headers, record};
-use async_nats::jetstream::{self, consumer::pull, context::PublishErrorKind, AckKind};
+use async_nats::jetstream::{self, consumer::pull, context::PublishErrorKind, kv, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -162,11 +162,7 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
     if delivered > 1 {
         // A redelivery of a call that completed but whose ack was lost:
         // answer from the stored result instead of running it again.
-        if let Ok(Some(record)) = results.get(id.as_str()).await {
-            if let Ok((stored, _)) = record::decode(record) {
-                let headers = stored.headers.unwrap_or_default();
-                answer(endpoint, fate.reply, headers, stored.payload).await;
-            }
+        if answer_stored(endpoint, results, &id, fate.reply.clone()).await {
             let _ = message.ack().await;
             return;
         }
@@ -221,12 +217,7 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         Stored::Before => {
             // Cancelled meanwhile (by a canceller whose cancel this worker
             // did not hear), or run before: what is stored is the answer.
-            if let Ok(Some(record)) = results.get(id.as_str()).await {
-                if let Ok((stored, _)) = record::decode(record) {
-                    let headers = stored.headers.unwrap_or_default();
-                    answer(endpoint, fate.reply, headers, stored.payload).await;
-                }
-            }
+            answer_stored(endpoint, results, &id, fate.reply).await;
         }
         Stored::Not => {
             let _ = message
@@ -254,6 +245,24 @@ async fn answer(
             .publish_with_headers(reply, headers, body)
             .await;
     }
+}
+
+/// Answers a durable call from the result stored under `id`, if there is
+/// one; false when none is stored (or the store cannot be read).
+async fn answer_stored(
+    endpoint: &Endpoint,
+    results: &kv::Store,
+    id: &str,
+    reply: Option<async_nats::Subject>,
+) -> bool {
+    let Ok(Some(record)) = results.get(id).await else {
+        return false;
+    };
+    if let Ok((stored, _)) = record::decode(record) {
+        let headers = stored.headers.unwrap_or_default();
+        answer(endpoint, reply, headers, stored.payload).await;
+    }
+    true
 }
 
 /// Where a durable call's answer goes.
