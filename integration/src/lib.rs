@@ -7,6 +7,7 @@
 
 pub mod cluster;
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -217,6 +218,44 @@ pub async fn hold(run: String) -> u32 {
     let _stopped = Stopped::start(&run, 1);
     tokio::time::sleep(Duration::from_secs(60)).await;
     1
+}
+
+/// Where a [`chunks`] stream of run `run` tells each item it produced:
+/// `itest.stream.<run>`, payload the item's index.
+pub fn produced_subject(run: &str) -> String {
+    format!("itest.stream.{run}")
+}
+
+/// Streams `count` items of `size` bytes, every byte of item `i` being
+/// `i as u8`. With a `run`, it tells [`produced_subject`] each item as it
+/// makes it, and [`tree_subject`] (level 1) when it starts and stops.
+#[wharf::microservice(service = "itest", timeout = "600s")]
+pub async fn chunks(run: String, count: u64, size: u32) -> wharf::Stream<bytes::Bytes> {
+    let told = (!run.is_empty()).then(|| (produced_subject(&run), Stopped::start(&run, 1)));
+    wharf::Stream::new(futures_util::stream::iter(0..count).map(move |i| {
+        if let Some((subject, _stopped)) = &told {
+            tell(subject, i.to_string());
+        }
+        bytes::Bytes::from(vec![i as u8; size as usize])
+    }))
+}
+
+/// Counts down from `from` to 0, an item at a time; with `fail_at`, the
+/// stream ends with an error instead of that item.
+#[wharf::microservice(service = "itest")]
+pub fn countdown(from: u32, fail_at: Option<u32>) -> wharf::Stream<u32> {
+    let (sender, stream) = wharf::Stream::channel(4);
+    tokio::spawn(async move {
+        for n in (0..=from).rev() {
+            if Some(n) == fail_at {
+                return sender.fail(format!("cannot count {n}")).await;
+            }
+            if sender.send(n).await.is_err() {
+                return;
+            }
+        }
+    });
+    stream
 }
 
 /// Adds `by` to the transaction's running total after `ms` milliseconds;

@@ -53,6 +53,21 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
         }
         None => {}
     }
+    if let Some(item) = &shape.stream {
+        let why = if options.durable {
+            Some("a durable call's result is stored whole, so it cannot be streamed")
+        } else if options.stateful {
+            Some("stateful functions cannot stream their result yet")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(syn::Error::new_spanned(
+                item,
+                format!("{why}: return the items as one value (a `Vec`), or drop the option"),
+            ));
+        }
+    }
     let ident = func.sig.ident.unraw().to_string();
     let token_safe = ident
         .chars()
@@ -82,6 +97,8 @@ struct Shape {
     ret: Type,
     /// `Some((T, E))` when the function returns `Result<T, E>`.
     fallible: Option<(Type, Type)>,
+    /// `Some(T)` when the function returns `wharf::Stream<T>`.
+    stream: Option<Type>,
 }
 
 impl Shape {
@@ -152,10 +169,12 @@ impl Shape {
             }
         };
         let fallible = result_parts(&ret);
+        let stream = stream_item(&ret);
         Ok(Shape {
             args,
             ret,
             fallible,
+            stream,
         })
     }
 }
@@ -250,6 +269,31 @@ fn state_type(ty: &Type, stateful: bool) -> Option<Type> {
     }
     let last = path.path.segments.last()?;
     if last.ident != "State" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(generic) = &last.arguments else {
+        return None;
+    };
+    match generic.args.iter().collect::<Vec<_>>().as_slice() {
+        [GenericArgument::Type(inner)] => Some(inner.clone()),
+        _ => None,
+    }
+}
+
+/// `T` of a return type written `wharf::Stream<T>` (or `Stream<T>`,
+/// imported from wharf): a function whose result is streamed.
+fn stream_item(ty: &Type) -> Option<Type> {
+    let Type::Path(path) = ty else { return None };
+    if path.qself.is_some() {
+        return None;
+    }
+    let segments: Vec<_> = path.path.segments.iter().collect();
+    let last = match segments.as_slice() {
+        [last] if path.path.leading_colon.is_none() => last,
+        [wharf, last] if wharf.ident == "wharf" => last,
+        _ => return None,
+    };
+    if last.ident != "Stream" {
         return None;
     }
     let PathArguments::AngleBracketed(generic) = &last.arguments else {
@@ -432,8 +476,13 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
         .collect();
 
     let ret = &shape.ret;
-    let (returns, stub_output, error_text) = match &shape.fallible {
-        Some((ok, err)) => (
+    let (returns, stub_output, error_text) = match (&shape.stream, &shape.fallible) {
+        (Some(item), _) => (
+            quote!(::wharf::Streamed<#item>),
+            quote!(::core::result::Result<::wharf::Stream<#item>, ::wharf::Error>),
+            quote!(::core::option::Option::None),
+        ),
+        (None, Some((ok, err))) => (
             quote!(::wharf::__private::Fallible<#ok, #err>),
             quote!(::core::result::Result<#ok, ::wharf::CallError<#err>>),
             {
@@ -441,7 +490,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
                 quote!(::core::option::Option::Some(#text))
             },
         ),
-        None => (
+        (None, None) => (
             quote!(::wharf::__private::Plain<#ret>),
             quote!(::core::result::Result<#ret, ::wharf::Error>),
             quote!(::core::option::Option::None),
@@ -490,7 +539,9 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
     } else {
         quote!(#incoming.blocking(move || #local(#(#all_names),*)).await?)
     };
-    let reply = if shape.fallible.is_some() {
+    let reply = if shape.stream.is_some() {
+        quote!(#incoming.stream(__wharf_out).await)
+    } else if shape.fallible.is_some() {
         quote! {
             match __wharf_out {
                 ::core::result::Result::Ok(value) => #incoming.reply(&value),
@@ -518,6 +569,30 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
     let stub_sig = quote_spanned! {span=>
         #vis async fn #ident(#(#names: #types),*) -> #stub_output
     };
+    // A stream is opened rather than sent, and has no stored result to collect.
+    let (global_body, client_body, collect_fn, collect_use) = match &shape.stream {
+        Some(item) => (
+            quote!(::wharf::__private::open_stream_global::<#args_struct, #item>(&#spec, #new_args).await),
+            quote!(::wharf::__private::open_stream::<#args_struct, #item>(#client, &#spec, #new_args).await),
+            quote!(),
+            quote!(),
+        ),
+        None => (
+            quote!(::wharf::__private::call_global::<#args_struct, #returns>(&#spec, #new_args).await),
+            quote!(::wharf::__private::call::<#args_struct, #returns>(#client, &#spec, #new_args).await),
+            quote! {
+                #(#cfg)*
+                #hidden
+                #vis fn #collect(call_id: impl ::core::convert::Into<::std::string::String>) -> ::wharf::Pending<#returns> {
+                    ::wharf::Pending::new(&#spec, call_id.into())
+                }
+            },
+            quote! {
+                #[doc(inline)]
+                #reexport use super::#collect as collect;
+            },
+        ),
+    };
 
     quote! {
         #(#cfg)*
@@ -525,7 +600,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
         #(#allow)*
         #[allow(clippy::too_many_arguments)]
         #stub_sig {
-            ::wharf::__private::call_global::<#args_struct, #returns>(&#spec, #new_args).await
+            #global_body
         }
 
         #(#cfg)*
@@ -586,7 +661,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
         #(#cfg)*
         #hidden
         #vis async fn #call(#client: &::wharf::Client, #(#names: #types),*) -> #stub_output {
-            ::wharf::__private::call::<#args_struct, #returns>(#client, &#spec, #new_args).await
+            #client_body
         }
 
         #(#cfg)*
@@ -595,11 +670,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
             ::wharf::Request::new(&#spec, #new_args)
         }
 
-        #(#cfg)*
-        #hidden
-        #vis fn #collect(call_id: impl ::core::convert::Into<::std::string::String>) -> ::wharf::Pending<#returns> {
-            ::wharf::Pending::new(&#spec, call_id.into())
-        }
+        #collect_fn
 
         #(#cfg)*
         #[doc = #module_doc]
@@ -610,8 +681,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
             #reexport use super::#call as call;
             #[doc(inline)]
             #reexport use super::#request as request;
-            #[doc(inline)]
-            #reexport use super::#collect as collect;
+            #collect_use
             #[doc(inline)]
             #reexport use super::#args_struct as Args;
             #[doc(inline)]

@@ -7,14 +7,18 @@ use crate::spec::FnSpec;
 use crate::txn::lease::outside;
 use crate::txn::state::{Slot, State};
 use crate::wire::codec::Codec;
+use crate::wire::headers::{STREAM_CREDIT_TO, STREAM_ITEM};
 use crate::wire::reply::{error_reply, ApplicationErrorBody};
+use crate::wire::request::StreamAsk;
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The future a generated handler returns.
 #[doc(hidden)]
@@ -30,7 +34,21 @@ pub struct Incoming {
     pub(crate) deadline_ms: u64,
     /// The transaction of a stateful call, owned by this instance.
     pub(crate) txn: Option<Arc<Slot>>,
+    /// Where a streamed result goes, when the caller asked for one.
+    pub(crate) stream: Option<StreamOut>,
 }
+
+/// The caller's side of a streamed result, as the worker sends to it.
+#[doc(hidden)]
+pub struct StreamOut {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) ask: Box<StreamAsk>,
+}
+
+/// How long a stream waits for credit before it takes its caller for gone.
+/// A caller that reads slowly repeats its grant every
+/// [`crate::stream::KEEPALIVE`], so only a vanished one goes this long.
+const CREDIT_GIVE_UP: Duration = Duration::from_secs(15);
 
 impl Incoming {
     /// Decodes the arguments; failure is a 400 naming the function.
@@ -85,6 +103,93 @@ impl Incoming {
             message: body.message,
             body: Some(encoded),
         })
+    }
+
+    /// Sends a function's streamed result: each item as the caller's credit
+    /// allows (the stream is polled only then, so a slow reader pauses the
+    /// producer), then the reply that ends the stream, the number of items
+    /// sent. An item that is an error ends the stream with that error.
+    pub async fn stream<T: Serialize>(&self, mut items: crate::Stream<T>) -> Result<Bytes, Fault> {
+        let spec = self.spec;
+        let Some(out) = &self.stream else {
+            return Err(Fault::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "`{}.{}` returns a stream: send the request with header Wharf-Stream-Credit (the items you take before granting more; docs/protocol.md, \"Streams\")",
+                    spec.service, spec.name
+                ),
+            ));
+        };
+        let failed = |kind, what: String| {
+            Fault::new(
+                kind,
+                format!("the stream of `{}.{}` {what}", spec.service, spec.name),
+            )
+        };
+        // Credit comes on a subject of this stream's own, from its first item on.
+        let credit_to = out.nats.new_inbox();
+        let mut credits = out
+            .nats
+            .subscribe(credit_to.clone())
+            .await
+            .map_err(|e| failed(ErrorKind::Connection, format!("cannot take credit: {e}")))?;
+        let mut granted = out.ask.credit;
+        let mut sent: u64 = 0;
+        loop {
+            // Granted since: taken without waiting, so the producer rarely stops.
+            while let Some(Some(grant)) = credits.next().now_or_never() {
+                granted = granted.max(read_credit(&grant.payload));
+            }
+            while sent >= granted {
+                match tokio::time::timeout(CREDIT_GIVE_UP, credits.next()).await {
+                    Ok(Some(grant)) => granted = granted.max(read_credit(&grant.payload)),
+                    Ok(None) => {
+                        return Err(failed(
+                            ErrorKind::Connection,
+                            "lost its credit subscription".to_owned(),
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(failed(
+                            ErrorKind::Cancelled,
+                            format!(
+                                "stopped after {sent} items: its caller granted no credit for {} s and is taken for gone",
+                                CREDIT_GIVE_UP.as_secs()
+                            ),
+                        ))
+                    }
+                }
+            }
+            let Some(item) = items.next().await else {
+                break;
+            };
+            let item = item.map_err(Fault::from)?;
+            let body = self.codec.encode(&item).map_err(|e| {
+                failed(
+                    ErrorKind::Codec,
+                    format!("has item {sent}, which cannot be encoded: {e}"),
+                )
+            })?;
+            let mut headers = HeaderMap::new();
+            headers.insert(STREAM_ITEM, sent.to_string());
+            if sent == 0 {
+                headers.insert(STREAM_CREDIT_TO, credit_to.as_str());
+            }
+            let size = body.len();
+            out.nats
+                .publish_with_headers(out.ask.reply.clone(), headers, body)
+                .await
+                .map_err(|e| match e.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => failed(
+                        ErrorKind::PayloadTooLarge,
+                        format!("has item {sent} of {size} bytes, more than the server's max_payload: send smaller items"),
+                    ),
+                    _ => failed(ErrorKind::Connection, format!("cannot send item {sent}: {e}")),
+                })?;
+            sent += 1;
+        }
+        drop(credits);
+        self.reply(&sent)
     }
 
     /// Runs a sync function on the blocking pool, off the async threads.
@@ -178,6 +283,15 @@ impl From<Error> for Fault {
     fn from(error: Error) -> Self {
         Fault::new(error.kind(), error.message().to_owned())
     }
+}
+
+/// A grant: the number of items the caller allows in all, as decimal text.
+/// One that does not read grants nothing (the stream waits for the next).
+fn read_credit(payload: &[u8]) -> u64 {
+    std::str::from_utf8(payload)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

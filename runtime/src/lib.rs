@@ -76,6 +76,7 @@ pub mod scaler;
 pub mod settings;
 mod spec;
 mod storage;
+mod stream;
 pub mod supervisor;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -101,10 +102,11 @@ pub use local::{
 };
 pub use metrics::{address as metrics_address, serve as serve_metrics};
 pub use objects::{put, Blob, ObjectRef};
-pub use request::Request;
+pub use request::{Request, Streamed};
 pub use retry::RetryPolicy;
 pub use settings::{LogFormat, Settings, DEFAULT_LEASE};
 pub use spec::{ArgSpec, FnSpec};
+pub use stream::{Stream, StreamSender};
 pub use txn::{transaction, State, Transaction, QUIESCE_LIMIT};
 pub use wharf_macros::{main, microservice};
 pub use wire::codec::Codec;

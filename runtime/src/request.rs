@@ -9,11 +9,13 @@ use crate::durable::caller::Pending;
 use crate::error::{Error, ErrorKind};
 use crate::retry::RetryPolicy;
 use crate::spec::FnSpec;
+use crate::stream::Stream;
 use crate::txn::lease::outside;
 use crate::txn::transaction::{current, Transaction};
 use crate::wire::codec::Codec;
 use crate::wire::reply::instance;
 use async_nats::Message;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
@@ -43,7 +45,7 @@ pub struct Request<A, R> {
     returns: PhantomData<fn() -> R>,
 }
 
-impl<A: Serialize, R: Returns> Request<A, R> {
+impl<A: Serialize, R> Request<A, R> {
     /// A request for `spec` with encoded-later arguments `args`.
     pub fn new(spec: &'static FnSpec, args: A) -> Self {
         Request {
@@ -79,7 +81,9 @@ impl<A: Serialize, R: Returns> Request<A, R> {
         self.options.retry = Some(policy);
         self
     }
+}
 
+impl<A: Serialize, R: Returns> Request<A, R> {
     /// Sends this call through JetStream (`true`), at least once even if
     /// workers die, or as a plain request (`false`), whatever the
     /// function's `durable` option says.
@@ -199,6 +203,78 @@ where
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.send())
     }
+}
+
+/// What a [`Request`] for a function returning [`Stream<T>`] returns: it
+/// is opened ([`Request::open`], or `.await`), not sent.
+pub struct Streamed<T>(PhantomData<fn() -> T>);
+
+impl<A: Serialize, T: DeserializeOwned + Send + 'static> Request<A, Streamed<T>> {
+    /// Lets the worker send `items` items (at least one) before the caller
+    /// grants more (32 unless set): what either side holds of a stream is
+    /// bounded by about this many items.
+    pub fn credit(mut self, items: u32) -> Self {
+        self.options.credit = Some(u64::from(items.max(1)));
+        self
+    }
+
+    /// Calls the function and returns its stream once the worker answers:
+    /// items are read from it as they arrive.
+    pub async fn open(mut self) -> Result<Stream<T>, Error> {
+        let client = match self.client.take() {
+            Some(client) => client,
+            None => global()?.clone(),
+        };
+        let call = CallState::new(self.spec, &self.options)?;
+        let started = Instant::now();
+        let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
+        drop(self.args);
+        let opened = client
+            .open_stream(self.spec, prepared, call, &self.options)
+            .await;
+        // A stream counts as a call from its request to its first answer.
+        if crate::metrics::on() {
+            let failure = opened.as_ref().err().map(Error::kind);
+            self.spec.observe_call(started.elapsed(), failure);
+        }
+        opened
+    }
+}
+
+impl<A, T> IntoFuture for Request<A, Streamed<T>>
+where
+    A: Serialize + Send + 'static,
+    T: DeserializeOwned + Send + 'static,
+{
+    type Output = Result<Stream<T>, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.open())
+    }
+}
+
+/// Opens a stream from `spec` through `client` with default options
+/// (generated stubs of functions returning [`Stream<T>`]).
+#[doc(hidden)]
+pub async fn open_stream<A: Serialize, T: DeserializeOwned + Send + 'static>(
+    client: &Client,
+    spec: &'static FnSpec,
+    args: A,
+) -> Result<Stream<T>, Error> {
+    Request::<A, Streamed<T>>::new(spec, args)
+        .client(client)
+        .open()
+        .await
+}
+
+/// Opens a stream through the client set up by [`crate::init`].
+#[doc(hidden)]
+pub async fn open_stream_global<A: Serialize, T: DeserializeOwned + Send + 'static>(
+    spec: &'static FnSpec,
+    args: A,
+) -> Result<Stream<T>, Error> {
+    open_stream::<A, T>(global()?, spec, args).await
 }
 
 /// Calls `spec` through `client` with default options (generated stubs).

@@ -30,6 +30,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "micro",
             "handler",
             "heartbeat",
+            "stream",
             "txn::state",
             "txn::lease",
             "txn::route",

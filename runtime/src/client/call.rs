@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 /// How long a call waits for its reply before it starts watching its
 /// connection and its worker.
-const WATCH_AFTER: Duration = Duration::from_millis(200);
+pub(crate) const WATCH_AFTER: Duration = Duration::from_millis(200);
 
 /// How often a call that is taking a while asks whether a worker still
 /// holds it.
@@ -65,6 +65,8 @@ pub struct CallOptions {
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) durable: Option<bool>,
     pub(crate) txn: Option<Arc<TxnRoute>>,
+    /// The items a streamed result may send before the caller grants more.
+    pub(crate) credit: Option<u64>,
 }
 
 /// One logical call across its tries: id and deadline.
@@ -145,7 +147,7 @@ impl CallState {
         })
     }
 
-    fn deadline_passed(&self, spec: &FnSpec, subject: &str) -> Error {
+    pub(crate) fn deadline_passed(&self, spec: &FnSpec, subject: &str) -> Error {
         Error::new(
             ErrorKind::Timeout,
             format!(
@@ -170,18 +172,23 @@ impl Drop for CancelOnDrop<'_> {
         if !self.armed {
             return;
         }
-        // Drop cannot wait: the publish goes out from a task of its own,
-        // when there is a runtime left to run it.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let nats = self.client.nats().clone();
-        let subject = subjects::call_cancel(self.client.prefix(), self.spec.service);
-        let id = Bytes::copy_from_slice(self.call.id.as_bytes());
-        runtime.spawn(async move {
-            let _ = nats.publish(subject, id).await;
-        });
+        publish_cancel(self.client, self.spec, self.call.id.as_str());
     }
+}
+
+/// Publishes call `id`'s cancel on `<prefix>._cancel.<service>`, from a
+/// task of its own: a drop, where cancels start, cannot wait (and sends
+/// nothing when no runtime is left to run it).
+pub(crate) fn publish_cancel(client: &Client, spec: &FnSpec, id: &str) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let nats = client.nats().clone();
+    let subject = subjects::call_cancel(client.prefix(), spec.service);
+    let id = Bytes::copy_from_slice(id.as_bytes());
+    runtime.spawn(async move {
+        let _ = nats.publish(subject, id).await;
+    });
 }
 
 /// Adds the number of tries to the message of a call's final error.
@@ -584,7 +591,7 @@ impl Client {
         }
     }
 
-    fn connection_lost(&self, spec: &'static FnSpec, subject: &str) -> Error {
+    pub(crate) fn connection_lost(&self, spec: &'static FnSpec, subject: &str) -> Error {
         let retried = if spec.idempotent {
             "it is idempotent, so it is tried again on the new connection"
         } else {
@@ -604,7 +611,7 @@ impl Client {
     /// worker holding `call` (two for an idempotent call, which is then
     /// tried again; three, waiting longer for each answer, for one that is
     /// not, which then fails); pends forever otherwise.
-    async fn watch_call(&self, spec: &'static FnSpec, call: &CallState) -> Error {
+    pub(crate) async fn watch_call(&self, spec: &'static FnSpec, call: &CallState) -> Error {
         let subject = subjects::call_status(self.prefix(), spec.service);
         // A miss that fails a call that may have run must be surer.
         let (needed, wait) = if spec.idempotent {

@@ -11,6 +11,7 @@ pub(crate) mod connect;
 pub(crate) mod connection;
 pub(crate) mod denials;
 pub(crate) mod returns;
+pub(crate) mod stream;
 
 use crate::error::{Error, ErrorKind};
 use crate::settings::{Credentials, Settings};

@@ -34,6 +34,14 @@ pub const DEAD_REASON: HeaderName = HeaderName::from_static("Wharf-Dead-Reason")
 pub const SPILL: HeaderName = HeaderName::from_static("Wharf-Spill");
 /// The digest of the spilled object.
 pub const SPILL_DIGEST: HeaderName = HeaderName::from_static("Wharf-Spill-Digest");
+/// A call to a function returning a stream: the number of items the caller
+/// takes before it grants more (its first credit).
+pub const STREAM_CREDIT: HeaderName = HeaderName::from_static("Wharf-Stream-Credit");
+/// A stream's item: its index, from 0. A message of the stream without it
+/// is the call's reply, which ends the stream.
+pub const STREAM_ITEM: HeaderName = HeaderName::from_static("Wharf-Stream-Item");
+/// On a stream's first item: the subject the caller grants credit on.
+pub const STREAM_CREDIT_TO: HeaderName = HeaderName::from_static("Wharf-Stream-Credit-To");
 /// Reply header: `<instance id> <pid> <host>` of the serving worker.
 pub const INSTANCE: HeaderName = HeaderName::from_static("Wharf-Instance");
 /// Objects service `put`: the object's type name (default `bytes`).

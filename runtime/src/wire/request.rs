@@ -170,6 +170,43 @@ pub(crate) struct CallMeta {
     /// The caller is in a trace it does not sample and sent no ids
     /// (postcard flag bit 3; a JSON caller sends a `traceparent` instead).
     pub(crate) unsampled: bool,
+    /// A call that asks for a streamed result: where the items go and the
+    /// caller's first credit. Boxed like `spill`.
+    pub(crate) stream: Option<Box<StreamAsk>>,
+}
+
+/// What a caller of a streaming function asks for (`Wharf-Stream-Credit`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StreamAsk {
+    /// The items the worker may send before the caller grants more.
+    pub(crate) credit: u64,
+    /// The caller's inbox, which every item and the final reply go to.
+    pub(crate) reply: async_nats::Subject,
+}
+
+/// The stream a request asks for, if any; a credit that is not a number is
+/// a bad request.
+fn stream_ask(message: &Message) -> Result<Option<Box<StreamAsk>>, String> {
+    let Some(credit) = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::STREAM_CREDIT))
+    else {
+        return Ok(None);
+    };
+    let credit = credit.as_str().trim();
+    let credit = credit
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            format!("header Wharf-Stream-Credit must be a number of items above 0, got `{credit}`")
+        })?;
+    let reply = message
+        .reply
+        .clone()
+        .ok_or("a stream call needs a reply subject: publish it as a request")?;
+    Ok(Some(Box::new(StreamAsk { credit, reply })))
 }
 
 /// The spilled-arguments object a request names, if any.
@@ -218,6 +255,10 @@ pub(crate) fn read(message: &Message) -> Result<(Codec, CallMeta, Bytes), (Codec
                 spill: spilled_args(message),
                 unsampled: trace.is_none() && envelope.flags & FLAG_UNSAMPLED != 0,
                 trace,
+                stream: match message.headers {
+                    Some(_) => stream_ask(message).map_err(bad)?,
+                    None => None,
+                },
             };
             Ok((codec, meta, message.payload.slice(at..)))
         }
@@ -261,6 +302,7 @@ pub(crate) fn read(message: &Message) -> Result<(Codec, CallMeta, Bytes), (Codec
                     .and_then(|parent| TraceContext::parse(parent, header(headers::TRACESTATE)))
                     .map(Box::new),
                 unsampled: false,
+                stream: stream_ask(message).map_err(bad)?,
             };
             Ok((codec, meta, message.payload.clone()))
         }

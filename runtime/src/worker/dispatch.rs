@@ -5,7 +5,7 @@
 use super::endpoint::{Admission, Endpoint};
 use crate::boxed::out_of_line;
 use crate::error::ErrorKind;
-use crate::handler::{panic_message, Fault, Incoming};
+use crate::handler::{panic_message, Fault, Incoming, StreamOut};
 use crate::objects::store as objects;
 use crate::spec::FnSpec;
 use crate::trace::TraceContext;
@@ -86,6 +86,10 @@ impl Endpoint {
             spec,
             deadline_ms,
             txn,
+            stream: meta.stream.as_ref().map(|ask| StreamOut {
+                nats: self.shared.nats.clone(),
+                ask: ask.clone(),
+            }),
         };
         let handler = AssertUnwindSafe((self.registration.handler)(incoming)).catch_unwind();
         let panicked = |panic: Box<dyn std::any::Any + Send>| {
