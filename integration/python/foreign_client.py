@@ -100,7 +100,34 @@ async def main(url: str) -> None:
             "body": json.loads(msg.data),
         }
 
+    # A streamed result: items on our inbox, two at a time (the credit),
+    # granted again on the subject the first item names; the reply without
+    # Wharf-Stream-Item ends the stream with the number of items sent.
+    stream_inbox = nc.new_inbox()
+    stream_sub = await nc.subscribe(stream_inbox)
+    await nc.publish(
+        "wharf.itest.countdown", b'{"from": 5, "fail_at": null}', reply=stream_inbox,
+        headers={**json_headers, "Wharf-Stream-Credit": "2"},
+    )
+    stream_items, granted, credit_to = [], 2, None
+    while True:
+        msg = await stream_sub.next_msg(timeout=30)
+        index = (msg.headers or {}).get("Wharf-Stream-Item")
+        if index is None:
+            stream_end = json.loads(msg.data)
+            break
+        if int(index) != len(stream_items):
+            raise RuntimeError(f"stream item {index} came out of order")
+        if index == "0":
+            credit_to = msg.headers["Wharf-Stream-Credit-To"]
+        stream_items.append(json.loads(msg.data))
+        if len(stream_items) == granted:
+            granted += 2
+            await nc.publish(credit_to, str(granted).encode())
+
     print(json.dumps({
+        "stream_items": stream_items,
+        "stream_end": stream_end,
         "endpoints": sorted(endpoints),
         "add_sig": endpoints["add"]["metadata"]["wharf.sig"],
         "add_args": endpoints["add"]["metadata"]["wharf.args"],

@@ -79,4 +79,6 @@ async fn nats_py_calls_a_wharf_service() {
         seen["objects_elsewhere"]["body"]["kind"],
         "unsupported_store"
     );
+    assert_eq!(seen["stream_items"], serde_json::json!([5, 4, 3, 2, 1, 0]));
+    assert_eq!(seen["stream_end"], 6);
 }
