@@ -3,6 +3,7 @@
 //! `supervisor` starting worker processes as `worker-itest`, and a caller
 //! as `web` limited to one function.
 
+use futures_util::StreamExt;
 use std::time::Duration;
 use wharf::settings::{Credentials, Secret};
 use wharf::supervisor::UpConfig;
@@ -25,7 +26,7 @@ async fn a_deployment_runs_under_the_permissions_wharf_auth_writes() {
     let services = format!(
         "[[service]]\nname = \"itest\"\ncommand = [\"{}\", \"worker\"]\nmin = 1\nmax = 1\n\
          env = {{ NATS_USER = \"worker-itest\", NATS_PASSWORD = \"pw-worker-itest\", WHARF_INBOX_PREFIX = \"_INBOX.worker-itest\" }}\n\
-         [[caller]]\nname = \"web\"\nfunctions = [\"itest.add\"]\n",
+         [[caller]]\nname = \"web\"\nfunctions = [\"itest.add\", \"itest.countdown\"]\n",
         svc.display()
     );
     // Read from the binary, as `wharf auth` does: the worker may take
@@ -83,7 +84,15 @@ async fn a_deployment_runs_under_the_permissions_wharf_auth_writes() {
         wharf_integration::descendants(supervisor.pid()).contains(&worker),
         "pid {worker} was not started by the supervisor"
     );
-    // Only that function.
+    // A stream: items to the caller's inbox, credit to the worker's.
+    let counted: Vec<u32> = wharf_integration::countdown::call(&web, 40, None)
+        .await
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(counted, (0..=40).rev().collect::<Vec<u32>>());
+    // Only those functions.
     let error = wharf_integration::whoami::request()
         .client(&web)
         .timeout(Duration::from_secs(20))

@@ -561,7 +561,12 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
     let module_doc = format!(
         "Remote-call plumbing of [`{ident_text}`](fn@{ident_text}), served on `<prefix>.<service>.{wire_name}`: \
          `local(..)` runs the body in this process, `call(&client, ..)` calls through an explicit client, \
-         `request(..)` sets per-call options, `collect(call_id)` picks up a durable call's result; `Args` is the wire form of the arguments and `SPEC` the description."
+         `request(..)` sets per-call options{}; `Args` is the wire form of the arguments and `SPEC` the description.",
+        if shape.stream.is_some() {
+            " (`credit(n)` among them) and is awaited to open the stream"
+        } else {
+            ", `collect(call_id)` picks up a durable call's result"
+        }
     );
     let hidden = quote!(#[doc(hidden)] #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, clippy::too_many_arguments)]);
     let new_args = quote!(#args_struct { #(#names),* });

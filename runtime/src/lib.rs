@@ -27,7 +27,10 @@
 //! A return type written `Result<T, E>` (two arguments, any path ending in
 //! `Result`) makes `E` the function's own error, returned as
 //! [`CallError::Application`]; any other return type, a one-argument alias
-//! such as `io::Result<T>` included, is sent back as one value.
+//! such as `io::Result<T>` included, is sent back as one value. A return
+//! type written `wharf::Stream<T>` (or `Stream<T>` imported from wharf)
+//! streams its items to the caller as they are made, at the caller's pace
+//! ([`Stream`]); the stub then returns `Result<Stream<T>, Error>`.
 //!
 //! A `#[microservice(stateful)]` function may also take one
 //! [`State<S>`](State) argument (`S: Default + Send + 'static`): the state
