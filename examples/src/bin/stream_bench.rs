@@ -71,7 +71,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!(
         "streaming {} MiB of {} KiB items, {ROUNDS} rounds, MB/s:",
-        ITEMS * u64::from(ITEM) >> 20,
+        (ITEMS * u64::from(ITEM)) >> 20,
         ITEM >> 10
     );
     println!("| wharf stream vs raw publish loop | raw | wharf | ratio | per round |");
