@@ -220,6 +220,13 @@ pub async fn hold(run: String) -> u32 {
     1
 }
 
+/// The first build of a function whose signature changes: the `svc_v2`
+/// binary serves `versioned(x, y)` under the same name.
+#[wharf::microservice(service = "itest")]
+pub async fn versioned(x: i64) -> String {
+    format!("v1 {x}")
+}
+
 /// Where a [`chunks`] stream of run `run` tells each item it produced:
 /// `itest.stream.<run>`, payload the item's index.
 pub fn produced_subject(run: &str) -> String {
@@ -430,6 +437,19 @@ pub fn spawn_worker_with(url: &str, env: &[(&str, &str)]) -> WorkerProcess {
     let mut env: Vec<(&str, &str)> = env.to_vec();
     env.push(("NATS_URL", url));
     spawn_svc(&["worker"], &env)
+}
+
+/// A worker process of the `svc_v2` binary: the second build of
+/// [`versioned`], with a changed signature.
+pub fn spawn_worker_v2(url: &str) -> WorkerProcess {
+    let binary = svc_binary().with_file_name("svc_v2");
+    let mut command = Command::new(binary);
+    command
+        .arg("worker")
+        .env("NATS_URL", url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    WorkerProcess(command.spawn().expect("the svc_v2 binary starts"))
 }
 
 /// The `svc` binary with `args` and `env`, killed when dropped.

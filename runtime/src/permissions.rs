@@ -91,6 +91,7 @@ fn calling(prefix: &str, service: &str, function: &str) -> Vec<String> {
     let stream = subjects::calls_stream(prefix, service);
     let mut publish = vec![
         subjects::call(prefix, service, function),
+        subjects::signed_calls(prefix, service, function),
         subjects::call_status(prefix, service),
         subjects::call_cancel(prefix, service),
         subjects::demand(prefix, service),
@@ -223,12 +224,16 @@ pub fn roles_serving(
             ]);
             for function in functions {
                 let call = subjects::call(prefix, name, function);
+                let signed = subjects::signed_calls(prefix, name, function);
                 // A known function only in the workers' queue group.
-                worker.subscribe.push(if function == "*" {
-                    call
+                if function == "*" {
+                    worker.subscribe.extend([call, signed]);
                 } else {
-                    subjects::in_queue_group(&call)
-                });
+                    worker.subscribe.extend([
+                        subjects::in_queue_group(&call),
+                        subjects::in_queue_group(&signed),
+                    ]);
+                }
                 worker
                     .subscribe
                     .push(subjects::instance_call(prefix, "*", name, function));

@@ -76,6 +76,26 @@ impl FnSpec {
         }
     }
 
+    /// The subject of this function's signature under `prefix`, where only
+    /// workers built with the same signature take calls:
+    /// `<prefix>._sig.<service>.<name>.<signature hash, 16 hex digits>`.
+    pub fn signed_subject(&self, prefix: &str) -> Subject {
+        let format = || {
+            Subject::from(subjects::signed_call(
+                prefix,
+                self.service,
+                self.name,
+                self.sig,
+            ))
+        };
+        let (cached_prefix, subject) = self.subject.1.get_or_init(|| (prefix.to_owned(), format()));
+        if cached_prefix == prefix {
+            subject.clone()
+        } else {
+            format()
+        }
+    }
+
     fn format_subject(&self, prefix: &str) -> Subject {
         Subject::from(subjects::call(prefix, self.service, self.name))
     }
@@ -83,12 +103,12 @@ impl FnSpec {
     /// Whether a call of this function went through on the connection of
     /// refusal generation `generation` (see `client::denials`).
     pub(crate) fn permitted_on(&self, generation: u64) -> bool {
-        self.subject.1.load(Ordering::Relaxed) == generation
+        self.subject.2.load(Ordering::Relaxed) == generation
     }
 
     /// Notes that a call went through on `generation`.
     pub(crate) fn mark_permitted(&self, generation: u64) {
-        self.subject.1.store(generation, Ordering::Relaxed);
+        self.subject.2.store(generation, Ordering::Relaxed);
     }
 
     /// Counts a call of this function made from this process, for the
@@ -110,7 +130,7 @@ impl FnSpec {
     /// This function's caller-side counts, listed for scrapes from the
     /// first call on.
     fn called(&'static self) -> &'static Calls {
-        let calls = &self.subject.2;
+        let calls = &self.subject.3;
         if !calls.listed.swap(true, Ordering::Relaxed) {
             CALLED.lock().unwrap_or_else(|e| e.into_inner()).push(self);
             crate::metrics::register_always(write_called);
@@ -161,6 +181,8 @@ impl FnSpec {
 #[derive(Debug)]
 pub struct SubjectCache(
     OnceLock<(String, Subject)>,
+    /// The same for the subject of this function's signature.
+    OnceLock<(String, Subject)>,
     /// The connection (its refusal generation) on which a call of this
     /// function last went through: no need to watch for a refusal there.
     AtomicU64,
@@ -172,7 +194,12 @@ impl SubjectCache {
     /// An empty cache, usable in a `static`.
     #[allow(clippy::new_without_default)]
     pub const fn new() -> SubjectCache {
-        SubjectCache(OnceLock::new(), AtomicU64::new(0), Calls::new())
+        SubjectCache(
+            OnceLock::new(),
+            OnceLock::new(),
+            AtomicU64::new(0),
+            Calls::new(),
+        )
     }
 }
 
@@ -221,7 +248,7 @@ fn write_called(out: &mut Exposition) {
             ("rpc_service", spec.service),
             ("rpc_method", spec.name),
         ];
-        let calls = &spec.subject.2;
+        let calls = &spec.subject.3;
         calls.outcomes.write(
             out,
             "rpc_client_call_duration_seconds",

@@ -151,7 +151,8 @@ impl CallState {
         Error::new(
             ErrorKind::Timeout,
             format!(
-                "no reply from `{subject}` ({}) before the call's deadline; raise the timeout (#[microservice(timeout = \"..\")] or .timeout(..) on the request) or add workers",
+                "no reply from `{}` ({}) before the call's deadline; raise the timeout (#[microservice(timeout = \"..\")] or .timeout(..) on the request) or add workers",
+                subjects::readable(subject),
                 spec.path
             ),
         )
@@ -391,7 +392,10 @@ impl Client {
     }
 
     /// One try: the reply, or the failure (a 503 reply included: the call
-    /// did not run there).
+    /// did not run there). Sent on the subject of the caller's signature,
+    /// and, when no worker serves that (or the server refuses it), again on
+    /// the plain subject: a worker of another signature answers it with a
+    /// 409 that names both, one of an older wharf serves it.
     async fn try_once(
         &self,
         spec: &'static FnSpec,
@@ -400,7 +404,37 @@ impl Client {
         codec: Codec,
         txn: Option<&TxnRoute>,
     ) -> Result<Message, Error> {
-        let (subject, owner, request) = self.request(spec, call, prepared, txn)?;
+        // Kept for the plain subject (a reference count, not a copy).
+        let again = prepared.clone();
+        match self
+            .try_subject(spec, call, prepared, codec, txn, true)
+            .await
+        {
+            // (Refused too: permissions written by hand may name only the
+            // plain subject.)
+            Err(failure)
+                if matches!(
+                    failure.kind(),
+                    ErrorKind::NoResponders | ErrorKind::PermissionDenied
+                ) =>
+            {
+                out_of_line(|| self.try_subject(spec, call, again, codec, txn, false)).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// One try on the signed or the plain subject ([`Client::try_once`]).
+    async fn try_subject(
+        &self,
+        spec: &'static FnSpec,
+        call: &CallState,
+        prepared: Prepared,
+        codec: Codec,
+        txn: Option<&TxnRoute>,
+        signed: bool,
+    ) -> Result<Message, Error> {
+        let (subject, owner, request) = self.request(spec, call, prepared, txn, signed)?;
         // A subject the server refused fails at once, before and while the
         // call waits: the server sends no reply to wait for.
         let denials = self.denials();
@@ -476,7 +510,7 @@ impl Client {
         };
         // (A call to a known transaction owner that finds none fails as
         // TransactionLost instead: its instance is gone, not scaled down.)
-        if failure.kind() == ErrorKind::NoResponders {
+        if failure.kind() == ErrorKind::NoResponders && !signed {
             // A supervisor that scaled this service to zero starts one
             // when someone asks for it (cold start).
             let demand = subjects::demand(self.prefix(), spec.service);
@@ -494,9 +528,11 @@ impl Client {
         call: &CallState,
         prepared: Prepared,
         txn: Option<&TxnRoute>,
+        signed: bool,
     ) -> Result<(Subject, Option<Arc<str>>, async_nats::Request), Error> {
         let (owner, subject) = match txn.and_then(|t| t.route(self.prefix(), spec)) {
             Some((owner, subject)) => (Some(owner), subject),
+            None if signed => (None, spec.signed_subject(self.prefix())),
             None => (None, spec.subject(self.prefix())),
         };
         let timeout = call.deadline.saturating_duration_since(Instant::now());
@@ -531,6 +567,7 @@ impl Client {
             }
         }
         result.map_err(|e| {
+            let subject = subjects::readable(subject);
             let error = match e.kind() {
                 RequestErrorKind::NoResponders if owner.is_some() => {
                     lost(txn.map_or("", |t| t.id()), owner.as_deref().unwrap_or(""))
@@ -539,7 +576,7 @@ impl Client {
                     ErrorKind::NoResponders,
                     format!("no worker serves `{subject}` ({}): start a worker for service `{}` (`<binary> worker` with NATS_URL set), or check the service and function names", spec.path, spec.service),
                 ),
-                RequestErrorKind::TimedOut => call.deadline_passed(spec, subject),
+                RequestErrorKind::TimedOut => call.deadline_passed(spec, &subject),
                 RequestErrorKind::MaxPayloadExceeded => Error::new(
                     ErrorKind::PayloadTooLarge,
                     format!("call to `{subject}` not sent: {e}; pass large values by reference, or raise max_payload in the nats-server configuration"),
@@ -600,8 +637,9 @@ impl Client {
         Error::new(
             ErrorKind::ConnectionLost,
             format!(
-                "the connection to `{}` was lost while `{subject}` ({}) waited for its reply: {retried}",
+                "the connection to `{}` was lost while `{}` ({}) waited for its reply: {retried}",
                 crate::settings::redact(self.url()),
+                subjects::readable(subject),
                 spec.path
             ),
         )

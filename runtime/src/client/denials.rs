@@ -126,9 +126,17 @@ fn next_generation() -> u64 {
 
 /// The error of a refused `what` (`publish`, `subscribe`) on `subject`.
 pub(crate) fn denied(what: &str, subject: &str) -> Error {
+    let readable = crate::wire::subjects::readable(subject);
+    // A signature subject: say which function it is, and that wharf uses
+    // both of its subjects.
+    let which = if readable != subject {
+        format!(" (the subject of `{readable}`; wharf calls and serves a function on both its subjects, see `wharf auth`)")
+    } else {
+        String::new()
+    };
     Error::new(
         ErrorKind::PermissionDenied,
-        format!("the server does not permit these credentials to {what} `{subject}`: grant them {what} permission on it (a `{what}` allow in the user's permissions), or use credentials that have it"),
+        format!("the server does not permit these credentials to {what} `{subject}`{which}: grant them {what} permission on it (a `{what}` allow in the user's permissions), or use credentials that have it"),
     )
 }
 

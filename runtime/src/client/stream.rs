@@ -62,7 +62,26 @@ impl Client {
                 } else {
                     request::with_attempt(prepared, options.codec, attempt)
                 };
-                self.open_once(spec, tried, prepared, options.codec, credit)
+                // The subject of the caller's signature first, then, when
+                // no worker serves it, the plain one (as for a plain call).
+                async move {
+                    let again = prepared.clone();
+                    match self
+                        .open_once(spec, tried, prepared, options.codec, credit, true)
+                        .await
+                    {
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                ErrorKind::NoResponders | ErrorKind::PermissionDenied
+                            ) =>
+                        {
+                            self.open_once(spec, tried, again, options.codec, credit, false)
+                                .await
+                        }
+                        outcome => outcome,
+                    }
+                }
             },
             |failure| spec.observe_retry(failure),
         )
@@ -101,12 +120,23 @@ impl Client {
         prepared: Prepared,
         codec: Codec,
         credit: u64,
+        signed: bool,
     ) -> Result<Opened, Error> {
-        let subject = spec.subject(self.prefix());
+        let subject = if signed {
+            spec.signed_subject(self.prefix())
+        } else {
+            spec.subject(self.prefix())
+        };
         if call.deadline <= Instant::now() {
             return Err(call.deadline_passed(spec, &subject));
         }
         let nats = self.nats();
+        // A subject the server refused fails at once, before and while the
+        // call waits (as for a plain call).
+        let denials = self.denials();
+        if let Some(denied) = denials.check(&subject) {
+            return Err(denied);
+        }
         let inbox = nats.new_inbox();
         let connection_failed = |e: &dyn std::fmt::Display| {
             Error::new(
@@ -130,7 +160,10 @@ impl Client {
         // Dropped before an answer (or given up at the deadline), the call
         // is cancelled on the worker that took it.
         let mut cancel = Armed::new(self, spec, call);
-        let first = receive(self, spec, call, &mut subscriber, losses).await;
+        let first = tokio::select! {
+            first = receive(self, spec, call, &mut subscriber, losses) => first,
+            denied = denials.refused(&subject) => Err(denied),
+        };
         let first = match first {
             Ok(message) => message,
             Err(error) => {
@@ -140,8 +173,10 @@ impl Client {
         };
         cancel.0 = false;
         if first.status == Some(StatusCode::NO_RESPONDERS) {
-            let demand = subjects::demand(self.prefix(), spec.service);
-            let _ = nats.publish(demand, Bytes::new()).await;
+            if !signed {
+                let demand = subjects::demand(self.prefix(), spec.service);
+                let _ = nats.publish(demand, Bytes::new()).await;
+            }
             return Err(Error::new(
                 ErrorKind::NoResponders,
                 format!("no worker serves `{subject}` ({}): start a worker for service `{}`, or check the service and function names", spec.path, spec.service),

@@ -39,6 +39,10 @@ pub const LEADER_KEY: &str = "leader";
 /// Subject token of an instance's own subjects.
 const INSTANCE_TOKEN: &str = "_inst";
 
+/// The token of signature subjects ([`signed_call`]; [`readable`] spells
+/// it out too).
+const SIG_TOKEN: &str = "_sig";
+
 /// A subscribe permission for `subject` in the workers' queue group only:
 /// `<subject> q` (nats-server's form for queue permissions).
 pub fn in_queue_group(subject: &str) -> String {
@@ -48,6 +52,34 @@ pub fn in_queue_group(subject: &str) -> String {
 /// The subject of `service.function`: `<prefix>.<service>.<function>`.
 pub fn call(prefix: &str, service: &str, function: &str) -> String {
     format!("{prefix}.{service}.{function}")
+}
+
+/// The subject of one signature of `service.function`:
+/// `<prefix>._sig.<service>.<function>.<sig as 16 hex digits>`. Workers
+/// take calls on it beside the plain subject, so a caller reaches only
+/// workers built with its signature (rolling upgrades).
+pub fn signed_call(prefix: &str, service: &str, function: &str, sig: u64) -> String {
+    format!("{prefix}.{SIG_TOKEN}.{service}.{function}.{sig:016x}")
+}
+
+/// A subject as an error message names it: a signature subject as the
+/// function's plain subject and the signature
+/// (`wharf.math.add, signature 0123456789abcdef`), any other as it is.
+pub fn readable(subject: &str) -> std::borrow::Cow<'_, str> {
+    let signed = subject.split_once("._sig.").and_then(|(prefix, rest)| {
+        let (call, sig) = rest.rsplit_once('.')?;
+        Some(format!("{prefix}.{call}, signature {sig}"))
+    });
+    match signed {
+        Some(text) => text.into(),
+        None => subject.into(),
+    }
+}
+
+/// Every signature of `service.function` (`*` for any function):
+/// `<prefix>._sig.<service>.<function>.*`, for permissions.
+pub fn signed_calls(prefix: &str, service: &str, function: &str) -> String {
+    format!("{prefix}.{SIG_TOKEN}.{service}.{function}.*")
 }
 
 /// Where a caller asks whether an idempotent call still runs:
@@ -358,6 +390,17 @@ fn stream_token(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signature_subjects_read_as_the_function_and_its_signature() {
+        let signed = signed_call("wharf", "math", "add", 0xab);
+        assert_eq!(signed, "wharf._sig.math.add.00000000000000ab");
+        assert_eq!(
+            readable(&signed),
+            "wharf.math.add, signature 00000000000000ab"
+        );
+        assert_eq!(readable("wharf.math.add"), "wharf.math.add");
+    }
 
     #[test]
     fn names() {

@@ -165,6 +165,15 @@ impl Worker {
                     .queue_subscribe(subject.clone(), subjects::QUEUE_GROUP.into())
                     .await
                     .map_err(|e| crate::micro::subscribe_failed(&subject, e))?;
+                // Beside it, the subject of this build's signature, which
+                // wharf callers use: while builds with other signatures
+                // serve the same function, each caller reaches its own.
+                let signed = spec.signed_subject(self.client.prefix());
+                served.push(signed.to_string());
+                let signed = nats
+                    .queue_subscribe(signed.clone(), subjects::QUEUE_GROUP.into())
+                    .await
+                    .map_err(|e| crate::micro::subscribe_failed(&signed, e))?;
                 let stats = Arc::new(micro::EndpointStats::default());
                 all_stats.push(stats.clone());
                 endpoints.push(micro::EndpointInfo {
@@ -211,6 +220,7 @@ impl Worker {
                         tasks.spawn(endpoint.clone().serve(direct, stopped_direct.clone(), true));
                     }
                 }
+                tasks.spawn(endpoint.clone().serve(signed, stopped.clone(), false));
                 tasks.spawn(endpoint.serve(subscriber, stopped.clone(), false));
             }
             probes.push(Discovery(
