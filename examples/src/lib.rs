@@ -65,3 +65,23 @@ pub fn ratio_row(label: &str, base: &[f64], ours: &[f64]) -> String {
         median(ours) / median(base)
     )
 }
+
+/// This binary started again with `args` and `env`, against the NATS
+/// server at `url` (a worker, or a baseline process of a bench), its output
+/// discarded.
+pub fn spawn_self(
+    url: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::io::Result<std::process::Child> {
+    use std::process::{Command, Stdio};
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .args(args)
+        .env("NATS_URL", url)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command.spawn()
+}

@@ -268,16 +268,7 @@ fn state_type(ty: &Type, stateful: bool) -> Option<Type> {
         return None;
     }
     let last = path.path.segments.last()?;
-    if last.ident != "State" {
-        return None;
-    }
-    let PathArguments::AngleBracketed(generic) = &last.arguments else {
-        return None;
-    };
-    match generic.args.iter().collect::<Vec<_>>().as_slice() {
-        [GenericArgument::Type(inner)] => Some(inner.clone()),
-        _ => None,
-    }
+    single_type_argument(last, "State")
 }
 
 /// `T` of a return type written `wharf::Stream<T>` (or `Stream<T>`,
@@ -293,10 +284,15 @@ fn stream_item(ty: &Type) -> Option<Type> {
         [wharf, last] if wharf.ident == "wharf" => last,
         _ => return None,
     };
-    if last.ident != "Stream" {
+    single_type_argument(last, "Stream")
+}
+
+/// `T` of a path segment written `<name><T>`, with one type argument.
+fn single_type_argument(segment: &syn::PathSegment, name: &str) -> Option<Type> {
+    if segment.ident != name {
         return None;
     }
-    let PathArguments::AngleBracketed(generic) = &last.arguments else {
+    let PathArguments::AngleBracketed(generic) = &segment.arguments else {
         return None;
     };
     match generic.args.iter().collect::<Vec<_>>().as_slice() {

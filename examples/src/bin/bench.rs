@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use wharf::testing::NatsServer;
-use wharf_examples::{cpu_ticks, median, ratio_row, rss_kib};
+use wharf_examples::{cpu_ticks, median, ratio_row, rss_kib, spawn_self};
 
 /// The function under test: the same work the raw responder does.
 #[wharf::microservice(service = "bench")]
@@ -160,9 +160,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let nats = async_nats::connect(&url).await?;
     let client = wharf::Client::connect(&url).await?;
 
-    let mut raw = spawn_worker(&url, &["raw-worker"], &[])?;
-    let mut raw_inline = spawn_worker(&url, &["raw-inline-worker"], &[])?;
-    let mut worker = spawn_worker(&url, &[], &[("WHARF_ROLE", "worker")])?;
+    let mut raw = spawn_self(&url, &["raw-worker"], &[])?;
+    let mut raw_inline = spawn_self(&url, &["raw-inline-worker"], &[])?;
+    let mut worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
     wait_until_served(&nats, &client, &[Side::Raw, Side::RawInline, Side::Wharf]).await?;
     // The first durable call sets up the client's JetStream state.
     Side::Durable
@@ -507,7 +507,7 @@ async fn spawn_ready_worker(
     let subject = format!("_BENCH.ready.{}", nats.new_inbox());
     let mut ready = nats.subscribe(subject.clone()).await?;
     nats.flush().await?;
-    let child = spawn_worker(
+    let child = spawn_self(
         url,
         &[],
         &[("WHARF_ROLE", "worker"), ("WHARF_READY_SUBJECT", &subject)],
@@ -701,7 +701,7 @@ async fn cancel_latency() -> Result<(), Box<dyn std::error::Error>> {
     let client = wharf::Client::connect(&url).await?;
     let mut workers = Vec::new();
     for _ in 0..3 {
-        workers.push(spawn_worker(&url, &[], &[("WHARF_ROLE", "worker")])?);
+        workers.push(spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?);
     }
     wait_until_served(client.nats(), &client, &[Side::Wharf]).await?;
     // Every worker registered (discovery), so the levels can spread.
@@ -779,20 +779,6 @@ async fn next_told(events: &mut async_nats::Subscriber) -> Result<String, &'stat
         Ok(Some(message)) => Ok(String::from_utf8_lossy(&message.payload).into_owned()),
         _ => Err("a level told nothing within 10 s"),
     }
-}
-
-fn spawn_worker(url: &str, args: &[&str], env: &[(&str, &str)]) -> std::io::Result<Child> {
-    let mut command = Command::new(std::env::current_exe()?);
-    command
-        .args(args)
-        .env("NATS_URL", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    command.spawn()
 }
 
 fn stop(child: &mut Child) {
@@ -978,11 +964,11 @@ impl Setup {
         let url = server.url();
         let env: Vec<(&str, String)> = credentials.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let raw = spawn_worker(&url, &["raw-worker"], &env)?;
+        let raw = spawn_self(&url, &["raw-worker"], &env)?;
         let mut worker_env = env.clone();
         worker_env.push(("WHARF_ROLE", "worker"));
         worker_env.extend_from_slice(extra_env);
-        let worker = spawn_worker(&url, &[], &worker_env)?;
+        let worker = spawn_self(&url, &[], &worker_env)?;
         let nats = raw_connect(&url, credentials.ca.clone(), credentials.creds.clone()).await?;
         let client = wharf::Client::connect_with(&url, &credentials).await?;
         wait_until_served(&nats, &client, &[Side::Raw, Side::Wharf]).await?;

@@ -12,10 +12,9 @@
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wharf::testing::NatsServer;
-use wharf_examples::{median, ratio_row};
+use wharf_examples::{median, ratio_row, spawn_self};
 
 const RAW_SUBJECT: &str = "raw.bench.stream";
 const ITEM: u32 = 64 * 1024;
@@ -42,8 +41,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = wharf::Client::connect(&url).await?;
     let nats = client.nats().clone();
     let mut children = vec![
-        spawn(&url, &[], &[("WHARF_ROLE", "worker")])?,
-        spawn(&url, &["raw-producer"], &[])?,
+        spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?,
+        spawn_self(&url, &["raw-producer"], &[])?,
     ];
     // Both sides answer a small stream before the rounds start.
     let until = Instant::now() + Duration::from_secs(15);
@@ -167,18 +166,4 @@ async fn raw_producer() -> Result<(), Box<dyn std::error::Error>> {
         nats.flush().await?;
     }
     Ok(())
-}
-
-fn spawn(url: &str, args: &[&str], env: &[(&str, &str)]) -> std::io::Result<Child> {
-    let mut command = Command::new(std::env::current_exe()?);
-    command
-        .args(args)
-        .env("NATS_URL", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    command.spawn()
 }

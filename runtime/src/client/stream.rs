@@ -300,18 +300,13 @@ impl<T: DeserializeOwned> Reader<T> {
             .headers
             .as_ref()
             .and_then(|h| h.get(STREAM_ITEM))
-            .map(|index| index.as_str().trim().parse::<u64>());
+            .map(|index| index.as_str().trim().to_owned());
         match index {
-            Some(Ok(index)) if index == self.next => Some(self.item(index, &message)),
-            Some(_) => {
+            Some(index) if index.parse() == Ok(self.next) => Some(self.item(self.next, &message)),
+            Some(index) => {
                 let error = self.lost(format!(
-                    "item {} was lost on the way (the next message was item {})",
-                    self.next,
-                    message
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(STREAM_ITEM))
-                        .map_or("?", |v| v.as_str())
+                    "item {} was lost on the way (the next message was item {index})",
+                    self.next
                 ));
                 Some(Err(self.fail(error)))
             }
