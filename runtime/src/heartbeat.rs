@@ -6,6 +6,8 @@ use crate::error::Error;
 use crate::micro::EndpointStats;
 use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
@@ -62,6 +64,22 @@ pub struct Heartbeat {
     pub transactions: usize,
     /// Draining: it takes no new calls and exits when done.
     pub draining: bool,
+    /// The version of the crate that defines its functions.
+    #[serde(default)]
+    pub version: String,
+    /// The revision of the `wharf.toml` service it was started from
+    /// (`WHARF_REVISION`, set by the supervisor): a rollout replaces the
+    /// instances of other revisions.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// Each function it serves, as `service.function`, with the signature
+    /// hash it serves (16 hex digits, as in `Wharf-Sig`).
+    #[serde(default)]
+    pub signatures: BTreeMap<String, String>,
+    /// Calls taken since it started on each function's signature subject,
+    /// that is from wharf callers built against its signature.
+    #[serde(default)]
+    pub signed_calls: BTreeMap<String, u64>,
     /// When it was written, unix milliseconds.
     pub at_ms: u64,
 }
@@ -78,7 +96,6 @@ pub async fn instances_bucket(js: &jetstream::Context) -> Result<kv::Store, Erro
     .await
 }
 
-/// What the heartbeat task reads from the worker.
 /// How busy an instance is right now.
 pub(crate) struct Load {
     pub(crate) in_flight: usize,
@@ -86,11 +103,18 @@ pub(crate) struct Load {
     pub(crate) transactions: usize,
 }
 
+/// One function a worker serves, and its counters.
+pub(crate) struct Function {
+    pub(crate) spec: &'static crate::spec::FnSpec,
+    pub(crate) stats: Arc<EndpointStats>,
+}
+
+/// What the heartbeat task reads from the worker.
 pub(crate) struct Source {
     pub(crate) instance: String,
     pub(crate) services: Vec<String>,
     pub(crate) host: String,
-    pub(crate) endpoints: Vec<Arc<EndpointStats>>,
+    pub(crate) endpoints: Vec<Function>,
     pub(crate) load: Arc<dyn Fn() -> Load + Send + Sync>,
     pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -104,9 +128,20 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
     let mut last_ns = 0;
     let mut last = std::time::Instant::now();
     let mut last_latencies = [0u64; crate::histogram::BUCKETS];
-    let container = crate::settings::Settings::get()
-        .ok()
-        .and_then(|s| s.container.clone());
+    let settings = crate::settings::Settings::get().ok();
+    let container = settings.and_then(|s| s.container.clone());
+    let revision = settings.and_then(|s| s.revision.clone());
+    let name = |f: &Function| format!("{}.{}", f.spec.service, f.spec.name);
+    let signatures: BTreeMap<String, String> = source
+        .endpoints
+        .iter()
+        .map(|f| (name(f), f.spec.sig_hex()))
+        .collect();
+    let version = source
+        .endpoints
+        .first()
+        .map_or("0.0.0", |f| f.spec.version)
+        .to_owned();
     loop {
         system.refresh_processes_specifics(
             ProcessesToUpdate::Some(&[Pid::from_u32(pid)]),
@@ -120,12 +155,12 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
         let (calls, ns) = source
             .endpoints
             .iter()
-            .map(|e| e.totals())
+            .map(|f| f.stats.totals())
             .fold((0, 0), |(c, n), (c2, n2)| (c + c2, n + n2));
-        let errors = source.endpoints.iter().map(|e| e.errors()).sum();
+        let errors = source.endpoints.iter().map(|f| f.stats.errors()).sum();
         let mut latencies = [0u64; crate::histogram::BUCKETS];
         for endpoint in &source.endpoints {
-            for (sum, count) in latencies.iter_mut().zip(endpoint.latencies()) {
+            for (sum, count) in latencies.iter_mut().zip(endpoint.stats.latencies()) {
                 *sum += count;
             }
         }
@@ -164,6 +199,14 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
             p99_ms: quantile_ms(0.99),
             transactions,
             draining: source.draining.load(std::sync::atomic::Ordering::Relaxed),
+            version: version.clone(),
+            revision: revision.clone(),
+            signatures: signatures.clone(),
+            signed_calls: source
+                .endpoints
+                .iter()
+                .map(|f| (name(f), f.stats.signed.load(Ordering::Relaxed)))
+                .collect(),
             at_ms: crate::context::unix_ms(),
         };
         (last_calls, last_ns, last) = (calls, ns, std::time::Instant::now());

@@ -36,6 +36,10 @@ pub(crate) struct EndpointStats {
     pub(crate) redeliveries: AtomicU64,
     /// Durable calls moved to the dead-letter stream.
     pub(crate) dead_letters: AtomicU64,
+    /// Calls taken on the subject of this build's signature: from wharf
+    /// callers built against it (a supervisor keeps an old version running
+    /// while they call).
+    pub(crate) signed: AtomicU64,
     /// Only written on the error path.
     last_error: Mutex<Option<(u16, String)>>,
 }

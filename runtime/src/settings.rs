@@ -112,6 +112,9 @@ pub struct Settings {
     pub instance_id: Option<String>,
     /// `WHARF_CONTAINER`: the container this worker runs in, if any.
     pub container: Option<String>,
+    /// `WHARF_REVISION`: the revision of the `wharf.toml` service a
+    /// supervisor started this worker from (its heartbeat reports it).
+    pub revision: Option<String>,
     /// `WHARF_OBJECT_STORE`: where new objects go; `None`: JetStream.
     pub object_store: Option<String>,
     /// `WHARF_TXN_LEASE`: the lease of new transactions.
@@ -633,6 +636,16 @@ impl Settings {
             }
             id => id,
         };
+        let revision = match var("WHARF_REVISION") {
+            Some(revision) if !subjects::valid_id(revision.as_bytes()) => {
+                return Err(invalid(
+                    "WHARF_REVISION",
+                    &revision,
+                    "1 to 128 characters of A-Z, a-z, 0-9, '-' and '_'",
+                ))
+            }
+            revision => revision,
+        };
         let txn_lease = duration(
             &var,
             "WHARF_TXN_LEASE",
@@ -691,6 +704,7 @@ impl Settings {
             backlog,
             instance_id,
             container: var("WHARF_CONTAINER"),
+            revision,
             object_store: var("WHARF_OBJECT_STORE"),
             txn_lease,
             spill_bytes,

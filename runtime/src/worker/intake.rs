@@ -28,18 +28,29 @@ const DRAIN_HEADROOM: u64 = 1024;
 /// How long a draining endpoint waits without a call before it leaves.
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
 
+/// Which of an endpoint's subjects a subscription takes calls from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Via {
+    /// The plain subject, in the queue group.
+    Plain,
+    /// The subject of this build's signature, in the queue group.
+    Signed,
+    /// This instance's own subject for the transactions it owns.
+    Owner,
+}
+
 impl Endpoint {
     /// Takes calls from `subscriber` until `stop` turns true, then
-    /// unsubscribes and still runs every call already delivered.
-    /// `direct`: the subscription is this instance's own subject for the
-    /// transactions it owns, not the queue group.
+    /// unsubscribes and still runs every call already delivered. `via`
+    /// says which of the endpoint's subjects the subscription is.
     pub(crate) async fn serve(
         self: Arc<Self>,
         mut subscriber: async_nats::Subscriber,
         mut stop: watch::Receiver<bool>,
-        direct: bool,
+        via: Via,
     ) {
         let endpoint = self;
+        let direct = via == Via::Owner;
         let mut stopping = false;
         // Messages taken from the subscription, for a lossless leave (below).
         let mut received: u64 = 0;
@@ -80,6 +91,9 @@ impl Endpoint {
             };
             let Some(message) = message else { return };
             received += 1;
+            if via == Via::Signed {
+                endpoint.stats.signed.fetch_add(1, Ordering::Relaxed);
+            }
             let shared = &endpoint.shared;
             let admission = match shared.permits.clone().try_acquire_owned() {
                 Ok(permit) => Admission::Running(permit),

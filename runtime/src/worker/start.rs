@@ -5,6 +5,7 @@
 use super::cancel::answer_cancels;
 use super::endpoint::{Endpoint, Shared};
 use super::idempotent::answer_probes;
+use super::intake::Via;
 use crate::client::denials::Denials;
 use crate::client::Client;
 use crate::durable::streams;
@@ -175,7 +176,10 @@ impl Worker {
                     .await
                     .map_err(|e| crate::micro::subscribe_failed(&signed, e))?;
                 let stats = Arc::new(micro::EndpointStats::default());
-                all_stats.push(stats.clone());
+                all_stats.push(crate::heartbeat::Function {
+                    spec,
+                    stats: stats.clone(),
+                });
                 endpoints.push(micro::EndpointInfo {
                     name: spec.name.to_owned(),
                     subject: subject.to_string(),
@@ -217,11 +221,15 @@ impl Worker {
                             .subscribe(direct.clone())
                             .await
                             .map_err(|e| crate::micro::subscribe_failed(&direct, e))?;
-                        tasks.spawn(endpoint.clone().serve(direct, stopped_direct.clone(), true));
+                        tasks.spawn(endpoint.clone().serve(
+                            direct,
+                            stopped_direct.clone(),
+                            Via::Owner,
+                        ));
                     }
                 }
-                tasks.spawn(endpoint.clone().serve(signed, stopped.clone(), false));
-                tasks.spawn(endpoint.serve(subscriber, stopped.clone(), false));
+                tasks.spawn(endpoint.clone().serve(signed, stopped.clone(), Via::Signed));
+                tasks.spawn(endpoint.serve(subscriber, stopped.clone(), Via::Plain));
             }
             probes.push(Discovery(
                 answer_probes(&nats, &prefix, service_name, shared.clone()).await?,
