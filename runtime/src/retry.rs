@@ -85,12 +85,16 @@ impl Default for RetryPolicy {
 }
 
 /// Whether a failed try may be retried. Failures where the call cannot
-/// have run (no worker, a refusal, a send that failed) always may; a
-/// timeout or a lost worker, where it may have run, only for idempotent
-/// functions.
+/// have run (no worker, a refusal, a send that failed, a worker of another
+/// signature, which refuses before running: during a rollout a compatible
+/// one may be starting) always may; a timeout or a lost worker, where it
+/// may have run, only for idempotent functions.
 pub(crate) fn retryable(kind: ErrorKind, idempotent: bool) -> bool {
     match kind {
-        ErrorKind::NoResponders | ErrorKind::Unavailable | ErrorKind::Connection => true,
+        ErrorKind::NoResponders
+        | ErrorKind::Unavailable
+        | ErrorKind::Connection
+        | ErrorKind::SignatureMismatch => true,
         ErrorKind::Timeout | ErrorKind::WorkerLost | ErrorKind::ConnectionLost => idempotent,
         _ => false,
     }
