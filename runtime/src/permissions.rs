@@ -173,8 +173,10 @@ pub fn roles_serving(
         subjects::control(prefix, "*"),
         subjects::events(prefix),
         subjects::discovery_at("PING", "*", "*"),
-        // `wharf down`, run by whoever holds these credentials.
+        // `wharf down` and `wharf up --reload`, run by whoever holds
+        // these credentials.
         subjects::supervisor_down(prefix),
+        subjects::supervisor_reload(prefix),
     ]);
     for name in [LEASE_BUCKET, INSTANCES_BUCKET] {
         supervisor.publish.extend(bucket(name));
@@ -189,6 +191,7 @@ pub fn roles_serving(
     supervisor.subscribe.extend([
         subjects::demand_any(prefix),
         subjects::supervisor_down(prefix),
+        subjects::supervisor_reload(prefix),
         // `wharf events`, run by whoever holds these credentials.
         subjects::events(prefix),
         subjects::objects(prefix, "*"),

@@ -19,12 +19,18 @@ use super::instance::{Backend, BoxFuture, Instance, Launch, Pool};
 use crate::error::{Error, ErrorKind};
 use bollard::models::{
     NetworkAttachmentConfig, SecretSpec, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
-    TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets,
-    TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum,
+    ServiceSpecUpdateConfig, ServiceSpecUpdateConfigFailureActionEnum,
+    ServiceSpecUpdateConfigOrderEnum, TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile,
+    TaskSpecContainerSpecSecrets, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum,
 };
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::OnceCell;
+
+/// How long Swarm watches a task of a new revision for failure before the
+/// rollout moves on: as long as the supervisor gives a new instance to
+/// send its first heartbeat.
+const UPDATE_MONITOR: Duration = Duration::from_secs(10);
 
 /// The label naming the wharf service of a Swarm service.
 pub const SERVICE_LABEL: &str = "wharf.service";
@@ -184,6 +190,17 @@ impl SwarmBackend {
                 replicated: Some(ServiceSpecModeReplicated {
                     replicas: Some(replicas as i64),
                 }),
+                ..Default::default()
+            }),
+            // A new revision (image, arguments, environment) rolls out as
+            // the process backend's does: one task at a time, the new one
+            // started before the old one stops (which drains on SIGTERM),
+            // rolled back by Swarm if a new task fails while it is watched.
+            update_config: Some(ServiceSpecUpdateConfig {
+                parallelism: Some(1),
+                order: Some(ServiceSpecUpdateConfigOrderEnum::START_FIRST),
+                failure_action: Some(ServiceSpecUpdateConfigFailureActionEnum::ROLLBACK),
+                monitor: Some(UPDATE_MONITOR.as_nanos() as i64),
                 ..Default::default()
             }),
             ..Default::default()

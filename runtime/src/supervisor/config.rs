@@ -302,6 +302,35 @@ impl ServiceConfig {
         })
     }
 
+    /// What an instance of this service is made from, as 12 hex digits:
+    /// its backend, command, image, network and environment. Instances of
+    /// another revision are replaced by a rollout. A one-way hash (SHA-256):
+    /// environment values may be credentials.
+    pub fn revision(&self) -> String {
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        // Each part with its length first, so no two configs hash alike by
+        // moving text from one part to the next.
+        let mut part = |bytes: &[u8]| {
+            hash.update(&(bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        part(self.backend.as_bytes());
+        part(&(self.command.len() as u64).to_le_bytes());
+        for arg in &self.command {
+            part(arg.as_bytes());
+        }
+        part(self.image.as_deref().unwrap_or("").as_bytes());
+        part(self.network.as_deref().unwrap_or("").as_bytes());
+        for (name, value) in &self.env {
+            part(name.as_bytes());
+            part(value.as_bytes());
+        }
+        hash.finish().as_ref()[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     pub(crate) fn backend(&self) -> Result<Box<dyn Backend>, Error> {
         match self.backend.as_str() {
             "process" => Ok(Box::new(ProcessBackend::new(self.command.clone())?)),
@@ -404,6 +433,37 @@ mod tests {
             ..ServiceConfig::process("a", vec!["x".into()])
         };
         assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn revisions_change_with_what_instances_are_made_from() {
+        let base = ServiceConfig::process("a", vec!["svc".into(), "worker".into()]);
+        let revision = base.revision();
+        assert_eq!(revision.len(), 12);
+        assert_eq!(revision, base.clone().revision(), "stable");
+        // Scaling is not part of it: a new `max` rolls nothing.
+        assert_eq!(
+            ServiceConfig {
+                max: 9,
+                ..base.clone()
+            }
+            .revision(),
+            revision
+        );
+        for changed in [
+            ServiceConfig::process("a", vec!["svc".into(), "worker2".into()]),
+            ServiceConfig::process("a", vec!["svcworker".into()]),
+            ServiceConfig {
+                env: [("K".to_owned(), "v".to_owned())].into(),
+                ..base.clone()
+            },
+            ServiceConfig {
+                image: Some("img".into()),
+                ..base.clone()
+            },
+        ] {
+            assert_ne!(changed.revision(), revision, "{changed:?}");
+        }
     }
 
     #[test]

@@ -39,6 +39,15 @@ pub enum EventKind {
     Adopt,
     /// It stops (`wharf down`, or its process ends).
     Stop,
+    /// It read its `wharf.toml` again (SIGHUP or `wharf up --reload`), or
+    /// could not: the reason says what changed or what is wrong.
+    Reload,
+    /// A step of a rollout: instances of a service's new revision replace
+    /// those of the old, one at a time.
+    Rollout,
+    /// A rollout stopped: an instance of the new revision did not become
+    /// ready, and the old revision keeps serving.
+    RolloutFailed,
 }
 
 impl EventKind {
@@ -59,6 +68,9 @@ impl EventKind {
             EventKind::CrashLoop => "crash-loop",
             EventKind::Adopt => "adopt",
             EventKind::Stop => "stop",
+            EventKind::Reload => "reload",
+            EventKind::Rollout => "rollout",
+            EventKind::RolloutFailed => "rollout-failed",
         }
     }
 
@@ -124,7 +136,8 @@ pub(crate) async fn publish(client: &Client, quiet: bool, event: &Event) {
             | EventKind::Hung
             | EventKind::Killed
             | EventKind::CrashLoop
-            | EventKind::StartFailed => {
+            | EventKind::StartFailed
+            | EventKind::RolloutFailed => {
                 tracing::warn!(kind = %event.kind, service, instance, "{}", event.reason)
             }
             _ => tracing::info!(kind = %event.kind, service, instance, "{}", event.reason),

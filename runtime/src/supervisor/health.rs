@@ -38,14 +38,11 @@ impl Supervisor {
             let service = service.clone();
             self.managed.insert(
                 beat.instance.clone(),
-                Managed {
-                    service: service.clone(),
-                    instance: Adopted::from_heartbeat(&beat),
-                    started: Instant::now(),
-                    draining_since: None,
-                    quiesced: false,
-                    misses: 0,
-                },
+                Managed::new(
+                    &service,
+                    Adopted::from_heartbeat(&beat),
+                    beat.revision.clone(),
+                ),
             );
             if let Some(entry) = self
                 .services
@@ -110,6 +107,7 @@ impl Supervisor {
                 continue;
             };
             let service = managed.service.clone();
+            let revision = managed.revision.clone();
             // An orchestrator drains its own instances (SIGTERM): seen in
             // their heartbeats, they no longer count as live.
             if pooled && beat_draining && managed.draining_since.is_none() {
@@ -173,6 +171,15 @@ impl Supervisor {
                     "the instance is gone; it will be replaced".to_owned(),
                 )
                 .await;
+                if failed_start {
+                    let why = if beat_age.is_none() {
+                        "exited before it became ready"
+                    } else {
+                        "exited right after it started"
+                    };
+                    self.new_revision_failed(&service, revision.as_deref(), &id, why)
+                        .await;
+                }
                 continue;
             }
             let stale = match beat_age {
@@ -231,6 +238,13 @@ impl Supervisor {
                     format!("no heartbeat or ping answer for {MISSES_ALLOWED} intervals: killed, to be replaced"),
                 )
                 .await;
+                let why = if beat_age.is_none() {
+                    "never became ready"
+                } else {
+                    "stopped answering"
+                };
+                self.new_revision_failed(&service, revision.as_deref(), &id, why)
+                    .await;
             }
         }
     }

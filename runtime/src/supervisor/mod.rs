@@ -7,8 +7,9 @@
 //! instances, not duplicating them) when the lease lapses.
 //!
 //! `config` reads `wharf.toml`; `state` is what a supervisor knows; each
-//! tick (`run`) goes through `lease`, `health` and `reconcile`; `events`
-//! publishes what it decided.
+//! tick (`run`) goes through `lease`, `health` and `reconcile` (which
+//! leaves a service with instances of an older revision to `rollout`);
+//! `events` publishes what it decided.
 
 mod config;
 mod events;
@@ -16,6 +17,7 @@ mod health;
 mod lease;
 mod metrics;
 mod reconcile;
+mod rollout;
 mod run;
 mod state;
 

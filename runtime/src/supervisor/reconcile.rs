@@ -76,6 +76,9 @@ impl Supervisor {
                 .filter(|(_, m)| m.service == name && m.draining_since.is_none())
                 .map(|(id, _)| id.clone())
                 .collect();
+            if self.roll(&name).await {
+                continue;
+            }
             let desired = self.services[&name].desired;
             if live.len() < desired {
                 let entry = self.services.get_mut(&name).expect("known service");
@@ -175,7 +178,7 @@ impl Supervisor {
     /// What an instance of `service` is started with: the service's
     /// environment, the supervisor's servers and credentials (unless the
     /// service names its own), the prefix, the instance's id if given.
-    fn launch(&self, service: &str, instance: Option<String>) -> Launch {
+    pub(crate) fn launch(&self, service: &str, instance: Option<String>) -> Launch {
         let entry = &self.services[service];
         let mut env = entry.config.env.clone();
         // The supervisor's servers, unless the service names its own (its
@@ -217,6 +220,7 @@ impl Supervisor {
             env.insert("WHARF_INSTANCE_ID".into(), instance.clone());
         }
         env.insert("WHARF_ROLE".into(), "worker".into());
+        env.insert("WHARF_REVISION".into(), entry.revision.clone());
         Launch {
             service: service.to_owned(),
             instance: instance.unwrap_or_default(),
@@ -238,17 +242,9 @@ impl Supervisor {
             Ok(handle) => {
                 let location = handle.location();
                 let backend = entry.backend.name();
-                self.managed.insert(
-                    instance.clone(),
-                    Managed {
-                        service: service.to_owned(),
-                        instance: handle,
-                        started: Instant::now(),
-                        draining_since: None,
-                        quiesced: false,
-                        misses: 0,
-                    },
-                );
+                let revision = Some(entry.revision.clone());
+                self.managed
+                    .insert(instance.clone(), Managed::new(service, handle, revision));
                 self.event(
                     Some(service),
                     EventKind::Start,
@@ -258,6 +254,7 @@ impl Supervisor {
                 .await;
             }
             Err(error) => {
+                let revision = entry.revision.clone();
                 self.note_exit(service);
                 self.event(
                     Some(service),
@@ -266,6 +263,9 @@ impl Supervisor {
                     error.to_string(),
                 )
                 .await;
+                let why = format!("could not be started ({})", error.message());
+                self.new_revision_failed(service, Some(&revision), &instance, &why)
+                    .await;
             }
         }
     }

@@ -14,7 +14,9 @@ use futures_util::StreamExt;
 
 impl Supervisor {
     /// Supervises until `stop` resolves or `wharf down` asks, then stops
-    /// the instances this supervisor runs and gives up the lease.
+    /// the instances this supervisor runs and gives up the lease. SIGHUP
+    /// or `wharf up --reload` reads its `wharf.toml` again (see
+    /// [`Supervisor::reloading_from`]).
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) -> Result<(), Error> {
         let mut down = self
             .client
@@ -27,6 +29,22 @@ impl Supervisor {
                     format!("cannot subscribe for `wharf down`: {e}"),
                 )
                 .with_source(e)
+            })?;
+        let mut reloads = self
+            .client
+            .nats()
+            .subscribe(subjects::supervisor_reload(self.client.prefix()))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot subscribe for `wharf up --reload`: {e}"),
+                )
+                .with_source(e)
+            })?;
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| {
+                Error::new(ErrorKind::Process, format!("cannot watch SIGHUP: {e}")).with_source(e)
             })?;
         tokio::pin!(stop);
         let mut ticker = tokio::time::interval(TICK);
@@ -42,6 +60,18 @@ impl Supervisor {
                     }
                     self.event(None, EventKind::Stop, None, "`wharf down` asked".to_owned()).await;
                     break;
+                }
+                _ = hangup.recv() => {
+                    let _ = self.reload().await;
+                }
+                request = reloads.next() => {
+                    let answer = match self.reload().await {
+                        Ok(changes) => serde_json::json!({ "ok": true, "changes": changes }),
+                        Err(error) => serde_json::json!({ "ok": false, "error": error.message() }),
+                    };
+                    if let Some(reply) = request.and_then(|r| r.reply) {
+                        let _ = self.client.nats().publish(reply, answer.to_string().into()).await;
+                    }
                 }
                 _ = ticker.tick() => self.tick().await,
             }
@@ -104,8 +134,9 @@ impl Supervisor {
 }
 
 /// Runs a supervisor for the `wharf.toml` at `path`, against its
-/// `broker.url`, until SIGTERM or `wharf down`: for programs that embed the
-/// supervisor in a process of their own.
+/// `broker.url`, until SIGTERM or `wharf down`, reading the file again on
+/// SIGHUP: for programs that embed the supervisor in a process of their
+/// own.
 pub async fn supervise_file(path: &std::path::Path) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = UpConfig::load(path)?;
@@ -122,7 +153,9 @@ pub async fn supervise_file(path: &std::path::Path) -> Result<(), Error> {
     let client = Client::connect_with(&url, &settings.credentials)
         .await?
         .with_prefix(settings.prefix);
-    let supervisor = Supervisor::new(&client, &config).await?;
+    let supervisor = Supervisor::new(&client, &config)
+        .await?
+        .reloading_from(path);
     let mut term = signal(SignalKind::terminate()).map_err(|e| {
         Error::new(ErrorKind::Process, format!("cannot watch SIGTERM: {e}")).with_source(e)
     })?;

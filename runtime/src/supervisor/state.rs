@@ -51,6 +51,53 @@ pub(crate) struct Managed {
     /// Seen holding open transactions while draining.
     pub(crate) quiesced: bool,
     pub(crate) misses: u32,
+    /// The revision of the service it was started from; `None` when not
+    /// known (adopted from a supervisor that did not say): taken as the
+    /// service's own.
+    pub(crate) revision: Option<String>,
+    /// Its signed calls by function at the last look (see
+    /// [`Heartbeat::signed_calls`]), during a rollout.
+    pub(crate) signed_seen: BTreeMap<String, u64>,
+    /// When it last took a call of a signature that no instance of the
+    /// service's new revision serves: while callers of the old build still
+    /// call, a rollout keeps one instance of the old revision for them.
+    pub(crate) needed_at: Option<Instant>,
+}
+
+impl Managed {
+    pub(crate) fn new(
+        service: &str,
+        instance: Box<dyn Instance>,
+        revision: Option<String>,
+    ) -> Managed {
+        Managed {
+            service: service.to_owned(),
+            instance,
+            started: Instant::now(),
+            draining_since: None,
+            quiesced: false,
+            misses: 0,
+            revision,
+            signed_seen: BTreeMap::new(),
+            needed_at: None,
+        }
+    }
+}
+
+/// What a service ran before a rollout began: what it goes back to if the
+/// new revision does not become ready.
+pub(crate) struct Previous {
+    pub(crate) config: ServiceConfig,
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) revision: String,
+}
+
+/// A rollout under way.
+pub(crate) struct Rolling {
+    pub(crate) from: Vec<String>,
+    pub(crate) started: Instant,
+    /// The instance of an old revision kept for its callers, once said.
+    pub(crate) kept: Option<String>,
 }
 
 pub(crate) struct Service {
@@ -65,6 +112,37 @@ pub(crate) struct Service {
     /// A pooled service (an orchestrator runs it): the instance count last
     /// set, and when.
     pub(crate) replicas_set: Option<(usize, Instant)>,
+    /// What its instances are made from ([`ServiceConfig::revision`]):
+    /// instances of other revisions are rolled over to this one.
+    pub(crate) revision: String,
+    /// What ran before the current rollout, to return to if it fails.
+    pub(crate) previous: Option<Previous>,
+    pub(crate) rolling: Option<Rolling>,
+    /// A revision whose rollout failed with nothing to return to: the
+    /// instances of other revisions are left serving until a reload.
+    pub(crate) halted: Option<String>,
+}
+
+impl Service {
+    /// A service as `config` declares it, run by `backend`.
+    pub(crate) fn new(config: &ServiceConfig, backend: Box<dyn Backend>) -> Result<Service, Error> {
+        let policy = config.policy()?;
+        Ok(Service {
+            backend,
+            desired: policy.min,
+            policy,
+            revision: config.revision(),
+            config: config.clone(),
+            scaler: Scaler::default(),
+            exits: VecDeque::new(),
+            backoff: Duration::from_secs(1),
+            next_start: None,
+            replicas_set: None,
+            previous: None,
+            rolling: None,
+            halted: None,
+        })
+    }
 }
 
 /// Fresh heartbeats, by instance, with when each arrived here.
@@ -118,6 +196,8 @@ pub struct Supervisor {
     pub(crate) standing_by: bool,
     /// What scrapes of this process's metrics show of it.
     pub(crate) metrics: Arc<super::metrics::SupervisorMetrics>,
+    /// The `wharf.toml` it reads again on SIGHUP or `wharf up --reload`.
+    pub(crate) source: Option<std::path::PathBuf>,
 }
 
 impl Supervisor {
@@ -150,21 +230,7 @@ impl Supervisor {
         .await?;
         let mut services = BTreeMap::new();
         for (service, backend) in config {
-            let policy = service.policy()?;
-            services.insert(
-                service.name.clone(),
-                Service {
-                    backend,
-                    desired: policy.min,
-                    policy,
-                    config: service.clone(),
-                    scaler: Scaler::default(),
-                    exits: VecDeque::new(),
-                    backoff: Duration::from_secs(1),
-                    next_start: None,
-                    replicas_set: None,
-                },
-            );
+            services.insert(service.name.clone(), Service::new(&service, backend)?);
         }
         let beats: Beats = Arc::default();
         let store = heartbeat::instances_bucket(&js).await?;
@@ -215,7 +281,15 @@ impl Supervisor {
             quiet: false,
             rounds: 0,
             standing_by: false,
+            source: None,
         })
+    }
+
+    /// Reads `path` again, and applies what changed, on SIGHUP or `wharf up
+    /// --reload` (the file this supervisor was made from).
+    pub fn reloading_from(mut self, path: &std::path::Path) -> Supervisor {
+        self.source = Some(path.to_owned());
+        self
     }
 
     /// Prints only what a user should hear of (exits, hangs, scaling,

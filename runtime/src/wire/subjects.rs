@@ -122,6 +122,12 @@ pub fn supervisor_down(prefix: &str) -> String {
     format!("{prefix}._supervisor.down")
 }
 
+/// Where `wharf up --reload` asks the supervisor to read its `wharf.toml`
+/// again: `<prefix>._supervisor.reload`.
+pub fn supervisor_reload(prefix: &str) -> String {
+    format!("{prefix}._supervisor.reload")
+}
+
 /// Where a caller that found no worker of `service` announces demand (cold
 /// start of a service scaled to zero): `<prefix>._demand.<service>`.
 pub fn demand(prefix: &str, service: &str) -> String {
