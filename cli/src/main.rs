@@ -73,6 +73,12 @@ enum Command {
         /// The file that declares the services.
         #[arg(short = 'c', long = "config", default_value = "wharf.toml")]
         config: PathBuf,
+        /// Ask the running `wharf up` to read its file again (as SIGHUP
+        /// does): scaling changes hold at once, a service whose command,
+        /// image or environment changed is rolled out one instance at a
+        /// time. Prints what changed, or why the file was refused.
+        #[arg(long)]
+        reload: bool,
     },
     /// Every live instance: CPU, memory, load, health.
     Status {
@@ -423,8 +429,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> Result<ExitCode, Error> {
-    if let Command::Up { config } = &command {
-        return up(config).await;
+    if let Command::Up { config, reload } = &command {
+        if !reload {
+            return up(config).await;
+        }
+        // Reaching the running `wharf up` as it reaches NATS: through the
+        // file's `[broker]`, overridden by the environment.
+        let file = wharf::supervisor::UpConfig::load(config)?;
+        wharf::Settings::install(&file.broker)?;
     }
     if let Command::Auth { config, format } = &command {
         let config = wharf::supervisor::UpConfig::load(config)?;
@@ -499,11 +511,9 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
         Command::Events => events(&client).await,
         Command::Top { every } => top::top(&client, every).await,
         Command::Down => down(&client).await,
+        Command::Up { config, .. } => reload(&client, &config).await,
         Command::Objects => objects(&client).await,
-        Command::Up { .. }
-        | Command::Auth { .. }
-        | Command::K8s { .. }
-        | Command::Completions { .. } => {
+        Command::Auth { .. } | Command::K8s { .. } | Command::Completions { .. } => {
             unreachable!("handled before")
         }
     }
@@ -574,7 +584,9 @@ async fn up(path: &std::path::Path) -> Result<ExitCode, Error> {
         .with_prefix(settings.prefix.clone());
     // Foreign clients read and write objects through it.
     let _objects = wharf::objects::service::serve(&client).await?;
-    let supervisor = wharf::supervisor::Supervisor::new(&client, &config).await?;
+    let supervisor = wharf::supervisor::Supervisor::new(&client, &config)
+        .await?
+        .reloading_from(path);
     tracing::info!(
         "wharf up: supervising {} service(s) through {}; `wharf events` follows its decisions",
         config.services.len(),
@@ -615,7 +627,7 @@ async fn status(client: &Client, json: bool) -> Result<ExitCode, Error> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<16} {:<32} {:<12} {:<22} {:>6} {:>8} {:>9} {:>8} {:>9} {:>8}  health",
+        "{:<16} {:<32} {:<12} {:<22} {:>6} {:>8} {:>9} {:>8} {:>9} {:>8} {:>8}  {:<8} {:<22} signatures",
         "service",
         "instance",
         "host",
@@ -625,15 +637,34 @@ async fn status(client: &Client, json: bool) -> Result<ExitCode, Error> {
         "in-flight",
         "backlog",
         "calls/s",
-        "mean ms"
+        "p50 ms",
+        "p99 ms",
+        "health",
+        "version"
     );
     for beat in &instances {
         let location = match &beat.container {
             Some(container) => container.chars().take(12).collect(),
             None => beat.pid.to_string(),
         };
+        // The crate's version and the revision of wharf.toml it was made
+        // from; each function with the first 8 digits of its signature.
+        let version = match &beat.revision {
+            Some(revision) => format!("{} r{revision}", beat.version),
+            None => beat.version.clone(),
+        };
+        let signatures: Vec<String> = beat
+            .signatures
+            .iter()
+            .map(|(function, sig)| {
+                let function = function
+                    .split_once('.')
+                    .map_or(function.as_str(), |(_, f)| f);
+                format!("{function}:{}", &sig[..sig.len().min(8)])
+            })
+            .collect();
         println!(
-            "{:<16} {:<32} {:<12} {:<22} {:>6.1} {:>8.1} {:>9} {:>8} {:>9.1} {:>8.3} {:>8.3}  {}",
+            "{:<16} {:<32} {:<12} {:<22} {:>6.1} {:>8.1} {:>9} {:>8} {:>9.1} {:>8.3} {:>8.3}  {:<8} {:<22} {}",
             beat.services.join(","),
             beat.instance,
             beat.host,
@@ -645,7 +676,9 @@ async fn status(client: &Client, json: bool) -> Result<ExitCode, Error> {
             beat.calls_per_s,
             beat.p50_ms,
             beat.p99_ms,
-            if beat.draining { "draining" } else { "ok" }
+            if beat.draining { "draining" } else { "ok" },
+            version,
+            signatures.join(",")
         );
     }
     if instances.is_empty() {
@@ -681,6 +714,49 @@ async fn events(client: &Client) -> Result<ExitCode, Error> {
                 event.reason
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wharf up --reload`: asks the running `wharf up` to read its file again
+/// (checked here first, so that a mistake is told at once).
+async fn reload(client: &Client, path: &std::path::Path) -> Result<ExitCode, Error> {
+    let subject = wharf::wire::subjects::supervisor_reload(client.prefix());
+    let request = async_nats::Request::new().timeout(Some(Duration::from_secs(5)));
+    let reply = client
+        .nats()
+        .send_request(subject.clone(), request)
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::NoResponders,
+                format!("no `wharf up` answered on {subject}: {e}; is it running, with the same NATS_URL and WHARF_PREFIX?"),
+            )
+        })?;
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload).map_err(|e| {
+        Error::new(
+            ErrorKind::Codec,
+            format!("`wharf up` answered {subject} with something other than JSON: {e}"),
+        )
+    })?;
+    if answer["ok"] != true {
+        let why = answer["error"].as_str().unwrap_or("no reason given");
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("`wharf up` kept its configuration: {why}"),
+        ));
+    }
+    let changes: Vec<&str> = answer["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.as_str())
+        .collect();
+    if changes.is_empty() {
+        println!("wharf up reloaded {}: nothing changed", path.display());
+    }
+    for change in changes {
+        println!("{change}");
     }
     Ok(ExitCode::SUCCESS)
 }

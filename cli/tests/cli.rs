@@ -186,6 +186,85 @@ async fn up_honours_nats_url_and_down_stops_it() {
 }
 
 #[tokio::test]
+async fn up_reload_says_what_changed_and_refuses_a_bad_file() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let dir = wharf::testing::TempDir::new("cli-reload");
+    let config = dir.path().join("wharf.toml");
+    std::fs::write(&config, "[broker]\n").unwrap();
+    let up = Up(std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["up", "-c"])
+        .arg(&config)
+        .env("NATS_URL", &url)
+        .env("WHARF_PREFIX", "clireload")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("wharf up starts"));
+    let reload = || {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"));
+        command
+            .args(["up", "--reload", "-c"])
+            .arg(&config)
+            .env("NATS_URL", &url)
+            .env("WHARF_PREFIX", "clireload");
+        command
+    };
+    // Once it runs (it read the file as it was), a service scaled to
+    // zero is added, and nothing starts.
+    let said = eventually(
+        "`wharf up --reload` to reach `wharf up`",
+        Duration::from_secs(30),
+        || {
+            let mut command = reload();
+            async move {
+                let out = command.output().await.map_err(|e| e.to_string())?;
+                if out.status.success() {
+                    Ok(text(&out.stdout))
+                } else {
+                    Err(text(&out.stderr))
+                }
+            }
+        },
+    )
+    .await;
+    assert!(said.contains("nothing changed"), "{said}");
+    std::fs::write(
+        &config,
+        "[broker]\n[[service]]\nname = \"idle\"\ncommand = [\"/bin/sh\"]\nmin = 0\n",
+    )
+    .unwrap();
+    let out = reload().output().await.unwrap();
+    assert!(
+        text(&out.stdout).contains("service `idle` added"),
+        "{}",
+        text(&out.stdout)
+    );
+    // A bad file is refused here, before it is sent, naming the mistake.
+    std::fs::write(
+        &config,
+        "[[service]]\nname = \"idle\"\ncommand = [\"/bin/sh\"]\nmin = 5\nmax = 2\n",
+    )
+    .unwrap();
+    let out = reload().output().await.unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("min 5 and max 2"),
+        "{}",
+        text(&out.stderr)
+    );
+    let mut up = up;
+    down_stops(&mut up, || {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"));
+        command
+            .arg("down")
+            .env("NATS_URL", &url)
+            .env("WHARF_PREFIX", "clireload");
+        command
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_bad_setting_is_an_error_naming_it() {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"));
     command

@@ -15,7 +15,7 @@ use wharf::testing::{eventually, holds_for};
 use wharf::Client;
 use wharf_integration::{
     accumulate, burn, descendants, echo_slowly, hang, remove_containers, signal, spawn_svc,
-    svc_binary, svc_image, unique_name, WorkerProcess, SVC_IMAGE,
+    svc_binary, svc_image, unique_name, versioned, WorkerProcess, SVC_IMAGE,
 };
 
 /// How the instances run.
@@ -956,5 +956,257 @@ async fn a_supervised_scale_down_waits_for_open_transactions() {
         drains.len(),
         quiescing.iter().map(|b| b.transactions).sum::<usize>()
     ));
+    scene.down().await;
+}
+
+/// The new build of `versioned` (the `svc_v2` binary), as a caller built
+/// from the new source has it.
+#[wharf::microservice(service = "itest", name = "versioned")]
+async fn versioned_v2(x: i64, y: i64) -> String {
+    format!("v2 {}", x + y)
+}
+
+/// A `wharf.toml` of two `itest` instances made by `binary worker`, whose
+/// kept old instance goes 2 s after its callers stop.
+fn versioned_config(scene: &Scene, binary: &std::path::Path) -> std::path::PathBuf {
+    let path = scene.dir.path().join("wharf.toml");
+    let text = format!(
+        "[broker]\nurl = \"{}\"\n\n[[service]]\nname = \"itest\"\ncommand = [\"{}\", \"worker\"]\nmin = 2\nmax = 2\nscale_down_after = \"2s\"\n",
+        scene.server.url(),
+        binary.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `loops` callers of one build, each calling until `stop`: the calls
+/// made, and every failure (the test wants none).
+fn versioned_callers(
+    client: &Client,
+    loops: i64,
+    new_build: bool,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<(u64, Vec<String>)>> {
+    (0..loops)
+        .map(|i| {
+            let client = client.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut calls, mut failures) = (0, Vec::new());
+                while !*stop.borrow() {
+                    let (answer, wanted) = if new_build {
+                        (
+                            versioned_v2::call(&client, i, 1).await,
+                            format!("v2 {}", i + 1),
+                        )
+                    } else {
+                        (versioned::call(&client, i).await, format!("v1 {i}"))
+                    };
+                    calls += 1;
+                    match answer {
+                        Ok(answer) if answer == wanted => {}
+                        Ok(answer) => failures.push(format!("wanted {wanted}, got {answer}")),
+                        Err(error) => failures.push(error.to_string()),
+                    }
+                }
+                (calls, failures)
+            })
+        })
+        .collect()
+}
+
+/// Stops callers and sums what they did; panics on any failure.
+async fn settle_callers(
+    what: &str,
+    stop: tokio::sync::watch::Sender<bool>,
+    callers: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
+) -> u64 {
+    stop.send(true).unwrap();
+    let mut calls = 0;
+    let mut failures = Vec::new();
+    for caller in callers {
+        let (made, failed) = caller.await.unwrap();
+        calls += made;
+        failures.extend(failed);
+    }
+    assert!(calls > 0, "{what} made calls");
+    assert!(
+        failures.is_empty(),
+        "{what}: {} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    calls
+}
+
+fn revision_of(beat: &Heartbeat) -> &str {
+    beat.revision.as_deref().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_signature_rolls_out_and_back_under_mixed_load_with_no_failed_call() {
+    let mut scene = Scene::new(Runs::Processes).await.unwrap();
+    let v2_binary = svc_binary().with_file_name("svc_v2");
+    let path = versioned_config(&scene, &svc_binary());
+    let supervisor = scene.supervise_file(&path);
+    let first = scene
+        .wait_for("2 instances of v1", Duration::from_secs(60), |live| {
+            live.len() == 2
+        })
+        .await;
+    let v1 = revision_of(&first[0]).to_owned();
+    assert!(!v1.is_empty() && first.iter().all(|b| revision_of(b) == v1));
+    let sig_v1 = versioned::SPEC.sig_hex();
+    assert_eq!(first[0].signatures.get("itest.versioned"), Some(&sig_v1));
+
+    // 32 callers of the old build from start to end.
+    let (stop_old, stopped_old) = tokio::sync::watch::channel(false);
+    let old_callers = versioned_callers(&scene.client, 32, false, &stopped_old);
+
+    // Rolled to v2 through the reload request (`wharf up --reload`).
+    versioned_config(&scene, &v2_binary);
+    let request = async_nats::Request::new().timeout(Some(Duration::from_secs(5)));
+    let reply = scene
+        .client
+        .nats()
+        .send_request(
+            wharf::wire::subjects::supervisor_reload(&scene.prefix),
+            request,
+        )
+        .await
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert!(
+        answer["changes"]
+            .to_string()
+            .contains("rolling out revision"),
+        "{answer}"
+    );
+    let sig_v2 = versioned_v2::SPEC.sig_hex();
+    let on_v2 = scene
+        .wait_for("an instance of v2", Duration::from_secs(60), |live| {
+            live.iter().any(|b| revision_of(b) != v1)
+        })
+        .await;
+    let v2 = on_v2
+        .iter()
+        .map(revision_of)
+        .find(|r| *r != v1)
+        .unwrap()
+        .to_owned();
+    // 32 callers of the new build join once it serves.
+    let (stop_new, stopped_new) = tokio::sync::watch::channel(false);
+    let new_callers = versioned_callers(&scene.client, 32, true, &stopped_new);
+    // Two of v2, and one of v1 kept for the old callers.
+    let rolled = scene
+        .wait_for(
+            "2 of v2 and 1 of v1 kept",
+            Duration::from_secs(90),
+            |live| live.len() == 3 && live.iter().filter(|b| revision_of(b) == v2).count() == 2,
+        )
+        .await;
+    for beat in rolled.iter().filter(|b| revision_of(b) == v2) {
+        assert_eq!(beat.signatures.get("itest.versioned"), Some(&sig_v2));
+    }
+    let kept = scene
+        .wait_for_events("rollout", 2, Duration::from_secs(30))
+        .await;
+    assert!(
+        kept.iter().any(|e| e.reason.contains("keeping")),
+        "{kept:?}"
+    );
+
+    // Rolled back to v1 by SIGHUP, both builds still calling.
+    versioned_config(&scene, &svc_binary());
+    signal(supervisor, libc::SIGHUP);
+    scene
+        .wait_for(
+            "2 of v1 and 1 of v2 kept",
+            Duration::from_secs(90),
+            |live| live.len() == 3 && live.iter().filter(|b| revision_of(b) == v1).count() == 2,
+        )
+        .await;
+    let new_calls = settle_callers("the new build's callers", stop_new, new_callers).await;
+    // Its callers gone, the last v2 instance drains too.
+    scene
+        .wait_for("only v1", Duration::from_secs(60), |live| {
+            live.len() == 2 && live.iter().all(|b| revision_of(b) == v1)
+        })
+        .await;
+    let old_calls = settle_callers("the old build's callers", stop_old, old_callers).await;
+    let done = scene
+        .wait_for_events("rollout", 5, Duration::from_secs(30))
+        .await;
+    assert!(
+        done.iter().filter(|e| e.reason.starts_with("done")).count() >= 1,
+        "{done:?}"
+    );
+    assert!(scene.events_of("reload").len() >= 2);
+    wharf_integration::report_line(format!(
+        "REPORT rollout v1 -> v2 -> v1 under 64-way mixed load: {old_calls} old-build calls, {new_calls} new-build calls, 0 failed"
+    ));
+    scene.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_whose_new_instances_fail_stops_and_the_old_version_keeps_serving() {
+    let mut scene = Scene::new(Runs::Processes).await.unwrap();
+    let path = versioned_config(&scene, &svc_binary());
+    let supervisor = scene.supervise_file(&path);
+    let first = scene
+        .wait_for("2 instances", Duration::from_secs(60), |live| {
+            live.len() == 2
+        })
+        .await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let callers = versioned_callers(&scene.client, 16, false, &stopped);
+    // A new build that exits at once.
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        &format!("command = [\"{}\", \"worker\"]", svc_binary().display()),
+        "command = [\"/bin/sh\", \"-c\", \"exit 3\"]",
+    );
+    std::fs::write(&path, text).unwrap();
+    signal(supervisor, libc::SIGHUP);
+    let failed = scene
+        .wait_for_events("rollout-failed", 1, Duration::from_secs(60))
+        .await;
+    assert!(
+        failed[0].reason.contains("exited before it became ready")
+            && failed[0].reason.contains("keeps serving"),
+        "{failed:?}"
+    );
+    // The old instances were never drained, and keep serving.
+    let known: HashSet<String> = first.iter().map(|b| b.instance.clone()).collect();
+    holds_for(
+        "the old instances to keep serving",
+        Duration::from_secs(3),
+        || async {
+            let live = scene.live().await;
+            let drained = scene.events_of("drain");
+            if drained.is_empty()
+                && live.iter().filter(|b| known.contains(&b.instance)).count() == 2
+            {
+                Ok(())
+            } else {
+                Err(scene.seen_so_far(&live))
+            }
+        },
+    )
+    .await;
+    settle_callers("the callers", stop, callers).await;
+    // A file that does not parse is refused, and says why.
+    std::fs::write(&path, "[[service]]\nname = \"itest\"\nmin = 5\nmax = 2\n").unwrap();
+    signal(supervisor, libc::SIGHUP);
+    let refused = scene
+        .wait_for_events("reload", 2, Duration::from_secs(30))
+        .await;
+    assert!(
+        refused
+            .iter()
+            .any(|e| e.reason.contains("not applied") && e.reason.contains("min 5 and max 2")),
+        "{refused:?}"
+    );
+    assert_eq!(versioned::call(&scene.client, 7).await.unwrap(), "v1 7");
     scene.down().await;
 }
