@@ -92,7 +92,9 @@ impl Endpoint {
             let Some(message) = message else { return };
             received += 1;
             if via == Via::Signed {
-                endpoint.stats.signed.fetch_add(1, Ordering::Relaxed);
+                // This loop is the only writer: a plain store, not a locked
+                // add, on the hot path.
+                endpoint.stats.signed.store(received, Ordering::Relaxed);
             }
             let shared = &endpoint.shared;
             let admission = match shared.permits.clone().try_acquire_owned() {
