@@ -205,7 +205,12 @@ pub(crate) async fn beat(store: kv::Store, source: Source) {
             signed_calls: source
                 .endpoints
                 .iter()
-                .map(|f| (name(f), f.stats.signed.load(Ordering::Relaxed)))
+                .map(|f| {
+                    let stats = &f.stats;
+                    let signed = stats.signed.load(Ordering::Relaxed)
+                        + stats.batched.load(Ordering::Relaxed);
+                    (name(f), signed)
+                })
                 .collect(),
             at_ms: crate::context::unix_ms(),
         };

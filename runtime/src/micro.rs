@@ -40,6 +40,9 @@ pub(crate) struct EndpointStats {
     /// callers built against it (a supervisor keeps an old version running
     /// while they call).
     pub(crate) signed: AtomicU64,
+    /// Calls taken in batches, all on subjects of this build's signature
+    /// (counted apart from `signed`: each counter has one writer).
+    pub(crate) batched: AtomicU64,
     /// Only written on the error path.
     last_error: Mutex<Option<(u16, String)>>,
 }

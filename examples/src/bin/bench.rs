@@ -131,10 +131,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("--metrics") => return comparison(Secured::Metrics).await,
         Some("--otel") => return comparison(Secured::Otel).await,
         Some("--cancel") => return cancel_latency().await,
+        Some("--durable") => return durable_against_plain().await,
         None => (false, false, false),
         Some(other) => {
             return Err(format!(
-                "unknown argument `{other}`; use --quick, --focus, --stateful, --tls, --auth, --metrics, --otel or nothing"
+                "unknown argument `{other}`; use --quick, --focus, --stateful, --durable, --cancel, --tls, --auth, --metrics, --otel or nothing"
             )
             .into())
         }
@@ -689,6 +690,54 @@ fn record_cpu(
     for (name, value) in names.into_iter().zip(cpu) {
         record(name, side, value);
     }
+}
+
+/// Durable calls against plain calls of the same function, both at 256 in
+/// flight from one process to one worker, alternating which goes first:
+/// throughput and CPU per call in each process, so what a durable call
+/// pays, and where, is visible.
+async fn durable_against_plain() -> Result<(), Box<dyn std::error::Error>> {
+    const ROUNDS: usize = 7;
+    const CALLS: usize = 30_000;
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let nats = async_nats::connect(&url).await?;
+    let client = wharf::Client::connect(&url).await?;
+    let mut worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
+    wait_until_served(&nats, &client, &[Side::Wharf]).await?;
+    Side::Durable
+        .call(&nats, &client)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pids = [server.pid(), worker.id(), std::process::id()];
+    let mut rows: [Vec<[f64; 4]>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        eprintln!("round {} of {ROUNDS}", round + 1);
+        let mut sides = [(0, Side::Wharf), (1, Side::Durable)];
+        sides.rotate_left(round % 2);
+        for (slot, side) in sides {
+            let (rate, cpu) = measure(side, &nats, &client, CALLS, 256, &pids).await?;
+            rows[slot].push([rate, cpu[0], cpu[1], cpu[2]]);
+        }
+    }
+    stop(&mut worker);
+    let column = |slot: usize, i: usize| rows[slot].iter().map(|r| r[i]).collect::<Vec<f64>>();
+    println!("| 256 in flight | plain | durable | durable / plain | per-round ratio, min to max |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (i, label) in [
+        "calls/s",
+        "CPU µs/call, server",
+        "CPU µs/call, worker",
+        "CPU µs/call, caller",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        println!("{}", ratio_row(label, &column(0, i), &column(1, i)));
+    }
+    println!();
+    println!("rounds: {ROUNDS}, calls per run: {CALLS}, medians over rounds");
+    Ok(())
 }
 
 /// Cancellation latency across processes: per round, a [`chain`] of three

@@ -16,6 +16,7 @@ use crate::wire::request::{self, Outgoing, Prepared};
 use crate::wire::subjects;
 use async_nats::{HeaderMap, Message, RequestErrorKind, Subject};
 use bytes::Bytes;
+use futures_util::future::Either;
 use serde::Serialize;
 use std::future::Future;
 use std::sync::Arc;
@@ -256,7 +257,6 @@ impl Client {
         call: CallState,
         options: &'a CallOptions,
     ) -> impl Future<Output = Result<(Message, u32), Error>> + Send + 'a {
-        use futures_util::future::Either;
         if prepared.payload.len() > self.spill_at() {
             Either::Left(out_of_line(move || {
                 self.invoke_spilled(spec, prepared, call, options)
@@ -434,6 +434,14 @@ impl Client {
         txn: Option<&TxnRoute>,
         signed: bool,
     ) -> Result<Message, Error> {
+        // A call that may travel in a batch with others of its function
+        // (coalesce.rs): a plain postcard request on its signature subject.
+        let batchable = (signed
+            && txn.is_none()
+            && codec == Codec::Postcard
+            && prepared.headers.is_none()
+            && prepared.payload.len() <= super::coalesce::MAX_ENTRY_BYTES)
+            .then(|| prepared.payload.clone());
         let (subject, owner, request) = self.request(spec, call, prepared, txn, signed)?;
         // A subject the server refused fails at once, before and while the
         // call waits: the server sends no reply to wait for.
@@ -459,7 +467,18 @@ impl Client {
             call,
             armed: true,
         };
-        let reply = self.nats().send_request(subject.clone(), request);
+        // (Not while a refusal is watched: a batch refused would be seen
+        // as a refusal of the signature subject.)
+        let coalescer = match batchable {
+            Some(_) if !watch => self.coalescer().await,
+            _ => None,
+        };
+        let reply = match (coalescer, batchable) {
+            (Some(coalescer), Some(single)) => {
+                Either::Left(coalescer.call(spec, self.prefix(), &subject, single))
+            }
+            _ => Either::Right(self.nats().send_request(subject.clone(), request)),
+        };
         tokio::pin!(reply);
         // The common call is answered before this first look; one that is
         // not gets watched (out of line, so the common call's future stays

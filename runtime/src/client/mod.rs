@@ -7,6 +7,7 @@
 //! so this module does not know them.
 
 pub(crate) mod call;
+pub(crate) mod coalesce;
 pub(crate) mod connect;
 pub(crate) mod connection;
 pub(crate) mod denials;
@@ -45,6 +46,10 @@ struct Inner {
     /// Payloads larger than this are spilled to the object store; 0 until
     /// first needed.
     spill_at: AtomicUsize,
+    /// Coalesced calls, set up by the first call that may coalesce (none
+    /// when that failed: calls then go out alone). Shared by clones of
+    /// other prefixes: the same connection.
+    coalescer: Arc<tokio::sync::OnceCell<Option<Arc<coalesce::Coalescer>>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -132,6 +137,7 @@ impl Client {
             credentials.clone(),
             denials,
             connection,
+            Arc::default(),
         ))
     }
 
@@ -147,6 +153,7 @@ impl Client {
             Credentials::default(),
             Arc::default(),
             Arc::default(),
+            Arc::default(),
         )
     }
 
@@ -157,6 +164,7 @@ impl Client {
         credentials: Credentials,
         denials: Arc<Denials>,
         connection: Arc<connection::Connection>,
+        coalescer: Arc<tokio::sync::OnceCell<Option<Arc<coalesce::Coalescer>>>>,
     ) -> Client {
         Client {
             inner: Arc::new(Inner {
@@ -168,6 +176,7 @@ impl Client {
                 connection,
                 extensions: Mutex::new(HashMap::new()),
                 spill_at: AtomicUsize::new(0),
+                coalescer,
             }),
         }
     }
@@ -182,6 +191,7 @@ impl Client {
             self.inner.credentials.clone(),
             self.inner.denials.clone(),
             self.inner.connection.clone(),
+            self.inner.coalescer.clone(),
         )
     }
 
@@ -214,6 +224,16 @@ impl Client {
     /// The credentials this client connected with (its URL may carry more).
     pub fn credentials(&self) -> &Credentials {
         &self.inner.credentials
+    }
+
+    /// This connection's coalescer, set up on first use; none if that
+    /// failed (a subscription refused), and calls go out alone.
+    pub(crate) async fn coalescer(&self) -> Option<&Arc<coalesce::Coalescer>> {
+        self.inner
+            .coalescer
+            .get_or_init(|| async { coalesce::Coalescer::start(&self.inner.nats).await.ok() })
+            .await
+            .as_ref()
     }
 
     /// This connection's value of type `T`, made by `init` the first time

@@ -6,6 +6,7 @@
 //! Everything else in wharf speaks NATS through these modules; a change to
 //! the wire starts, and usually ends, here.
 
+pub mod batch;
 pub mod codec;
 pub mod envelope;
 pub mod headers;

@@ -62,6 +62,15 @@ pub fn signed_call(prefix: &str, service: &str, function: &str, sig: u64) -> Str
     format!("{prefix}.{SIG_TOKEN}.{service}.{function}.{sig:016x}")
 }
 
+/// Where a wharf caller sends [batches](crate::wire::batch) of calls of
+/// one function built against signature `sig`:
+/// `<prefix>._sig.<service>.<function>.<sig>-batch`, in the queue group.
+/// Under the signature subjects' wildcard, so the permissions that let a
+/// caller or a worker use one signature subject cover it too.
+pub fn batch_call(prefix: &str, service: &str, function: &str, sig: u64) -> String {
+    format!("{prefix}.{SIG_TOKEN}.{service}.{function}.{sig:016x}-batch")
+}
+
 /// A subject as an error message names it: a signature subject as the
 /// function's plain subject and the signature
 /// (`wharf.math.add, signature 0123456789abcdef`), any other as it is.

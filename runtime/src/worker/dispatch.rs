@@ -3,6 +3,7 @@
 //! call's whole path lives here.
 
 use super::endpoint::{Admission, Endpoint};
+use super::reply::ReplyTo;
 use crate::boxed::out_of_line;
 use crate::error::ErrorKind;
 use crate::handler::{panic_message, Fault, Incoming, StreamOut};
@@ -26,7 +27,7 @@ impl Endpoint {
     pub(crate) async fn run_plain(
         self: Arc<Self>,
         admission: Admission,
-        reply: async_nats::Subject,
+        reply: ReplyTo,
         codec: Codec,
         meta: CallMeta,
         args: Bytes,
@@ -47,7 +48,7 @@ impl Endpoint {
             {
                 // A failed publish means the connection is gone; the
                 // caller's probe then finds the call no longer held.
-                let _ = self.shared.nats.publish(reply, body).await;
+                self.send_reply(reply, None, body).await;
                 self.record(started, None);
             }
             outcome => out_of_line(|| self.respond(reply, codec, &meta, outcome, started)).await,

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) client: Client,
     /// Results larger than this are spilled.
     pub(crate) spill_at: usize,
+    /// Answers of batched calls on their way out.
+    pub(crate) outbox: Arc<super::reply::Outbox>,
 }
 
 impl Shared {

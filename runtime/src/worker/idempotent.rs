@@ -2,6 +2,7 @@
 //! caller's probe for it, and keeps its result for a caller that asks again.
 
 use super::endpoint::{Endpoint, Shared};
+use super::reply::ReplyTo;
 use crate::error::Error;
 use crate::wire::codec::Codec;
 use crate::wire::request::CallMeta;
@@ -21,7 +22,7 @@ impl Endpoint {
     /// the two ways a caller shows it may ask again.
     pub(crate) async fn run_idempotent(
         &self,
-        reply: async_nats::Subject,
+        reply: ReplyTo,
         codec: Codec,
         meta: CallMeta,
         args: Bytes,
@@ -40,11 +41,7 @@ impl Endpoint {
             if let Ok(Ok(Some(record))) = kept {
                 self.untrack(&meta.call_id);
                 if let Ok((message, _)) = record::decode(record) {
-                    let headers = message.headers.unwrap_or_default();
-                    let _ = self
-                        .shared
-                        .nats
-                        .publish_with_headers(reply, headers, message.payload)
+                    self.send_reply(reply, message.headers, message.payload)
                         .await;
                     return;
                 }

@@ -5,9 +5,11 @@
 
 use super::dispatch::{admit, read_request};
 use super::endpoint::{Admission, Endpoint, Stop};
+use super::reply::ReplyTo;
 use crate::boxed::out_of_line;
 use crate::error::ErrorKind;
 use crate::handler::Fault;
+use crate::wire::batch;
 use crate::wire::codec::Codec;
 use crate::wire::request::CallMeta;
 use bytes::Bytes;
@@ -37,6 +39,8 @@ pub(crate) enum Via {
     Signed,
     /// This instance's own subject for the transactions it owns.
     Owner,
+    /// The subject of this build's signature for batches of calls.
+    Batch,
 }
 
 impl Endpoint {
@@ -96,51 +100,131 @@ impl Endpoint {
                 // add, on the hot path.
                 endpoint.stats.signed.store(received, Ordering::Relaxed);
             }
-            let shared = &endpoint.shared;
-            let admission = match shared.permits.clone().try_acquire_owned() {
-                Ok(permit) => Admission::Running(permit),
-                Err(tokio::sync::TryAcquireError::NoPermits) => {
-                    // At the limit: wait in a bounded local queue (the
-                    // semaphore is fair, so in arrival order), and past its
-                    // bound refuse with 503 so the caller tries elsewhere.
-                    if shared.backlog.fetch_add(1, Ordering::Relaxed) >= shared.max_backlog {
-                        shared.backlog.fetch_sub(1, Ordering::Relaxed);
-                        tokio::spawn(endpoint.clone().refuse(message));
-                        continue;
-                    }
-                    Admission::Queued
+            if via == Via::Batch {
+                if !endpoint.take_batch(message).await {
+                    return;
                 }
-                Err(tokio::sync::TryAcquireError::Closed) => return,
-            };
-            // A call of a fast async function usually ends in its first
-            // poll (decode, run, hand the reply to the connection): that
-            // poll runs here, and only a call that must wait (a sync
-            // function on the blocking pool, a full backlog, a store) pays
-            // for a task. The future is boxed with no wrapper around it
-            // (the permit rides inside), so a spawn moves only a box.
-            // A panic there ends that call only, as it would end its task.
-            let (mut call, id) = endpoint.handle(message, direct, admission);
-            let pending = std::future::poll_fn(|cx| {
-                let poll = std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx)));
-                Poll::Ready(matches!(poll, Ok(Poll::Pending)))
-            })
-            .await;
-            if pending {
-                let task = tokio::spawn(call);
-                // Only a call that outlives its first poll can be cancelled:
-                // its task is what a cancel aborts.
-                if !id.is_empty() {
-                    shared.running.attach(&id, Stop::Abort(task.abort_handle()));
-                }
+                continue;
+            }
+            let reply = message.reply.clone().map(ReplyTo::Inbox);
+            if !endpoint.take(message, reply, direct).await {
+                return;
             }
         }
     }
 
-    /// Answers a call this worker has no room for with 503.
-    pub(crate) async fn refuse(self: Arc<Self>, message: async_nats::Message) {
+    /// Takes the calls of a batch (wire/batch.rs), each as a call of its
+    /// own, then sends the answers that are ready, together. A batch that
+    /// does not decode is answered 400 as a whole. False once the worker
+    /// stops taking calls.
+    async fn take_batch(self: &Arc<Self>, message: async_nats::Message) -> bool {
         let Some(reply) = message.reply.clone() else {
-            return;
+            return true;
         };
+        let requests = match batch::decode_requests(&message.payload) {
+            Ok(requests) => requests,
+            Err(problem) => {
+                let spec = self.registration.spec;
+                let fault = Fault::new(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "a batch of calls to `{}.{}` does not decode: {problem}; see docs/protocol.md, \"Coalesced calls\"",
+                        spec.service, spec.name
+                    ),
+                );
+                self.respond_fault(
+                    ReplyTo::Inbox(reply),
+                    Codec::Postcard,
+                    fault,
+                    SystemTime::now(),
+                )
+                .await;
+                return true;
+            }
+        };
+        // This loop is the only writer.
+        let taken = self.stats.batched.load(Ordering::Relaxed) + requests.len() as u64;
+        self.stats.batched.store(taken, Ordering::Relaxed);
+        let outbox = self.shared.outbox.clone();
+        outbox.begin_batch();
+        let mut open = true;
+        for (index, payload) in requests.into_iter().enumerate() {
+            let call = async_nats::Message {
+                subject: message.subject.clone(),
+                reply: None,
+                length: payload.len(),
+                payload,
+                headers: None,
+                status: None,
+                description: None,
+            };
+            let reply = ReplyTo::Batch {
+                subject: reply.clone(),
+                index: index as u32,
+            };
+            if !self.take(call, Some(reply), false).await {
+                open = false;
+                break;
+            }
+        }
+        outbox.end_batch().await;
+        open
+    }
+
+    /// Admits one call (a slot now, a place in the bounded backlog, or a
+    /// 503) and gives it its first poll; false once the worker stops
+    /// taking calls.
+    async fn take(
+        self: &Arc<Self>,
+        message: async_nats::Message,
+        reply: Option<ReplyTo>,
+        direct: bool,
+    ) -> bool {
+        let endpoint = self;
+        let shared = &endpoint.shared;
+        let admission = match shared.permits.clone().try_acquire_owned() {
+            Ok(permit) => Admission::Running(permit),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                // At the limit: wait in a bounded local queue (the
+                // semaphore is fair, so in arrival order), and past its
+                // bound refuse with 503 so the caller tries elsewhere.
+                if shared.backlog.fetch_add(1, Ordering::Relaxed) >= shared.max_backlog {
+                    shared.backlog.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(reply) = reply {
+                        tokio::spawn(endpoint.clone().refuse(message, reply));
+                    }
+                    return true;
+                }
+                Admission::Queued
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return false,
+        };
+        // A call of a fast async function usually ends in its first
+        // poll (decode, run, hand the reply to the connection): that
+        // poll runs here, and only a call that must wait (a sync
+        // function on the blocking pool, a full backlog, a store) pays
+        // for a task. The future is boxed with no wrapper around it
+        // (the permit rides inside), so a spawn moves only a box.
+        // A panic there ends that call only, as it would end its task.
+        let (mut call, id) = endpoint.handle(message, reply, direct, admission);
+        let pending = std::future::poll_fn(|cx| {
+            let poll = std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx)));
+            Poll::Ready(matches!(poll, Ok(Poll::Pending)))
+        })
+        .await;
+        if pending {
+            let task = tokio::spawn(call);
+            // Only a call that outlives its first poll can be cancelled:
+            // its task is what a cancel aborts.
+            if !id.is_empty() {
+                shared.running.attach(&id, Stop::Abort(task.abort_handle()));
+            }
+        }
+        true
+    }
+
+    /// Answers a call this worker has no room for with 503.
+    pub(crate) async fn refuse(self: Arc<Self>, message: async_nats::Message, reply: ReplyTo) {
         let codec = read_request(&message).map_or_else(|(codec, _)| codec, |(codec, ..)| codec);
         let spec = self.registration.spec;
         let fault = Fault::new(
@@ -164,6 +248,7 @@ impl Endpoint {
     pub(crate) fn handle(
         self: &Arc<Self>,
         message: async_nats::Message,
+        reply: Option<ReplyTo>,
         direct: bool,
         admission: Admission,
     ) -> (Pin<Box<dyn Future<Output = ()> + Send>>, Bytes) {
@@ -171,12 +256,18 @@ impl Endpoint {
         let started = SystemTime::now();
         let endpoint = self.clone();
         let spec = endpoint.registration.spec;
-        let Some(reply) = message.reply.clone() else {
+        let Some(reply) = reply else {
             // A publish, not a request: nobody waits for an answer.
             admission.leave(&endpoint.shared);
             return (Box::pin(std::future::ready(())), Bytes::new());
         };
         if spec.stateful {
+            // Workers take no batches of stateful functions (their calls
+            // carry a transaction and are never coalesced).
+            let ReplyTo::Inbox(reply) = reply else {
+                admission.leave(&endpoint.shared);
+                return (Box::pin(std::future::ready(())), Bytes::new());
+            };
             let call = Box::pin(async move {
                 let Some(_permit) = admission.run(&endpoint.shared).await else {
                     return;
@@ -220,7 +311,7 @@ impl Endpoint {
     /// that could not be read or admitted.
     pub(crate) async fn run(
         &self,
-        reply: async_nats::Subject,
+        reply: ReplyTo,
         parts: Result<(Codec, CallMeta, Bytes), (Codec, Fault)>,
         started: SystemTime,
     ) {

@@ -131,6 +131,7 @@ impl Worker {
             owned: owned.clone(),
             client: self.client.clone(),
             spill_at: crate::client::spill_limit(&nats),
+            outbox: super::reply::Outbox::start(&nats),
         });
         let (stop, stopped) = watch::channel(false);
         // Stateful endpoints' own subjects stop later, once their
@@ -175,6 +176,20 @@ impl Worker {
                     .queue_subscribe(signed.clone(), subjects::QUEUE_GROUP.into())
                     .await
                     .map_err(|e| crate::micro::subscribe_failed(&signed, e))?;
+                // And beside that, where wharf callers send calls of this
+                // signature in batches (none for stateful functions: their
+                // calls are never coalesced).
+                let batched = if spec.stateful {
+                    None
+                } else {
+                    let subject = subjects::batch_call(&prefix, spec.service, spec.name, spec.sig);
+                    served.push(subject.clone());
+                    Some(
+                        nats.queue_subscribe(subject.clone(), subjects::QUEUE_GROUP.into())
+                            .await
+                            .map_err(|e| crate::micro::subscribe_failed(&subject, e))?,
+                    )
+                };
                 let stats = Arc::new(micro::EndpointStats::default());
                 all_stats.push(crate::heartbeat::Function {
                     spec,
@@ -227,6 +242,9 @@ impl Worker {
                             Via::Owner,
                         ));
                     }
+                }
+                if let Some(batched) = batched {
+                    tasks.spawn(endpoint.clone().serve(batched, stopped.clone(), Via::Batch));
                 }
                 tasks.spawn(endpoint.clone().serve(signed, stopped.clone(), Via::Signed));
                 tasks.spawn(endpoint.serve(subscriber, stopped.clone(), Via::Plain));

@@ -28,7 +28,8 @@ impl Endpoint {
         let (codec, mut meta, mut args) = match read_request(&message) {
             Ok(parts) => parts,
             Err((codec, fault)) => {
-                return out_of_line(|| self.respond_fault(reply, codec, fault, started)).await
+                return out_of_line(|| self.respond_fault(reply.into(), codec, fault, started))
+                    .await
             }
         };
         let owned = self
@@ -54,8 +55,10 @@ impl Endpoint {
                 match out_of_line(|| self.unspill(&spilled)).await {
                     Ok(bytes) => args = bytes,
                     Err(fault) => {
-                        return out_of_line(|| self.respond_fault(reply, codec, fault, started))
-                            .await
+                        return out_of_line(|| {
+                            self.respond_fault(reply.into(), codec, fault, started)
+                        })
+                        .await
                     }
                 }
                 in_use
@@ -66,8 +69,10 @@ impl Endpoint {
                     .await
             }
             Err(error) => {
-                return out_of_line(|| self.respond_fault(reply, codec, error.into(), started))
-                    .await
+                return out_of_line(|| {
+                    self.respond_fault(reply.into(), codec, error.into(), started)
+                })
+                .await
             }
         };
         drop(message);
@@ -80,7 +85,7 @@ impl Endpoint {
                 let body = body.clone();
                 let owner = (!direct).then_some(owned.instance.as_str());
                 return out_of_line(|| {
-                    self.respond_spilled(reply, codec, &meta, body, started, owner)
+                    self.respond_spilled(reply.into(), codec, &meta, body, started, owner)
                 })
                 .await;
             }
@@ -149,7 +154,7 @@ impl Endpoint {
             }
             Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
                 let error = lost(&txn, owner);
-                self.respond_fault(reply, codec, error.into(), started)
+                self.respond_fault(reply.into(), codec, error.into(), started)
                     .await;
             }
             // Timed out: the caller's own deadline has passed too.
@@ -159,7 +164,8 @@ impl Endpoint {
                     ErrorKind::Unavailable,
                     format!("cannot reach instance `{owner}`, which owns transaction `{txn}`: {e}; retry"),
                 );
-                self.respond_fault(reply, codec, fault, started).await;
+                self.respond_fault(reply.into(), codec, fault, started)
+                    .await;
             }
         }
     }
