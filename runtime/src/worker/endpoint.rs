@@ -45,7 +45,7 @@ pub(crate) struct Shared {
     /// Results larger than this are spilled.
     pub(crate) spill_at: usize,
     /// Answers of batched calls on their way out.
-    pub(crate) outbox: Arc<super::reply::Outbox>,
+    pub(crate) outbox: Arc<super::outbox::Outbox>,
 }
 
 impl Shared {

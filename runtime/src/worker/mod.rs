@@ -18,6 +18,7 @@ pub(crate) mod endpoint;
 pub(crate) mod idempotent;
 pub(crate) mod intake;
 pub(crate) mod metrics;
+pub(crate) mod outbox;
 pub(crate) mod reply;
 pub(crate) mod start;
 pub(crate) mod stateful;

@@ -131,7 +131,7 @@ impl Worker {
             owned: owned.clone(),
             client: self.client.clone(),
             spill_at: crate::client::spill_limit(&nats),
-            outbox: super::reply::Outbox::start(&nats),
+            outbox: super::outbox::Outbox::start(&nats),
         });
         let (stop, stopped) = watch::channel(false);
         // Stateful endpoints' own subjects stop later, once their

@@ -1,0 +1,201 @@
+//! Coalesced calls against a real nats-server and real worker processes:
+//! concurrent calls travel in batches (seen on the wire), each keeps its own
+//! answer and error, STATS count calls rather than messages, a lone call
+//! goes out alone, and a batch that does not decode is answered 400 while
+//! the worker keeps serving.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::time::Duration;
+use wharf::testing::NatsServer;
+use wharf::wire::batch;
+use wharf::wire::subjects;
+use wharf::Client;
+use wharf_integration::{add, spawn_worker, take, wait_for_workers, InventoryError};
+
+/// Calls in flight from the one client.
+const IN_FLIGHT: usize = 128;
+
+/// Calls each of them makes.
+const EACH: usize = 40;
+
+/// Counts the messages on `subject` (a plain subscription beside the
+/// workers' queue group sees each one) until the returned sender fires.
+async fn count_messages(
+    nats: &async_nats::Client,
+    subject: String,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<u64>,
+) {
+    let mut seen = nats.subscribe(subject).await.unwrap();
+    nats.flush().await.unwrap();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let counter = tokio::spawn(async move {
+        let mut count = 0;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return count,
+                message = seen.next() => match message {
+                    Some(_) => count += 1,
+                    None => return count,
+                },
+            }
+        }
+    });
+    (stop, counter)
+}
+
+/// `num_requests` of every endpoint of every `itest` worker that answers
+/// STATS within half a second, by endpoint name.
+async fn requests_in_stats(nats: &async_nats::Client, name: &str) -> u64 {
+    let inbox = nats.new_inbox();
+    let mut answers = nats.subscribe(inbox.clone()).await.unwrap();
+    nats.publish_with_reply("$SRV.STATS.itest", inbox, "".into())
+        .await
+        .unwrap();
+    let mut total = 0;
+    while let Ok(Some(answer)) =
+        tokio::time::timeout(Duration::from_millis(500), answers.next()).await
+    {
+        let stats: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+        for endpoint in stats["endpoints"].as_array().unwrap() {
+            if endpoint["name"] == name {
+                total += endpoint["num_requests"].as_u64().unwrap();
+            }
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_travel_in_batches_each_with_its_own_answer() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _workers = [spawn_worker(&server.url()), spawn_worker(&server.url())];
+    wait_for_workers(&client, 2).await;
+    let add_batches = subjects::batch_call("wharf", "itest", "add", add::SPEC.sig);
+    let take_batches = subjects::batch_call("wharf", "itest", "take", take::SPEC.sig);
+    let (stop_add, add_counter) = count_messages(client.nats(), add_batches).await;
+    let (stop_take, take_counter) = count_messages(client.nats(), take_batches).await;
+    let before = requests_in_stats(client.nats(), "add").await;
+
+    // A lone call goes out alone.
+    assert_eq!(add::call(&client, 1, 2).await.unwrap(), 3);
+
+    // Many at once: an async function answered in its first poll, and a
+    // sync one (on the blocking pool, answered later) whose calls succeed
+    // or fail each on its own.
+    let mut tasks = Vec::new();
+    for task in 0..IN_FLIGHT as i64 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH as i64 {
+                let sum = add::call(&client, task, i).await.unwrap();
+                assert_eq!(sum, task + i, "add({task}, {i})");
+                let count = ((task + i) % 13) as u32;
+                let taken = take::call(&client, count).await;
+                if count <= 10 {
+                    assert_eq!(taken.unwrap(), 10 - count);
+                } else {
+                    assert_eq!(
+                        taken.unwrap_err(),
+                        wharf::CallError::Application(InventoryError::OutOfStock { left: 10 })
+                    );
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let _ = stop_add.send(());
+    let _ = stop_take.send(());
+    let (add_messages, take_messages) = (add_counter.await.unwrap(), take_counter.await.unwrap());
+    let calls = (IN_FLIGHT * EACH) as u64;
+    println!(
+        "REPORT coalescing: {calls} calls of add in {add_messages} batches, {calls} of take in {take_messages}"
+    );
+    assert!(
+        add_messages > 0 && add_messages < calls / 2,
+        "{calls} concurrent calls of add went in {add_messages} batches"
+    );
+    assert!(
+        take_messages > 0 && take_messages < calls / 2,
+        "{calls} concurrent calls of take went in {take_messages} batches"
+    );
+    // STATS count calls, not messages.
+    let after = requests_in_stats(client.nats(), "add").await;
+    assert_eq!(after - before, calls + 1, "STATS of add count every call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_does_not_decode_is_answered_400_and_the_worker_keeps_serving() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = spawn_worker(&server.url());
+    wait_for_workers(&client, 1).await;
+    let nats = client.nats();
+    let subject = subjects::batch_call("wharf", "itest", "add", add::SPEC.sig);
+    let ask = |payload: Bytes| {
+        let subject = subject.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), nats.request(subject, payload))
+                .await
+                .expect("the worker answers a batch within 10 s")
+                .expect("a reply")
+        }
+    };
+
+    // Framing that does not hold: answered as a whole, with the headers.
+    for (bad, names) in [
+        (vec![7u8, 1, 0], "version 7"),
+        (vec![1u8, 2, 9, 1], "says 9 bytes"),
+        (vec![1u8, 1, 0, 0], "1 bytes follow"),
+    ] {
+        let reply = ask(Bytes::from(bad)).await;
+        let headers = reply.headers.expect("error headers");
+        assert_eq!(
+            headers.get("Nats-Service-Error-Code").unwrap().as_str(),
+            "400"
+        );
+        let text = headers.get("Nats-Service-Error").unwrap().as_str();
+        assert!(text.contains(names) && text.contains("itest.add"), "{text}");
+    }
+
+    // A batch of a good call and a bad one: each answered at its index.
+    let good = Bytes::from_static(&[1, 0, 0, 0, 0, 0, 4, 6]);
+    let bad = Bytes::from_static(&[1, 0, 0, 0, 0, 0, 4]);
+    let payload = {
+        let mut out = vec![batch::BATCH_VERSION, 2];
+        for request in [&good, &bad] {
+            out.push(request.len() as u8);
+            out.extend_from_slice(request);
+        }
+        Bytes::from(out)
+    };
+    let reply = ask(payload).await;
+    assert!(reply.headers.is_none(), "a batch reply carries no headers");
+    let mut answers = batch::decode_answers(&reply.payload).unwrap();
+    answers.sort_by_key(|a| a.index);
+    assert_eq!(answers.len(), 2);
+    assert!(answers[0].headers.is_none());
+    assert_eq!(postcard::from_bytes::<i64>(&answers[0].body).unwrap(), 5);
+    let headers = answers[1].headers.as_ref().expect("the bad call's error");
+    assert_eq!(
+        headers.get("Nats-Service-Error-Code").unwrap().as_str(),
+        "400"
+    );
+
+    // And the worker serves on, alone and in batches.
+    assert_eq!(add::call(&client, 20, 22).await.unwrap(), 42);
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { add::call(&client, i, i).await.unwrap() })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap(), 2 * i as i64);
+    }
+}
