@@ -199,3 +199,47 @@ async fn a_batch_that_does_not_decode_is_answered_400_and_the_worker_keeps_servi
         assert_eq!(call.await.unwrap(), 2 * i as i64);
     }
 }
+
+/// Workers that take no batches (a wharf before coalescing: the plain and
+/// the signature subject only) still get every call: a batch that finds
+/// no responders goes out call by call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_reach_workers_that_take_no_batches() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let nats = client.nats().clone();
+    // A responder written against docs/protocol.md without batches.
+    let mut calls = nats
+        .queue_subscribe(add::SPEC.signed_subject("wharf"), "q".to_owned())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    let responder = {
+        let nats = nats.clone();
+        tokio::spawn(async move {
+            while let Some(call) = calls.next().await {
+                let (_, at) = wharf::wire::envelope::Envelope::split(&call.payload).unwrap();
+                let (a, b): (i64, i64) = postcard::from_bytes(&call.payload[at..]).unwrap();
+                let sum = postcard::to_allocvec(&(a + b)).unwrap();
+                nats.publish(call.reply.unwrap(), sum.into()).await.unwrap();
+            }
+        })
+    };
+    let tasks: Vec<_> = (0..64i64)
+        .map(|task| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    assert_eq!(add::call(&client, task, i).await.unwrap(), task + i);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("every call answered within 60 s")
+            .unwrap();
+    }
+    responder.abort();
+}

@@ -152,7 +152,14 @@ impl Coalescer {
             }
             Turn::Began(answer, generation) => {
                 // Calls that are ready to run join this batch meanwhile.
+                let mut leading = Leading {
+                    coalescer: self,
+                    signed,
+                    generation,
+                    done: false,
+                };
                 tokio::task::yield_now().await;
+                leading.done = true;
                 if let Some((subject, calls)) = self.take(signed, generation) {
                     if calls.len() == 1 {
                         // Nobody joined: this call goes out alone, as it
@@ -377,6 +384,28 @@ impl Drop for InFlight<'_> {
             .get_mut(self.key.as_str())
         {
             queue.in_flight = queue.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// The call that began a batch, until it has sent it: dropped before (its
+/// caller gave up), it leaves the batch to a task, so the calls that joined
+/// it are not left waiting for a batch nobody sends.
+struct Leading<'a> {
+    coalescer: &'a Arc<Coalescer>,
+    signed: &'a Subject,
+    generation: u64,
+    done: bool,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some((subject, calls)) = self.coalescer.take(self.signed, self.generation) {
+            let coalescer = self.coalescer.clone();
+            tokio::spawn(async move { coalescer.send(subject, calls).await });
         }
     }
 }
