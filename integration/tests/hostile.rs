@@ -150,6 +150,9 @@ fn request(rng: &mut Rng) -> (String, Option<HeaderMap>, Bytes) {
         };
         return (format!("wharf.objects.{verb}"), headers, body.into());
     }
+    if rng.below(8) == 0 {
+        return (batch_subject(), None, batch(rng));
+    }
     let function = rng.pick(FUNCTIONS);
     let payload = match rng.below(5) {
         0 => rng.bytes(300),
@@ -172,6 +175,50 @@ fn request(rng: &mut Rng) -> (String, Option<HeaderMap>, Bytes) {
         _ => rng.text(100).into_bytes(),
     };
     (format!("wharf.itest.{function}"), headers, payload.into())
+}
+
+/// Where batches of calls of `add` go (docs/protocol.md, "Coalesced calls").
+fn batch_subject() -> String {
+    wharf::wire::subjects::batch_call("wharf", "itest", "add", wharf_integration::add::SPEC.sig)
+}
+
+/// A batch of valid, mutated and random requests, its framing sometimes
+/// mutated too.
+fn batch(rng: &mut Rng) -> Bytes {
+    let count = rng.below(40);
+    let mut out = vec![wharf::wire::batch::BATCH_VERSION];
+    push_varint(&mut out, count);
+    for _ in 0..count {
+        let request = match rng.below(3) {
+            0 => valid_add(),
+            1 => {
+                let mut valid = valid_add();
+                let at = rng.below(valid.len() as u64) as usize;
+                valid[at] ^= 1 << rng.below(8);
+                valid
+            }
+            _ => rng.bytes(40),
+        };
+        push_varint(&mut out, request.len() as u64);
+        out.extend(request);
+    }
+    match rng.below(4) {
+        0 => {
+            let at = rng.below(out.len() as u64) as usize;
+            out[at] ^= 1 << rng.below(8);
+        }
+        1 => out.truncate(rng.below(out.len() as u64 + 1) as usize),
+        _ => {}
+    }
+    out.into()
+}
+
+fn push_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
 }
 
 #[tokio::test]
@@ -228,6 +275,7 @@ async fn random_and_mutated_requests_are_all_answered_and_nothing_dies() {
         .await;
     let mut unanswered = Vec::new();
     let mut by_code = std::collections::BTreeMap::<u16, usize>::new();
+    let mut batches = std::collections::BTreeMap::<u16, usize>::new();
     for (subject, answer) in answers {
         match answer {
             Ok(message) => {
@@ -249,13 +297,20 @@ async fn random_and_mutated_requests_are_all_answered_and_nothing_dies() {
                     "seed {seed}: {subject} was answered 503: {:?}",
                     String::from_utf8_lossy(&message.payload)
                 );
+                if subject.ends_with("-batch") && message.headers.is_none() {
+                    // A batch answered call by call: the answers decode.
+                    if let Err(e) = wharf::wire::batch::decode_answers(&message.payload) {
+                        panic!("seed {seed}: a batch reply does not decode: {e}");
+                    }
+                    *batches.entry(code).or_default() += 1;
+                }
                 *by_code.entry(code).or_default() += 1;
             }
             Err(e) => unanswered.push(format!("{subject}: {e}")),
         }
     }
     wharf_integration::report!(
-        "REPORT hostile seed={seed} requests={REQUESTS} answers by code {by_code:?}"
+        "REPORT hostile seed={seed} requests={REQUESTS} answers by code {by_code:?}, batches answered call by call {batches:?}"
     );
     assert!(
         unanswered.is_empty(),

@@ -123,6 +123,10 @@ pub(crate) fn encode_requests<'a>(requests: impl ExactSizeIterator<Item = &'a By
 /// error says where the batch stops making sense.
 pub fn decode_requests(payload: &Bytes) -> Result<Vec<Bytes>, String> {
     let (count, mut at) = open(payload)?;
+    if count == 0 {
+        // Nothing in it would be answered: the caller hears why instead.
+        return Err("a batch of no calls (a batch holds at least one)".to_owned());
+    }
     let mut requests = Vec::with_capacity(count);
     for index in 0..count {
         requests.push(chunk(payload, &mut at, &format!("request {index}"))?);
@@ -288,8 +292,9 @@ mod tests {
 
     #[test]
     fn malformed_batches_say_where() {
-        let cases: [(&[u8], &str); 6] = [
+        let cases: [(&[u8], &str); 7] = [
             (&[], "empty"),
+            (&[1, 0], "no calls"),
             (&[2, 0], "version 2"),
             (&[1, 5, 0], "says 5 entries"),
             (&[1, 1, 9, 1], "says 9 bytes"),
