@@ -144,6 +144,10 @@ pub struct Settings {
     /// `WHARF_METRICS_PORT`: serve Prometheus metrics on this port (0: any
     /// free port); `None`: no metrics.
     pub metrics_port: Option<u16>,
+    /// `WHARF_COALESCE` (`on`, the default, or `off`): whether calls of a
+    /// function in flight together from one connection travel in batches
+    /// (docs/protocol.md, "Coalesced calls").
+    pub coalesce: bool,
     /// How to authenticate to NATS and check the server (`NATS_USER`,
     /// `NATS_CREDS`, `NATS_CA`, ...).
     pub credentials: Credentials,
@@ -163,6 +167,7 @@ impl std::fmt::Debug for Settings {
             .field("replicas", &self.replicas)
             .field("placement", &self.placement)
             .field("metrics_port", &self.metrics_port)
+            .field("coalesce", &self.coalesce)
             .field("credentials", &self.credentials)
             .finish_non_exhaustive()
     }
@@ -693,6 +698,20 @@ impl Settings {
         };
         let metrics_port =
             number(&var, "WHARF_METRICS_PORT", 0, u16::MAX as usize)?.map(|p| p as u16);
+        let coalesce = match var("WHARF_COALESCE") {
+            None => true,
+            Some(text) => match text.trim().to_ascii_lowercase().as_str() {
+                "on" | "true" | "1" | "yes" => true,
+                "off" | "false" | "0" | "no" => false,
+                _ => {
+                    return Err(invalid(
+                        "WHARF_COALESCE",
+                        &text,
+                        "`on` (calls in flight together travel in batches, the default) or `off` (every call its own message)",
+                    ))
+                }
+            },
+        };
         Ok(Settings {
             nats_url,
             prefix,
@@ -717,6 +736,7 @@ impl Settings {
             replicas,
             placement,
             metrics_port,
+            coalesce,
             credentials: Credentials::read(&var, file)?,
         })
     }
@@ -930,6 +950,7 @@ mod tests {
             ("WHARF_PREFIX", "a b", "subject tokens"),
             ("WHARF_ROLE", "wroker", "`worker`"),
             ("WHARF_INSTANCE_ID", "a.b", "A-Z"),
+            ("WHARF_COALESCE", "sometimes", "`off`"),
             ("NATS_URL", "http://x:80", "server URLs"),
         ] {
             let error = read(&[(name, value)]).unwrap_err();
@@ -956,6 +977,13 @@ mod tests {
         assert_eq!(settings.results_ttl, Duration::from_secs(90));
         assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("ten").is_err());
+    }
+
+    #[test]
+    fn coalescing_is_on_unless_turned_off() {
+        assert!(read(&[]).unwrap().coalesce);
+        assert!(!read(&[("WHARF_COALESCE", "off")]).unwrap().coalesce);
+        assert!(read(&[("WHARF_COALESCE", " On ")]).unwrap().coalesce);
     }
 
     #[test]

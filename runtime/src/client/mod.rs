@@ -226,12 +226,19 @@ impl Client {
         &self.inner.credentials
     }
 
-    /// This connection's coalescer, set up on first use; none if that
-    /// failed (a subscription refused), and calls go out alone.
+    /// This connection's coalescer, set up on first use; none when
+    /// `WHARF_COALESCE=off` or that failed (a subscription refused), and
+    /// calls go out alone.
     pub(crate) async fn coalescer(&self) -> Option<&Arc<coalesce::Coalescer>> {
         self.inner
             .coalescer
-            .get_or_init(|| async { coalesce::Coalescer::start(&self.inner.nats).await.ok() })
+            .get_or_init(|| async {
+                // Off by setting: every call its own message.
+                if !Settings::get().map_or(true, |s| s.coalesce) {
+                    return None;
+                }
+                coalesce::Coalescer::start(&self.inner.nats).await.ok()
+            })
             .await
             .as_ref()
     }
