@@ -222,10 +222,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     },
                     std::process::id(),
                 ];
+                let (syscalls_before, messages_before) = (syscalls(&pids), server.messages()?);
                 let (rate, cpu) =
                     measure(side, &nats, &client, plan.parallel_calls, in_flight, &pids).await?;
                 record(metric, side.name(), rate);
                 record_cpu(&mut record, in_flight, side.name(), cpu);
+                if in_flight == 256 {
+                    // What bounds a call: its messages through the server
+                    // and each process's socket reads and writes.
+                    // Per 100 calls: one decimal still shows a fraction
+                    // of one per call.
+                    let per_call = |n: u64| n as f64 * 100.0 / plan.parallel_calls as f64;
+                    let (sent, received) = server.messages()?;
+                    record(
+                        "server messages per 100 calls (in + out), 256 in flight",
+                        side.name(),
+                        per_call(sent + received - messages_before.0 - messages_before.1),
+                    );
+                    let names = [
+                        "read/write syscalls per 100 calls, server, 256 in flight",
+                        "read/write syscalls per 100 calls, worker, 256 in flight",
+                        "read/write syscalls per 100 calls, caller, 256 in flight",
+                    ];
+                    for ((name, after), before) in
+                        names.into_iter().zip(syscalls(&pids)).zip(syscalls_before)
+                    {
+                        record(name, side.name(), per_call(after - before));
+                    }
+                }
             }
         }
         if !focus || stateful_only {
@@ -654,6 +678,18 @@ async fn throughput(
         task.await?.map_err(|e| e.to_string())?;
     }
     Ok(calls as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Read and write system calls each of `pids` has made so far
+/// (`/proc/<pid>/io`: `syscr` + `syscw`).
+fn syscalls(pids: &[u32; 3]) -> [u64; 3] {
+    pids.map(|pid| {
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+        io.lines()
+            .filter(|line| line.starts_with("syscr:") || line.starts_with("syscw:"))
+            .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum()
+    })
 }
 
 /// CPU microseconds per call of each pid since `before`.

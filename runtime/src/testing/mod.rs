@@ -197,6 +197,19 @@ impl NatsServer {
             .ok_or_else(|| Error::new(ErrorKind::Other, "`in_msgs` missing from /varz"))
     }
 
+    /// Messages the server has received from clients and sent to them so
+    /// far (its `/varz` `in_msgs` and `out_msgs`).
+    pub fn messages(&self) -> Result<(u64, u64), Error> {
+        let varz = self.monitor("/varz")?;
+        match (varz["in_msgs"].as_u64(), varz["out_msgs"].as_u64()) {
+            (Some(sent), Some(received)) => Ok((sent, received)),
+            _ => Err(Error::new(
+                ErrorKind::Other,
+                "`in_msgs` or `out_msgs` missing from /varz",
+            )),
+        }
+    }
+
     /// GETs a monitoring endpoint and parses its JSON.
     fn monitor(&self, path: &str) -> Result<serde_json::Value, Error> {
         use std::io::{Read, Write};
