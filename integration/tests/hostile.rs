@@ -185,11 +185,8 @@ fn batch_subject() -> String {
 /// A batch of valid, mutated and random requests, its framing sometimes
 /// mutated too.
 fn batch(rng: &mut Rng) -> Bytes {
-    let count = rng.below(40);
-    let mut out = vec![wharf::wire::batch::BATCH_VERSION];
-    push_varint(&mut out, count);
-    for _ in 0..count {
-        let request = match rng.below(3) {
+    let requests: Vec<Bytes> = (0..rng.below(40))
+        .map(|_| match rng.below(3) {
             0 => valid_add(),
             1 => {
                 let mut valid = valid_add();
@@ -198,10 +195,10 @@ fn batch(rng: &mut Rng) -> Bytes {
                 valid
             }
             _ => rng.bytes(40),
-        };
-        push_varint(&mut out, request.len() as u64);
-        out.extend(request);
-    }
+        })
+        .map(Bytes::from)
+        .collect();
+    let mut out = wharf::wire::batch::encode_requests(requests.iter()).to_vec();
     match rng.below(4) {
         0 => {
             let at = rng.below(out.len() as u64) as usize;
@@ -211,14 +208,6 @@ fn batch(rng: &mut Rng) -> Bytes {
         _ => {}
     }
     out.into()
-}
-
-fn push_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push(value as u8 | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
 }
 
 #[tokio::test]
@@ -275,7 +264,7 @@ async fn random_and_mutated_requests_are_all_answered_and_nothing_dies() {
         .await;
     let mut unanswered = Vec::new();
     let mut by_code = std::collections::BTreeMap::<u16, usize>::new();
-    let mut batches = std::collections::BTreeMap::<u16, usize>::new();
+    let mut batches = 0;
     for (subject, answer) in answers {
         match answer {
             Ok(message) => {
@@ -302,7 +291,7 @@ async fn random_and_mutated_requests_are_all_answered_and_nothing_dies() {
                     if let Err(e) = wharf::wire::batch::decode_answers(&message.payload) {
                         panic!("seed {seed}: a batch reply does not decode: {e}");
                     }
-                    *batches.entry(code).or_default() += 1;
+                    batches += 1;
                 }
                 *by_code.entry(code).or_default() += 1;
             }
@@ -310,7 +299,7 @@ async fn random_and_mutated_requests_are_all_answered_and_nothing_dies() {
         }
     }
     wharf_integration::report!(
-        "REPORT hostile seed={seed} requests={REQUESTS} answers by code {by_code:?}, batches answered call by call {batches:?}"
+        "REPORT hostile seed={seed} requests={REQUESTS} answers by code {by_code:?}, {batches} batches answered call by call"
     );
     assert!(
         unanswered.is_empty(),

@@ -349,11 +349,9 @@ impl Credentials {
                 },
             };
         let tls_first = match var("NATS_TLS_FIRST") {
-            Some(text) => match text.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => return Err(invalid("NATS_TLS_FIRST", &text, "true or false")),
-            },
+            Some(text) => {
+                switch(&text).ok_or_else(|| invalid("NATS_TLS_FIRST", &text, "true or false"))?
+            }
             None => file.and_then(|f| f.tls_first).unwrap_or(false),
         };
         match (&user, &password) {
@@ -700,17 +698,13 @@ impl Settings {
             number(&var, "WHARF_METRICS_PORT", 0, u16::MAX as usize)?.map(|p| p as u16);
         let coalesce = match var("WHARF_COALESCE") {
             None => true,
-            Some(text) => match text.trim().to_ascii_lowercase().as_str() {
-                "on" | "true" | "1" | "yes" => true,
-                "off" | "false" | "0" | "no" => false,
-                _ => {
-                    return Err(invalid(
-                        "WHARF_COALESCE",
-                        &text,
-                        "`on` (calls in flight together travel in batches, the default) or `off` (every call its own message)",
-                    ))
-                }
-            },
+            Some(text) => switch(&text).ok_or_else(|| {
+                invalid(
+                    "WHARF_COALESCE",
+                    &text,
+                    "`on` (calls in flight together travel in batches, the default) or `off` (every call its own message)",
+                )
+            })?,
         };
         Ok(Settings {
             nats_url,
@@ -776,6 +770,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 enum Unit {
     Millis,
     Seconds,
+}
+
+/// An on/off setting's value (`on`, `true`, `yes`, `1` or their opposites,
+/// in any case); `None` for anything else.
+fn switch(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
 }
 
 fn invalid(name: &str, value: &str, allowed: &str) -> Error {

@@ -233,11 +233,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     // Per 100 calls: one decimal still shows a fraction
                     // of one per call.
                     let per_call = |n: u64| n as f64 * 100.0 / plan.parallel_calls as f64;
-                    let (sent, received) = server.messages()?;
+                    let (received, sent) = server.messages()?;
                     record(
                         "server messages per 100 calls (in + out), 256 in flight",
                         side.name(),
-                        per_call(sent + received - messages_before.0 - messages_before.1),
+                        per_call(received + sent - messages_before.0 - messages_before.1),
                     );
                     let names = [
                         "read/write syscalls per 100 calls, server, 256 in flight",

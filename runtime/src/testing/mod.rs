@@ -191,10 +191,7 @@ impl NatsServer {
     /// Messages the server has received from clients so far (its `/varz`
     /// `in_msgs`): a test can wait until a request was really sent.
     pub fn messages_in(&self) -> Result<u64, Error> {
-        let varz = self.monitor("/varz")?;
-        varz["in_msgs"]
-            .as_u64()
-            .ok_or_else(|| Error::new(ErrorKind::Other, "`in_msgs` missing from /varz"))
+        self.messages().map(|(received, _)| received)
     }
 
     /// Messages the server has received from clients and sent to them so
@@ -202,7 +199,7 @@ impl NatsServer {
     pub fn messages(&self) -> Result<(u64, u64), Error> {
         let varz = self.monitor("/varz")?;
         match (varz["in_msgs"].as_u64(), varz["out_msgs"].as_u64()) {
-            (Some(sent), Some(received)) => Ok((sent, received)),
+            (Some(received), Some(sent)) => Ok((received, sent)),
             _ => Err(Error::new(
                 ErrorKind::Other,
                 "`in_msgs` or `out_msgs` missing from /varz",

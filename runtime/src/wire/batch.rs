@@ -107,7 +107,7 @@ fn open(bytes: &[u8]) -> Result<(usize, usize), String> {
 }
 
 /// Builds one batch request from single postcard requests.
-pub(crate) fn encode_requests<'a>(requests: impl ExactSizeIterator<Item = &'a Bytes>) -> Bytes {
+pub fn encode_requests<'a>(requests: impl ExactSizeIterator<Item = &'a Bytes>) -> Bytes {
     let count = requests.len();
     let mut out = BytesMut::with_capacity(16 + count * 32);
     out.put_u8(BATCH_VERSION);
