@@ -2,6 +2,7 @@
 //! or a generated stub's plain call): per-call options, then a plain,
 //! durable or transactional call.
 
+use crate::boxed::out_of_line;
 use crate::client::call::{CallOptions, CallState};
 use crate::client::returns::{Reply, Returns};
 use crate::client::{global, Client};
@@ -161,10 +162,16 @@ impl<A: Serialize, R: Returns> Request<A, R> {
         let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
         let answer = async {
             if self.options.durable.unwrap_or(self.spec.durable) {
-                let pending = client
-                    .start_durable::<R>(self.spec, prepared, call, &self.options)
-                    .await?;
-                pending.wait_message().await
+                // Boxed: the durable path's future is large, and inline it
+                // would be moved with every plain call's future as well.
+                let (client, spec, options) = (&client, self.spec, &self.options);
+                out_of_line(move || async move {
+                    let pending = client
+                        .start_durable::<R>(spec, prepared, call, options)
+                        .await?;
+                    pending.wait_message().await
+                })
+                .await
             } else {
                 let (message, attempts) = client
                     .invoke(self.spec, prepared, call, &self.options)

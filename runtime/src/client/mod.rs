@@ -14,6 +14,7 @@ pub(crate) mod denials;
 pub(crate) mod returns;
 pub(crate) mod stream;
 
+use crate::boxed::out_of_line;
 use crate::error::{Error, ErrorKind};
 use crate::settings::{Credentials, Settings};
 use crate::wire::subjects;
@@ -249,8 +250,8 @@ impl Client {
     pub(crate) async fn extension<T, F, Fut>(&self, init: F) -> Result<Arc<T>, Error>
     where
         T: Send + Sync + 'static,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, Error>>,
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<T, Error>> + Send,
     {
         let cell = {
             let mut extensions = self.inner.extensions.lock().unwrap();
@@ -261,7 +262,12 @@ impl Client {
             cell.downcast::<tokio::sync::OnceCell<Arc<T>>>()
                 .expect("extensions are keyed by their type")
         };
-        cell.get_or_try_init(|| async { init().await.map(Arc::new) })
+        if let Some(value) = cell.get() {
+            return Ok(value.clone());
+        }
+        // Set up once: boxed, so the setup's (large) future does not widen
+        // the future of every call that reaches this.
+        out_of_line(|| cell.get_or_try_init(|| async { init().await.map(Arc::new) }))
             .await
             .cloned()
     }
