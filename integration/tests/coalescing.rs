@@ -243,3 +243,59 @@ async fn calls_reach_workers_that_take_no_batches() {
     }
     responder.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_durable_calls_are_stored_in_batches_and_each_is_collected_by_its_id() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _workers = [spawn_worker(&server.url()), spawn_worker(&server.url())];
+    wait_for_workers(&client, 2).await;
+    // The first durable call makes the stream (and the workers' batch
+    // consumer is there once they serve).
+    let first = add::request(1, 1).client(&client).durable(true).await;
+    assert_eq!(first.unwrap(), 2);
+    let batches = subjects::durable_batch_call("wharf", "itest", "add");
+    let alone = subjects::durable_call("wharf", "itest", "add");
+    let (stop_batches, batch_counter) = count_messages(client.nats(), batches).await;
+    let (stop_alone, alone_counter) = count_messages(client.nats(), alone).await;
+    // Started (stored) concurrently, collected afterwards by id.
+    let started = futures_util::future::join_all((0..IN_FLIGHT as i64).map(|i| {
+        let client = client.clone();
+        async move {
+            let pending = add::request(i, 1000).client(&client).start().await.unwrap();
+            (i, pending.id().to_owned())
+        }
+    }))
+    .await;
+    let collected = futures_util::future::join_all(started.iter().map(|(_, id)| {
+        let client = client.clone();
+        async move { add::collect(id.clone()).client(&client).wait().await }
+    }))
+    .await;
+    for ((i, id), sum) in started.iter().zip(collected) {
+        assert_eq!(sum.unwrap(), i + 1000, "durable call {id} ({i} + 1000)");
+    }
+    // And called durably, waiting for each answer.
+    let answers = futures_util::future::join_all((0..IN_FLIGHT as i64).map(|i| {
+        let client = client.clone();
+        async move { add::request(i, 7).client(&client).durable(true).await }
+    }))
+    .await;
+    for (i, answer) in answers.into_iter().enumerate() {
+        assert_eq!(answer.unwrap(), i as i64 + 7);
+    }
+    let _ = (stop_batches.send(()), stop_alone.send(()));
+    let (in_batches, alone) = (batch_counter.await.unwrap(), alone_counter.await.unwrap());
+    let calls = 2 * IN_FLIGHT as u64;
+    println!(
+        "REPORT durable coalescing: {calls} calls, {in_batches} batch messages, {alone} alone"
+    );
+    assert!(in_batches > 0, "no durable call was stored in a batch");
+    assert!(
+        in_batches + alone < calls,
+        "{in_batches} batches and {alone} calls alone for {calls} calls: nothing coalesced"
+    );
+    // Every call ran once and counts as a call in the workers' STATS
+    // (the first call, and the two rounds).
+    assert!(requests_in_stats(client.nats(), "add").await > calls);
+}

@@ -3,19 +3,24 @@
 //! of a connection arrives, and collecting a result ([`Pending`]), here or
 //! by id in any process.
 
+use super::batcher::{Batcher, Entry, Turn};
 use super::streams::{calls_stream, results_bucket};
+use crate::boxed::out_of_line;
 use crate::client::call::{annotate, CallOptions, CallState};
+use crate::client::coalesce::MAX_ENTRY_BYTES;
 use crate::client::returns::Returns;
 use crate::client::Client;
 use crate::error::{Error, ErrorKind};
-use crate::retry::with_retries;
+use crate::retry::{with_retries, RetryPolicy};
+use crate::settings::Settings;
 use crate::spec::FnSpec;
 use crate::wire::codec::Codec;
 use crate::wire::reply::reply_codec;
 use crate::wire::request::Prepared;
-use crate::wire::{headers, record, subjects};
-use async_nats::jetstream::{self, context::PublishErrorKind, kv};
-use async_nats::Message;
+use crate::wire::{batch, headers, record, subjects};
+use async_nats::jetstream::{self, consumer::pull, context::PublishErrorKind, kv};
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
@@ -31,6 +36,10 @@ pub(crate) struct DurableClient {
     replies: Arc<Replies>,
     /// Each service's results bucket, found on first use.
     results: Mutex<HashMap<String, kv::Store>>,
+    /// Durable calls being stored, for coalescing.
+    batcher: Batcher,
+    /// Whether durable calls may coalesce (`WHARF_COALESCE`).
+    coalesce: bool,
 }
 
 impl std::fmt::Debug for DurableClient {
@@ -54,6 +63,8 @@ impl DurableClient {
             streams: Mutex::new(HashSet::new()),
             replies: Replies::start(nats).await?,
             results: Mutex::new(HashMap::new()),
+            batcher: Batcher::default(),
+            coalesce: Settings::get().map_or(true, |s| s.coalesce),
         })
     }
 
@@ -61,7 +72,7 @@ impl DurableClient {
         if let Some(store) = self.results.lock().unwrap().get(service) {
             return Ok(store.clone());
         }
-        let store = results_bucket(&self.js, service).await?;
+        let store = out_of_line(|| results_bucket(&self.js, service)).await?;
         self.results
             .lock()
             .unwrap()
@@ -73,7 +84,7 @@ impl DurableClient {
         if self.streams.lock().unwrap().contains(service) {
             return Ok(());
         }
-        calls_stream(&self.js, prefix, service).await?;
+        out_of_line(|| calls_stream(&self.js, prefix, service)).await?;
         self.streams.lock().unwrap().insert(service);
         Ok(())
     }
@@ -136,7 +147,9 @@ impl Client {
     }
 
     /// Publishes a durable call into its service's stream and returns once
-    /// JetStream has stored it.
+    /// JetStream has stored it: in a batch with others of its function
+    /// when several are being stored at once ([`super::batcher`]), else
+    /// alone.
     pub(crate) async fn start_durable<R: Returns>(
         &self,
         spec: &'static FnSpec,
@@ -147,10 +160,6 @@ impl Client {
         let durable = self.durable_state().await?;
         durable.ensure_stream(self.prefix(), spec.service).await?;
         let id = call.id.as_str().to_owned();
-        let mut headers = prepared.headers.unwrap_or_default();
-        headers.insert(headers::REPLY, durable.replies.subject(&id).as_str());
-        headers.insert(headers::CALL_ID, id.as_str());
-        let subject = subjects::durable_call(self.prefix(), spec.service, spec.name);
         let reply = durable.replies.register(&id);
         let mut policy = options.retry.unwrap_or(spec.retry);
         // Re-sent under the same message id, JetStream stores a call once
@@ -164,11 +173,93 @@ impl Client {
             policy.attempts = u32::MAX;
             policy.max_backoff_ms = policy.max_backoff_ms.min(DURABLE_MAX_BACKOFF_MS);
         }
-        let stored = with_retries(&policy, true, call.deadline, |_| {
+        // A call that may travel in a batch: a postcard request with no
+        // headers of its own (what a batch entry carries).
+        let batchable = durable.coalesce
+            && options.codec == Codec::Postcard
+            && prepared.headers.is_none()
+            && prepared.payload.len() <= MAX_ENTRY_BYTES;
+        // Counted while it is being stored, alone or not: calls coalesce
+        // only while several are.
+        let _storing = batchable.then(|| durable.batcher.enter(spec));
+        if batchable
+            && self
+                .store_batched(
+                    &durable,
+                    spec,
+                    &prepared.payload,
+                    &id,
+                    policy,
+                    call.deadline,
+                )
+                .await
+        {
+            return Ok(self.pending(spec, id, reply, &call));
+        }
+        let mut headers = prepared.headers.unwrap_or_default();
+        headers.insert(headers::REPLY, durable.replies.subject(&id).as_str());
+        headers.insert(headers::CALL_ID, id.as_str());
+        let subject = subjects::durable_call(self.prefix(), spec.service, spec.name);
+        let stored = self
+            .publish_durable(
+                &durable,
+                spec,
+                subject,
+                prepared.payload,
+                headers,
+                &id,
+                &policy,
+                call.deadline,
+            )
+            .await;
+        if let Err((error, tries)) = stored {
+            durable.replies.waiting.lock().unwrap().remove(&id);
+            let message = format!(
+                "durable call to `{}` not accepted by JetStream: {}",
+                spec.path,
+                error.message()
+            );
+            return Err(annotate(error.with_message(message), tries));
+        }
+        Ok(self.pending(spec, id, reply, &call))
+    }
+
+    fn pending<R: Returns>(
+        &self,
+        spec: &'static FnSpec,
+        id: String,
+        reply: oneshot::Receiver<Message>,
+        call: &CallState,
+    ) -> Pending<R> {
+        Pending {
+            spec,
+            id,
+            client: Some(self.clone()),
+            reply: Some(reply),
+            wait: call.deadline.saturating_duration_since(Instant::now()) + RESULT_GRACE,
+            returns: PhantomData,
+        }
+    }
+
+    /// Publishes `payload` to JetStream under message id `msg_id`, trying
+    /// again as `policy` and `deadline` allow, until it is stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_durable(
+        &self,
+        durable: &DurableClient,
+        spec: &'static FnSpec,
+        subject: String,
+        payload: Bytes,
+        headers: HeaderMap,
+        msg_id: &str,
+        policy: &RetryPolicy,
+        deadline: Instant,
+    ) -> Result<(), (Error, u32)> {
+        with_retries(policy, true, deadline, |_| {
             let publish = jetstream::message::PublishMessage::build()
-                .payload(prepared.payload.clone())
+                .payload(payload.clone())
                 .headers(headers.clone())
-                .message_id(&id);
+                .message_id(msg_id);
             let js = &durable.js;
             let subject = subject.clone();
             let denials = self.denials();
@@ -198,24 +289,133 @@ impl Client {
                 }
             }
         }, |failure| spec.observe_retry(failure))
-        .await;
-        if let Err((error, tries)) = stored {
-            durable.replies.waiting.lock().unwrap().remove(&id);
-            let message = format!(
-                "durable call to `{}` not accepted by JetStream: {}",
-                spec.path,
-                error.message()
-            );
-            return Err(annotate(error.with_message(message), tries));
+        .await
+        .map(|_| ())
+    }
+
+    /// Stores a durable call in a batch with others of its function, if
+    /// several are being stored; false when it is to be stored alone (few
+    /// in flight, workers that take no batches, or a batch that was not
+    /// stored: each of its calls then tries alone, under its own id).
+    async fn store_batched(
+        &self,
+        durable: &Arc<DurableClient>,
+        spec: &'static FnSpec,
+        request: &Bytes,
+        id: &str,
+        policy: RetryPolicy,
+        deadline: Instant,
+    ) -> bool {
+        let max_bytes = self.nats().server_info().max_payload.saturating_sub(1024);
+        let turn = durable.batcher.turn(spec, request, id, max_bytes);
+        let stored = match turn {
+            Turn::Alone => return false,
+            Turn::Ask => {
+                self.ask_takes_batches(durable, spec);
+                return false;
+            }
+            Turn::Joined(stored) => stored,
+            Turn::Filled(stored, entries) => {
+                self.store_batch(durable, spec, entries, policy, deadline);
+                stored
+            }
+            Turn::Began(stored, generation) => {
+                let mut leading = Leading {
+                    client: self,
+                    durable,
+                    spec,
+                    generation,
+                    policy,
+                    deadline,
+                    done: false,
+                };
+                // Calls that are ready to run join this batch meanwhile.
+                tokio::task::yield_now().await;
+                leading.done = true;
+                match durable.batcher.take(spec, generation) {
+                    // Nobody joined: alone, as without coalescing.
+                    Some(entries) if entries.len() == 1 => return false,
+                    Some(entries) => self.store_batch(durable, spec, entries, policy, deadline),
+                    None => {}
+                }
+                stored
+            }
+        };
+        stored.await.unwrap_or(false)
+    }
+
+    /// Stores a batch of durable calls, in a task of its own (so no call
+    /// that gives up takes the others' store with it), and tells each call
+    /// whether it was stored.
+    fn store_batch(
+        &self,
+        durable: &Arc<DurableClient>,
+        spec: &'static FnSpec,
+        entries: Vec<Entry>,
+        policy: RetryPolicy,
+        deadline: Instant,
+    ) {
+        let (client, durable) = (self.clone(), durable.clone());
+        tokio::spawn(async move {
+            let payload = batch::encode_requests(entries.iter().map(|entry| &entry.request));
+            let mut headers = HeaderMap::new();
+            headers.insert(headers::REPLY, durable.replies.prefix.as_str());
+            let subject = subjects::durable_batch_call(client.prefix(), spec.service, spec.name);
+            // Unique (call ids are) and the same on every try: a batch
+            // sent again after a lost acknowledgement is stored once.
+            let msg_id = format!("{}-batch", entries[0].id);
+            let stored = client
+                .publish_durable(
+                    &durable, spec, subject, payload, headers, &msg_id, &policy, deadline,
+                )
+                .await
+                .is_ok();
+            for entry in entries {
+                let _ = entry.stored.send(stored);
+            }
+        });
+    }
+
+    /// Looks, in a task of its own, for the consumer through which the
+    /// workers of `spec` take batches of durable calls.
+    fn ask_takes_batches(&self, durable: &Arc<DurableClient>, spec: &'static FnSpec) {
+        let durable = durable.clone();
+        let stream = subjects::calls_stream(self.prefix(), spec.service);
+        tokio::spawn(async move {
+            let consumer = durable
+                .js
+                .get_consumer_from_stream::<pull::Config, _, _>(
+                    subjects::durable_batch_consumer(spec.name),
+                    stream,
+                )
+                .await;
+            durable.batcher.takes(spec, consumer.is_ok());
+        });
+    }
+}
+
+/// The call that began a batch, until it has taken it: dropped before (its
+/// caller gave up), it stores the batch anyway, so the calls that joined
+/// it are not left waiting for a batch nobody stores.
+struct Leading<'a> {
+    client: &'a Client,
+    durable: &'a Arc<DurableClient>,
+    spec: &'static FnSpec,
+    generation: u64,
+    policy: RetryPolicy,
+    deadline: Instant,
+    done: bool,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
         }
-        Ok(Pending {
-            spec,
-            id,
-            client: Some(self.clone()),
-            reply: Some(reply),
-            wait: call.deadline.saturating_duration_since(Instant::now()) + RESULT_GRACE,
-            returns: PhantomData,
-        })
+        if let Some(entries) = self.durable.batcher.take(self.spec, self.generation) {
+            self.client
+                .store_batch(self.durable, self.spec, entries, self.policy, self.deadline);
+        }
     }
 }
 
@@ -399,10 +599,17 @@ impl<R: Returns> Pending<R> {
         self.check_id()?;
         let until = Instant::now() + self.wait;
         let mut reply = self.reply.take();
+        // Collected by id (no reply to wait for), a result stored already
+        // is read at once rather than after the first poll's pause.
+        let mut pause = if reply.is_some() {
+            RESULT_POLL
+        } else {
+            Duration::ZERO
+        };
         loop {
-            let poll = tokio::time::sleep(
-                RESULT_POLL.min(until.saturating_duration_since(Instant::now())),
-            );
+            let poll =
+                tokio::time::sleep(pause.min(until.saturating_duration_since(Instant::now())));
+            pause = RESULT_POLL;
             // A reply sent while the connection was down is lost: the
             // stored result is read at once instead.
             let losses = client.connection().losses();

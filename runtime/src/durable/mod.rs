@@ -10,9 +10,14 @@
 //! `max_deliver` times, moves to the dead-letter stream and its caller gets
 //! [`ErrorKind::DeadLetter`](crate::ErrorKind::DeadLetter).
 //!
+//! While several durable calls of one function are being stored from one
+//! client, they are stored as one message, a batch, on
+//! `<prefix>.durable.<service>.<fn>-batch` (`batcher`).
+//!
 //! `caller` is the caller's side, `streams` what both sides share; the
 //! worker's side is `worker::durable`.
 
+mod batcher;
 pub(crate) mod caller;
 pub(crate) mod streams;
 

@@ -76,19 +76,31 @@ pub(crate) async fn dead_letters(js: &jetstream::Context, prefix: &str) -> Resul
 }
 
 /// Creates (or finds) the pull consumer through which workers take
-/// `spec`'s durable calls.
+/// `spec`'s durable calls, or with `batched` its batches of durable calls.
 pub(crate) async fn consumer(
     stream: &stream::Stream,
     prefix: &str,
     spec: &FnSpec,
+    batched: bool,
 ) -> Result<jetstream::consumer::Consumer<pull::Config>, Error> {
+    let (name, filter_subject) = if batched {
+        (
+            subjects::durable_batch_consumer(spec.name),
+            subjects::durable_batch_call(prefix, spec.service, spec.name),
+        )
+    } else {
+        (
+            subjects::durable_consumer(spec.name),
+            subjects::durable_call(prefix, spec.service, spec.name),
+        )
+    };
     stream
         .get_or_create_consumer(
-            &subjects::durable_consumer(spec.name),
+            &name,
             pull::Config {
-                durable_name: Some(subjects::durable_consumer(spec.name)),
+                durable_name: Some(name.clone()),
                 description: Some(format!("wharf: workers of {}.{}", spec.service, spec.name)),
-                filter_subject: subjects::durable_call(prefix, spec.service, spec.name),
+                filter_subject,
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: ack_wait(),
                 // Workers count deliveries themselves, so the last one is

@@ -159,6 +159,20 @@ pub fn durable_call(prefix: &str, service: &str, function: &str) -> String {
     format!("{prefix}.durable.{service}.{function}")
 }
 
+/// Where batches of durable calls of `service.function` are published:
+/// `<prefix>.durable.<service>.<function>-batch` (no function name has a
+/// `-`, so it is never another function's subject).
+pub fn durable_batch_call(prefix: &str, service: &str, function: &str) -> String {
+    format!("{prefix}.durable.{service}.{function}-batch")
+}
+
+/// The pull consumer through which workers take batches of `function`'s
+/// durable calls: `<function>-batch`. Workers that take batches create it,
+/// and a caller batches durable calls only once it exists.
+pub fn durable_batch_consumer(function: &str) -> String {
+    format!("{function}-batch")
+}
+
 /// The subjects of `service`'s durable calls: `<prefix>.durable.<service>.*`.
 pub fn durable_calls(prefix: &str, service: &str) -> String {
     format!("{prefix}.durable.{service}.*")

@@ -8,6 +8,7 @@ use super::endpoint::{Endpoint, Stop};
 use crate::durable::streams::{ack_wait, max_deliver};
 use crate::error::ErrorKind;
 use crate::handler::Fault;
+use crate::wire::batch::{self, MAX_BATCH_CALLS};
 use crate::wire::codec::Codec;
 use crate::wire::reply::one_line;
 use crate::wire::subjects;
@@ -30,11 +31,16 @@ const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// Pulls `endpoint`'s durable calls until `stop` turns true. A pull asks
 /// for no more calls than the worker has free permits, so a busy worker
 /// leaves the queue to the others.
+///
+/// With `batched`, each message of the consumer is a batch of calls
+/// ([`crate::wire::batch`]): every call in it takes a permit and runs as
+/// its own task, and the message is acked once all of them have settled.
 pub(crate) async fn serve(
     endpoint: Arc<Endpoint>,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     js: jetstream::Context,
     mut stop: watch::Receiver<bool>,
+    batched: bool,
 ) {
     let permits = endpoint.shared.permits.clone();
     loop {
@@ -47,7 +53,12 @@ pub(crate) async fn serve(
                 Err(_) => return,
             },
         }
-        let room = permits.available_permits().clamp(1, MAX_BATCH);
+        let room = if batched {
+            // A batch holds up to MAX_BATCH_CALLS calls.
+            (permits.available_permits() / MAX_BATCH_CALLS).clamp(1, MAX_BATCH)
+        } else {
+            permits.available_permits().clamp(1, MAX_BATCH)
+        };
         let batch = consumer
             .batch()
             .max_messages(room)
@@ -69,6 +80,12 @@ pub(crate) async fn serve(
         // at most PULL_EXPIRES for this loop.
         while let Some(message) = batch.next().await {
             let Ok(message) = message else { break };
+            if batched {
+                if !take_batch(&endpoint, &js, &permits, message).await {
+                    return;
+                }
+                continue;
+            }
             // Plain calls may have taken the room meanwhile; then this call
             // waits here, already ours, for the next free permit.
             let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -87,11 +104,127 @@ pub(crate) async fn serve(
     }
 }
 
-/// Runs one durable call: checks it, runs it while keeping it claimed,
-/// stores the result, replies, and only then acks.
+/// How a durable message leaves (or stays in) the work queue.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Settle {
+    /// Done: its result (or its dead letter) is stored.
+    Ack,
+    /// Not done: delivered again after a pause.
+    Nak,
+    /// Never to be delivered again (cancelled, dead-lettered).
+    Term,
+}
+
+/// Runs one durable call while keeping its message claimed, then settles
+/// the message.
 async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream::Message) {
-    let started = SystemTime::now();
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    // While the call runs (and its result is stored), tell JetStream it is
+    // still ours, so it is not handed to another worker after the ack wait.
+    let settle = tokio::select! {
+        settle = process(endpoint, js, &message.message, delivered, None) => settle,
+        never = keep_claimed(&message) => match never {},
+    };
+    settle_message(&message, settle).await;
+}
+
+/// Takes a batch of durable calls: each call waits for a permit (so the
+/// pull loop pulls no more than there is room for) and runs as its own
+/// task; one task keeps the message claimed until all have settled, then
+/// settles it: acked when every call is done, else delivered again (the
+/// calls whose results are stored are then answered from them). False
+/// when the worker is shutting down.
+async fn take_batch(
+    endpoint: &Arc<Endpoint>,
+    js: &jetstream::Context,
+    permits: &Arc<tokio::sync::Semaphore>,
+    message: jetstream::Message,
+) -> bool {
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let base = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::REPLY))
+        .map(|v| Arc::<str>::from(v.as_str()));
+    let calls = match batch::decode_requests(&message.payload) {
+        Ok(calls) => calls,
+        Err(reason) => {
+            // Its calls cannot be told apart: the batch as a whole is
+            // moved to the dead letters, its callers time out.
+            let (endpoint, js) = (endpoint.clone(), js.clone());
+            tokio::spawn(async move {
+                let fate = Fate {
+                    codec: Codec::Postcard,
+                    id: None,
+                    reply: None,
+                };
+                let reason = format!("a batch of durable calls that does not decode: {reason}");
+                let settle = dead_letter(&endpoint, &js, &message.message, fate, &reason).await;
+                settle_message(&message, settle).await;
+            });
+            return true;
+        }
+    };
+    let mut running = Vec::with_capacity(calls.len());
+    for payload in calls {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return false;
+        };
+        let request = async_nats::Message {
+            subject: message.subject.clone(),
+            reply: None,
+            length: payload.len(),
+            payload,
+            headers: None,
+            status: None,
+            description: None,
+        };
+        let (endpoint, js, base) = (endpoint.clone(), js.clone(), base.clone());
+        running.push(tokio::spawn(async move {
+            let settle = process(&endpoint, &js, &request, delivered, Some(base.as_deref())).await;
+            drop(permit);
+            settle
+        }));
+    }
+    tokio::spawn(async move {
+        let settled = tokio::select! {
+            settled = futures_util::future::join_all(running) => settled,
+            never = keep_claimed(&message) => match never {},
+        };
+        let again = settled
+            .into_iter()
+            .any(|settle| !matches!(settle, Ok(Settle::Ack | Settle::Term)));
+        let settle = if again { Settle::Nak } else { Settle::Ack };
+        settle_message(&message, settle).await;
+    });
+    true
+}
+
+/// Acks, naks or terminates `message` as `settle` says.
+async fn settle_message(message: &jetstream::Message, settle: Settle) {
+    let _ = match settle {
+        Settle::Ack => message.ack().await,
+        Settle::Nak => {
+            message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await
+        }
+        Settle::Term => message.ack_with(AckKind::Term).await,
+    };
+}
+
+/// Runs one durable call: checks it, runs it, stores the result, and
+/// replies; says how its message is to be settled. `request` is the call's
+/// message, or one call of a batch whose replies go under `base` (`None`
+/// inside: the batch named no reply base).
+async fn process(
+    endpoint: &Endpoint,
+    js: &jetstream::Context,
+    request: &async_nats::Message,
+    delivered: i64,
+    base: Option<Option<&str>>,
+) -> Settle {
+    let started = SystemTime::now();
     if delivered > 1 {
         endpoint.stats.redeliveries.fetch_add(1, Ordering::Relaxed);
     }
@@ -99,11 +232,25 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         .map_or(subjects::DEFAULT_INBOX_PREFIX, |s| {
             s.credentials.inbox_prefix()
         });
-    let named = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::REPLY))
-        .map(|v| v.as_str().to_owned());
+    let parts = read_request(request);
+    let (codec, id) = match &parts {
+        Ok((codec, meta, _)) => (
+            *codec,
+            subjects::valid_id(&meta.call_id)
+                .then(|| String::from_utf8_lossy(&meta.call_id).into_owned()),
+        ),
+        Err((codec, _)) => (*codec, None),
+    };
+    let named = match base {
+        None => request
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::REPLY))
+            .map(|v| v.as_str().to_owned()),
+        Some(base) => base
+            .zip(id.as_deref())
+            .map(|(base, id)| subjects::durable_reply(base, id)),
+    };
     // A worker answers only to an inbox: a request must not be able to make
     // it publish onto any other subject (a drain, a stop, another call).
     let reply = named
@@ -111,14 +258,6 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         .filter(|subject| subjects::valid_reply(subject, inbox_prefix))
         .map(async_nats::Subject::from);
     if let Some(named) = named.filter(|_| reply.is_none()) {
-        let (codec, id) = match read_request(&message.message) {
-            Ok((codec, meta, _)) => (
-                codec,
-                subjects::valid_id(&meta.call_id)
-                    .then(|| String::from_utf8_lossy(&meta.call_id).into_owned()),
-            ),
-            Err((codec, _)) => (codec, None),
-        };
         let fate = Fate {
             codec,
             id,
@@ -128,9 +267,9 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
             "Wharf-Reply `{}` is not an inbox subject: a durable call's reply goes to `_INBOX.<...>` (see docs/protocol.md)",
             subjects::shown(&named)
         );
-        return dead_letter(endpoint, js, &message, fate, &reason).await;
+        return dead_letter(endpoint, js, request, fate, &reason).await;
     }
-    let (codec, meta, args) = match read_request(&message.message) {
+    let (codec, meta, args) = match parts {
         Ok(parts) => parts,
         Err((codec, fault)) => {
             let fate = Fate {
@@ -138,11 +277,9 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
                 id: None,
                 reply,
             };
-            return dead_letter(endpoint, js, &message, fate, fault.message()).await;
+            return dead_letter(endpoint, js, request, fate, fault.message()).await;
         }
     };
-    let id = subjects::valid_id(&meta.call_id)
-        .then(|| String::from_utf8_lossy(&meta.call_id).into_owned());
     let fate = Fate {
         codec,
         id: id.clone(),
@@ -150,43 +287,39 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
     };
     let (Some(id), Some(results)) = (id, endpoint.results.as_ref()) else {
         let reason = "a durable call needs a Wharf-Call-Id of letters, digits, '-' and '_' (see docs/protocol.md)";
-        return dead_letter(endpoint, js, &message, fate, reason).await;
+        return dead_letter(endpoint, js, request, fate, reason).await;
     };
     let limit = max_deliver();
     if delivered > limit {
         let reason = format!(
             "delivered {delivered} times without completing (the limit is {limit}, WHARF_MAX_DELIVER); the workers that took it died or lost their connection"
         );
-        return dead_letter(endpoint, js, &message, fate, &reason).await;
+        return dead_letter(endpoint, js, request, fate, &reason).await;
     }
     if delivered > 1 {
         // A redelivery of a call that completed but whose ack was lost:
         // answer from the stored result instead of running it again.
         if answer_stored(endpoint, results, &id, fate.reply.clone()).await {
-            let _ = message.ack().await;
-            return;
+            return Settle::Ack;
         }
     }
     if endpoint.shared.cancels.contains(id.as_bytes()) {
         // Cancelled before it reached a worker: it never runs.
         endpoint.shared.cancelled.fetch_add(1, Ordering::Relaxed);
-        return settle_cancelled(endpoint, &message, fate, &id).await;
+        return settle_cancelled(endpoint, fate, &id).await;
     }
     // Held while it runs, so a cancel finds it and stops it.
     let held = Bytes::copy_from_slice(id.as_bytes());
     let (stop, stopped) = tokio::sync::oneshot::channel();
     endpoint.track(&held);
     endpoint.shared.running.attach(&held, Stop::Signal(stop));
-    // While the call runs (and its result is stored), tell JetStream it is
-    // still ours, so it is not handed to another worker after the ack wait.
     let outcome = tokio::select! {
         outcome = endpoint.execute(codec, &meta, args, started, None) => Some(outcome),
         Ok(()) = stopped => None,
-        never = keep_claimed(&message) => match never {},
     };
     endpoint.untrack(&held);
     let Some(outcome) = outcome else {
-        return settle_cancelled(endpoint, &message, fate, &id).await;
+        return settle_cancelled(endpoint, fate, &id).await;
     };
     let (code, headers, body) = match &outcome {
         Ok(body) => (
@@ -196,7 +329,7 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
         ),
         // Arguments that cannot be decoded never will be: no redelivery.
         Err(fault) if fault.kind() == ErrorKind::BadRequest => {
-            return dead_letter(endpoint, js, &message, fate, fault.message()).await;
+            return dead_letter(endpoint, js, request, fate, fault.message()).await;
         }
         Err(fault) => fault.answer(codec),
     };
@@ -208,26 +341,17 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
     // delivery towards the dead-letter limit.
     let record = record::encode(code, codec, &body);
     let service = endpoint.registration.spec.service;
-    let stored = tokio::select! {
-        stored = store_patiently(js, service, &id, &record) => stored,
-        never = keep_claimed(&message) => match never {},
-    };
-    match stored {
+    match store_patiently(js, service, &id, &record).await {
         Stored::Now => answer(endpoint, fate.reply, headers, body).await,
         Stored::Before => {
             // Cancelled meanwhile (by a canceller whose cancel this worker
             // did not hear), or run before: what is stored is the answer.
             answer_stored(endpoint, results, &id, fate.reply).await;
         }
-        Stored::Not => {
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            return;
-        }
+        Stored::Not => return Settle::Nak,
     }
     endpoint.record(started, outcome.as_ref().err());
-    let _ = message.ack().await;
+    Settle::Ack
 }
 
 /// Publishes a durable call's answer to its caller, if it named a reply
@@ -347,7 +471,7 @@ async fn store(
 /// Ends a durable call that was cancelled: its record (code 499) was
 /// stored by whoever cancelled it; its caller is told, and the call leaves
 /// the work queue for good.
-async fn settle_cancelled(endpoint: &Endpoint, message: &jetstream::Message, fate: Fate, id: &str) {
+async fn settle_cancelled(endpoint: &Endpoint, fate: Fate, id: &str) -> Settle {
     let spec = endpoint.registration.spec;
     let fault = Fault::new(
         ErrorKind::Cancelled,
@@ -359,25 +483,39 @@ async fn settle_cancelled(endpoint: &Endpoint, message: &jetstream::Message, fat
     let (_, headers, body) = fault.answer(fate.codec);
     answer(endpoint, fate.reply, headers, body).await;
     endpoint.record(SystemTime::now(), Some(&fault));
-    let _ = message.ack_with(AckKind::Term).await;
+    Settle::Term
 }
 
 /// Moves a call to the dead-letter stream with `reason`, answers its
 /// caller with [`ErrorKind::DeadLetter`], and terminates it in the work
 /// queue.
+///
+/// `request` is the call's message, or one call of a batch: its dead
+/// letter then names its reply subject and call id in headers, as a call
+/// sent alone would.
 async fn dead_letter(
     endpoint: &Endpoint,
     js: &jetstream::Context,
-    message: &jetstream::Message,
+    request: &async_nats::Message,
     fate: Fate,
     reason: &str,
-) {
+) -> Settle {
     let spec = endpoint.registration.spec;
     let prefix = &endpoint.shared.prefix;
-    let mut headers = message.headers.clone().unwrap_or_default();
+    let mut headers = request.headers.clone().unwrap_or_default();
+    if headers.get(headers::REPLY).is_none() {
+        if let Some(reply) = &fate.reply {
+            headers.insert(headers::REPLY, reply.as_str());
+        }
+    }
+    if headers.get(headers::CALL_ID).is_none() {
+        if let Some(id) = &fate.id {
+            headers.insert(headers::CALL_ID, id.as_str());
+        }
+    }
     headers.insert(headers::DEAD_REASON, one_line(reason).as_str());
     let publish = jetstream::message::PublishMessage::build()
-        .payload(message.payload.clone())
+        .payload(request.payload.clone())
         .headers(headers);
     let subject = subjects::dead_letter(prefix, spec.service, spec.name);
     let moved = match js.send_publish(subject, publish).await {
@@ -386,10 +524,7 @@ async fn dead_letter(
     };
     if !moved {
         // Not stored anywhere yet: leave it in the work queue for later.
-        let _ = message
-            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-            .await;
-        return;
+        return Settle::Nak;
     }
     endpoint.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
     let stream = subjects::dead_letter_stream(prefix);
@@ -414,5 +549,5 @@ async fn dead_letter(
     }
     answer(endpoint, fate.reply, headers, body).await;
     endpoint.record(SystemTime::now(), Some(&fault));
-    let _ = message.ack_with(AckKind::Term).await;
+    Settle::Term
 }

@@ -209,13 +209,22 @@ impl Worker {
                 });
                 let mut durable = None;
                 if let Some(stream) = &stream {
-                    let consumer = streams::consumer(stream, &prefix, spec).await?;
+                    let consumer = streams::consumer(stream, &prefix, spec, false).await?;
                     durable = Some(consumer.clone());
                     tasks.spawn(super::durable::serve(
                         endpoint.clone(),
                         consumer,
                         js.clone(),
                         stopped.clone(),
+                        false,
+                    ));
+                    let batches = streams::consumer(stream, &prefix, spec, true).await?;
+                    tasks.spawn(super::durable::serve(
+                        endpoint.clone(),
+                        batches,
+                        js.clone(),
+                        stopped.clone(),
+                        true,
                     ));
                 }
                 served_metrics.push(super::metrics::Served {
