@@ -275,7 +275,10 @@ async fn concurrent_durable_calls_are_stored_in_batches_and_each_is_collected_by
     for ((i, id), sum) in started.iter().zip(collected) {
         assert_eq!(sum.unwrap(), i + 1000, "durable call {id} ({i} + 1000)");
     }
-    // And called durably, waiting for each answer.
+    // And called durably, waiting for each answer: the answers of a
+    // batch's calls come back together.
+    let batch_replies = subjects::durable_batch_reply("_INBOX.*.durable");
+    let (stop_replies, reply_counter) = count_messages(client.nats(), batch_replies).await;
     let answers = futures_util::future::join_all((0..IN_FLIGHT as i64).map(|i| {
         let client = client.clone();
         async move { add::request(i, 7).client(&client).durable(true).await }
@@ -284,13 +287,22 @@ async fn concurrent_durable_calls_are_stored_in_batches_and_each_is_collected_by
     for (i, answer) in answers.into_iter().enumerate() {
         assert_eq!(answer.unwrap(), i as i64 + 7);
     }
-    let _ = (stop_batches.send(()), stop_alone.send(()));
+    let _ = (
+        stop_batches.send(()),
+        stop_alone.send(()),
+        stop_replies.send(()),
+    );
     let (in_batches, alone) = (batch_counter.await.unwrap(), alone_counter.await.unwrap());
+    let batch_replies = reply_counter.await.unwrap();
     let calls = 2 * IN_FLIGHT as u64;
     println!(
-        "REPORT durable coalescing: {calls} calls, {in_batches} batch messages, {alone} alone"
+        "REPORT durable coalescing: {calls} calls, {in_batches} batch messages, {alone} alone, {batch_replies} batch replies"
     );
     assert!(in_batches > 0, "no durable call was stored in a batch");
+    assert!(
+        batch_replies > 0,
+        "no answer of a batch's calls came back in a batch reply"
+    );
     assert!(
         in_batches + alone < calls,
         "{in_batches} batches and {alone} calls alone for {calls} calls: nothing coalesced"

@@ -121,6 +121,10 @@ impl Replies {
                     return;
                 };
                 let id = subjects::durable_reply_id(&message.subject);
+                if id == subjects::DURABLE_BATCH_REPLY {
+                    replies.route_batch(message);
+                    continue;
+                }
                 let waiter = replies.waiting.lock().unwrap().remove(id);
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(message);
@@ -128,6 +132,35 @@ impl Replies {
             }
         });
         Ok(replies)
+    }
+
+    /// Hands each answer of a batch reply (the answers of a batch's calls,
+    /// each naming its call id in `Wharf-Call-Id`) to the call waiting for
+    /// it. A reply that does not decode is dropped: those calls read their
+    /// stored results instead.
+    fn route_batch(&self, message: Message) {
+        let Ok(answers) = batch::decode_answers(&message.payload) else {
+            return;
+        };
+        let mut waiting = self.waiting.lock().unwrap();
+        for answer in answers {
+            let waiter = answer
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::CALL_ID))
+                .and_then(|id| waiting.remove(id.as_str()));
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(Message {
+                    subject: message.subject.clone(),
+                    reply: None,
+                    length: answer.body.len(),
+                    payload: answer.body,
+                    headers: answer.headers,
+                    status: None,
+                    description: None,
+                });
+            }
+        }
     }
 
     fn subject(&self, id: &str) -> String {

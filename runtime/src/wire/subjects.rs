@@ -219,6 +219,16 @@ pub fn durable_reply(base: &str, id: &str) -> String {
     format!("{base}.{id}")
 }
 
+/// Where a worker sends the answers of a batch's durable calls, several to
+/// a message, when the batch names reply base `base`: `<base>.~batch`
+/// (`~` is never in a call id, so this is no call's own reply subject).
+pub fn durable_batch_reply(base: &str) -> String {
+    format!("{base}.{DURABLE_BATCH_REPLY}")
+}
+
+/// The last token of [`durable_batch_reply`].
+pub const DURABLE_BATCH_REPLY: &str = "~batch";
+
 /// The call id a [`durable_reply`] subject names.
 pub fn durable_reply_id(subject: &str) -> &str {
     subject.rsplit('.').next().unwrap_or("")

@@ -5,6 +5,7 @@
 
 use super::dispatch::read_request;
 use super::endpoint::{Endpoint, Stop};
+use super::reply::ReplyTo;
 use crate::durable::streams::{ack_wait, max_deliver};
 use crate::error::ErrorKind;
 use crate::handler::Fault;
@@ -166,7 +167,7 @@ async fn take_batch(
         }
     };
     let mut running = Vec::with_capacity(calls.len());
-    for payload in calls {
+    for (index, payload) in (0u32..).zip(calls) {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return false;
         };
@@ -181,7 +182,11 @@ async fn take_batch(
         };
         let (endpoint, js, base) = (endpoint.clone(), js.clone(), base.clone());
         running.push(tokio::spawn(async move {
-            let settle = process(&endpoint, &js, &request, delivered, Some(base.as_deref())).await;
+            let within = Within {
+                base: base.as_deref(),
+                index,
+            };
+            let settle = process(&endpoint, &js, &request, delivered, Some(within)).await;
             drop(permit);
             settle
         }));
@@ -213,16 +218,24 @@ async fn settle_message(message: &jetstream::Message, settle: Settle) {
     };
 }
 
+/// Where one call of a batch stands in it.
+#[derive(Clone, Copy)]
+struct Within<'a> {
+    /// The batch's reply base (`Wharf-Reply`), if it named one.
+    base: Option<&'a str>,
+    /// The call's place in the batch, from 0.
+    index: u32,
+}
+
 /// Runs one durable call: checks it, runs it, stores the result, and
 /// replies; says how its message is to be settled. `request` is the call's
-/// message, or one call of a batch whose replies go under `base` (`None`
-/// inside: the batch named no reply base).
+/// message, or one call of a batch (`within`).
 async fn process(
     endpoint: &Endpoint,
     js: &jetstream::Context,
     request: &async_nats::Message,
     delivered: i64,
-    base: Option<Option<&str>>,
+    within: Option<Within<'_>>,
 ) -> Settle {
     let started = SystemTime::now();
     if delivered > 1 {
@@ -241,13 +254,14 @@ async fn process(
         ),
         Err((codec, _)) => (*codec, None),
     };
-    let named = match base {
+    let named = match within {
         None => request
             .headers
             .as_ref()
             .and_then(|h| h.get(headers::REPLY))
             .map(|v| v.as_str().to_owned()),
-        Some(base) => base
+        Some(within) => within
+            .base
             .zip(id.as_deref())
             .map(|(base, id)| subjects::durable_reply(base, id)),
     };
@@ -342,7 +356,23 @@ async fn process(
     let record = record::encode(code, codec, &body);
     let service = endpoint.registration.spec.service;
     match store_patiently(js, service, &id, &record).await {
-        Stored::Now => answer(endpoint, fate.reply, headers, body).await,
+        Stored::Now => match within.filter(|_| fate.reply.is_some()) {
+            // The answers of a batch's calls gather in the outbox and go
+            // to the caller together, as they become ready.
+            Some(Within {
+                base: Some(base),
+                index,
+            }) => {
+                let mut headers = headers;
+                headers.insert(headers::CALL_ID, id.as_str());
+                let to = ReplyTo::Batch {
+                    subject: subjects::durable_batch_reply(base).into(),
+                    index,
+                };
+                endpoint.send_reply(to, Some(headers), body).await;
+            }
+            _ => answer(endpoint, fate.reply, headers, body).await,
+        },
         Stored::Before => {
             // Cancelled meanwhile (by a canceller whose cancel this worker
             // did not hear), or run before: what is stored is the answer.
