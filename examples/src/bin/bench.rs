@@ -477,6 +477,10 @@ enum Side {
     Idempotent,
     Durable,
     Stateful,
+    /// Not a call: one raw JetStream store of a result-sized record under
+    /// a new key, as a KV create, the part of a durable call no batching
+    /// can share.
+    RawStore,
 }
 
 impl Side {
@@ -490,6 +494,7 @@ impl Side {
             Side::Idempotent => "idempotent",
             Side::Durable => "durable",
             Side::Stateful => "stateful",
+            Side::RawStore => "raw store",
         }
     }
 
@@ -515,6 +520,7 @@ impl Side {
             ),
             Side::Idempotent => check(add_idempotent::call(client, 20, 22).await?),
             Side::Durable => check(add::request(20, 22).client(client).durable(true).await?),
+            Side::RawStore => raw_store(nats).await,
             Side::Stateful => {
                 let txns = TXNS.get().expect("transactions are opened first");
                 let tx = &txns[NEXT_TXN.fetch_add(1, Ordering::Relaxed) % txns.len()];
@@ -600,6 +606,27 @@ async fn raw_call_to(
     let reply = nats.request(subject, payload.into()).await?;
     let sum: i64 = postcard::from_bytes(&reply.payload)?;
     check(sum)
+}
+
+/// The KV bucket the raw store side writes to.
+const RAW_STORE_BUCKET: &str = "bench_raw_store";
+
+/// Keys of the raw store side: each store writes a key never used before.
+static NEXT_KEY: AtomicUsize = AtomicUsize::new(0);
+
+/// One raw KV create, written the plain async-nats way: publish with
+/// `Nats-Expected-Last-Subject-Sequence: 0` and wait for the server's ack.
+async fn raw_store(nats: &async_nats::Client) -> CallResult {
+    static JS: OnceLock<async_nats::jetstream::Context> = OnceLock::new();
+    let js = JS.get_or_init(|| async_nats::jetstream::new(nats.clone()));
+    let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload(Bytes::from_static(&[0, 0, 0, 42]))
+        .expected_last_subject_sequence(0);
+    js.send_publish(format!("$KV.{RAW_STORE_BUCKET}.k{key}"), publish)
+        .await?
+        .await?;
+    Ok(())
 }
 
 async fn wharf_call(
@@ -745,12 +772,23 @@ async fn durable_against_plain() -> Result<(), Box<dyn std::error::Error>> {
         .call(&nats, &client)
         .await
         .map_err(|e| e.to_string())?;
+    // The raw store side's bucket, as wharf's results buckets are: file
+    // storage, one value per key, values kept as long.
+    async_nats::jetstream::new(nats.clone())
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: RAW_STORE_BUCKET.to_owned(),
+            history: 1,
+            max_age: wharf::durable::DEFAULT_RESULTS_TTL,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
     let pids = [server.pid(), worker.id(), std::process::id()];
-    let mut rows: [Vec<[f64; 4]>; 2] = [Vec::new(), Vec::new()];
+    let mut rows: [Vec<[f64; 4]>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for round in 0..ROUNDS {
         eprintln!("round {} of {ROUNDS}", round + 1);
-        let mut sides = [(0, Side::Wharf), (1, Side::Durable)];
-        sides.rotate_left(round % 2);
+        let mut sides = [(0, Side::Wharf), (1, Side::Durable), (2, Side::RawStore)];
+        sides.rotate_left(round % 3);
         for (slot, side) in sides {
             let (rate, cpu) = measure(side, &nats, &client, CALLS, 256, &pids).await?;
             rows[slot].push([rate, cpu[0], cpu[1], cpu[2]]);
@@ -770,6 +808,22 @@ async fn durable_against_plain() -> Result<(), Box<dyn std::error::Error>> {
     .enumerate()
     {
         println!("{}", ratio_row(label, &column(0, i), &column(1, i)));
+    }
+    println!();
+    // What bounds a durable call: its result must be stored (one JetStream
+    // store per call, which no batch of calls shares), so a durable call
+    // can go no faster than that store alone.
+    println!(
+        "| 256 in flight | raw KV create | durable | durable / raw KV create | per-round ratio, min to max |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    // (The raw side has no worker.)
+    for (label, i) in [
+        ("stores or calls/s", 0),
+        ("CPU µs each, server", 1),
+        ("CPU µs each, caller (the storing process for raw)", 3),
+    ] {
+        println!("{}", ratio_row(label, &column(2, i), &column(1, i)));
     }
     println!();
     println!("rounds: {ROUNDS}, calls per run: {CALLS}, medians over rounds");
