@@ -15,6 +15,7 @@ pub(crate) mod returns;
 pub(crate) mod stream;
 
 use crate::boxed::out_of_line;
+use crate::durable::caller::DurableClient;
 use crate::error::{Error, ErrorKind};
 use crate::settings::{Credentials, Settings};
 use crate::wire::subjects;
@@ -51,6 +52,9 @@ struct Inner {
     /// when that failed: calls then go out alone). Shared by clones of
     /// other prefixes: the same connection.
     coalescer: Arc<tokio::sync::OnceCell<Option<Arc<coalesce::Coalescer>>>>,
+    /// Durable-call state, made by the first durable call: a field of its
+    /// own rather than an extension, as every durable call reads it twice.
+    durable: tokio::sync::OnceCell<Arc<DurableClient>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -178,6 +182,7 @@ impl Client {
                 extensions: Mutex::new(HashMap::new()),
                 spill_at: AtomicUsize::new(0),
                 coalescer,
+                durable: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -225,6 +230,11 @@ impl Client {
     /// The credentials this client connected with (its URL may carry more).
     pub fn credentials(&self) -> &Credentials {
         &self.inner.credentials
+    }
+
+    /// Where this client's durable-call state is kept.
+    pub(crate) fn durable_cell(&self) -> &tokio::sync::OnceCell<Arc<DurableClient>> {
+        &self.inner.durable
     }
 
     /// This connection's coalescer, set up on first use; none when

@@ -40,6 +40,10 @@ pub(crate) struct DurableClient {
     batcher: Batcher,
     /// Whether durable calls may coalesce (`WHARF_COALESCE`).
     coalesce: bool,
+    /// Most bytes of requests in one batch: the server's `max_payload`
+    /// when the client connected, less room for headers (read once, as
+    /// the coalescer of plain calls does).
+    max_batch_bytes: usize,
 }
 
 impl std::fmt::Debug for DurableClient {
@@ -65,6 +69,7 @@ impl DurableClient {
             results: Mutex::new(HashMap::new()),
             batcher: Batcher::default(),
             coalesce: Settings::get().map_or(true, |s| s.coalesce),
+            max_batch_bytes: nats.server_info().max_payload.saturating_sub(1024),
         })
     }
 
@@ -175,8 +180,18 @@ impl Replies {
 }
 
 impl Client {
+    /// This client's durable-call state, set up by its first durable call.
     async fn durable_state(&self) -> Result<Arc<DurableClient>, Error> {
-        self.extension(|| DurableClient::new(self.nats())).await
+        let cell = self.durable_cell();
+        if let Some(durable) = cell.get() {
+            return Ok(durable.clone());
+        }
+        // Boxed, so the setup's future does not widen every call's.
+        out_of_line(|| {
+            cell.get_or_try_init(|| async { DurableClient::new(self.nats()).await.map(Arc::new) })
+        })
+        .await
+        .cloned()
     }
 
     /// Publishes a durable call into its service's stream and returns once
@@ -339,8 +354,9 @@ impl Client {
         policy: RetryPolicy,
         deadline: Instant,
     ) -> bool {
-        let max_bytes = self.nats().server_info().max_payload.saturating_sub(1024);
-        let turn = durable.batcher.turn(spec, request, id, max_bytes);
+        let turn = durable
+            .batcher
+            .turn(spec, request, id, durable.max_batch_bytes);
         let stored = match turn {
             Turn::Alone => return false,
             Turn::Ask => {
