@@ -11,7 +11,9 @@ use wharf::testing::NatsServer;
 use wharf::wire::batch;
 use wharf::wire::subjects;
 use wharf::Client;
-use wharf_integration::{add, spawn_worker, take, wait_for_workers, InventoryError};
+use wharf_integration::{
+    add, spawn_worker, spawn_worker_with, take, wait_for_workers, InventoryError,
+};
 
 /// Calls in flight from the one client.
 const IN_FLIGHT: usize = 128;
@@ -310,4 +312,55 @@ async fn concurrent_durable_calls_are_stored_in_batches_and_each_is_collected_by
     // Every call ran once and counts as a call in the workers' STATS
     // (the first call, and the two rounds).
     assert!(requests_in_stats(client.nats(), "add").await > calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_fewer_slots_than_a_batch_holds_serves_every_durable_call() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    // Four slots: a batch of more calls runs four at a time.
+    let _worker = spawn_worker_with(&server.url(), &[("WHARF_CONCURRENCY", "4")]);
+    wait_for_workers(&client, 1).await;
+    // The largest batch stored, seen on the wire.
+    let mut batches = client
+        .nats()
+        .subscribe(subjects::durable_batch_call("wharf", "itest", "add"))
+        .await
+        .unwrap();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let largest = tokio::spawn(async move {
+        let mut largest = 0;
+        loop {
+            tokio::select! {
+                Some(message) = batches.next() => {
+                    let calls = batch::decode_requests(&message.payload).map_or(0, |c| c.len());
+                    largest = largest.max(calls);
+                }
+                _ = &mut stopped => return largest,
+            }
+        }
+    });
+    // Two rounds: in the first the client learns that the workers take
+    // batches.
+    for round in 0..2 {
+        let answers = tokio::time::timeout(
+            Duration::from_secs(60),
+            futures_util::future::join_all((0..IN_FLIGHT as i64).map(|i| {
+                let client = client.clone();
+                async move { add::request(i, round).client(&client).durable(true).await }
+            })),
+        )
+        .await
+        .expect("every durable call answered within 60 s by a worker of 4 slots");
+        for (i, answer) in answers.into_iter().enumerate() {
+            assert_eq!(answer.unwrap(), i as i64 + round);
+        }
+    }
+    let _ = stop.send(());
+    let largest = largest.await.unwrap();
+    println!("REPORT durable coalescing, 4 slots: largest batch {largest} calls");
+    assert!(
+        largest > 4,
+        "no batch held more calls than the worker has slots (largest: {largest})"
+    );
 }

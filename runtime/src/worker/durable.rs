@@ -6,6 +6,7 @@
 use super::dispatch::read_request;
 use super::endpoint::{Endpoint, Stop};
 use super::reply::ReplyTo;
+use super::stores::{NotStored, Stores};
 use crate::durable::streams::{ack_wait, max_deliver};
 use crate::error::ErrorKind;
 use crate::handler::Fault;
@@ -14,14 +15,14 @@ use crate::wire::codec::Codec;
 use crate::wire::reply::one_line;
 use crate::wire::subjects;
 use crate::wire::{headers, record};
-use async_nats::jetstream::{self, consumer::pull, context::PublishErrorKind, kv, AckKind};
+use async_nats::jetstream::{self, consumer::pull, kv, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 /// Most calls one pull asks for.
 const MAX_BATCH: usize = 256;
@@ -34,8 +35,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// leaves the queue to the others.
 ///
 /// With `batched`, each message of the consumer is a batch of calls
-/// ([`crate::wire::batch`]): every call in it takes a permit and runs as
-/// its own task, and the message is acked once all of them have settled.
+/// ([`crate::wire::batch`]): every call in it takes a permit, and the
+/// message is acked once all of them have settled ([`take_batch`]).
 pub(crate) async fn serve(
     endpoint: Arc<Endpoint>,
     consumer: jetstream::consumer::Consumer<pull::Config>,
@@ -44,7 +45,17 @@ pub(crate) async fn serve(
     batched: bool,
 ) {
     let permits = endpoint.shared.permits.clone();
+    // The batches of the last pull that wait for their permits.
+    let mut starting: Vec<oneshot::Receiver<()>> = Vec::new();
     loop {
+        // Those first: until they have their permits, free ones are
+        // theirs, not room for more calls.
+        for started in starting.drain(..) {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                _ = started => {}
+            }
+        }
         // Room first: a worker with no free permit asks for nothing. The
         // permit is only looked at, not held while the pull waits.
         tokio::select! {
@@ -82,9 +93,9 @@ pub(crate) async fn serve(
         while let Some(message) = batch.next().await {
             let Ok(message) = message else { break };
             if batched {
-                if !take_batch(&endpoint, &js, &permits, message).await {
-                    return;
-                }
+                let (started, starts) = oneshot::channel();
+                take_batch(&endpoint, &js, &permits, message, started);
+                starting.push(starts);
                 continue;
             }
             // Plain calls may have taken the room meanwhile; then this call
@@ -129,84 +140,113 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
     settle_message(&message, settle).await;
 }
 
-/// Takes a batch of durable calls: each call waits for a permit (so the
-/// pull loop pulls no more than there is room for), and all run at once
-/// in one task, which keeps the message claimed until all have settled, then
-/// settles it: acked when every call is done, else delivered again (the
-/// calls whose results are stored are then answered from them). False
-/// when the worker is shutting down.
-async fn take_batch(
+/// Takes a batch of durable calls: one task keeps the message claimed
+/// from the moment it arrives, waits for permits (one per call, up to the
+/// worker's concurrency: a batch of more calls runs that many at a time),
+/// runs the calls, and settles the message once all have settled: acked
+/// when every call is done, else delivered again (the calls whose results
+/// are stored are then answered from them). A permit is held until the
+/// message is settled, so a drain does not end between a call's answer and
+/// its batch's ack. `started` hears once the task has its permits.
+fn take_batch(
     endpoint: &Arc<Endpoint>,
     js: &jetstream::Context,
     permits: &Arc<tokio::sync::Semaphore>,
     message: jetstream::Message,
-) -> bool {
-    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-    let base = message
-        .headers
+    started: oneshot::Sender<()>,
+) {
+    let calls = batch::decode_requests(&message.payload);
+    // Never more permits than there are: a batch larger than the worker's
+    // concurrency would otherwise wait for permits that never come.
+    let width = calls
         .as_ref()
-        .and_then(|h| h.get(headers::REPLY))
-        .map(|v| Arc::<str>::from(v.as_str()));
-    let calls = match batch::decode_requests(&message.payload) {
+        .map_or(1, Vec::len)
+        .clamp(1, endpoint.shared.concurrency);
+    let (endpoint, js, permits) = (endpoint.clone(), js.clone(), permits.clone());
+    tokio::spawn(async move {
+        let settle = tokio::select! {
+            settle = async {
+                let held = permits.acquire_many_owned(width as u32).await.ok();
+                // Told whether it has them or never will (shutting down).
+                let _ = started.send(());
+                Some(run_batch(&endpoint, &js, held?, &message, calls).await)
+            } => settle,
+            never = keep_claimed(&message) => match never {},
+        };
+        // None: the worker shut down before the calls could start; the
+        // message is delivered again, to another worker.
+        if let Some((settle, _held)) = settle {
+            settle_message(&message, settle).await;
+        }
+    });
+}
+
+/// Runs the calls of a batch ([`take_batch`]) with the permits `held`;
+/// says how to settle its message, with the permit to keep until it is
+/// settled.
+async fn run_batch(
+    endpoint: &Endpoint,
+    js: &jetstream::Context,
+    mut held: tokio::sync::OwnedSemaphorePermit,
+    message: &jetstream::Message,
+    calls: Result<Vec<Bytes>, String>,
+) -> (Settle, tokio::sync::OwnedSemaphorePermit) {
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let calls = match calls {
         Ok(calls) => calls,
         Err(reason) => {
             // Its calls cannot be told apart: the batch as a whole is
             // moved to the dead letters, its callers time out.
-            let (endpoint, js) = (endpoint.clone(), js.clone());
-            tokio::spawn(async move {
-                let fate = Fate {
-                    codec: Codec::Postcard,
-                    id: None,
-                    reply: None,
-                };
-                let reason = format!("a batch of durable calls that does not decode: {reason}");
-                let settle = dead_letter(&endpoint, &js, &message.message, fate, &reason).await;
-                settle_message(&message, settle).await;
-            });
-            return true;
+            let fate = Fate {
+                codec: Codec::Postcard,
+                id: None,
+                reply: None,
+            };
+            let reason = format!("a batch of durable calls that does not decode: {reason}");
+            let settle = dead_letter(endpoint, js, &message.message, fate, &reason).await;
+            return (settle, held);
         }
     };
-    let mut running = Vec::with_capacity(calls.len());
-    for (index, payload) in (0u32..).zip(calls) {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return false;
-        };
-        let request = async_nats::Message {
-            subject: message.subject.clone(),
-            reply: None,
-            length: payload.len(),
-            payload,
-            headers: None,
-            status: None,
-            description: None,
-        };
-        let (endpoint, js, base) = (endpoint.clone(), js.clone(), base.clone());
-        running.push(async move {
-            let within = Within {
-                base: base.as_deref(),
-                index,
+    let base = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::REPLY))
+        .map(|v| v.as_str());
+    let width = held.num_permits();
+    let mut left = calls.len();
+    let mut settled = futures_util::stream::iter((0u32..).zip(calls))
+        .map(|(index, payload)| {
+            let request = async_nats::Message {
+                subject: message.subject.clone(),
+                reply: None,
+                length: payload.len(),
+                payload,
+                headers: None,
+                status: None,
+                description: None,
             };
-            let settle = process(&endpoint, &js, &request, delivered, Some(within)).await;
-            drop(permit);
-            settle
-        });
+            async move {
+                let within = Within { base, index };
+                process(endpoint, js, &request, delivered, Some(within)).await
+            }
+        })
+        // The batch's calls run concurrently in one task rather than a
+        // task each: a task per call cost a tenth of the worker's CPU, and
+        // nothing is lost, as sync functions run on the blocking pool and
+        // each call keeps its own deadline and cancel.
+        .buffer_unordered(width);
+    let mut again = false;
+    while let Some(settle) = settled.next().await {
+        again |= !matches!(settle, Settle::Ack | Settle::Term);
+        left -= 1;
+        // A slot no call of this batch will use again is free at once,
+        // for other calls; the last is kept until the message is settled.
+        if left < held.num_permits() && held.num_permits() > 1 {
+            drop(held.split(1));
+        }
     }
-    // The batch's calls run concurrently in one task rather than a task
-    // each: a task per call cost a tenth of the worker's CPU, and nothing
-    // is lost, as sync functions run on the blocking pool and each call
-    // keeps its own permit, deadline and cancel.
-    tokio::spawn(async move {
-        let settled = tokio::select! {
-            settled = futures_util::future::join_all(running) => settled,
-            never = keep_claimed(&message) => match never {},
-        };
-        let again = settled
-            .into_iter()
-            .any(|settle| !matches!(settle, Settle::Ack | Settle::Term));
-        let settle = if again { Settle::Nak } else { Settle::Ack };
-        settle_message(&message, settle).await;
-    });
-    true
+    let settle = if again { Settle::Nak } else { Settle::Ack };
+    (settle, held)
 }
 
 /// Acks, naks or terminates `message` as `settle` says.
@@ -307,19 +347,22 @@ async fn process(
         let reason = "a durable call needs a Wharf-Call-Id of letters, digits, '-' and '_' (see docs/protocol.md)";
         return dead_letter(endpoint, js, request, fate, reason).await;
     };
+    if delivered > 1 {
+        // A redelivery of a call that completed but whose ack was lost (or
+        // of a batch another of whose calls did not complete): answer from
+        // the stored result instead of running it again.
+        if answer_stored(endpoint, results, &id, fate.reply.clone()).await {
+            return Settle::Ack;
+        }
+    }
+    // Checked only for calls that did not complete: a completed call is
+    // never dead-lettered for its deliveries.
     let limit = max_deliver();
     if delivered > limit {
         let reason = format!(
             "delivered {delivered} times without completing (the limit is {limit}, WHARF_MAX_DELIVER); the workers that took it died or lost their connection"
         );
         return dead_letter(endpoint, js, request, fate, &reason).await;
-    }
-    if delivered > 1 {
-        // A redelivery of a call that completed but whose ack was lost:
-        // answer from the stored result instead of running it again.
-        if answer_stored(endpoint, results, &id, fate.reply.clone()).await {
-            return Settle::Ack;
-        }
     }
     if endpoint.shared.cancels.contains(id.as_bytes()) {
         // Cancelled before it reached a worker: it never runs.
@@ -359,7 +402,7 @@ async fn process(
     // delivery towards the dead-letter limit.
     let record = record::encode(code, codec, &body);
     let service = endpoint.registration.spec.service;
-    match store_patiently(js, service, &id, &record).await {
+    match store_patiently(&endpoint.shared.stores, service, &id, &record).await {
         Stored::Now => match within.filter(|_| fate.reply.is_some()) {
             // The answers of a batch's calls gather in the outbox and go
             // to the caller together, as they become ready.
@@ -457,19 +500,14 @@ enum Stored {
 /// Stores a result record unless one is stored already, trying again
 /// (with a growing pause, up to a second) until JetStream confirms or
 /// [`STORE_PATIENCE`] runs out.
-async fn store_patiently(
-    js: &jetstream::Context,
-    service: &str,
-    id: &str,
-    record: &Bytes,
-) -> Stored {
+async fn store_patiently(stores: &Stores, service: &str, id: &str, record: &Bytes) -> Stored {
     let until = tokio::time::Instant::now() + STORE_PATIENCE;
     let mut pause = Duration::from_millis(50);
     loop {
-        match store(js, service, id, record.clone()).await {
+        match store(stores, service, id, record.clone()).await {
             Ok(()) => return Stored::Now,
-            Err(PublishErrorKind::WrongLastSequence) => return Stored::Before,
-            Err(_) => {}
+            Err(NotStored::Exists) => return Stored::Before,
+            Err(NotStored::Unconfirmed) => {}
         }
         if tokio::time::Instant::now() + pause > until {
             return Stored::Not;
@@ -482,24 +520,13 @@ async fn store_patiently(
 /// Stores a result record under `id` when none is there yet (a KV
 /// create: a cancel's record, or an earlier run's, is never overwritten),
 /// waiting for JetStream to confirm.
-async fn store(
-    js: &jetstream::Context,
-    service: &str,
-    id: &str,
-    record: Bytes,
-) -> Result<(), PublishErrorKind> {
-    let publish = jetstream::message::PublishMessage::build()
-        .payload(record)
-        .expected_last_subject_sequence(0);
-    js.send_publish(
-        subjects::kv_key(&subjects::results_bucket(service), id),
-        publish,
-    )
-    .await
-    .map_err(|e| e.kind())?
-    .await
-    .map(|_| ())
-    .map_err(|e| e.kind())
+async fn store(stores: &Stores, service: &str, id: &str, record: Bytes) -> Result<(), NotStored> {
+    stores
+        .create(
+            subjects::kv_key(&subjects::results_bucket(service), id),
+            record,
+        )
+        .await
 }
 
 /// Ends a durable call that was cancelled: its record (code 499) was
@@ -574,7 +601,7 @@ async fn dead_letter(
     let (code, headers, body) = fault.answer(fate.codec);
     if let Some(id) = &fate.id {
         let _ = store(
-            js,
+            &endpoint.shared.stores,
             endpoint.registration.spec.service,
             id,
             record::encode(code, fate.codec, &body),

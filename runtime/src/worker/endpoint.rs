@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) spill_at: usize,
     /// Answers of batched calls on their way out.
     pub(crate) outbox: Arc<super::outbox::Outbox>,
+    /// Durable results being stored.
+    pub(crate) stores: Arc<super::stores::Stores>,
 }
 
 impl Shared {

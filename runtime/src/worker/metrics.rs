@@ -15,9 +15,10 @@ use std::sync::Arc;
 pub(crate) struct Served {
     pub(crate) spec: &'static FnSpec,
     pub(crate) stats: Arc<EndpointStats>,
-    /// Its durable calls' consumer, when the server has JetStream.
-    pub(crate) consumer: Option<Consumer<pull::Config>>,
-    /// The consumer's pending calls at the last scrape.
+    /// Its durable calls' consumers (calls alone, batches of calls), when
+    /// the server has JetStream.
+    pub(crate) consumers: Vec<Consumer<pull::Config>>,
+    /// The consumers' pending messages at the last scrape.
     pub(crate) pending: AtomicU64,
 }
 
@@ -37,17 +38,21 @@ impl Source for WorkerMetrics {
 
     fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async {
-            let asks = self.served.iter().filter_map(|served| {
-                let consumer = served.consumer.as_ref()?;
-                Some(async move {
-                    if let Ok(info) = consumer.get_info().await {
+            let asks = self
+                .served
+                .iter()
+                .filter(|served| !served.consumers.is_empty())
+                .map(|served| async move {
+                    let infos = served.consumers.iter().map(|c| c.get_info());
+                    let mut pending = 0;
+                    for info in futures_util::future::join_all(infos).await {
+                        let Ok(info) = info else { return };
                         // Waiting to be delivered, plus delivered and not
                         // yet acknowledged (running or about to be retried).
-                        let pending = info.num_pending + info.num_ack_pending as u64;
-                        served.pending.store(pending, Ordering::Relaxed);
+                        pending += info.num_pending + info.num_ack_pending as u64;
                     }
-                })
-            });
+                    served.pending.store(pending, Ordering::Relaxed);
+                });
             futures_util::future::join_all(asks).await;
         })
     }
@@ -99,12 +104,12 @@ impl Source for WorkerMetrics {
                 "Duration of calls served by this worker, by outcome (`code`: ok or the error's kind).",
                 &labels,
             );
-            if served.consumer.is_none() {
+            if served.consumers.is_empty() {
                 continue;
             }
             out.gauge(
                 "wharf_durable_pending",
-                "Durable calls of this function not yet completed (waiting or running), as JetStream counts them.",
+                "Durable calls of this function not yet completed (waiting or running), as JetStream counts them: a batch of calls counts once.",
                 &labels,
                 served.pending.load(Ordering::Relaxed) as f64,
             );

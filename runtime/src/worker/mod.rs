@@ -22,6 +22,7 @@ pub(crate) mod outbox;
 pub(crate) mod reply;
 pub(crate) mod start;
 pub(crate) mod stateful;
+pub(crate) mod stores;
 
 pub use crate::settings::{DEFAULT_CONCURRENCY, MAX_CONCURRENCY};
 pub use start::{RunningWorker, Worker};

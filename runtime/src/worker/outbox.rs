@@ -73,12 +73,18 @@ impl Outbox {
     /// Sends the ready answers, one message per batch (more when they do
     /// not fit one message).
     async fn send_ready(&self) {
-        let ready = std::mem::take(&mut *self.ready.lock().unwrap());
-        if ready.is_empty() {
-            return;
-        }
+        let ready = {
+            let mut ready = self.ready.lock().unwrap();
+            if ready.is_empty() {
+                return;
+            }
+            // Left with room for as many, so the next answers do not grow it.
+            let room = ready.len();
+            std::mem::replace(&mut *ready, Vec::with_capacity(room))
+        };
         // Few batches at once: a short list, in the order answers came.
-        let mut groups: Vec<(Subject, Vec<Answer>, usize)> = Vec::new();
+        let mut groups: Vec<(Subject, Vec<Answer>, usize)> = Vec::with_capacity(4);
+        let ready_len = ready.len();
         for (subject, answer) in ready {
             let size = answer.size();
             let group = match groups
@@ -87,7 +93,7 @@ impl Outbox {
             {
                 Some(at) => &mut groups[at],
                 None => {
-                    groups.push((subject, Vec::new(), 0));
+                    groups.push((subject, Vec::with_capacity(ready_len), 0));
                     groups.last_mut().expect("pushed")
                 }
             };

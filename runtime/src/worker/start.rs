@@ -132,6 +132,12 @@ impl Worker {
             client: self.client.clone(),
             spill_at: crate::client::spill_limit(&nats),
             outbox: super::outbox::Outbox::start(&nats),
+            stores: super::stores::Stores::start(&nats).await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot subscribe for the acknowledgements of stored results: {e}"),
+                )
+            })?,
         });
         let (stop, stopped) = watch::channel(false);
         // Stateful endpoints' own subjects stop later, once their
@@ -207,10 +213,10 @@ impl Worker {
                     shared: shared.clone(),
                     results: results.clone(),
                 });
-                let mut durable = None;
+                let mut consumers = Vec::new();
                 if let Some(stream) = &stream {
                     let consumer = streams::consumer(stream, &prefix, spec, false).await?;
-                    durable = Some(consumer.clone());
+                    consumers.push(consumer.clone());
                     tasks.spawn(super::durable::serve(
                         endpoint.clone(),
                         consumer,
@@ -219,6 +225,7 @@ impl Worker {
                         false,
                     ));
                     let batches = streams::consumer(stream, &prefix, spec, true).await?;
+                    consumers.push(batches.clone());
                     tasks.spawn(super::durable::serve(
                         endpoint.clone(),
                         batches,
@@ -230,7 +237,7 @@ impl Worker {
                 served_metrics.push(super::metrics::Served {
                     spec,
                     stats: endpoint.stats.clone(),
-                    consumer: durable,
+                    consumers,
                     pending: Default::default(),
                 });
                 if let Some(owned) = &owned {
