@@ -15,7 +15,6 @@ pub(crate) mod returns;
 pub(crate) mod stream;
 
 use crate::boxed::out_of_line;
-use crate::durable::caller::DurableClient;
 use crate::error::{Error, ErrorKind};
 use crate::settings::{Credentials, Settings};
 use crate::wire::subjects;
@@ -52,9 +51,10 @@ struct Inner {
     /// when that failed: calls then go out alone). Shared by clones of
     /// other prefixes: the same connection.
     coalescer: Arc<tokio::sync::OnceCell<Option<Arc<coalesce::Coalescer>>>>,
-    /// Durable-call state, made by the first durable call: a field of its
-    /// own rather than an extension, as every durable call reads it twice.
-    durable: tokio::sync::OnceCell<Arc<DurableClient>>,
+    /// Durable-call state, made by the first durable call and typed by
+    /// that layer: a slot of its own, read without a lock, rather than an
+    /// extension, as every durable call reads it twice.
+    durable: tokio::sync::OnceCell<Box<dyn Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -233,7 +233,7 @@ impl Client {
     }
 
     /// Where this client's durable-call state is kept.
-    pub(crate) fn durable_cell(&self) -> &tokio::sync::OnceCell<Arc<DurableClient>> {
+    pub(crate) fn durable_cell(&self) -> &tokio::sync::OnceCell<Box<dyn Any + Send + Sync>> {
         &self.inner.durable
     }
 

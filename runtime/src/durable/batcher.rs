@@ -10,6 +10,7 @@
 //! collect-by-id, cancel), reply and deadline; only the message that
 //! carries it into the work queue is shared.
 
+use crate::error::Error;
 use crate::spec::FnSpec;
 use crate::wire::batch::{ENTRY_OVERHEAD, MAX_BATCH_BYTES, MAX_BATCH_CALLS};
 use bytes::Bytes;
@@ -27,12 +28,31 @@ const COALESCE_FROM: usize = 4;
 /// again.
 const LOOK_AGAIN_AFTER: Duration = Duration::from_secs(5);
 
+/// How long a function whose workers take batches is trusted to before it
+/// is looked at again (its stream may have been made again meanwhile,
+/// without a batch consumer).
+const CHECK_AGAIN_AFTER: Duration = Duration::from_secs(30);
+
+/// What became of the batch a call travelled in.
+#[derive(Debug)]
+pub(super) enum Batched {
+    /// JetStream stored it.
+    Stored,
+    /// It was not sent, or refused outright (too large, or its subject
+    /// not permitted): the call is stored alone.
+    NotSent,
+    /// It may have been stored: the call fails with this error rather
+    /// than be stored a second time, under another message id, and run
+    /// twice.
+    Failed(Error),
+}
+
 /// One call in a batch: its request (envelope and arguments, postcard),
 /// its id, and where it learns whether the batch was stored.
 pub(super) struct Entry {
     pub(super) request: Bytes,
     pub(super) id: String,
-    pub(super) stored: oneshot::Sender<bool>,
+    pub(super) stored: oneshot::Sender<Batched>,
 }
 
 /// Whether the workers of a function take batches of durable calls.
@@ -42,8 +62,8 @@ pub(super) enum Takes {
     Unknown,
     /// Being asked.
     Asking,
-    /// Its batch consumer exists.
-    Yes,
+    /// Its batch consumer existed when last asked: ask again after this.
+    YesUntil(Instant),
     /// It did not, when last asked: ask again after this.
     NotUntil(Instant),
 }
@@ -66,11 +86,11 @@ pub(super) enum Turn {
     /// Alone, and the batch consumer of its function is to be looked for.
     Ask,
     /// In a batch another call stores.
-    Joined(oneshot::Receiver<bool>),
+    Joined(oneshot::Receiver<Batched>),
     /// In a batch this call began: it stores it once the runtime has run.
-    Began(oneshot::Receiver<bool>, u64),
+    Began(oneshot::Receiver<Batched>, u64),
     /// In a batch this call filled: it stores it now.
-    Filled(oneshot::Receiver<bool>, Vec<Entry>),
+    Filled(oneshot::Receiver<Batched>, Vec<Entry>),
 }
 
 /// A client's durable calls being stored, by function.
@@ -114,7 +134,13 @@ impl Batcher {
             return Turn::Alone;
         }
         match queue.takes {
-            Takes::Yes => {}
+            Takes::YesUntil(until) if Instant::now() < until => {}
+            Takes::YesUntil(_) => {
+                // Looked at again while calls go on coalescing; this one
+                // alone asks.
+                queue.takes = Takes::YesUntil(Instant::now() + CHECK_AGAIN_AFTER);
+                return Turn::Ask;
+            }
             Takes::Asking => return Turn::Alone,
             Takes::NotUntil(until) if Instant::now() < until => return Turn::Alone,
             Takes::Unknown | Takes::NotUntil(_) => {
@@ -161,7 +187,7 @@ impl Batcher {
     pub(super) fn takes(&self, spec: &'static FnSpec, takes: bool) {
         if let Some(queue) = self.queues.lock().unwrap().get_mut(spec.path) {
             queue.takes = if takes {
-                Takes::Yes
+                Takes::YesUntil(Instant::now() + CHECK_AGAIN_AFTER)
             } else {
                 Takes::NotUntil(Instant::now() + LOOK_AGAIN_AFTER)
             };

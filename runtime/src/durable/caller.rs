@@ -3,7 +3,7 @@
 //! of a connection arrives, and collecting a result ([`Pending`]), here or
 //! by id in any process.
 
-use super::batcher::{Batcher, Entry, Turn};
+use super::batcher::{Batched, Batcher, Entry, Turn};
 use super::streams::{calls_stream, results_bucket};
 use crate::boxed::out_of_line;
 use crate::client::call::{annotate, CallOptions, CallState};
@@ -181,17 +181,26 @@ impl Replies {
 
 impl Client {
     /// This client's durable-call state, set up by its first durable call.
-    async fn durable_state(&self) -> Result<Arc<DurableClient>, Error> {
+    /// Lent, not cloned: two reference-count updates a call on a count
+    /// every thread shares cost more than the rest of this lookup.
+    async fn durable_state(&self) -> Result<&Arc<DurableClient>, Error> {
         let cell = self.durable_cell();
-        if let Some(durable) = cell.get() {
-            return Ok(durable.clone());
-        }
-        // Boxed, so the setup's future does not widen every call's.
-        out_of_line(|| {
-            cell.get_or_try_init(|| async { DurableClient::new(self.nats()).await.map(Arc::new) })
-        })
-        .await
-        .cloned()
+        let state = match cell.get() {
+            Some(state) => state,
+            // Boxed, so the setup's future does not widen every call's.
+            None => {
+                out_of_line(|| {
+                    cell.get_or_try_init(|| async {
+                        let durable = Arc::new(DurableClient::new(self.nats()).await?);
+                        Ok::<_, Error>(Box::new(durable) as Box<dyn std::any::Any + Send + Sync>)
+                    })
+                })
+                .await?
+            }
+        };
+        Ok(state
+            .downcast_ref::<Arc<DurableClient>>()
+            .expect("the durable slot holds durable state only"))
     }
 
     /// Publishes a durable call into its service's stream and returns once
@@ -230,19 +239,23 @@ impl Client {
         // Counted while it is being stored, alone or not: calls coalesce
         // only while several are.
         let _storing = batchable.then(|| durable.batcher.enter(spec));
-        if batchable
-            && self
-                .store_batched(
-                    &durable,
-                    spec,
-                    &prepared.payload,
-                    &id,
-                    policy,
-                    call.deadline,
-                )
-                .await
-        {
-            return Ok(self.pending(spec, id, reply, &call));
+        if batchable {
+            let batched = self
+                .store_batched(durable, spec, &prepared.payload, &id, policy, call.deadline)
+                .await;
+            match batched {
+                Batched::Stored => return Ok(self.pending(spec, id, reply, &call)),
+                Batched::NotSent => {}
+                Batched::Failed(error) => {
+                    durable.replies.waiting.lock().unwrap().remove(&id);
+                    let message = format!(
+                        "durable call to `{}` not accepted by JetStream: {}",
+                        spec.path,
+                        error.message()
+                    );
+                    return Err(error.with_message(message));
+                }
+            }
         }
         let mut headers = prepared.headers.unwrap_or_default();
         headers.insert(headers::REPLY, durable.replies.subject(&id).as_str());
@@ -250,7 +263,7 @@ impl Client {
         let subject = subjects::durable_call(self.prefix(), spec.service, spec.name);
         let stored = self
             .publish_durable(
-                &durable,
+                durable,
                 spec,
                 subject,
                 prepared.payload,
@@ -342,9 +355,10 @@ impl Client {
     }
 
     /// Stores a durable call in a batch with others of its function, if
-    /// several are being stored; false when it is to be stored alone (few
-    /// in flight, workers that take no batches, or a batch that was not
-    /// stored: each of its calls then tries alone, under its own id).
+    /// several are being stored; [`Batched::NotSent`] when it is to be
+    /// stored alone (few in flight, workers that take no batches, or a
+    /// batch that was never sent or was refused outright: each of its calls
+    /// then tries alone, under its own id).
     async fn store_batched(
         &self,
         durable: &Arc<DurableClient>,
@@ -353,15 +367,15 @@ impl Client {
         id: &str,
         policy: RetryPolicy,
         deadline: Instant,
-    ) -> bool {
+    ) -> Batched {
         let turn = durable
             .batcher
             .turn(spec, request, id, durable.max_batch_bytes);
         let stored = match turn {
-            Turn::Alone => return false,
+            Turn::Alone => return Batched::NotSent,
             Turn::Ask => {
                 self.ask_takes_batches(durable, spec);
-                return false;
+                return Batched::NotSent;
             }
             Turn::Joined(stored) => stored,
             Turn::Filled(stored, entries) => {
@@ -383,14 +397,15 @@ impl Client {
                 leading.done = true;
                 match durable.batcher.take(spec, generation) {
                     // Nobody joined: alone, as without coalescing.
-                    Some(entries) if entries.len() == 1 => return false,
+                    Some(entries) if entries.len() == 1 => return Batched::NotSent,
                     Some(entries) => self.store_batch(durable, spec, entries, policy, deadline),
                     None => {}
                 }
                 stored
             }
         };
-        stored.await.unwrap_or(false)
+        // A batch whose store ended without a word was never sent.
+        stored.await.unwrap_or(Batched::NotSent)
     }
 
     /// Stores a batch of durable calls, in a task of its own (so no call
@@ -417,10 +432,24 @@ impl Client {
                 .publish_durable(
                     &durable, spec, subject, payload, headers, &msg_id, &policy, deadline,
                 )
-                .await
-                .is_ok();
+                .await;
             for entry in entries {
-                let _ = entry.stored.send(stored);
+                let batched = match &stored {
+                    Ok(()) => Batched::Stored,
+                    // Refused before JetStream could take it: alone, each
+                    // call may still be (its subject permitted, its size
+                    // within bounds).
+                    Err((error, _))
+                        if matches!(
+                            error.kind(),
+                            ErrorKind::PayloadTooLarge | ErrorKind::Unauthorized
+                        ) =>
+                    {
+                        Batched::NotSent
+                    }
+                    Err((error, tries)) => Batched::Failed(annotate(error.clone(), *tries)),
+                };
+                let _ = entry.stored.send(batched);
             }
         });
     }
