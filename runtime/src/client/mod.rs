@@ -201,6 +201,21 @@ impl Client {
         )
     }
 
+    /// The same connection, with calls made through it going out one
+    /// message each, as with `WHARF_COALESCE=off` but for this client only
+    /// (what coalescing gains can then be measured in one process).
+    pub fn without_coalescing(&self) -> Client {
+        Client::new(
+            self.inner.nats.clone(),
+            self.inner.url.clone(),
+            self.inner.prefix.clone(),
+            self.inner.credentials.clone(),
+            self.inner.denials.clone(),
+            self.inner.connection.clone(),
+            Arc::new(tokio::sync::OnceCell::new_with(Some(None))),
+        )
+    }
+
     /// The underlying async-nats client.
     pub fn nats(&self) -> &async_nats::Client {
         &self.inner.nats
