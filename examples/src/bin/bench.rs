@@ -787,7 +787,7 @@ async fn durable_against_plain() -> Result<(), Box<dyn std::error::Error>> {
     // Plain calls one message each, the target's measure: durable calls
     // (which coalesce) at half their speed.
     let alone = client.without_coalescing();
-    let mut rows: [Vec<[f64; 4]>; 4] = Default::default();
+    let mut rows: [Vec<[f64; 5]>; 4] = Default::default();
     for round in 0..ROUNDS {
         eprintln!("round {} of {ROUNDS}", round + 1);
         let mut sides = [
@@ -798,8 +798,12 @@ async fn durable_against_plain() -> Result<(), Box<dyn std::error::Error>> {
         ];
         sides.rotate_left(round % 4);
         for (slot, side, client) in sides {
+            let (received, sent) = server.messages()?;
             let (rate, cpu) = measure(side, &nats, client, CALLS, 256, &pids).await?;
-            rows[slot].push([rate, cpu[0], cpu[1], cpu[2]]);
+            let (received_now, sent_now) = server.messages()?;
+            // Every message through the server, in and out, per call.
+            let messages = (received_now - received + sent_now - sent) as f64 / CALLS as f64;
+            rows[slot].push([rate, cpu[0], cpu[1], cpu[2], messages]);
         }
     }
     stop(&mut worker);
@@ -812,6 +816,7 @@ async fn durable_against_plain() -> Result<(), Box<dyn std::error::Error>> {
             "CPU µs/call, server",
             "CPU µs/call, worker",
             "CPU µs/call, caller",
+            "messages/call through the server",
         ]
         .into_iter()
         .enumerate()
@@ -821,7 +826,10 @@ async fn durable_against_plain() -> Result<(), Box<dyn std::error::Error>> {
         println!();
     };
     calls_table(0, "plain | durable | durable / plain");
-    calls_table(3, "plain, one message per call | durable | durable / plain alone");
+    calls_table(
+        3,
+        "plain, one message per call | durable | durable / plain alone",
+    );
     // What bounds a durable call: its result must be stored (one JetStream
     // store per call, which no batch of calls shares), so a durable call
     // can go no faster than that store alone.
@@ -834,6 +842,7 @@ async fn durable_against_plain() -> Result<(), Box<dyn std::error::Error>> {
         ("stores or calls/s", 0),
         ("CPU µs each, server", 1),
         ("CPU µs each, caller (the storing process for raw)", 3),
+        ("messages each through the server", 4),
     ] {
         println!("{}", ratio_row(label, &column(2, i), &column(1, i)));
     }

@@ -216,14 +216,14 @@ pub fn durable_replies_any(base: &str) -> String {
 
 /// The reply subject of durable call `id` under `base`.
 pub fn durable_reply(base: &str, id: &str) -> String {
-    format!("{base}.{id}")
+    concat(&[base, ".", id])
 }
 
 /// Where a worker sends the answers of a batch's durable calls, several to
 /// a message, when the batch names reply base `base`: `<base>.~batch`
 /// (`~` is never in a call id, so this is no call's own reply subject).
 pub fn durable_batch_reply(base: &str) -> String {
-    format!("{base}.{DURABLE_BATCH_REPLY}")
+    concat(&[base, ".", DURABLE_BATCH_REPLY])
 }
 
 /// The last token of [`durable_batch_reply`].
@@ -262,7 +262,23 @@ pub fn discovery_at(verb: &str, service: &str, instance: &str) -> String {
 /// The subject a KV write of `key` goes to (`$KV.<bucket>.<key>`), for
 /// writes that need headers `kv::Store` does not set.
 pub fn kv_key(bucket: &str, key: &str) -> String {
-    format!("$KV.{bucket}.{key}")
+    concat(&["$KV.", bucket, ".", key])
+}
+
+/// The subject of `key` in `service`'s results bucket:
+/// `$KV.wharf_results_<service>.<key>`, made once per durable call.
+pub fn result_key(service: &str, key: &str) -> String {
+    concat(&["$KV.wharf_results_", service, ".", key])
+}
+
+/// `parts` joined, in one allocation of the exact size (`format!` guesses
+/// the size and grows the string; these subjects are made once per call).
+fn concat(parts: &[&str]) -> String {
+    let mut joined = String::with_capacity(parts.iter().map(|part| part.len()).sum());
+    for part in parts {
+        joined.push_str(part);
+    }
+    joined
 }
 
 /// The stream under an Object Store bucket.
@@ -429,6 +445,23 @@ fn stream_token(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_result_key_is_the_key_in_its_services_results_bucket() {
+        assert_eq!(
+            result_key("shop", "c-1"),
+            kv_key(&results_bucket("shop"), "c-1")
+        );
+        assert_eq!(result_key("shop", "c-1"), "$KV.wharf_results_shop.c-1");
+        assert_eq!(
+            durable_reply("_INBOX.a.durable", "c-1"),
+            "_INBOX.a.durable.c-1"
+        );
+        assert_eq!(
+            durable_batch_reply("_INBOX.a.durable"),
+            "_INBOX.a.durable.~batch"
+        );
+    }
 
     #[test]
     fn signature_subjects_read_as_the_function_and_its_signature() {

@@ -212,6 +212,9 @@ async fn run_batch(
         .as_ref()
         .and_then(|h| h.get(headers::REPLY))
         .map(|v| v.as_str());
+    let batch_reply =
+        base.map(|base| async_nats::Subject::from(subjects::durable_batch_reply(base)));
+    let batch_reply = batch_reply.as_ref();
     let width = held.num_permits();
     let mut left = calls.len();
     let mut settled = futures_util::stream::iter((0u32..).zip(calls))
@@ -226,7 +229,11 @@ async fn run_batch(
                 description: None,
             };
             async move {
-                let within = Within { base, index };
+                let within = Within {
+                    base,
+                    batch_reply,
+                    index,
+                };
                 process(endpoint, js, &request, delivered, Some(within)).await
             }
         })
@@ -267,6 +274,9 @@ async fn settle_message(message: &jetstream::Message, settle: Settle) {
 struct Within<'a> {
     /// The batch's reply base (`Wharf-Reply`), if it named one.
     base: Option<&'a str>,
+    /// Where the answers of the batch's calls go together (made once per
+    /// batch), if it named a base.
+    batch_reply: Option<&'a async_nats::Subject>,
     /// The call's place in the batch, from 0.
     index: u32,
 }
@@ -311,11 +321,13 @@ async fn process(
     };
     // A worker answers only to an inbox: a request must not be able to make
     // it publish onto any other subject (a drain, a stop, another call).
-    let reply = named
-        .as_deref()
-        .filter(|subject| subjects::valid_reply(subject, inbox_prefix))
-        .map(async_nats::Subject::from);
-    if let Some(named) = named.filter(|_| reply.is_none()) {
+    let (reply, refused) = match named {
+        Some(named) if subjects::valid_reply(&named, inbox_prefix) => {
+            (Some(async_nats::Subject::from(named)), None)
+        }
+        named => (None, named),
+    };
+    if let Some(named) = refused {
         let fate = Fate {
             codec,
             id,
@@ -407,13 +419,14 @@ async fn process(
             // The answers of a batch's calls gather in the outbox and go
             // to the caller together, as they become ready.
             Some(Within {
-                base: Some(base),
+                batch_reply: Some(subject),
                 index,
+                ..
             }) => {
                 let mut headers = headers;
                 headers.insert(headers::CALL_ID, id.as_str());
                 let to = ReplyTo::Batch {
-                    subject: subjects::durable_batch_reply(base).into(),
+                    subject: subject.clone(),
                     index,
                 };
                 endpoint.send_reply(to, Some(headers), body).await;
@@ -522,10 +535,7 @@ async fn store_patiently(stores: &Stores, service: &str, id: &str, record: &Byte
 /// waiting for JetStream to confirm.
 async fn store(stores: &Stores, service: &str, id: &str, record: Bytes) -> Result<(), NotStored> {
     stores
-        .create(
-            subjects::kv_key(&subjects::results_bucket(service), id),
-            record,
-        )
+        .create(subjects::result_key(service, id), record)
         .await
 }
 
