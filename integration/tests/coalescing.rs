@@ -364,3 +364,44 @@ async fn a_worker_with_fewer_slots_than_a_batch_holds_serves_every_durable_call(
         "no batch held more calls than the worker has slots (largest: {largest})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_calls_whose_batches_are_not_permitted_are_stored_alone() {
+    // The caller may publish anything but batches of durable calls.
+    let server = NatsServer::start_with_config(
+        r#"authorization {
+  users = [
+    { user: worker, password: pw-worker }
+    { user: web, password: pw-web, permissions: { publish: { deny: ["wharf.durable.itest.add-batch"] } } }
+  ]
+}"#,
+    )
+    .unwrap();
+    let url = |user: &str| format!("nats://{user}:pw-{user}@127.0.0.1:{}", server.port());
+    let client = Client::connect(&url("web")).await.unwrap();
+    let _worker = spawn_worker(&url("worker"));
+    wait_for_workers(&client, 1).await;
+    let alone = subjects::durable_call("wharf", "itest", "add");
+    let watcher = Client::connect(&url("worker")).await.unwrap();
+    let (stop_alone, alone_counter) = count_messages(watcher.nats(), alone).await;
+    // Two rounds: in the first the client learns that the workers take
+    // batches; in the second its batches are refused.
+    for round in 0..2 {
+        let answers = futures_util::future::join_all((0..IN_FLIGHT as i64).map(|i| {
+            let client = client.clone();
+            async move { add::request(i, round).client(&client).durable(true).await }
+        }))
+        .await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            let answer = answer.unwrap_or_else(|e| panic!("durable call {i}: {e}"));
+            assert_eq!(answer, i as i64 + round);
+        }
+    }
+    let _ = stop_alone.send(());
+    let alone = alone_counter.await.unwrap();
+    println!(
+        "REPORT durable batches not permitted: {alone} of {} calls stored alone",
+        2 * IN_FLIGHT
+    );
+    assert_eq!(alone, 2 * IN_FLIGHT as u64, "every call stored alone, once");
+}

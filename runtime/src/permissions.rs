@@ -96,6 +96,13 @@ fn calling(prefix: &str, service: &str, function: &str) -> Vec<String> {
         subjects::call_cancel(prefix, service),
         subjects::demand(prefix, service),
         subjects::durable_call(prefix, service, function),
+        // Durable calls in batches, once the workers' batch consumer is
+        // seen to be there.
+        subjects::durable_batch_call(prefix, service, function),
+        subjects::js_api(
+            "CONSUMER.INFO",
+            &format!("{stream}.{}", subjects::durable_batch_consumer(function)),
+        ),
         subjects::instance_call(prefix, "*", service, function),
         subjects::transaction_end(prefix, "*"),
     ];

@@ -55,6 +55,8 @@ struct Inner {
     /// that layer: a slot of its own, read without a lock, rather than an
     /// extension, as every durable call reads it twice.
     durable: tokio::sync::OnceCell<Box<dyn Any + Send + Sync>>,
+    /// False for a client made by [`Client::without_coalescing`].
+    coalescing: bool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -183,6 +185,7 @@ impl Client {
                 spill_at: AtomicUsize::new(0),
                 coalescer,
                 durable: tokio::sync::OnceCell::new(),
+                coalescing: true,
             }),
         }
     }
@@ -205,7 +208,7 @@ impl Client {
     /// message each, as with `WHARF_COALESCE=off` but for this client only
     /// (what coalescing gains can then be measured in one process).
     pub fn without_coalescing(&self) -> Client {
-        Client::new(
+        let mut client = Client::new(
             self.inner.nats.clone(),
             self.inner.url.clone(),
             self.inner.prefix.clone(),
@@ -213,7 +216,17 @@ impl Client {
             self.inner.denials.clone(),
             self.inner.connection.clone(),
             Arc::new(tokio::sync::OnceCell::new_with(Some(None))),
-        )
+        );
+        Arc::get_mut(&mut client.inner)
+            .expect("just made")
+            .coalescing = false;
+        client
+    }
+
+    /// Whether calls through this client may travel in batches (plain and
+    /// durable); `WHARF_COALESCE` may still say no.
+    pub(crate) fn coalesces(&self) -> bool {
+        self.inner.coalescing
     }
 
     /// The underlying async-nats client.

@@ -233,6 +233,7 @@ impl Client {
         // A call that may travel in a batch: a postcard request with no
         // headers of its own (what a batch entry carries).
         let batchable = durable.coalesce
+            && self.coalesces()
             && options.codec == Codec::Postcard
             && prepared.headers.is_none()
             && prepared.payload.len() <= MAX_ENTRY_BYTES;
@@ -442,7 +443,7 @@ impl Client {
                     Err((error, _))
                         if matches!(
                             error.kind(),
-                            ErrorKind::PayloadTooLarge | ErrorKind::Unauthorized
+                            ErrorKind::PayloadTooLarge | ErrorKind::PermissionDenied
                         ) =>
                     {
                         Batched::NotSent
@@ -710,13 +711,18 @@ impl<R: Returns> Pending<R> {
                 }
                 _ = poll => {
                     // A lookup that fails (a node lost, its bucket electing a
-                    // leader) is tried again on the next round.
-                    if let Ok(results) = durable.results(self.spec.service).await {
-                        if let Ok(Some(record)) = results.get(self.id.as_str()).await {
-                            durable.replies.waiting.lock().unwrap().remove(&self.id);
-                            let (message, codec) = record::decode(record)?;
-                            return Ok((message, codec, 1));
-                        }
+                    // leader) is tried again on the next round. Boxed: the
+                    // KV read's future would widen every call's.
+                    let (spec, id) = (self.spec, self.id.as_str());
+                    let found = out_of_line(|| async move {
+                        let results = durable.results(spec.service).await.ok()?;
+                        results.get(id).await.ok().flatten()
+                    })
+                    .await;
+                    if let Some(record) = found {
+                        durable.replies.waiting.lock().unwrap().remove(&self.id);
+                        let (message, codec) = record::decode(record)?;
+                        return Ok((message, codec, 1));
                     }
                     if Instant::now() >= until {
                         durable.replies.waiting.lock().unwrap().remove(&self.id);

@@ -7,6 +7,7 @@ use super::dispatch::read_request;
 use super::endpoint::{Endpoint, Stop};
 use super::reply::ReplyTo;
 use super::stores::{NotStored, Stores};
+use crate::boxed::out_of_line;
 use crate::durable::streams::{ack_wait, max_deliver};
 use crate::error::ErrorKind;
 use crate::handler::Fault;
@@ -45,10 +46,11 @@ pub(crate) async fn serve(
     batched: bool,
 ) {
     let permits = endpoint.shared.permits.clone();
-    // The batches of the last pull that wait for their permits.
+    // The batches of the last pull whose calls are not yet all running
+    // or in line for a slot (each closes its channel once they are).
     let mut starting: Vec<oneshot::Receiver<()>> = Vec::new();
     loop {
-        // Those first: until they have their permits, free ones are
+        // Those first: until their calls are in line, free slots are
         // theirs, not room for more calls.
         for started in starting.drain(..) {
             tokio::select! {
@@ -141,13 +143,14 @@ async fn handle(endpoint: &Endpoint, js: &jetstream::Context, message: jetstream
 }
 
 /// Takes a batch of durable calls: one task keeps the message claimed
-/// from the moment it arrives, waits for permits (one per call, up to the
-/// worker's concurrency: a batch of more calls runs that many at a time),
-/// runs the calls, and settles the message once all have settled: acked
-/// when every call is done, else delivered again (the calls whose results
-/// are stored are then answered from them). A permit is held until the
-/// message is settled, so a drain does not end between a call's answer and
-/// its batch's ack. `started` hears once the task has its permits.
+/// from the moment it arrives, runs each call as a call alone runs (in a
+/// slot of its own: a batch of more calls than the worker has slots runs
+/// as many as there are), and settles the message once all have settled:
+/// acked when every call is done, else delivered again (the calls whose
+/// results are stored are then answered from them). The last call's slot
+/// is held until the message is settled, so a drain does not end between
+/// a call's answer and its batch's ack. `started` is dropped once every
+/// call of the batch is running or in line for a slot.
 fn take_batch(
     endpoint: &Arc<Endpoint>,
     js: &jetstream::Context,
@@ -155,22 +158,10 @@ fn take_batch(
     message: jetstream::Message,
     started: oneshot::Sender<()>,
 ) {
-    let calls = batch::decode_requests(&message.payload);
-    // Never more permits than there are: a batch larger than the worker's
-    // concurrency would otherwise wait for permits that never come.
-    let width = calls
-        .as_ref()
-        .map_or(1, Vec::len)
-        .clamp(1, endpoint.shared.concurrency);
     let (endpoint, js, permits) = (endpoint.clone(), js.clone(), permits.clone());
     tokio::spawn(async move {
         let settle = tokio::select! {
-            settle = async {
-                let held = permits.acquire_many_owned(width as u32).await.ok();
-                // Told whether it has them or never will (shutting down).
-                let _ = started.send(());
-                Some(run_batch(&endpoint, &js, held?, &message, calls).await)
-            } => settle,
+            settle = run_batch(&endpoint, &js, &permits, &message, started) => settle,
             never = keep_claimed(&message) => match never {},
         };
         // None: the worker shut down before the calls could start; the
@@ -181,22 +172,23 @@ fn take_batch(
     });
 }
 
-/// Runs the calls of a batch ([`take_batch`]) with the permits `held`;
-/// says how to settle its message, with the permit to keep until it is
-/// settled.
+/// Runs the calls of a batch ([`take_batch`]); says how to settle its
+/// message, with the slot to keep until it is settled.
 async fn run_batch(
     endpoint: &Endpoint,
     js: &jetstream::Context,
-    mut held: tokio::sync::OwnedSemaphorePermit,
+    permits: &Arc<tokio::sync::Semaphore>,
     message: &jetstream::Message,
-    calls: Result<Vec<Bytes>, String>,
-) -> (Settle, tokio::sync::OwnedSemaphorePermit) {
+    started: oneshot::Sender<()>,
+) -> Option<(Settle, tokio::sync::OwnedSemaphorePermit)> {
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-    let calls = match calls {
+    let calls = match batch::decode_requests(&message.payload) {
         Ok(calls) => calls,
         Err(reason) => {
             // Its calls cannot be told apart: the batch as a whole is
             // moved to the dead letters, its callers time out.
+            let held = permits.clone().acquire_owned().await.ok()?;
+            drop(started);
             let fate = Fate {
                 codec: Codec::Postcard,
                 id: None,
@@ -204,7 +196,7 @@ async fn run_batch(
             };
             let reason = format!("a batch of durable calls that does not decode: {reason}");
             let settle = dead_letter(endpoint, js, &message.message, fate, &reason).await;
-            return (settle, held);
+            return Some((settle, held));
         }
     };
     let base = message
@@ -215,7 +207,7 @@ async fn run_batch(
     let batch_reply =
         base.map(|base| async_nats::Subject::from(subjects::durable_batch_reply(base)));
     let batch_reply = batch_reply.as_ref();
-    let width = held.num_permits();
+    let width = calls.len().clamp(1, endpoint.shared.concurrency);
     let mut left = calls.len();
     let mut settled = futures_util::stream::iter((0u32..).zip(calls))
         .map(|(index, payload)| {
@@ -229,31 +221,50 @@ async fn run_batch(
                 description: None,
             };
             async move {
+                // A slot of its own, one at a time: a batch never holds
+                // slots it is not using, nor waits for several at once.
+                let permit = permits.clone().acquire_owned().await.ok()?;
                 let within = Within {
                     base,
                     batch_reply,
                     index,
                 };
-                process(endpoint, js, &request, delivered, Some(within)).await
+                let settle = process(endpoint, js, &request, delivered, Some(within)).await;
+                Some((settle, permit))
             }
         })
         // The batch's calls run concurrently in one task rather than a
         // task each: a task per call cost a tenth of the worker's CPU, and
         // nothing is lost, as sync functions run on the blocking pool and
-        // each call keeps its own deadline and cancel.
+        // each call keeps its own slot, deadline and cancel.
         .buffer_unordered(width);
-    let mut again = false;
-    while let Some(settle) = settled.next().await {
-        again |= !matches!(settle, Settle::Ack | Settle::Term);
+    // Polled once, every call of the batch is running or in line for a
+    // slot (the semaphore is fair): only then may the pull loop look for
+    // room again, so it never counts this batch's slots as free.
+    let polled = futures_util::poll!(settled.next());
+    drop(started);
+    let mut next = match polled {
+        std::task::Poll::Ready(next) => next,
+        std::task::Poll::Pending => settled.next().await,
+    };
+    let (mut again, mut held) = (false, None);
+    while let Some(done) = next {
         left -= 1;
-        // A slot no call of this batch will use again is free at once,
-        // for other calls; the last is kept until the message is settled.
-        if left < held.num_permits() && held.num_permits() > 1 {
-            drop(held.split(1));
+        match done {
+            Some((settle, permit)) => {
+                again |= !matches!(settle, Settle::Ack | Settle::Term);
+                // The last call's slot stays until the message is
+                // settled; the others are free at once.
+                if left == 0 {
+                    held = Some(permit);
+                }
+            }
+            None => again = true,
         }
+        next = settled.next().await;
     }
     let settle = if again { Settle::Nak } else { Settle::Ack };
-    (settle, held)
+    Some((settle, held?))
 }
 
 /// Acks, naks or terminates `message` as `settle` says.
@@ -463,7 +474,24 @@ async fn answer(
 
 /// Answers a durable call from the result stored under `id`, if there is
 /// one; false when none is stored (or the store cannot be read).
-async fn answer_stored(
+///
+/// This and the other rare ends of a durable call ([`settle_cancelled`],
+/// [`dead_letter`]) are boxed: inline, their futures (a KV read, a
+/// JetStream publish) made every call's future several KiB, which a batch
+/// allocates per call and the runtime moves.
+fn answer_stored<'a>(
+    endpoint: &'a Endpoint,
+    results: &'a kv::Store,
+    id: &'a str,
+    reply: Option<async_nats::Subject>,
+) -> Boxed<'a, bool> {
+    out_of_line(move || answer_stored_now(endpoint, results, id, reply))
+}
+
+/// A future made out of line ([`out_of_line`]).
+type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+async fn answer_stored_now(
     endpoint: &Endpoint,
     results: &kv::Store,
     id: &str,
@@ -542,7 +570,11 @@ async fn store(stores: &Stores, service: &str, id: &str, record: Bytes) -> Resul
 /// Ends a durable call that was cancelled: its record (code 499) was
 /// stored by whoever cancelled it; its caller is told, and the call leaves
 /// the work queue for good.
-async fn settle_cancelled(endpoint: &Endpoint, fate: Fate, id: &str) -> Settle {
+fn settle_cancelled<'a>(endpoint: &'a Endpoint, fate: Fate, id: &'a str) -> Boxed<'a, Settle> {
+    out_of_line(move || settle_cancelled_now(endpoint, fate, id))
+}
+
+async fn settle_cancelled_now(endpoint: &Endpoint, fate: Fate, id: &str) -> Settle {
     let spec = endpoint.registration.spec;
     let fault = Fault::new(
         ErrorKind::Cancelled,
@@ -564,7 +596,17 @@ async fn settle_cancelled(endpoint: &Endpoint, fate: Fate, id: &str) -> Settle {
 /// `request` is the call's message, or one call of a batch: its dead
 /// letter then names its reply subject and call id in headers, as a call
 /// sent alone would.
-async fn dead_letter(
+fn dead_letter<'a>(
+    endpoint: &'a Endpoint,
+    js: &'a jetstream::Context,
+    request: &'a async_nats::Message,
+    fate: Fate,
+    reason: &'a str,
+) -> Boxed<'a, Settle> {
+    out_of_line(move || dead_letter_now(endpoint, js, request, fate, reason))
+}
+
+async fn dead_letter_now(
     endpoint: &Endpoint,
     js: &jetstream::Context,
     request: &async_nats::Message,

@@ -84,7 +84,6 @@ impl Outbox {
         };
         // Few batches at once: a short list, in the order answers came.
         let mut groups: Vec<(Subject, Vec<Answer>, usize)> = Vec::with_capacity(4);
-        let ready_len = ready.len();
         for (subject, answer) in ready {
             let size = answer.size();
             let group = match groups
@@ -93,7 +92,7 @@ impl Outbox {
             {
                 Some(at) => &mut groups[at],
                 None => {
-                    groups.push((subject, Vec::with_capacity(ready_len), 0));
+                    groups.push((subject, Vec::with_capacity(16), 0));
                     groups.last_mut().expect("pushed")
                 }
             };

@@ -45,6 +45,8 @@ pub(crate) struct Stores {
     /// `Nats-Expected-Last-Subject-Sequence: 0`, made once: cloned, it
     /// costs no parsing per store.
     create: HeaderMap,
+    /// Dropped with this, which ends the routing task and its subscription.
+    _routing: oneshot::Sender<()>,
 }
 
 impl Stores {
@@ -55,6 +57,7 @@ impl Stores {
     ) -> Result<Arc<Stores>, async_nats::SubscribeError> {
         let prefix = format!("{}.stores", nats.new_inbox());
         let mut acks = nats.subscribe(format!("{prefix}.*")).await?;
+        let (routing, mut dropped) = oneshot::channel::<()>();
         let stores = Arc::new(Stores {
             nats: nats.clone(),
             prefix,
@@ -65,10 +68,16 @@ impl Stores {
                 headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
                 headers
             },
+            _routing: routing,
         });
         let routes = Arc::downgrade(&stores);
         tokio::spawn(async move {
-            while let Some(ack) = acks.next().await {
+            loop {
+                let ack = tokio::select! {
+                    ack = acks.next() => ack,
+                    _ = &mut dropped => None,
+                };
+                let Some(ack) = ack else { return };
                 let Some(stores) = routes.upgrade() else {
                     return;
                 };
