@@ -220,6 +220,20 @@ pub(crate) fn admit(spec: &FnSpec, meta: &CallMeta, now: SystemTime) -> Result<(
     Ok(())
 }
 
+/// One call of a batch as the message it would have been alone, with no
+/// reply subject of its own (its answer goes into the batch's reply).
+pub(crate) fn batch_entry(subject: &async_nats::Subject, payload: Bytes) -> async_nats::Message {
+    async_nats::Message {
+        subject: subject.clone(),
+        reply: None,
+        length: payload.len(),
+        payload,
+        headers: None,
+        status: None,
+        description: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

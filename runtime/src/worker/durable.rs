@@ -3,7 +3,7 @@
 //! stores the result, replies, and only then acks; a call that cannot
 //! succeed goes to the dead-letter stream.
 
-use super::dispatch::read_request;
+use super::dispatch::{batch_entry, read_request};
 use super::endpoint::{Endpoint, Stop};
 use super::reply::ReplyTo;
 use super::stores::{NotStored, Stores};
@@ -211,15 +211,7 @@ async fn run_batch(
     let mut left = calls.len();
     let mut settled = futures_util::stream::iter((0u32..).zip(calls))
         .map(|(index, payload)| {
-            let request = async_nats::Message {
-                subject: message.subject.clone(),
-                reply: None,
-                length: payload.len(),
-                payload,
-                headers: None,
-                status: None,
-                description: None,
-            };
+            let request = batch_entry(&message.subject, payload);
             async move {
                 // A slot of its own, one at a time: a batch never holds
                 // slots it is not using, nor waits for several at once.

@@ -3,7 +3,7 @@
 //! group without losing a call when a drain begins, and routes each call
 //! to the stage that serves it.
 
-use super::dispatch::{admit, read_request};
+use super::dispatch::{admit, batch_entry, read_request};
 use super::endpoint::{Admission, Endpoint, Stop};
 use super::reply::ReplyTo;
 use crate::boxed::out_of_line;
@@ -149,15 +149,7 @@ impl Endpoint {
         outbox.begin_batch();
         let mut open = true;
         for (index, payload) in requests.into_iter().enumerate() {
-            let call = async_nats::Message {
-                subject: message.subject.clone(),
-                reply: None,
-                length: payload.len(),
-                payload,
-                headers: None,
-                status: None,
-                description: None,
-            };
+            let call = batch_entry(&message.subject, payload);
             let reply = ReplyTo::Batch {
                 subject: reply.clone(),
                 index: index as u32,
