@@ -405,3 +405,119 @@ async fn durable_calls_whose_batches_are_not_permitted_are_stored_alone() {
     );
     assert_eq!(alone, 2 * IN_FLIGHT as u64, "every call stored alone, once");
 }
+
+/// A postcard request to `add(a, b)` (both under 64) with call id `id`,
+/// written by hand from docs/protocol.md as a foreign client would.
+fn add_request(id: &str, a: u8, b: u8) -> Bytes {
+    let mut request = vec![1, 0, 0, id.len() as u8];
+    request.extend_from_slice(id.as_bytes());
+    // attempt, flags, then the arguments zigzag-encoded.
+    request.extend_from_slice(&[0, 0, a * 2, b * 2]);
+    request.into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_results_of_answers_their_caller_confirmed_are_not_stored() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = spawn_worker(&server.url());
+    wait_for_workers(&client, 1).await;
+    let first = add::request(1, 1).client(&client).durable(true).await;
+    assert_eq!(first.unwrap(), 2);
+    let nats = client.nats();
+    let js = async_nats::jetstream::new(nats.clone());
+
+    // Waiting callers take their answers and confirm them: most results
+    // are never stored.
+    let stores = format!("$KV.{}.>", subjects::results_bucket("itest"));
+    let (stop_stores, store_counter) = count_messages(nats, stores).await;
+    for round in 0..2 {
+        let answers = futures_util::future::join_all((0..IN_FLIGHT as i64).map(|i| {
+            let client = client.clone();
+            async move { add::request(i, round).client(&client).durable(true).await }
+        }))
+        .await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            assert_eq!(answer.unwrap(), i as i64 + round);
+        }
+    }
+    let _ = stop_stores.send(());
+    let stored = store_counter.await.unwrap();
+    let calls = 2 * IN_FLIGHT as u64;
+    println!("REPORT confirmed answers: {stored} of {calls} awaited durable results stored");
+    assert!(
+        stored < calls / 2,
+        "{stored} of {calls} results stored: the answers taken were not confirmed"
+    );
+
+    // A batch whose caller takes its first answer and not its second: the
+    // second's result is stored, the first's is not.
+    let run = "raw";
+    let (taken, left) = (format!("{run}-taken"), format!("{run}-left"));
+    let base = format!("_INBOX.{run}.durable");
+    let mut replies = nats
+        .subscribe(subjects::durable_batch_reply(&base))
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Wharf-Reply", base.as_str());
+    headers.insert("Wharf-Confirm", "1");
+    headers.insert("Nats-Msg-Id", format!("{run}-batch").as_str());
+    let payload =
+        batch::encode_requests([add_request(&taken, 2, 3), add_request(&left, 4, 5)].iter());
+    js.publish_with_headers(
+        subjects::durable_batch_call("wharf", "itest", "add"),
+        headers,
+        payload,
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut answered = Vec::new();
+    while answered.len() < 2 {
+        let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .expect("the batch's answers within 10 s")
+            .unwrap();
+        let to = reply
+            .reply
+            .clone()
+            .expect("a batch reply asks for confirmation");
+        let answers = batch::decode_answers(&reply.payload).unwrap();
+        let confirmation: Vec<u8> = answers
+            .iter()
+            .map(|answer| {
+                let id = answer
+                    .headers
+                    .as_ref()
+                    .unwrap()
+                    .get("Wharf-Call-Id")
+                    .unwrap();
+                u8::from(id.as_str() == taken)
+            })
+            .collect();
+        nats.publish(to, confirmation.into()).await.unwrap();
+        answered.extend(answers);
+    }
+    let results = js
+        .get_key_value(subjects::results_bucket("itest"))
+        .await
+        .unwrap();
+    wharf::testing::eventually(
+        "the result of the answer not taken to be stored",
+        Duration::from_secs(10),
+        || async {
+            match results.get(&left).await {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        results.get(&taken).await.unwrap(),
+        None,
+        "the result of a confirmed answer was stored"
+    );
+}

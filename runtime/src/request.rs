@@ -118,7 +118,7 @@ impl<A: Serialize, R: Returns> Request<A, R> {
         let call = CallState::new(self.spec, &self.options)?;
         let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
         client
-            .start_durable::<R>(self.spec, prepared, call, &self.options)
+            .start_durable::<R>(self.spec, prepared, call, &self.options, false)
             .await
     }
 
@@ -167,7 +167,7 @@ impl<A: Serialize, R: Returns> Request<A, R> {
                 let (client, spec, options) = (&client, self.spec, &self.options);
                 out_of_line(move || async move {
                     let pending = client
-                        .start_durable::<R>(spec, prepared, call, options)
+                        .start_durable::<R>(spec, prepared, call, options, true)
                         .await?;
                     pending.wait_message().await
                 })

@@ -98,8 +98,12 @@ impl DurableClient {
 /// Routes replies of durable calls, all on one wildcard subscription, to
 /// the calls waiting for them.
 struct Replies {
+    nats: async_nats::Client,
     prefix: String,
-    waiting: Mutex<HashMap<String, oneshot::Sender<Message>>>,
+    /// Each call's reply, and whether its caller is awaiting it (a call
+    /// made with `durable(true)`, not `start()`): only such an answer is
+    /// confirmed as taken.
+    waiting: Mutex<HashMap<String, (oneshot::Sender<Message>, bool)>>,
 }
 
 impl Replies {
@@ -116,6 +120,7 @@ impl Replies {
                 .with_source(e)
             })?;
         let replies = Arc::new(Replies {
+            nats: nats.clone(),
             prefix,
             waiting: Mutex::new(HashMap::new()),
         });
@@ -127,11 +132,11 @@ impl Replies {
                 };
                 let id = subjects::durable_reply_id(&message.subject);
                 if id == subjects::DURABLE_BATCH_REPLY {
-                    replies.route_batch(message);
+                    replies.route_batch(message).await;
                     continue;
                 }
                 let waiter = replies.waiting.lock().unwrap().remove(id);
-                if let Some(waiter) = waiter {
+                if let Some((waiter, _)) = waiter {
                     let _ = waiter.send(message);
                 }
             }
@@ -141,30 +146,42 @@ impl Replies {
 
     /// Hands each answer of a batch reply (the answers of a batch's calls,
     /// each naming its call id in `Wharf-Call-Id`) to the call waiting for
-    /// it. A reply that does not decode is dropped: those calls read their
-    /// stored results instead.
-    fn route_batch(&self, message: Message) {
+    /// it, and, when the worker asks (a reply subject), confirms which it
+    /// took: one byte per answer, 1 for an answer handed to a caller
+    /// awaiting it. A reply that does not decode is dropped (and nothing is
+    /// confirmed): those calls read their stored results instead.
+    async fn route_batch(&self, message: Message) {
         let Ok(answers) = batch::decode_answers(&message.payload) else {
             return;
         };
-        let mut waiting = self.waiting.lock().unwrap();
-        for answer in answers {
-            let waiter = answer
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(headers::CALL_ID))
-                .and_then(|id| waiting.remove(id.as_str()));
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(Message {
-                    subject: message.subject.clone(),
-                    reply: None,
-                    length: answer.body.len(),
-                    payload: answer.body,
-                    headers: answer.headers,
-                    status: None,
-                    description: None,
+        let mut taken = Vec::with_capacity(answers.len());
+        {
+            let mut waiting = self.waiting.lock().unwrap();
+            for answer in answers {
+                let waiter = answer
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(headers::CALL_ID))
+                    .and_then(|id| waiting.remove(id.as_str()));
+                let took = waiter.is_some_and(|(waiter, awaited)| {
+                    let handed = waiter.send(Message {
+                        subject: message.subject.clone(),
+                        reply: None,
+                        length: answer.body.len(),
+                        payload: answer.body,
+                        headers: answer.headers,
+                        status: None,
+                        description: None,
+                    });
+                    // Handed to a call still waiting, which returns it.
+                    handed.is_ok() && awaited
                 });
+                taken.push(u8::from(took));
             }
+        }
+        if let Some(reply) = message.reply {
+            // Lost, the worker stores these results after a while.
+            let _ = self.nats.publish(reply, taken.into()).await;
         }
     }
 
@@ -172,9 +189,12 @@ impl Replies {
         subjects::durable_reply(&self.prefix, id)
     }
 
-    fn register(&self, id: &str) -> oneshot::Receiver<Message> {
+    fn register(&self, id: &str, awaited: bool) -> oneshot::Receiver<Message> {
         let (tx, rx) = oneshot::channel();
-        self.waiting.lock().unwrap().insert(id.to_owned(), tx);
+        self.waiting
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), (tx, awaited));
         rx
     }
 }
@@ -206,18 +226,20 @@ impl Client {
     /// Publishes a durable call into its service's stream and returns once
     /// JetStream has stored it: in a batch with others of its function
     /// when several are being stored at once ([`super::batcher`]), else
-    /// alone.
+    /// alone. `awaited`: the caller waits for the answer now (not a
+    /// `start()` whose result may be collected by id elsewhere).
     pub(crate) async fn start_durable<R: Returns>(
         &self,
         spec: &'static FnSpec,
         prepared: Prepared,
         call: CallState,
         options: &CallOptions,
+        awaited: bool,
     ) -> Result<Pending<R>, Error> {
         let durable = self.durable_state().await?;
         durable.ensure_stream(self.prefix(), spec.service).await?;
         let id = call.id.as_str().to_owned();
-        let reply = durable.replies.register(&id);
+        let reply = durable.replies.register(&id, awaited);
         let mut policy = options.retry.unwrap_or(spec.retry);
         // Re-sent under the same message id, JetStream stores a call once
         // within the duplicate window, so every failure that may be
@@ -425,6 +447,8 @@ impl Client {
             let payload = batch::encode_requests(entries.iter().map(|entry| &entry.request));
             let mut headers = HeaderMap::new();
             headers.insert(headers::REPLY, durable.replies.prefix.as_str());
+            // This client confirms the answers it takes.
+            headers.insert(headers::CONFIRM, "1");
             let subject = subjects::durable_batch_call(client.prefix(), spec.service, spec.name);
             // Unique (call ids are) and the same on every try: a batch
             // sent again after a lost acknowledgement is stored once.

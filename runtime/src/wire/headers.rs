@@ -27,6 +27,10 @@ pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 pub const REPORT: HeaderName = HeaderName::from_static("Wharf-Report");
 /// Durable calls: the subject the worker replies to.
 pub const REPLY: HeaderName = HeaderName::from_static("Wharf-Reply");
+/// On a batch of durable calls: its caller confirms the answers it takes
+/// (docs/protocol.md, "Coalesced durable calls"), so their results need
+/// not be stored.
+pub const CONFIRM: HeaderName = HeaderName::from_static("Wharf-Confirm");
 /// Dead-lettered calls: why the call was given up.
 pub const DEAD_REASON: HeaderName = HeaderName::from_static("Wharf-Dead-Reason");
 /// A spilled payload: the URI of the object holding the arguments

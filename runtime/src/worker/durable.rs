@@ -1,7 +1,9 @@
 //! Durable calls on the worker: pulls them from the service's work queue
 //! (no more than there are free slots), runs each while keeping it claimed,
-//! stores the result, replies, and only then acks; a call that cannot
-//! succeed goes to the dead-letter stream.
+//! stores the result, replies, and only then acks (a call of a batch whose
+//! caller confirms the answers it takes replies first, and its result is
+//! stored only if the caller did not take it); a call that cannot succeed
+//! goes to the dead-letter stream.
 
 use super::dispatch::{batch_entry, read_request};
 use super::endpoint::{Endpoint, Stop};
@@ -207,6 +209,10 @@ async fn run_batch(
     let batch_reply =
         base.map(|base| async_nats::Subject::from(subjects::durable_batch_reply(base)));
     let batch_reply = batch_reply.as_ref();
+    let confirm = message
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get(headers::CONFIRM).is_some());
     let width = calls.len().clamp(1, endpoint.shared.concurrency);
     let mut left = calls.len();
     let mut settled = futures_util::stream::iter((0u32..).zip(calls))
@@ -219,6 +225,7 @@ async fn run_batch(
                 let within = Within {
                     base,
                     batch_reply,
+                    confirm,
                     index,
                 };
                 let settle = process(endpoint, js, &request, delivered, Some(within)).await;
@@ -280,6 +287,8 @@ struct Within<'a> {
     /// Where the answers of the batch's calls go together (made once per
     /// batch), if it named a base.
     batch_reply: Option<&'a async_nats::Subject>,
+    /// Its caller confirms the answers it takes (`Wharf-Confirm`).
+    confirm: bool,
     /// The call's place in the batch, from 0.
     index: u32,
 }
@@ -409,6 +418,36 @@ async fn process(
         }
         Err(fault) => fault.answer(codec),
     };
+    let service = endpoint.registration.spec.service;
+    // The answers of a batch's calls gather in the outbox and go to the
+    // caller together, as they become ready.
+    let batch_reply = within
+        .filter(|_| fate.reply.is_some())
+        .and_then(|within| Some((within.batch_reply?, within.index, within.confirm)));
+    if let Some((subject, index, true)) = batch_reply {
+        // Its caller confirms the answers it takes: the result of one it
+        // took need not be stored (nobody else knows the call's id), and
+        // the call leaves the work queue; the result of one it did not
+        // take is stored as any other, before the ack.
+        let mut headers = headers;
+        headers.insert(headers::CALL_ID, id.as_str());
+        let (confirm, confirmed) = oneshot::channel();
+        let to = ReplyTo::Batch {
+            subject: subject.clone(),
+            index,
+            confirm: Some(confirm),
+        };
+        endpoint.send_reply(to, Some(headers), body.clone()).await;
+        if !confirmed.await.unwrap_or(false) {
+            let record = record::encode(code, codec, &body);
+            let stored = store_patiently(&endpoint.shared.stores, service, &id, &record).await;
+            if matches!(stored, Stored::Not) {
+                return Settle::Nak;
+            }
+        }
+        endpoint.record(started, outcome.as_ref().err());
+        return Settle::Ack;
+    }
     // Stored before the reply and the ack: a caller that misses the reply
     // still finds the result, and a crash before the ack at worst runs the
     // call again. The call has run: while JetStream cannot take the result
@@ -416,25 +455,19 @@ async fn process(
     // holding the call, rather than give it up to run again and count a
     // delivery towards the dead-letter limit.
     let record = record::encode(code, codec, &body);
-    let service = endpoint.registration.spec.service;
     match store_patiently(&endpoint.shared.stores, service, &id, &record).await {
-        Stored::Now => match within.filter(|_| fate.reply.is_some()) {
-            // The answers of a batch's calls gather in the outbox and go
-            // to the caller together, as they become ready.
-            Some(Within {
-                batch_reply: Some(subject),
-                index,
-                ..
-            }) => {
+        Stored::Now => match batch_reply {
+            Some((subject, index, _)) => {
                 let mut headers = headers;
                 headers.insert(headers::CALL_ID, id.as_str());
                 let to = ReplyTo::Batch {
                     subject: subject.clone(),
                     index,
+                    confirm: None,
                 };
                 endpoint.send_reply(to, Some(headers), body).await;
             }
-            _ => answer(endpoint, fate.reply, headers, body).await,
+            None => answer(endpoint, fate.reply, headers, body).await,
         },
         Stored::Before => {
             // Cancelled meanwhile (by a canceller whose cancel this worker

@@ -153,6 +153,7 @@ impl Endpoint {
             let reply = ReplyTo::Batch {
                 subject: reply.clone(),
                 index: index as u32,
+                confirm: None,
             };
             if !self.take(call, Some(reply), false).await {
                 open = false;

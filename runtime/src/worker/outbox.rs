@@ -1,11 +1,21 @@
 //! The answers of batched calls (wire/batch.rs) on their way out: gathered
 //! while a batch's intake runs, sent together, one message per batch.
 
+use super::stores::Stores;
 use crate::wire::batch::{self, Answer};
 use async_nats::Subject;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+
+/// How long a batch reply waits for its caller to confirm the answers it
+/// took; the results of those it did not are then stored.
+pub(crate) const CONFIRM_WAIT: Duration = Duration::from_secs(2);
+
+/// Where an answer learns whether its caller took it (true) or its
+/// result must be stored (false).
+pub(crate) type Confirm = oneshot::Sender<bool>;
 
 /// The answers of batched calls not yet sent. A batch's intake sends what
 /// is ready once it has given each of its calls a first poll; a call that
@@ -13,8 +23,10 @@ use tokio::sync::Notify;
 /// time it runs: never a timer, always whatever is ready.
 pub(crate) struct Outbox {
     nats: async_nats::Client,
+    /// Where confirmations of batch replies come back.
+    stores: Arc<Stores>,
     max_payload: usize,
-    ready: Mutex<Vec<(Subject, Answer)>>,
+    ready: Mutex<Vec<(Subject, Answer, Option<Confirm>)>>,
     /// Batch intakes running now: they send what is ready when done, so
     /// no wake is needed meanwhile.
     gathering: AtomicUsize,
@@ -24,10 +36,11 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// An outbox and the task that sends the answers of calls that end
     /// after their batch's intake.
-    pub(crate) fn start(nats: &async_nats::Client) -> Arc<Outbox> {
+    pub(crate) fn start(nats: &async_nats::Client, stores: Arc<Stores>) -> Arc<Outbox> {
         let wake = Arc::new(Notify::new());
         let outbox = Arc::new(Outbox {
             nats: nats.clone(),
+            stores,
             max_payload: nats.server_info().max_payload.max(1024),
             ready: Mutex::new(Vec::new()),
             gathering: AtomicUsize::new(0),
@@ -46,11 +59,12 @@ impl Outbox {
         outbox
     }
 
-    /// Queues one answer to go out with the others that are ready.
-    pub(crate) fn put(&self, subject: Subject, answer: Answer) {
+    /// Queues one answer to go out with the others that are ready; with
+    /// `confirm`, its caller is asked to confirm it took it.
+    pub(crate) fn put(&self, subject: Subject, answer: Answer, confirm: Option<Confirm>) {
         let first = {
             let mut ready = self.ready.lock().unwrap();
-            ready.push((subject, answer));
+            ready.push((subject, answer, confirm));
             ready.len() == 1
         };
         if first && self.gathering.load(Ordering::Acquire) == 0 {
@@ -83,29 +97,64 @@ impl Outbox {
             std::mem::replace(&mut *ready, Vec::with_capacity(room))
         };
         // Few batches at once: a short list, in the order answers came.
-        let mut groups: Vec<(Subject, Vec<Answer>, usize)> = Vec::with_capacity(4);
-        for (subject, answer) in ready {
+        let mut groups: Vec<Group> = Vec::with_capacity(4);
+        for (subject, answer, confirm) in ready {
             let size = answer.size();
-            let group = match groups
-                .iter_mut()
-                .rposition(|(s, _, bytes)| *s == subject && *bytes + size + 16 <= self.max_payload)
-            {
+            let group = match groups.iter_mut().rposition(|group| {
+                group.subject == subject && group.bytes + size + 16 <= self.max_payload
+            }) {
                 Some(at) => &mut groups[at],
                 None => {
-                    groups.push((subject, Vec::with_capacity(16), 0));
+                    groups.push(Group {
+                        subject,
+                        answers: Vec::with_capacity(16),
+                        confirms: Vec::new(),
+                        bytes: 0,
+                    });
                     groups.last_mut().expect("pushed")
                 }
             };
-            group.1.push(answer);
-            group.2 += size;
+            if let Some(confirm) = confirm {
+                group.confirms.push((group.answers.len(), confirm));
+            }
+            group.answers.push(answer);
+            group.bytes += size;
         }
-        for (subject, answers, _) in groups {
-            // A failed publish means the connection is gone; the callers'
-            // probes then find these calls no longer held.
-            let _ = self
+        for group in groups {
+            let payload = batch::encode_answers(&group.answers);
+            if group.confirms.is_empty() {
+                // A failed publish means the connection is gone; the
+                // callers' probes then find these calls no longer held.
+                let _ = self.nats.publish(group.subject, payload).await;
+                continue;
+            }
+            // Asked as a request: the caller answers which answers it took.
+            let (reply, expected) = self.stores.expect();
+            let sent = self
                 .nats
-                .publish(subject, batch::encode_answers(&answers))
-                .await;
+                .publish_with_reply(group.subject, reply, payload)
+                .await
+                .is_ok();
+            tokio::spawn(async move {
+                let taken = match sent {
+                    true => expected.within(CONFIRM_WAIT).await,
+                    false => None,
+                };
+                let taken = taken.map(|message| message.payload).unwrap_or_default();
+                for (at, confirm) in group.confirms {
+                    let _ = confirm.send(taken.get(at) == Some(&1));
+                }
+            });
         }
     }
+}
+
+/// The answers that go out in one batch reply.
+struct Group {
+    subject: Subject,
+    answers: Vec<Answer>,
+    /// The answers (by place in `answers`) whose callers are asked to
+    /// confirm them.
+    confirms: Vec<(usize, Confirm)>,
+    bytes: usize,
 }

@@ -19,8 +19,13 @@ pub(crate) enum ReplyTo {
     /// The caller's inbox, as one message.
     Inbox(Subject),
     /// The `index`th answer of a batch (wire/batch.rs) that answers on
-    /// `subject`: it joins the others that are ready in the [`Outbox`](super::outbox::Outbox).
-    Batch { subject: Subject, index: u32 },
+    /// `subject`: it joins the others that are ready in the [`Outbox`](super::outbox::Outbox);
+    /// with `confirm`, its caller is asked whether it took it.
+    Batch {
+        subject: Subject,
+        index: u32,
+        confirm: Option<super::outbox::Confirm>,
+    },
 }
 
 impl From<Subject> for ReplyTo {
@@ -49,13 +54,18 @@ impl Endpoint {
                     }
                 };
             }
-            ReplyTo::Batch { subject, index } => self.shared.outbox.put(
+            ReplyTo::Batch {
+                subject,
+                index,
+                confirm,
+            } => self.shared.outbox.put(
                 subject,
                 Answer {
                     index,
                     headers,
                     body,
                 },
+                confirm,
             ),
         }
     }

@@ -117,6 +117,12 @@ impl Worker {
                 ))
             }
         };
+        let stores = super::stores::Stores::start(&nats).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot subscribe for the acknowledgements of stored results: {e}"),
+            )
+        })?;
         let shared = Arc::new(Shared {
             nats: nats.clone(),
             permits: Arc::new(Semaphore::new(self.concurrency)),
@@ -131,13 +137,8 @@ impl Worker {
             owned: owned.clone(),
             client: self.client.clone(),
             spill_at: crate::client::spill_limit(&nats),
-            outbox: super::outbox::Outbox::start(&nats),
-            stores: super::stores::Stores::start(&nats).await.map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot subscribe for the acknowledgements of stored results: {e}"),
-                )
-            })?,
+            outbox: super::outbox::Outbox::start(&nats, stores.clone()),
+            stores,
         });
         let (stop, stopped) = watch::channel(false);
         // Stateful endpoints' own subjects stop later, once their

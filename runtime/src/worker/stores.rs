@@ -1,6 +1,7 @@
 //! Durable results on their way into JetStream: each a KV create (a
 //! publish with `Nats-Expected-Last-Subject-Sequence: 0`), its
-//! acknowledgement routed back on one wildcard subscription.
+//! acknowledgement routed back on one wildcard subscription, which also
+//! brings callers' confirmations of batch replies ([`Stores::expect`]).
 //!
 //! This is what async-nats's `jetstream::Context::send_publish` does, less
 //! what a worker storing one result per durable call does not need on that
@@ -98,29 +99,43 @@ impl Stores {
     /// Stores `value` on `subject` (a KV key's subject) unless a value is
     /// there already, and waits for JetStream to confirm.
     pub(crate) async fn create(&self, subject: String, value: Bytes) -> Result<(), NotStored> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.waiting.lock().unwrap().insert(n, tx);
+        let (n, reply, rx) = self.register();
         // Removed however this ends, so a lost acknowledgement leaves
         // nothing behind.
         let _waiting = Waiting { stores: self, n };
-        let mut reply = String::with_capacity(self.prefix.len() + 21);
-        reply.push_str(&self.prefix);
-        reply.push('.');
-        let _ = write!(reply, "{n}");
         self.nats
-            .publish_with_reply_and_headers(
-                subject,
-                Subject::from(reply),
-                self.create.clone(),
-                value,
-            )
+            .publish_with_reply_and_headers(subject, reply, self.create.clone(), value)
             .await
             .map_err(|_| NotStored::Unconfirmed)?;
         match tokio::time::timeout(ACK_WAIT, rx).await {
             Ok(Ok(ack)) => read_ack(&ack),
             _ => Err(NotStored::Unconfirmed),
         }
+    }
+
+    /// A reply subject of this worker's, and where the message sent to it
+    /// comes: for a caller's confirmation of a batch reply.
+    pub(crate) fn expect(self: &Arc<Self>) -> (Subject, Expected) {
+        let (n, reply, rx) = self.register();
+        let expected = Expected {
+            stores: self.clone(),
+            n,
+            rx,
+        };
+        (reply, expected)
+    }
+
+    /// A number of its own, its reply subject `<prefix>.<n>`, and where
+    /// the message sent there comes.
+    fn register(&self) -> (u64, Subject, oneshot::Receiver<Message>) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().unwrap().insert(n, tx);
+        let mut reply = String::with_capacity(self.prefix.len() + 21);
+        reply.push_str(&self.prefix);
+        reply.push('.');
+        let _ = write!(reply, "{n}");
+        (n, Subject::from(reply), rx)
     }
 }
 
@@ -131,6 +146,27 @@ struct Waiting<'a> {
 }
 
 impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.stores.waiting.lock().unwrap().remove(&self.n);
+    }
+}
+
+/// A message expected on a reply subject of [`Stores::expect`]; forgotten
+/// when dropped.
+pub(crate) struct Expected {
+    stores: Arc<Stores>,
+    n: u64,
+    rx: oneshot::Receiver<Message>,
+}
+
+impl Expected {
+    /// The message, if it comes within `wait`.
+    pub(crate) async fn within(mut self, wait: Duration) -> Option<Message> {
+        tokio::time::timeout(wait, &mut self.rx).await.ok()?.ok()
+    }
+}
+
+impl Drop for Expected {
     fn drop(&mut self) {
         self.stores.waiting.lock().unwrap().remove(&self.n);
     }
