@@ -93,18 +93,33 @@ pub(super) enum Turn {
     Filled(oneshot::Receiver<Batched>, Vec<Entry>),
 }
 
-/// A client's durable calls being stored, by function.
+/// Which calls may share a batch: those of one function whose callers
+/// await their answers now, or those of one function started to be
+/// collected later (whose batches ask for no confirmation).
+#[derive(Clone, Copy)]
+pub(super) struct Of {
+    pub(super) spec: &'static FnSpec,
+    pub(super) awaited: bool,
+}
+
+impl Of {
+    fn key(self) -> (&'static str, bool) {
+        (self.spec.path, self.awaited)
+    }
+}
+
+/// A client's durable calls being stored, by function and [`Of`].
 #[derive(Default)]
 pub(super) struct Batcher {
-    queues: Mutex<HashMap<&'static str, Queue>>,
+    queues: Mutex<HashMap<(&'static str, bool), Queue>>,
 }
 
 impl Batcher {
-    /// Counts a call of `spec` being stored (alone or in a batch) until the
+    /// Counts a call of `of` being stored (alone or in a batch) until the
     /// guard is dropped.
-    pub(super) fn enter(&self, spec: &'static FnSpec) -> Storing<'_> {
+    pub(super) fn enter(&self, of: Of) -> Storing<'_> {
         let mut queues = self.queues.lock().unwrap();
-        let queue = queues.entry(spec.path).or_insert_with(|| Queue {
+        let queue = queues.entry(of.key()).or_insert_with(|| Queue {
             in_flight: 0,
             gathering: Vec::new(),
             bytes: 0,
@@ -112,26 +127,27 @@ impl Batcher {
             takes: Takes::Unknown,
         });
         queue.in_flight += 1;
-        Storing {
-            batcher: self,
-            spec,
-        }
+        Storing { batcher: self, of }
     }
 
-    /// Finds the turn of a call of `spec` being stored ([`Batcher::enter`]).
-    pub(super) fn turn(
-        &self,
-        spec: &'static FnSpec,
-        request: &Bytes,
-        id: &str,
-        max_bytes: usize,
-    ) -> Turn {
+    /// Finds the turn of a call of `of` being stored ([`Batcher::enter`]).
+    pub(super) fn turn(&self, of: Of, request: &Bytes, id: &str, max_bytes: usize) -> Turn {
         let mut queues = self.queues.lock().unwrap();
-        let Some(queue) = queues.get_mut(spec.path) else {
+        // What the other kind of calls of this function learnt holds for
+        // these too: the workers' batch consumer is the same.
+        let sibling = queues
+            .get(&(of.spec.path, !of.awaited))
+            .map(|queue| queue.takes);
+        let Some(queue) = queues.get_mut(&of.key()) else {
             return Turn::Alone;
         };
         if queue.gathering.is_empty() && queue.in_flight <= COALESCE_FROM {
             return Turn::Alone;
+        }
+        if let (Takes::Unknown, Some(known @ (Takes::YesUntil(_) | Takes::NotUntil(_)))) =
+            (queue.takes, sibling)
+        {
+            queue.takes = known;
         }
         match queue.takes {
             Takes::YesUntil(until) if Instant::now() < until => {}
@@ -171,11 +187,11 @@ impl Batcher {
         Turn::Joined(rx)
     }
 
-    /// The gathering batch of `spec`, if it is still the one of
+    /// The gathering batch of `of`, if it is still the one of
     /// `generation` (else a call that filled it has sent it).
-    pub(super) fn take(&self, spec: &'static FnSpec, generation: u64) -> Option<Vec<Entry>> {
+    pub(super) fn take(&self, of: Of, generation: u64) -> Option<Vec<Entry>> {
         let mut queues = self.queues.lock().unwrap();
-        let queue = queues.get_mut(spec.path)?;
+        let queue = queues.get_mut(&of.key())?;
         if queue.generation != generation || queue.gathering.is_empty() {
             return None;
         }
@@ -183,14 +199,18 @@ impl Batcher {
         Some(std::mem::take(&mut queue.gathering))
     }
 
-    /// Records whether the workers of `spec` take batches.
-    pub(super) fn takes(&self, spec: &'static FnSpec, takes: bool) {
-        if let Some(queue) = self.queues.lock().unwrap().get_mut(spec.path) {
-            queue.takes = if takes {
-                Takes::YesUntil(Instant::now() + CHECK_AGAIN_AFTER)
-            } else {
-                Takes::NotUntil(Instant::now() + LOOK_AGAIN_AFTER)
-            };
+    /// Records whether the workers of `of`'s function take batches.
+    pub(super) fn takes(&self, of: Of, takes: bool) {
+        let takes = if takes {
+            Takes::YesUntil(Instant::now() + CHECK_AGAIN_AFTER)
+        } else {
+            Takes::NotUntil(Instant::now() + LOOK_AGAIN_AFTER)
+        };
+        let mut queues = self.queues.lock().unwrap();
+        for awaited in [false, true] {
+            if let Some(queue) = queues.get_mut(&(of.spec.path, awaited)) {
+                queue.takes = takes;
+            }
         }
     }
 }
@@ -198,13 +218,13 @@ impl Batcher {
 /// A call being stored, counted until dropped.
 pub(super) struct Storing<'a> {
     batcher: &'a Batcher,
-    spec: &'static FnSpec,
+    of: Of,
 }
 
 impl Drop for Storing<'_> {
     fn drop(&mut self) {
         let mut queues = self.batcher.queues.lock().unwrap();
-        if let Some(queue) = queues.get_mut(self.spec.path) {
+        if let Some(queue) = queues.get_mut(&self.of.key()) {
             queue.in_flight = queue.in_flight.saturating_sub(1);
         }
     }

@@ -3,7 +3,7 @@
 //! of a connection arrives, and collecting a result ([`Pending`]), here or
 //! by id in any process.
 
-use super::batcher::{Batched, Batcher, Entry, Turn};
+use super::batcher::{Batched, Batcher, Entry, Of, Turn};
 use super::streams::{calls_stream, results_bucket};
 use crate::boxed::out_of_line;
 use crate::client::call::{annotate, CallOptions, CallState};
@@ -103,8 +103,30 @@ struct Replies {
     /// Each call's reply, and whether its caller is awaiting it (a call
     /// made with `durable(true)`, not `start()`): only such an answer is
     /// confirmed as taken.
-    waiting: Mutex<HashMap<String, (oneshot::Sender<Message>, bool)>>,
+    waiting: Mutex<HashMap<String, (oneshot::Sender<Delivered>, bool)>>,
 }
+
+/// A durable call's answer as it reaches the call; `taken`, when the
+/// worker waits to hear that it was, is fired once the call returns it.
+pub(crate) struct Delivered {
+    message: Message,
+    taken: Option<oneshot::Sender<()>>,
+}
+
+impl Delivered {
+    /// The answer, now in its caller's hands.
+    fn take(self) -> Message {
+        if let Some(taken) = self.taken {
+            let _ = taken.send(());
+        }
+        self.message
+    }
+}
+
+/// How long a caller waits for the calls it handed answers to to return
+/// them before it confirms to the worker (below the worker's 2 s): an
+/// answer not returned by then is confirmed as not taken, and stored.
+const TAKE_WAIT: Duration = Duration::from_millis(500);
 
 impl Replies {
     async fn start(nats: &async_nats::Client) -> Result<Arc<Replies>, Error> {
@@ -132,12 +154,15 @@ impl Replies {
                 };
                 let id = subjects::durable_reply_id(&message.subject);
                 if id == subjects::DURABLE_BATCH_REPLY {
-                    replies.route_batch(message).await;
+                    replies.route_batch(message);
                     continue;
                 }
                 let waiter = replies.waiting.lock().unwrap().remove(id);
                 if let Some((waiter, _)) = waiter {
-                    let _ = waiter.send(message);
+                    let _ = waiter.send(Delivered {
+                        message,
+                        taken: None,
+                    });
                 }
             }
         });
@@ -147,14 +172,16 @@ impl Replies {
     /// Hands each answer of a batch reply (the answers of a batch's calls,
     /// each naming its call id in `Wharf-Call-Id`) to the call waiting for
     /// it, and, when the worker asks (a reply subject), confirms which it
-    /// took: one byte per answer, 1 for an answer handed to a caller
-    /// awaiting it. A reply that does not decode is dropped (and nothing is
-    /// confirmed): those calls read their stored results instead.
-    async fn route_batch(&self, message: Message) {
+    /// took: one byte per answer, 1 for an answer a call awaiting it has
+    /// returned to its caller (within [`TAKE_WAIT`]). A reply that does not
+    /// decode is dropped (and nothing is confirmed): those calls read their
+    /// stored results instead.
+    fn route_batch(&self, message: Message) {
         let Ok(answers) = batch::decode_answers(&message.payload) else {
             return;
         };
-        let mut taken = Vec::with_capacity(answers.len());
+        let asked = message.reply.is_some();
+        let mut taken = Vec::with_capacity(if asked { answers.len() } else { 0 });
         {
             let mut waiting = self.waiting.lock().unwrap();
             for answer in answers {
@@ -163,33 +190,56 @@ impl Replies {
                     .as_ref()
                     .and_then(|h| h.get(headers::CALL_ID))
                     .and_then(|id| waiting.remove(id.as_str()));
-                let took = waiter.is_some_and(|(waiter, awaited)| {
-                    let handed = waiter.send(Message {
-                        subject: message.subject.clone(),
-                        reply: None,
-                        length: answer.body.len(),
-                        payload: answer.body,
-                        headers: answer.headers,
-                        status: None,
-                        description: None,
+                let (took, said) = match waiter {
+                    Some((_, true)) if asked => {
+                        let (took, said) = oneshot::channel();
+                        (Some(took), Some(said))
+                    }
+                    _ => (None, None),
+                };
+                if let Some((waiter, _)) = waiter {
+                    let _ = waiter.send(Delivered {
+                        message: Message {
+                            subject: message.subject.clone(),
+                            reply: None,
+                            length: answer.body.len(),
+                            payload: answer.body,
+                            headers: answer.headers,
+                            status: None,
+                            description: None,
+                        },
+                        taken: took,
                     });
-                    // Handed to a call still waiting, which returns it.
-                    handed.is_ok() && awaited
-                });
-                taken.push(u8::from(took));
+                }
+                if asked {
+                    taken.push(said);
+                }
             }
         }
-        if let Some(reply) = message.reply {
+        let Some(reply) = message.reply else { return };
+        let nats = self.nats.clone();
+        // Confirmed once the calls have returned their answers (at once,
+        // for a call awaiting it): a call that gave up meanwhile does not
+        // count, and its result is stored.
+        tokio::spawn(async move {
+            let took = futures_util::future::join_all(taken.into_iter().map(|said| async move {
+                match said {
+                    Some(said) => matches!(tokio::time::timeout(TAKE_WAIT, said).await, Ok(Ok(()))),
+                    None => false,
+                }
+            }))
+            .await;
+            let bytes: Vec<u8> = took.into_iter().map(u8::from).collect();
             // Lost, the worker stores these results after a while.
-            let _ = self.nats.publish(reply, taken.into()).await;
-        }
+            let _ = nats.publish(reply, bytes.into()).await;
+        });
     }
 
     fn subject(&self, id: &str) -> String {
         subjects::durable_reply(&self.prefix, id)
     }
 
-    fn register(&self, id: &str, awaited: bool) -> oneshot::Receiver<Message> {
+    fn register(&self, id: &str, awaited: bool) -> oneshot::Receiver<Delivered> {
         let (tx, rx) = oneshot::channel();
         self.waiting
             .lock()
@@ -261,10 +311,11 @@ impl Client {
             && prepared.payload.len() <= MAX_ENTRY_BYTES;
         // Counted while it is being stored, alone or not: calls coalesce
         // only while several are.
-        let _storing = batchable.then(|| durable.batcher.enter(spec));
+        let of = Of { spec, awaited };
+        let _storing = batchable.then(|| durable.batcher.enter(of));
         if batchable {
             let batched = self
-                .store_batched(durable, spec, &prepared.payload, &id, policy, call.deadline)
+                .store_batched(durable, of, &prepared.payload, &id, policy, call.deadline)
                 .await;
             match batched {
                 Batched::Stored => return Ok(self.pending(spec, id, reply, &call)),
@@ -312,7 +363,7 @@ impl Client {
         &self,
         spec: &'static FnSpec,
         id: String,
-        reply: oneshot::Receiver<Message>,
+        reply: oneshot::Receiver<Delivered>,
         call: &CallState,
     ) -> Pending<R> {
         Pending {
@@ -385,7 +436,7 @@ impl Client {
     async fn store_batched(
         &self,
         durable: &Arc<DurableClient>,
-        spec: &'static FnSpec,
+        of: Of,
         request: &Bytes,
         id: &str,
         policy: RetryPolicy,
@@ -393,23 +444,23 @@ impl Client {
     ) -> Batched {
         let turn = durable
             .batcher
-            .turn(spec, request, id, durable.max_batch_bytes);
+            .turn(of, request, id, durable.max_batch_bytes);
         let stored = match turn {
             Turn::Alone => return Batched::NotSent,
             Turn::Ask => {
-                self.ask_takes_batches(durable, spec);
+                self.ask_takes_batches(durable, of);
                 return Batched::NotSent;
             }
             Turn::Joined(stored) => stored,
             Turn::Filled(stored, entries) => {
-                self.store_batch(durable, spec, entries, policy, deadline);
+                self.store_batch(durable, of, entries, policy, deadline);
                 stored
             }
             Turn::Began(stored, generation) => {
                 let mut leading = Leading {
                     client: self,
                     durable,
-                    spec,
+                    of,
                     generation,
                     policy,
                     deadline,
@@ -418,10 +469,10 @@ impl Client {
                 // Calls that are ready to run join this batch meanwhile.
                 tokio::task::yield_now().await;
                 leading.done = true;
-                match durable.batcher.take(spec, generation) {
+                match durable.batcher.take(of, generation) {
                     // Nobody joined: alone, as without coalescing.
                     Some(entries) if entries.len() == 1 => return Batched::NotSent,
-                    Some(entries) => self.store_batch(durable, spec, entries, policy, deadline),
+                    Some(entries) => self.store_batch(durable, of, entries, policy, deadline),
                     None => {}
                 }
                 stored
@@ -437,18 +488,20 @@ impl Client {
     fn store_batch(
         &self,
         durable: &Arc<DurableClient>,
-        spec: &'static FnSpec,
+        of: Of,
         entries: Vec<Entry>,
         policy: RetryPolicy,
         deadline: Instant,
     ) {
-        let (client, durable) = (self.clone(), durable.clone());
+        let (client, durable, spec) = (self.clone(), durable.clone(), of.spec);
         tokio::spawn(async move {
             let payload = batch::encode_requests(entries.iter().map(|entry| &entry.request));
             let mut headers = HeaderMap::new();
             headers.insert(headers::REPLY, durable.replies.prefix.as_str());
-            // This client confirms the answers it takes.
-            headers.insert(headers::CONFIRM, "1");
+            if of.awaited {
+                // This client confirms the answers it takes.
+                headers.insert(headers::CONFIRM, "1");
+            }
             let subject = subjects::durable_batch_call(client.prefix(), spec.service, spec.name);
             // Unique (call ids are) and the same on every try: a batch
             // sent again after a lost acknowledgement is stored once.
@@ -481,8 +534,8 @@ impl Client {
 
     /// Looks, in a task of its own, for the consumer through which the
     /// workers of `spec` take batches of durable calls.
-    fn ask_takes_batches(&self, durable: &Arc<DurableClient>, spec: &'static FnSpec) {
-        let durable = durable.clone();
+    fn ask_takes_batches(&self, durable: &Arc<DurableClient>, of: Of) {
+        let (durable, spec) = (durable.clone(), of.spec);
         let stream = subjects::calls_stream(self.prefix(), spec.service);
         tokio::spawn(async move {
             let consumer = durable
@@ -492,7 +545,7 @@ impl Client {
                     stream,
                 )
                 .await;
-            durable.batcher.takes(spec, consumer.is_ok());
+            durable.batcher.takes(of, consumer.is_ok());
         });
     }
 }
@@ -503,7 +556,7 @@ impl Client {
 struct Leading<'a> {
     client: &'a Client,
     durable: &'a Arc<DurableClient>,
-    spec: &'static FnSpec,
+    of: Of,
     generation: u64,
     policy: RetryPolicy,
     deadline: Instant,
@@ -515,9 +568,9 @@ impl Drop for Leading<'_> {
         if self.done {
             return;
         }
-        if let Some(entries) = self.durable.batcher.take(self.spec, self.generation) {
+        if let Some(entries) = self.durable.batcher.take(self.of, self.generation) {
             self.client
-                .store_batch(self.durable, self.spec, entries, self.policy, self.deadline);
+                .store_batch(self.durable, self.of, entries, self.policy, self.deadline);
         }
     }
 }
@@ -583,7 +636,7 @@ pub struct Pending<R> {
     spec: &'static FnSpec,
     id: String,
     client: Option<Client>,
-    reply: Option<oneshot::Receiver<Message>>,
+    reply: Option<oneshot::Receiver<Delivered>>,
     wait: Duration,
     returns: PhantomData<fn() -> R>,
 }
@@ -726,7 +779,8 @@ impl<R: Returns> Pending<R> {
             tokio::select! {
                 message = async { reply.as_mut().expect("checked").await }, if reply.is_some() => {
                     match message {
-                        Ok(message) => {
+                        Ok(delivered) => {
+                            let message = delivered.take();
                             let codec = reply_codec(&message);
                             return Ok((message, codec, 1));
                         }
@@ -750,6 +804,12 @@ impl<R: Returns> Pending<R> {
                     }
                     if Instant::now() >= until {
                         durable.replies.waiting.lock().unwrap().remove(&self.id);
+                        // An answer that came while the store was read.
+                        if let Some(Ok(delivered)) = reply.as_mut().map(|reply| reply.try_recv()) {
+                            let message = delivered.take();
+                            let codec = reply_codec(&message);
+                            return Ok((message, codec, 1));
+                        }
                         return Err(Error::new(
                             ErrorKind::Timeout,
                             format!(

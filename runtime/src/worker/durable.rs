@@ -213,6 +213,8 @@ async fn run_batch(
         .headers
         .as_ref()
         .is_some_and(|h| h.get(headers::CONFIRM).is_some());
+    let kept = Kept::default();
+    let kept = &kept;
     let width = calls.len().clamp(1, endpoint.shared.concurrency);
     let mut left = calls.len();
     let mut settled = futures_util::stream::iter((0u32..).zip(calls))
@@ -226,6 +228,7 @@ async fn run_batch(
                     base,
                     batch_reply,
                     confirm,
+                    kept,
                     index,
                 };
                 let settle = process(endpoint, js, &request, delivered, Some(within)).await;
@@ -262,9 +265,22 @@ async fn run_batch(
         }
         next = settled.next().await;
     }
+    if again {
+        // Delivered again, the batch's calls whose answers were taken are
+        // answered from their results rather than run again.
+        let kept = std::mem::take(&mut *kept.lock().unwrap());
+        let service = endpoint.registration.spec.service;
+        for (id, record) in kept {
+            store_patiently(&endpoint.shared.stores, service, &id, &record).await;
+        }
+    }
     let settle = if again { Settle::Nak } else { Settle::Ack };
     Some((settle, held?))
 }
+
+/// Results of a batch's calls not stored (their answers were taken), by
+/// call id.
+type Kept = std::sync::Mutex<Vec<(String, Bytes)>>;
 
 /// Acks, naks or terminates `message` as `settle` says.
 async fn settle_message(message: &jetstream::Message, settle: Settle) {
@@ -289,6 +305,9 @@ struct Within<'a> {
     batch_reply: Option<&'a async_nats::Subject>,
     /// Its caller confirms the answers it takes (`Wharf-Confirm`).
     confirm: bool,
+    /// The results of its calls whose answers were taken and not stored:
+    /// stored after all should the batch have to be delivered again.
+    kept: &'a Kept,
     /// The call's place in the batch, from 0.
     index: u32,
 }
@@ -424,7 +443,7 @@ async fn process(
     let batch_reply = within
         .filter(|_| fate.reply.is_some())
         .and_then(|within| Some((within.batch_reply?, within.index, within.confirm)));
-    if let Some((subject, index, true)) = batch_reply {
+    if let (Some((subject, index, true)), Some(Within { kept, .. })) = (batch_reply, within) {
         // Its caller confirms the answers it takes: the result of one it
         // took need not be stored (nobody else knows the call's id), and
         // the call leaves the work queue; the result of one it did not
@@ -438,8 +457,10 @@ async fn process(
             confirm: Some(confirm),
         };
         endpoint.send_reply(to, Some(headers), body.clone()).await;
-        if !confirmed.await.unwrap_or(false) {
-            let record = record::encode(code, codec, &body);
+        let record = record::encode(code, codec, &body);
+        if confirmed.await.unwrap_or(false) {
+            kept.lock().unwrap().push((id, record));
+        } else {
             let stored = store_patiently(&endpoint.shared.stores, service, &id, &record).await;
             if matches!(stored, Stored::Not) {
                 return Settle::Nak;

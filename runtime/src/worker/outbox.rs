@@ -1,9 +1,11 @@
 //! The answers of batched calls (wire/batch.rs) on their way out: gathered
 //! while a batch's intake runs, sent together, one message per batch.
 
-use super::stores::Stores;
 use crate::wire::batch::{self, Answer};
 use async_nats::Subject;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +26,7 @@ pub(crate) type Confirm = oneshot::Sender<bool>;
 pub(crate) struct Outbox {
     nats: async_nats::Client,
     /// Where confirmations of batch replies come back.
-    stores: Arc<Stores>,
+    confirms: Arc<Confirms>,
     max_payload: usize,
     ready: Mutex<Vec<(Subject, Answer, Option<Confirm>)>>,
     /// Batch intakes running now: they send what is ready when done, so
@@ -36,11 +38,13 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// An outbox and the task that sends the answers of calls that end
     /// after their batch's intake.
-    pub(crate) fn start(nats: &async_nats::Client, stores: Arc<Stores>) -> Arc<Outbox> {
+    pub(crate) async fn start(
+        nats: &async_nats::Client,
+    ) -> Result<Arc<Outbox>, async_nats::SubscribeError> {
         let wake = Arc::new(Notify::new());
         let outbox = Arc::new(Outbox {
             nats: nats.clone(),
-            stores,
+            confirms: Confirms::start(nats).await?,
             max_payload: nats.server_info().max_payload.max(1024),
             ready: Mutex::new(Vec::new()),
             gathering: AtomicUsize::new(0),
@@ -56,7 +60,7 @@ impl Outbox {
                 outbox.send_ready().await;
             }
         });
-        outbox
+        Ok(outbox)
     }
 
     /// Queues one answer to go out with the others that are ready; with
@@ -129,18 +133,20 @@ impl Outbox {
                 continue;
             }
             // Asked as a request: the caller answers which answers it took.
-            let (reply, expected) = self.stores.expect();
+            let (reply, token, confirmed) = self.confirms.expect();
             let sent = self
                 .nats
                 .publish_with_reply(group.subject, reply, payload)
                 .await
                 .is_ok();
+            let confirms = self.confirms.clone();
             tokio::spawn(async move {
                 let taken = match sent {
-                    true => expected.within(CONFIRM_WAIT).await,
+                    true => tokio::time::timeout(CONFIRM_WAIT, confirmed).await.ok(),
                     false => None,
                 };
-                let taken = taken.map(|message| message.payload).unwrap_or_default();
+                confirms.waiting.lock().unwrap().remove(&token);
+                let taken = taken.and_then(Result::ok).unwrap_or_default();
                 for (at, confirm) in group.confirms {
                     let _ = confirm.send(taken.get(at) == Some(&1));
                 }
@@ -157,4 +163,61 @@ struct Group {
     /// confirm them.
     confirms: Vec<(usize, Confirm)>,
     bytes: usize,
+}
+
+/// Callers' confirmations of batch replies, on a wildcard subscription of
+/// an inbox of their own (not the inbox of the worker's result stores,
+/// which no caller learns: a caller could otherwise answer for a store).
+/// Each batch reply asks on `<inbox>.<token>`, a token drawn from the
+/// operating system's randomness, so no caller can confirm another's.
+struct Confirms {
+    prefix: String,
+    waiting: Mutex<HashMap<String, oneshot::Sender<Bytes>>>,
+    /// Dropped with this, which ends the routing task and its subscription.
+    _routing: oneshot::Sender<()>,
+}
+
+impl Confirms {
+    async fn start(nats: &async_nats::Client) -> Result<Arc<Confirms>, async_nats::SubscribeError> {
+        let prefix = nats.new_inbox();
+        let mut confirmations = nats.subscribe(format!("{prefix}.*")).await?;
+        let (routing, mut dropped) = oneshot::channel::<()>();
+        let confirms = Arc::new(Confirms {
+            prefix,
+            waiting: Mutex::new(HashMap::new()),
+            _routing: routing,
+        });
+        let routes = Arc::downgrade(&confirms);
+        tokio::spawn(async move {
+            loop {
+                let confirmation = tokio::select! {
+                    confirmation = confirmations.next() => confirmation,
+                    _ = &mut dropped => None,
+                };
+                let Some(confirmation) = confirmation else {
+                    return;
+                };
+                let Some(confirms) = routes.upgrade() else {
+                    return;
+                };
+                let token = confirmation.subject.rsplit('.').next().unwrap_or("");
+                let waiter = confirms.waiting.lock().unwrap().remove(token);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(confirmation.payload);
+                }
+            }
+        });
+        Ok(confirms)
+    }
+
+    /// A reply subject for one batch reply, its token, and where the
+    /// confirmation sent to it comes.
+    fn expect(&self) -> (Subject, String, oneshot::Receiver<Bytes>) {
+        // A fresh generator: its prefix is random, and so is the token.
+        let token = nuid::NUID::new().next().as_str().to_owned();
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().unwrap().insert(token.clone(), tx);
+        let reply = Subject::from(format!("{}.{token}", self.prefix));
+        (reply, token, rx)
+    }
 }

@@ -137,7 +137,12 @@ impl Worker {
             owned: owned.clone(),
             client: self.client.clone(),
             spill_at: crate::client::spill_limit(&nats),
-            outbox: super::outbox::Outbox::start(&nats, stores.clone()),
+            outbox: super::outbox::Outbox::start(&nats).await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot subscribe for the confirmations of batch replies: {e}"),
+                )
+            })?,
             stores,
         });
         let (stop, stopped) = watch::channel(false);

@@ -1,7 +1,6 @@
 //! Durable results on their way into JetStream: each a KV create (a
 //! publish with `Nats-Expected-Last-Subject-Sequence: 0`), its
-//! acknowledgement routed back on one wildcard subscription, which also
-//! brings callers' confirmations of batch replies ([`Stores::expect`]).
+//! acknowledgement routed back on one wildcard subscription.
 //!
 //! This is what async-nats's `jetstream::Context::send_publish` does, less
 //! what a worker storing one result per durable call does not need on that
@@ -113,18 +112,6 @@ impl Stores {
         }
     }
 
-    /// A reply subject of this worker's, and where the message sent to it
-    /// comes: for a caller's confirmation of a batch reply.
-    pub(crate) fn expect(self: &Arc<Self>) -> (Subject, Expected) {
-        let (n, reply, rx) = self.register();
-        let expected = Expected {
-            stores: self.clone(),
-            n,
-            rx,
-        };
-        (reply, expected)
-    }
-
     /// A number of its own, its reply subject `<prefix>.<n>`, and where
     /// the message sent there comes.
     fn register(&self) -> (u64, Subject, oneshot::Receiver<Message>) {
@@ -146,27 +133,6 @@ struct Waiting<'a> {
 }
 
 impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.stores.waiting.lock().unwrap().remove(&self.n);
-    }
-}
-
-/// A message expected on a reply subject of [`Stores::expect`]; forgotten
-/// when dropped.
-pub(crate) struct Expected {
-    stores: Arc<Stores>,
-    n: u64,
-    rx: oneshot::Receiver<Message>,
-}
-
-impl Expected {
-    /// The message, if it comes within `wait`.
-    pub(crate) async fn within(mut self, wait: Duration) -> Option<Message> {
-        tokio::time::timeout(wait, &mut self.rx).await.ok()?.ok()
-    }
-}
-
-impl Drop for Expected {
     fn drop(&mut self) {
         self.stores.waiting.lock().unwrap().remove(&self.n);
     }
