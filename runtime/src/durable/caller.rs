@@ -222,16 +222,19 @@ impl Replies {
         // for a call awaiting it): a call that gave up meanwhile does not
         // count, and its result is stored.
         tokio::spawn(async move {
-            let took = futures_util::future::join_all(taken.into_iter().map(|said| async move {
-                match said {
-                    Some(said) => matches!(tokio::time::timeout(TAKE_WAIT, said).await, Ok(Ok(()))),
+            // One deadline for all: most have returned theirs by the time
+            // they are looked at, and need no timer at all.
+            let until = tokio::time::Instant::now() + TAKE_WAIT;
+            let mut took = Vec::with_capacity(taken.len());
+            for said in taken {
+                let returned = match said {
+                    Some(said) => matches!(tokio::time::timeout_at(until, said).await, Ok(Ok(()))),
                     None => false,
-                }
-            }))
-            .await;
-            let bytes: Vec<u8> = took.into_iter().map(u8::from).collect();
+                };
+                took.push(u8::from(returned));
+            }
             // Lost, the worker stores these results after a while.
-            let _ = nats.publish(reply, bytes.into()).await;
+            let _ = nats.publish(reply, took.into()).await;
         });
     }
 

@@ -270,7 +270,8 @@ async fn run_batch(
         // answered from their results rather than run again.
         let kept = std::mem::take(&mut *kept.lock().unwrap());
         let service = endpoint.registration.spec.service;
-        for (id, record) in kept {
+        for (id, code, codec, body) in kept {
+            let record = record::encode(code, codec, &body);
             store_patiently(&endpoint.shared.stores, service, &id, &record).await;
         }
     }
@@ -278,9 +279,9 @@ async fn run_batch(
     Some((settle, held?))
 }
 
-/// Results of a batch's calls not stored (their answers were taken), by
-/// call id.
-type Kept = std::sync::Mutex<Vec<(String, Bytes)>>;
+/// Results of a batch's calls not stored (their answers were taken): call
+/// id, code, codec and body, made into records only if they are stored.
+type Kept = std::sync::Mutex<Vec<(String, u16, Codec, Bytes)>>;
 
 /// Acks, naks or terminates `message` as `settle` says.
 async fn settle_message(message: &jetstream::Message, settle: Settle) {
@@ -457,10 +458,10 @@ async fn process(
             confirm: Some(confirm),
         };
         endpoint.send_reply(to, Some(headers), body.clone()).await;
-        let record = record::encode(code, codec, &body);
         if confirmed.await.unwrap_or(false) {
-            kept.lock().unwrap().push((id, record));
+            kept.lock().unwrap().push((id, code, codec, body));
         } else {
+            let record = record::encode(code, codec, &body);
             let stored = store_patiently(&endpoint.shared.stores, service, &id, &record).await;
             if matches!(stored, Stored::Not) {
                 return Settle::Nak;
