@@ -1,10 +1,10 @@
 //! The answers of batched calls (wire/batch.rs) on their way out: gathered
 //! while a batch's intake runs, sent together, one message per batch.
 
+use super::stores::{last_token, route_by_token};
 use crate::wire::batch::{self, Answer};
 use async_nats::Subject;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -180,32 +180,22 @@ struct Confirms {
 impl Confirms {
     async fn start(nats: &async_nats::Client) -> Result<Arc<Confirms>, async_nats::SubscribeError> {
         let prefix = nats.new_inbox();
-        let mut confirmations = nats.subscribe(format!("{prefix}.*")).await?;
-        let (routing, mut dropped) = oneshot::channel::<()>();
+        let confirmations = nats.subscribe(format!("{prefix}.*")).await?;
+        let (routing, dropped) = oneshot::channel::<()>();
         let confirms = Arc::new(Confirms {
             prefix,
             waiting: Mutex::new(HashMap::new()),
             _routing: routing,
         });
         let routes = Arc::downgrade(&confirms);
-        tokio::spawn(async move {
-            loop {
-                let confirmation = tokio::select! {
-                    confirmation = confirmations.next() => confirmation,
-                    _ = &mut dropped => None,
-                };
-                let Some(confirmation) = confirmation else {
-                    return;
-                };
-                let Some(confirms) = routes.upgrade() else {
-                    return;
-                };
-                let token = confirmation.subject.rsplit('.').next().unwrap_or("");
-                let waiter = confirms.waiting.lock().unwrap().remove(token);
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(confirmation.payload);
-                }
+        route_by_token(confirmations, dropped, move |confirmation| {
+            let confirms = routes.upgrade()?;
+            let token = last_token(&confirmation.subject);
+            let waiter = confirms.waiting.lock().unwrap().remove(token);
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(confirmation.payload);
             }
+            Some(())
         });
         Ok(confirms)
     }

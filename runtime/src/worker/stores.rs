@@ -56,8 +56,8 @@ impl Stores {
         nats: &async_nats::Client,
     ) -> Result<Arc<Stores>, async_nats::SubscribeError> {
         let prefix = format!("{}.stores", nats.new_inbox());
-        let mut acks = nats.subscribe(format!("{prefix}.*")).await?;
-        let (routing, mut dropped) = oneshot::channel::<()>();
+        let acks = nats.subscribe(format!("{prefix}.*")).await?;
+        let (routing, dropped) = oneshot::channel::<()>();
         let stores = Arc::new(Stores {
             nats: nats.clone(),
             prefix,
@@ -71,26 +71,14 @@ impl Stores {
             _routing: routing,
         });
         let routes = Arc::downgrade(&stores);
-        tokio::spawn(async move {
-            loop {
-                let ack = tokio::select! {
-                    ack = acks.next() => ack,
-                    _ = &mut dropped => None,
-                };
-                let Some(ack) = ack else { return };
-                let Some(stores) = routes.upgrade() else {
-                    return;
-                };
-                let n = ack
-                    .subject
-                    .rsplit('.')
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok());
-                let waiter = n.and_then(|n| stores.waiting.lock().unwrap().remove(&n));
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(ack);
-                }
+        route_by_token(acks, dropped, move |ack| {
+            let stores = routes.upgrade()?;
+            let n = last_token(&ack.subject).parse::<u64>().ok();
+            let waiter = n.and_then(|n| stores.waiting.lock().unwrap().remove(&n));
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(ack);
             }
+            Some(())
         });
         Ok(stores)
     }
@@ -124,6 +112,33 @@ impl Stores {
         let _ = write!(reply, "{n}");
         (n, Subject::from(reply), rx)
     }
+}
+
+/// Hands each message of `subscription` (replies to `<prefix>.<token>`,
+/// see [`last_token`]) to `route`, until `dropped` fires (its owner is
+/// gone) or `route` says its owner is gone (None).
+pub(crate) fn route_by_token(
+    mut subscription: async_nats::Subscriber,
+    mut dropped: oneshot::Receiver<()>,
+    route: impl Fn(Message) -> Option<()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                message = subscription.next() => message,
+                _ = &mut dropped => None,
+            };
+            let Some(message) = message else { return };
+            if route(message).is_none() {
+                return;
+            }
+        }
+    });
+}
+
+/// The last token of a reply subject: what [`route_by_token`] routes by.
+pub(crate) fn last_token(subject: &Subject) -> &str {
+    subject.rsplit('.').next().unwrap_or("")
 }
 
 /// Takes a store's waiter out of the map when the store ends.
