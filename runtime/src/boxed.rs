@@ -8,11 +8,13 @@
 /// frame of tens of KiB costs each call stack probes and cache misses. Made
 /// here, never inlined, its size stays out of the hot frame.
 #[inline(never)]
-pub(crate) fn out_of_line<'a, F>(
-    make: impl FnOnce() -> F,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = F::Output> + Send + 'a>>
+pub(crate) fn out_of_line<'a, F>(make: impl FnOnce() -> F) -> OutOfLine<'a, F::Output>
 where
     F: std::future::Future + Send + 'a,
 {
     Box::pin(make())
 }
+
+/// What [`out_of_line`] makes.
+pub(crate) type OutOfLine<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

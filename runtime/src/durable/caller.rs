@@ -108,7 +108,7 @@ struct Replies {
 
 /// A durable call's answer as it reaches the call; `taken`, when the
 /// worker waits to hear that it was, is fired once the call returns it.
-pub(crate) struct Delivered {
+struct Delivered {
     message: Message,
     taken: Option<oneshot::Sender<()>>,
 }
@@ -190,14 +190,9 @@ impl Replies {
                     .as_ref()
                     .and_then(|h| h.get(headers::CALL_ID))
                     .and_then(|id| waiting.remove(id.as_str()));
-                let (took, said) = match waiter {
-                    Some((_, true)) if asked => {
-                        let (took, said) = oneshot::channel();
-                        (Some(took), Some(said))
-                    }
-                    _ => (None, None),
-                };
-                if let Some((waiter, _)) = waiter {
+                let said = waiter.and_then(|(waiter, awaited)| {
+                    // Only an answer a call awaits now is confirmed.
+                    let (took, said) = (asked && awaited).then(oneshot::channel).unzip();
                     let _ = waiter.send(Delivered {
                         message: Message {
                             subject: message.subject.clone(),
@@ -210,7 +205,8 @@ impl Replies {
                         },
                         taken: took,
                     });
-                }
+                    said
+                });
                 if asked {
                     taken.push(said);
                 }

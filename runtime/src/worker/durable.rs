@@ -9,7 +9,7 @@ use super::dispatch::{batch_entry, read_request};
 use super::endpoint::{Endpoint, Stop};
 use super::reply::ReplyTo;
 use super::stores::{NotStored, Stores};
-use crate::boxed::out_of_line;
+use crate::boxed::{out_of_line, OutOfLine};
 use crate::durable::streams::{ack_wait, max_deliver};
 use crate::error::ErrorKind;
 use crate::handler::Fault;
@@ -441,25 +441,21 @@ async fn process(
     let service = endpoint.registration.spec.service;
     // The answers of a batch's calls gather in the outbox and go to the
     // caller together, as they become ready.
-    let batch_reply = within
+    let batched = within
         .filter(|_| fate.reply.is_some())
-        .and_then(|within| Some((within.batch_reply?, within.index, within.confirm)));
-    if let (Some((subject, index, true)), Some(Within { kept, .. })) = (batch_reply, within) {
+        .and_then(|within| Some((within, within.batch_reply?)));
+    if let Some((within, subject)) = batched.filter(|(within, _)| within.confirm) {
         // Its caller confirms the answers it takes: the result of one it
         // took need not be stored (nobody else knows the call's id), and
         // the call leaves the work queue; the result of one it did not
         // take is stored as any other, before the ack.
-        let mut headers = headers;
-        headers.insert(headers::CALL_ID, id.as_str());
         let (confirm, confirmed) = oneshot::channel();
-        let to = ReplyTo::Batch {
-            subject: subject.clone(),
-            index,
-            confirm: Some(confirm),
-        };
-        endpoint.send_reply(to, Some(headers), body.clone()).await;
+        let to = batch_answer(subject, within.index, Some(confirm));
+        endpoint
+            .send_reply(to, Some(with_call_id(headers, &id)), body.clone())
+            .await;
         if confirmed.await.unwrap_or(false) {
-            kept.lock().unwrap().push((id, code, codec, body));
+            within.kept.lock().unwrap().push((id, code, codec, body));
         } else {
             let record = record::encode(code, codec, &body);
             let stored = store_patiently(&endpoint.shared.stores, service, &id, &record).await;
@@ -478,16 +474,12 @@ async fn process(
     // delivery towards the dead-letter limit.
     let record = record::encode(code, codec, &body);
     match store_patiently(&endpoint.shared.stores, service, &id, &record).await {
-        Stored::Now => match batch_reply {
-            Some((subject, index, _)) => {
-                let mut headers = headers;
-                headers.insert(headers::CALL_ID, id.as_str());
-                let to = ReplyTo::Batch {
-                    subject: subject.clone(),
-                    index,
-                    confirm: None,
-                };
-                endpoint.send_reply(to, Some(headers), body).await;
+        Stored::Now => match batched {
+            Some((within, subject)) => {
+                let to = batch_answer(subject, within.index, None);
+                endpoint
+                    .send_reply(to, Some(with_call_id(headers, &id)), body)
+                    .await;
             }
             None => answer(endpoint, fate.reply, headers, body).await,
         },
@@ -500,6 +492,27 @@ async fn process(
     }
     endpoint.record(started, outcome.as_ref().err());
     Settle::Ack
+}
+
+/// The `index`th answer of a batch, to go out with the others on
+/// `subject` (asking its caller to confirm it, with `confirm`).
+fn batch_answer(
+    subject: &async_nats::Subject,
+    index: u32,
+    confirm: Option<super::outbox::Confirm>,
+) -> ReplyTo {
+    ReplyTo::Batch {
+        subject: subject.clone(),
+        index,
+        confirm,
+    }
+}
+
+/// A batch answer's headers: the call's reply headers and its call id, by
+/// which its caller matches it to the call.
+fn with_call_id(mut headers: HeaderMap, id: &str) -> HeaderMap {
+    headers.insert(headers::CALL_ID, id);
+    headers
 }
 
 /// Publishes a durable call's answer to its caller, if it named a reply
@@ -531,12 +544,9 @@ fn answer_stored<'a>(
     results: &'a kv::Store,
     id: &'a str,
     reply: Option<async_nats::Subject>,
-) -> Boxed<'a, bool> {
+) -> OutOfLine<'a, bool> {
     out_of_line(move || answer_stored_now(endpoint, results, id, reply))
 }
-
-/// A future made out of line ([`out_of_line`]).
-type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 async fn answer_stored_now(
     endpoint: &Endpoint,
@@ -617,7 +627,7 @@ async fn store(stores: &Stores, service: &str, id: &str, record: Bytes) -> Resul
 /// Ends a durable call that was cancelled: its record (code 499) was
 /// stored by whoever cancelled it; its caller is told, and the call leaves
 /// the work queue for good.
-fn settle_cancelled<'a>(endpoint: &'a Endpoint, fate: Fate, id: &'a str) -> Boxed<'a, Settle> {
+fn settle_cancelled<'a>(endpoint: &'a Endpoint, fate: Fate, id: &'a str) -> OutOfLine<'a, Settle> {
     out_of_line(move || settle_cancelled_now(endpoint, fate, id))
 }
 
@@ -649,7 +659,7 @@ fn dead_letter<'a>(
     request: &'a async_nats::Message,
     fate: Fate,
     reason: &'a str,
-) -> Boxed<'a, Settle> {
+) -> OutOfLine<'a, Settle> {
     out_of_line(move || dead_letter_now(endpoint, js, request, fate, reason))
 }
 
