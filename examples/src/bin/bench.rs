@@ -4,12 +4,15 @@
 //! two raw responder processes (one spawns a task per request, one answers
 //! inside its subscription loop: the two ways a user writes one) and one
 //! wharf worker process, then measures in interleaved rounds: serial
-//! latency (p50/p99) and calls/s at 16 and 256 calls in flight. Both sides move the same postcard payload, `(i64, i64)`
+//! latency (p50/p99, the sides' calls interleaved one by one) and calls/s at
+//! 16 and 256 calls in flight. Both sides move the same postcard payload, `(i64, i64)`
 //! in and `i64` out. It also measures a wharf worker's start-to-ready time
 //! and its idle RSS, robust-call variants against plain calls, and stateful
 //! calls (in a transaction) against stateless ones. `--quick` runs a short
-//! smoke version, `--focus` only the 256-in-flight throughput, `--stateful`
-//! only the stateful comparison, `--tls` calls/s at 16 and 256 in flight
+//! smoke version, `--focus` only the 256-in-flight throughput, `--serial`
+//! only serial latency, with each side's context switches, system calls and
+//! CPU per call (`--serial wharf`, `raw` or `raw-inline`: that side's serial
+//! calls alone for 30 s, for a profiler), `--stateful` only the stateful comparison, `--tls` calls/s at 16 and 256 in flight
 //! over plain TCP and over TLS (a second server, certificates made for the
 //! run), raw and wharf on each, in interleaved rounds; `--auth` the same
 //! with a user and password in place of TLS; `--metrics` the same with
@@ -132,10 +135,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("--otel") => return comparison(Secured::Otel).await,
         Some("--cancel") => return cancel_latency().await,
         Some("--durable") => return durable_against_plain().await,
+        Some("--serial") => return serial_profile(args.next()).await,
         None => (false, false, false),
         Some(other) => {
             return Err(format!(
-                "unknown argument `{other}`; use --quick, --focus, --stateful, --durable, --cancel, --tls, --auth, --metrics, --otel or nothing"
+                "unknown argument `{other}`; use --quick, --focus, --stateful, --serial, --durable, --cancel, --tls, --auth, --metrics, --otel or nothing"
             )
             .into())
         }
@@ -195,8 +199,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut sides = [Side::Raw, Side::RawInline, Side::Wharf];
         sides.rotate_left(round % 3);
         if !focus {
-            for side in sides {
-                let (p50, p99) = serial(plan.serial_calls, || side.call(&nats, &client)).await?;
+            // Call by call, in turn: each side sees the same machine.
+            let latencies = serial_interleaved(plan.serial_calls, &sides, &nats, &client).await?;
+            for (side, (p50, p99)) in sides.into_iter().zip(latencies) {
                 record("serial p50 (µs)", side.name(), p50);
                 record("serial p99 (µs)", side.name(), p99);
             }
@@ -259,8 +264,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 [Side::Stateful, Side::Wharf]
             };
-            for side in sides {
-                let (p50, p99) = serial(plan.serial_calls, || side.call(&nats, &client)).await?;
+            let latencies = serial_interleaved(plan.serial_calls, &sides, &nats, &client).await?;
+            for (side, (p50, p99)) in sides.into_iter().zip(latencies) {
                 record(STATEFUL_METRICS[0], side.pairing(), p50);
                 record(STATEFUL_METRICS[1], side.pairing(), p99);
             }
@@ -646,21 +651,33 @@ fn check(sum: i64) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
 type CallResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-/// Serial latency: p50 and p99 in microseconds.
-async fn serial<F, Fut>(calls: usize, mut call: F) -> Result<(f64, f64), Box<dyn std::error::Error>>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = CallResult>,
-{
-    let mut samples = Vec::with_capacity(calls);
+/// Serial latency of each of `sides`, p50 and p99 in microseconds: `calls`
+/// calls each, one side's call after another's, so a machine that slows
+/// down or speeds up in the middle of a run does so for every side alike
+/// (side after side, the per-round ratio of two identical sides spans
+/// about 0.9 to 1.2 on a busy two-core machine).
+async fn serial_interleaved(
+    calls: usize,
+    sides: &[Side],
+    nats: &async_nats::Client,
+    client: &wharf::Client,
+) -> Result<Vec<(f64, f64)>, Box<dyn std::error::Error>> {
+    let mut samples = vec![Vec::with_capacity(calls); sides.len()];
     for _ in 0..calls {
-        let start = Instant::now();
-        call().await.map_err(|e| e.to_string())?;
-        samples.push(start.elapsed().as_secs_f64() * 1e6);
+        for (side, samples) in sides.iter().zip(&mut samples) {
+            let start = Instant::now();
+            side.call(nats, client).await.map_err(|e| e.to_string())?;
+            samples.push(start.elapsed().as_secs_f64() * 1e6);
+        }
     }
+    Ok(samples.into_iter().map(percentiles).collect())
+}
+
+/// p50 and p99 of `samples`.
+fn percentiles(mut samples: Vec<f64>) -> (f64, f64) {
     samples.sort_by(f64::total_cmp);
     let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Ok((at(0.50), at(0.99)))
+    (at(0.50), at(0.99))
 }
 
 /// Calls/s of `side` with `in_flight` callers sharing `calls` calls, and
@@ -753,6 +770,194 @@ fn record_cpu(
     for (name, value) in names.into_iter().zip(cpu) {
         record(name, side, value);
     }
+}
+
+/// What one serial call costs each process, by /proc: context switches
+/// (each one a sleep and a wake-up on the call's path), read and write
+/// system calls, and CPU time, summed over the process's threads.
+#[derive(Clone, Copy, Default)]
+struct Costs {
+    switches: u64,
+    syscalls: u64,
+    cpu_ns: u64,
+}
+
+impl Costs {
+    fn of(pid: u32) -> Costs {
+        let mut costs = Costs {
+            syscalls: syscalls(&[pid, pid, pid])[0],
+            ..Costs::default()
+        };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return costs;
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+            costs.switches += status
+                .lines()
+                .filter(|line| line.contains("ctxt_switches:"))
+                .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+            // The first field: nanoseconds on a CPU.
+            let schedstat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+            costs.cpu_ns += schedstat
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        costs
+    }
+
+    /// Per call, from `before` to now.
+    fn per_call(pid: u32, before: Costs, calls: usize) -> [f64; 3] {
+        let now = Costs::of(pid);
+        let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / calls as f64;
+        [
+            per(now.switches, before.switches),
+            per(now.syscalls, before.syscalls),
+            per(now.cpu_ns, before.cpu_ns) / 1e3,
+        ]
+    }
+}
+
+/// `--serial`: serial latency alone, the three sides interleaved call by
+/// call over more rounds than the full run, then where a serial call's time
+/// goes: per call and per process (server, responder, caller), its context
+/// switches, read/write system calls and CPU µs, each side alone.
+async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error::Error>> {
+    const ROUNDS: usize = 9;
+    const CALLS: usize = 5_000;
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let nats = async_nats::connect(&url).await?;
+    let client = wharf::Client::connect(&url).await?;
+    let mut raw = spawn_self(&url, &["raw-worker"], &[])?;
+    let mut raw_inline = spawn_self(&url, &["raw-inline-worker"], &[])?;
+    let mut worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
+    let sides = [Side::Raw, Side::RawInline, Side::Wharf];
+    wait_until_served(&nats, &client, &sides).await?;
+    let pid_of = |side: Side| match side {
+        Side::Raw => raw.id(),
+        Side::RawInline => raw_inline.id(),
+        _ => worker.id(),
+    };
+    if let Some(name) = alone {
+        // One side's serial calls for 30 s, for a profiler to attach to
+        // the processes named here.
+        let side = sides
+            .into_iter()
+            .find(|side| side.name().replace(' ', "-") == name)
+            .ok_or_else(|| format!("unknown side `{name}`; use raw, raw-inline or wharf"))?;
+        eprintln!(
+            "serial calls of {name} for 30 s: caller {}, responder {}, server {}",
+            std::process::id(),
+            pid_of(side),
+            server.pid()
+        );
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            side.call(&nats, &client).await.map_err(|e| e.to_string())?;
+        }
+        stop(&mut raw);
+        stop(&mut raw_inline);
+        stop(&mut worker);
+        return Ok(());
+    }
+    let mut results: Vec<(&str, Vec<f64>)> = Vec::new();
+    let mut record =
+        |name: &'static str, value: f64| match results.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, values)) => values.push(value),
+            None => results.push((name, vec![value])),
+        };
+    const COSTS: [[&str; 3]; 3] = [
+        [
+            "context switches per call, server",
+            "read/write syscalls per call, server",
+            "CPU µs per call, server",
+        ],
+        [
+            "context switches per call, responder",
+            "read/write syscalls per call, responder",
+            "CPU µs per call, responder",
+        ],
+        [
+            "context switches per call, caller",
+            "read/write syscalls per call, caller",
+            "CPU µs per call, caller",
+        ],
+    ];
+    for round in 0..ROUNDS {
+        eprintln!("round {} of {ROUNDS}", round + 1);
+        let mut order = sides;
+        order.rotate_left(round % 3);
+        let latencies = serial_interleaved(CALLS, &order, &nats, &client).await?;
+        for (side, (p50, p99)) in order.into_iter().zip(latencies) {
+            record(leak(format!("p50|{}", side.name())), p50);
+            record(leak(format!("p99|{}", side.name())), p99);
+        }
+        for side in order {
+            let pids = [server.pid(), pid_of(side), std::process::id()];
+            let before = pids.map(Costs::of);
+            for _ in 0..CALLS / 5 {
+                side.call(&nats, &client).await.map_err(|e| e.to_string())?;
+            }
+            for ((pid, before), names) in pids.into_iter().zip(before).zip(COSTS) {
+                for (name, value) in names
+                    .into_iter()
+                    .zip(Costs::per_call(pid, before, CALLS / 5))
+                {
+                    record(leak(format!("{name}|{}", side.name())), value);
+                }
+            }
+        }
+    }
+    stop(&mut raw);
+    stop(&mut raw_inline);
+    stop(&mut worker);
+    let of = |name: &str| {
+        results
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, values)| values.clone())
+            .unwrap_or_default()
+    };
+    println!("| serial call | raw async-nats, task | raw async-nats, inline | wharf | wharf / raw inline | per-round ratio, min to max | wharf / raw task |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for quantile in ["p50", "p99"] {
+        let [task, inline, ours] =
+            ["raw", "raw inline", "wharf"].map(|side| of(&format!("{quantile}|{side}")));
+        let ratios: Vec<f64> = inline.iter().zip(&ours).map(|(b, o)| o / b).collect();
+        println!(
+            "| {quantile} (µs) | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} to {:.3} | {:.3} |",
+            median(&task),
+            median(&inline),
+            median(&ours),
+            median(&ours) / median(&inline),
+            ratios.iter().cloned().fold(f64::INFINITY, f64::min),
+            ratios.iter().cloned().fold(0.0, f64::max),
+            median(&ours) / median(&task),
+        );
+    }
+    println!();
+    println!("| per serial call, each side alone | raw async-nats, task | raw async-nats, inline | wharf |");
+    println!("| --- | ---: | ---: | ---: |");
+    for names in COSTS {
+        for name in names {
+            let [task, inline, ours] =
+                ["raw", "raw inline", "wharf"].map(|side| median(&of(&format!("{name}|{side}"))));
+            println!("| {name} | {task:.2} | {inline:.2} | {ours:.2} |");
+        }
+    }
+    println!();
+    println!("rounds: {ROUNDS}, {CALLS} interleaved calls per side per round, then {} calls per side alone for the costs, medians over rounds", CALLS / 5);
+    Ok(())
+}
+
+/// A table key made at run time, kept for the run.
+fn leak(key: String) -> &'static str {
+    Box::leak(key.into_boxed_str())
 }
 
 /// Durable calls against plain calls of the same function, both at 256 in
