@@ -470,7 +470,12 @@ impl Client {
         // (Not while a refusal is watched: a batch refused would be seen
         // as a refusal of the signature subject.)
         let coalescer = match batchable {
-            Some(_) if !watch => self.coalescer().await,
+            // Made once per connection: out of line, so every call's future
+            // does not carry the making.
+            Some(_) if !watch => match self.inner.coalescer.get() {
+                Some(made) => made.as_ref(),
+                None => out_of_line(|| self.coalescer()).await,
+            },
             _ => None,
         };
         let reply = match (coalescer, batchable) {
