@@ -477,6 +477,10 @@ enum Side {
     Raw,
     RawInline,
     Wharf,
+    /// A plain async-nats request written from docs/protocol.md (envelope
+    /// and arguments on the function's signature subject) to the wharf
+    /// worker: what the worker alone costs, without wharf's caller.
+    RawToWharf,
     Requested,
     NoRetry,
     Idempotent,
@@ -494,6 +498,7 @@ impl Side {
             Side::Raw => "raw",
             Side::RawInline => "raw inline",
             Side::Wharf => "wharf",
+            Side::RawToWharf => "raw to wharf",
             Side::Requested => "requested",
             Side::NoRetry => "no-retry",
             Side::Idempotent => "idempotent",
@@ -516,6 +521,7 @@ impl Side {
             Side::Raw => raw_call(nats).await,
             Side::RawInline => raw_call_to(nats, RAW_INLINE_SUBJECT).await,
             Side::Wharf => wharf_call(client).await,
+            Side::RawToWharf => raw_to_wharf(nats, client).await,
             Side::Requested => check(add::request(20, 22).client(client).await?),
             Side::NoRetry => check(
                 add::request(20, 22)
@@ -632,6 +638,31 @@ async fn raw_store(nats: &async_nats::Client) -> CallResult {
         .await?
         .await?;
     Ok(())
+}
+
+/// One call of `add` to the wharf worker by a hand-written caller: the
+/// postcard envelope (signature, deadline, a call id) in front of the
+/// arguments, one async-nats request, the postcard answer back.
+async fn raw_to_wharf(nats: &async_nats::Client, client: &wharf::Client) -> CallResult {
+    use wharf::wire::envelope::{Envelope, ENVELOPE_VERSION};
+    static SUBJECT: OnceLock<async_nats::Subject> = OnceLock::new();
+    static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+    let subject = SUBJECT.get_or_init(|| add::SPEC.signed_subject(client.prefix()));
+    let deadline = std::time::SystemTime::now() + Duration::from_secs(30);
+    let deadline_ms = deadline.duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let id = format!("bench{:017}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
+    let envelope = Envelope {
+        version: ENVELOPE_VERSION,
+        sig: add::SPEC.sig,
+        deadline_ms,
+        call_id: id.as_bytes(),
+        attempt: 1,
+        flags: 0,
+    };
+    let payload = postcard::to_extend(&(20i64, 22i64), postcard::to_allocvec(&envelope)?)?;
+    let reply = nats.request(subject.clone(), payload.into()).await?;
+    let sum: i64 = postcard::from_bytes(&reply.payload)?;
+    check(sum)
 }
 
 async fn wharf_call(
@@ -836,8 +867,8 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
     let mut raw = spawn_self(&url, &["raw-worker"], &[])?;
     let mut raw_inline = spawn_self(&url, &["raw-inline-worker"], &[])?;
     let mut worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
-    let sides = [Side::Raw, Side::RawInline, Side::Wharf];
-    wait_until_served(&nats, &client, &sides).await?;
+    let sides = [Side::Raw, Side::RawInline, Side::Wharf, Side::RawToWharf];
+    wait_until_served(&nats, &client, &sides[..3]).await?;
     let pid_of = |side: Side| match side {
         Side::Raw => raw.id(),
         Side::RawInline => raw_inline.id(),
@@ -849,7 +880,9 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
         let side = sides
             .into_iter()
             .find(|side| side.name().replace(' ', "-") == name)
-            .ok_or_else(|| format!("unknown side `{name}`; use raw, raw-inline or wharf"))?;
+            .ok_or_else(|| {
+                format!("unknown side `{name}`; use raw, raw-inline, wharf or raw-to-wharf")
+            })?;
         eprintln!(
             "serial calls of {name} for 30 s: caller {}, responder {}, server {}",
             std::process::id(),
@@ -891,7 +924,7 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
     for round in 0..ROUNDS {
         eprintln!("round {} of {ROUNDS}", round + 1);
         let mut order = sides;
-        order.rotate_left(round % 3);
+        order.rotate_left(round % sides.len());
         let latencies = serial_interleaved(CALLS, &order, &nats, &client).await?;
         for (side, (p50, p99)) in order.into_iter().zip(latencies) {
             record(leak(format!("p50|{}", side.name())), p50);
@@ -923,14 +956,14 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
             .map(|(_, values)| values.clone())
             .unwrap_or_default()
     };
-    println!("| serial call | raw async-nats, task | raw async-nats, inline | wharf | wharf / raw inline | per-round ratio, min to max | wharf / raw task |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| serial call | raw async-nats, task | raw async-nats, inline | wharf | wharf / raw inline | per-round ratio, min to max | wharf / raw task | raw caller, wharf worker | its ratio to raw inline |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let names = ["raw", "raw inline", "wharf", "raw to wharf"];
     for quantile in ["p50", "p99"] {
-        let [task, inline, ours] =
-            ["raw", "raw inline", "wharf"].map(|side| of(&format!("{quantile}|{side}")));
+        let [task, inline, ours, half] = names.map(|side| of(&format!("{quantile}|{side}")));
         let ratios: Vec<f64> = inline.iter().zip(&ours).map(|(b, o)| o / b).collect();
         println!(
-            "| {quantile} (µs) | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} to {:.3} | {:.3} |",
+            "| {quantile} (µs) | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} to {:.3} | {:.3} | {:.1} | {:.3} |",
             median(&task),
             median(&inline),
             median(&ours),
@@ -938,16 +971,18 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
             ratios.iter().cloned().fold(f64::INFINITY, f64::min),
             ratios.iter().cloned().fold(0.0, f64::max),
             median(&ours) / median(&task),
+            median(&half),
+            median(&half) / median(&inline),
         );
     }
     println!();
-    println!("| per serial call, each side alone | raw async-nats, task | raw async-nats, inline | wharf |");
-    println!("| --- | ---: | ---: | ---: |");
-    for names in COSTS {
-        for name in names {
-            let [task, inline, ours] =
-                ["raw", "raw inline", "wharf"].map(|side| median(&of(&format!("{name}|{side}"))));
-            println!("| {name} | {task:.2} | {inline:.2} | {ours:.2} |");
+    println!("| per serial call, each side alone | raw async-nats, task | raw async-nats, inline | wharf | raw caller, wharf worker |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for costs in COSTS {
+        for name in costs {
+            let [task, inline, ours, half] =
+                names.map(|side| median(&of(&format!("{name}|{side}"))));
+            println!("| {name} | {task:.2} | {inline:.2} | {ours:.2} | {half:.2} |");
         }
     }
     println!();
