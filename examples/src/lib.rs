@@ -52,6 +52,31 @@ pub fn burn_cpu(ms: u64) -> u64 {
     rounds
 }
 
+/// What a bench measured: the values recorded under each key, one a round,
+/// keys kept in the order first recorded.
+#[derive(Debug, Default)]
+pub struct Samples(Vec<(String, Vec<f64>)>);
+
+impl Samples {
+    /// Adds `value` under `key`.
+    pub fn record(&mut self, key: impl AsRef<str>, value: f64) {
+        let key = key.as_ref();
+        match self.0.iter_mut().find(|(k, _)| k == key) {
+            Some((_, values)) => values.push(value),
+            None => self.0.push((key.to_owned(), vec![value])),
+        }
+    }
+
+    /// The values recorded under `key` (none if it was never recorded).
+    pub fn of(&self, key: impl AsRef<str>) -> &[f64] {
+        let key = key.as_ref();
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(&[], |(_, values)| values)
+    }
+}
+
 /// One table row comparing `ours` with `base`, per round: `| label | base
 /// median | ours median | ratio of medians | per-round ratio, min to max |`.
 pub fn ratio_row(label: &str, base: &[f64], ours: &[f64]) -> String {

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use wharf::testing::NatsServer;
-use wharf_examples::{cpu_ticks, median, ratio_row, rss_kib, spawn_self};
+use wharf_examples::{cpu_ticks, median, ratio_row, rss_kib, spawn_self, Samples};
 
 /// The function under test: the same work the raw responder does.
 #[wharf::microservice(service = "bench")]
@@ -160,15 +160,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
-    let server = NatsServer::start()?;
-    let url = server.url();
-    let nats = async_nats::connect(&url).await?;
-    let client = wharf::Client::connect(&url).await?;
-
-    let mut raw = spawn_self(&url, &["raw-worker"], &[])?;
-    let mut raw_inline = spawn_self(&url, &["raw-inline-worker"], &[])?;
-    let mut worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
-    wait_until_served(&nats, &client, &[Side::Raw, Side::RawInline, Side::Wharf]).await?;
+    let Run {
+        server,
+        url,
+        nats,
+        client,
+        mut raw,
+        mut raw_inline,
+        mut worker,
+    } = Run::start().await?;
     // The first durable call sets up the client's JetStream state.
     Side::Durable
         .call(&nats, &client)
@@ -803,6 +803,57 @@ fn record_cpu(
     }
 }
 
+/// What a run compares: a nats-server, the two raw responders and the wharf
+/// worker, each its own process, and this process's connections.
+struct Run {
+    server: NatsServer,
+    url: String,
+    nats: async_nats::Client,
+    client: wharf::Client,
+    raw: Child,
+    raw_inline: Child,
+    worker: Child,
+}
+
+impl Run {
+    /// Starts them all and returns once each responder answers.
+    async fn start() -> Result<Run, Box<dyn std::error::Error>> {
+        let server = NatsServer::start()?;
+        let url = server.url();
+        let nats = async_nats::connect(&url).await?;
+        let client = wharf::Client::connect(&url).await?;
+        let raw = spawn_self(&url, &["raw-worker"], &[])?;
+        let raw_inline = spawn_self(&url, &["raw-inline-worker"], &[])?;
+        let worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
+        wait_until_served(&nats, &client, &[Side::Raw, Side::RawInline, Side::Wharf]).await?;
+        Ok(Run {
+            server,
+            url,
+            nats,
+            client,
+            raw,
+            raw_inline,
+            worker,
+        })
+    }
+
+    /// The process that answers `side`'s calls.
+    fn pid_of(&self, side: Side) -> u32 {
+        match side {
+            Side::Raw => self.raw.id(),
+            Side::RawInline => self.raw_inline.id(),
+            _ => self.worker.id(),
+        }
+    }
+
+    /// Stops the responders (the server stops when dropped).
+    fn stop(&mut self) {
+        stop(&mut self.raw);
+        stop(&mut self.raw_inline);
+        stop(&mut self.worker);
+    }
+}
+
 /// What one serial call costs each process, by /proc: context switches
 /// (each one a sleep and a wake-up on the call's path), read and write
 /// system calls, and CPU time, summed over the process's threads.
@@ -860,20 +911,9 @@ impl Costs {
 async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error::Error>> {
     const ROUNDS: usize = 9;
     const CALLS: usize = 5_000;
-    let server = NatsServer::start()?;
-    let url = server.url();
-    let nats = async_nats::connect(&url).await?;
-    let client = wharf::Client::connect(&url).await?;
-    let mut raw = spawn_self(&url, &["raw-worker"], &[])?;
-    let mut raw_inline = spawn_self(&url, &["raw-inline-worker"], &[])?;
-    let mut worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
+    let mut run = Run::start().await?;
+    let (server, nats, client) = (&run.server, &run.nats, &run.client);
     let sides = [Side::Raw, Side::RawInline, Side::Wharf, Side::RawToWharf];
-    wait_until_served(&nats, &client, &sides[..3]).await?;
-    let pid_of = |side: Side| match side {
-        Side::Raw => raw.id(),
-        Side::RawInline => raw_inline.id(),
-        _ => worker.id(),
-    };
     if let Some(name) = alone {
         // One side's serial calls for 30 s, for a profiler to attach to
         // the processes named here.
@@ -886,24 +926,17 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
         eprintln!(
             "serial calls of {name} for 30 s: caller {}, responder {}, server {}",
             std::process::id(),
-            pid_of(side),
+            run.pid_of(side),
             server.pid()
         );
         let until = Instant::now() + Duration::from_secs(30);
         while Instant::now() < until {
-            side.call(&nats, &client).await.map_err(|e| e.to_string())?;
+            side.call(nats, client).await.map_err(|e| e.to_string())?;
         }
-        stop(&mut raw);
-        stop(&mut raw_inline);
-        stop(&mut worker);
+        run.stop();
         return Ok(());
     }
-    let mut results: Vec<(&str, Vec<f64>)> = Vec::new();
-    let mut record =
-        |name: &'static str, value: f64| match results.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, values)) => values.push(value),
-            None => results.push((name, vec![value])),
-        };
+    let mut results = Samples::default();
     const COSTS: [[&str; 3]; 3] = [
         [
             "context switches per call, server",
@@ -925,42 +958,34 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
         eprintln!("round {} of {ROUNDS}", round + 1);
         let mut order = sides;
         order.rotate_left(round % sides.len());
-        let latencies = serial_interleaved(CALLS, &order, &nats, &client).await?;
+        let latencies = serial_interleaved(CALLS, &order, nats, client).await?;
         for (side, (p50, p99)) in order.into_iter().zip(latencies) {
-            record(leak(format!("p50|{}", side.name())), p50);
-            record(leak(format!("p99|{}", side.name())), p99);
+            results.record(format!("p50|{}", side.name()), p50);
+            results.record(format!("p99|{}", side.name()), p99);
         }
         for side in order {
-            let pids = [server.pid(), pid_of(side), std::process::id()];
+            let pids = [server.pid(), run.pid_of(side), std::process::id()];
             let before = pids.map(Costs::of);
             for _ in 0..CALLS / 5 {
-                side.call(&nats, &client).await.map_err(|e| e.to_string())?;
+                side.call(nats, client).await.map_err(|e| e.to_string())?;
             }
             for ((pid, before), names) in pids.into_iter().zip(before).zip(COSTS) {
                 for (name, value) in names
                     .into_iter()
                     .zip(Costs::per_call(pid, before, CALLS / 5))
                 {
-                    record(leak(format!("{name}|{}", side.name())), value);
+                    results.record(format!("{name}|{}", side.name()), value);
                 }
             }
         }
     }
-    stop(&mut raw);
-    stop(&mut raw_inline);
-    stop(&mut worker);
-    let of = |name: &str| {
-        results
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, values)| values.clone())
-            .unwrap_or_default()
-    };
+    run.stop();
+    let of = |name: String| results.of(name).to_vec();
     println!("| serial call | raw async-nats, task | raw async-nats, inline | wharf | wharf / raw inline | per-round ratio, min to max | wharf / raw task | raw caller, wharf worker | its ratio to raw inline |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let names = ["raw", "raw inline", "wharf", "raw to wharf"];
     for quantile in ["p50", "p99"] {
-        let [task, inline, ours, half] = names.map(|side| of(&format!("{quantile}|{side}")));
+        let [task, inline, ours, half] = names.map(|side| of(format!("{quantile}|{side}")));
         let ratios: Vec<f64> = inline.iter().zip(&ours).map(|(b, o)| o / b).collect();
         println!(
             "| {quantile} (µs) | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} to {:.3} | {:.3} | {:.1} | {:.3} |",
@@ -981,18 +1006,13 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
     for costs in COSTS {
         for name in costs {
             let [task, inline, ours, half] =
-                names.map(|side| median(&of(&format!("{name}|{side}"))));
+                names.map(|side| median(&of(format!("{name}|{side}"))));
             println!("| {name} | {task:.2} | {inline:.2} | {ours:.2} | {half:.2} |");
         }
     }
     println!();
     println!("rounds: {ROUNDS}, {CALLS} interleaved calls per side per round, then {} calls per side alone for the costs, medians over rounds", CALLS / 5);
     Ok(())
-}
-
-/// A table key made at run time, kept for the run.
-fn leak(key: String) -> &'static str {
-    Box::leak(key.into_boxed_str())
 }
 
 /// Durable calls against plain calls of the same function, both at 256 in
@@ -1443,11 +1463,8 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
         Secured::Metrics => "with metrics on",
         Secured::Otel => "exporting spans at 1%",
     };
-    let mut results: Vec<(String, Vec<f64>)> = Vec::new();
-    let mut record = |key: String, value: f64| match results.iter_mut().find(|(k, _)| *k == key) {
-        Some((_, values)) => values.push(value),
-        None => results.push((key, vec![value])),
-    };
+    let mut results = Samples::default();
+    let mut record = |key: String, value: f64| results.record(key, value);
     for round in 0..ROUNDS {
         eprintln!("round {} of {ROUNDS}", round + 1);
         let setups: [(&str, &Setup); 2] = if round % 2 == 0 {
@@ -1487,13 +1504,7 @@ async fn comparison(secured: Secured) -> Result<(), Box<dyn std::error::Error>> 
         stop(&mut setup.raw);
         stop(&mut setup.worker);
     }
-    let of = |key: String| {
-        results
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let of = |key: String| results.of(key).to_vec();
     println!("| calls/s | raw | wharf | wharf / raw | raw {name} | wharf {name} | wharf / raw {name} | that ratio / open ratio |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for in_flight in [16, 256] {

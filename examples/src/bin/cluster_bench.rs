@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wharf::testing::NatsCluster;
-use wharf_examples::median;
+use wharf_examples::{median, Samples};
 
 /// The function under test.
 #[wharf::microservice(service = "cbench")]
@@ -63,11 +63,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         wait_served(&client).await?;
         clients.push((replicas, client));
     }
-    let mut results: Vec<(String, Vec<f64>)> = Vec::new();
-    let mut record = |key: String, value: f64| match results.iter_mut().find(|(k, _)| *k == key) {
-        Some((_, values)) => values.push(value),
-        None => results.push((key, vec![value])),
-    };
+    let mut results = Samples::default();
+    let mut record = |key: String, value: f64| results.record(key, value);
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
         let order: Vec<&(u32, wharf::Client)> = if round % 2 == 0 {
@@ -107,13 +104,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(durable_workers);
     drop(durable_cluster);
 
-    let of = |key: &str| {
-        results
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| median(v))
-            .unwrap_or(0.0)
-    };
+    let of = |key: &str| median(results.of(key));
     println!("| calls/s at 256 in flight | R1 | R3 | R3 / R1 |");
     println!("| --- | ---: | ---: | ---: |");
     for kind in ["Plain", "Durable"] {
