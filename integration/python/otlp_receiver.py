@@ -10,6 +10,7 @@ that its own CPU stays out of what is measured.
 
 import json
 import sys
+import threading
 from concurrent import futures
 
 import grpc
@@ -23,6 +24,17 @@ def value(any_value):
 
 QUIET = "--quiet" in sys.argv[1:]
 
+# Exports arrive on several gRPC threads at once (one per exporting
+# process): each line is written whole, under the lock, so that two
+# spans' lines never interleave.
+WRITING = threading.Lock()
+
+
+def emit(line):
+    with WRITING:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):
@@ -32,7 +44,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
             resource = {a.key: value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    print(json.dumps({
+                    emit(json.dumps({
                         "trace_id": span.trace_id.hex(),
                         "span_id": span.span_id.hex(),
                         "parent_span_id": span.parent_span_id.hex(),
@@ -42,7 +54,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                         "scope": scope_spans.scope.name,
                         "status": span.status.code,
                         "attributes": {a.key: value(a.value) for a in span.attributes},
-                    }), flush=True)
+                    }))
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
