@@ -48,26 +48,61 @@ async fn count_messages(
     (stop, counter)
 }
 
-/// `num_requests` of every endpoint of every `itest` worker that answers
-/// STATS within half a second, by endpoint name.
-async fn requests_in_stats(nats: &async_nats::Client, name: &str) -> u64 {
-    let inbox = nats.new_inbox();
-    let mut answers = nats.subscribe(inbox.clone()).await.unwrap();
-    nats.publish_with_reply("$SRV.STATS.itest", inbox, "".into())
-        .await
-        .unwrap();
-    let mut total = 0;
-    while let Ok(Some(answer)) =
-        tokio::time::timeout(Duration::from_millis(500), answers.next()).await
-    {
-        let stats: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
-        for endpoint in stats["endpoints"].as_array().unwrap() {
-            if endpoint["name"] == name {
-                total += endpoint["num_requests"].as_u64().unwrap();
+/// `num_requests` of the endpoint `name` summed over the STATS answers of
+/// `workers` itest workers (asked until all of them answer).
+async fn requests_in_stats(nats: &async_nats::Client, name: &str, workers: usize) -> u64 {
+    wharf::testing::eventually(
+        "a STATS answer from every worker",
+        Duration::from_secs(30),
+        || async {
+            let inbox = nats.new_inbox();
+            let mut answers = nats.subscribe(inbox.clone()).await.unwrap();
+            nats.publish_with_reply("$SRV.STATS.itest", inbox, "".into())
+                .await
+                .unwrap();
+            let (mut total, mut heard) = (0, 0);
+            while heard < workers {
+                let Ok(Some(answer)) =
+                    tokio::time::timeout(Duration::from_secs(2), answers.next()).await
+                else {
+                    return Err(format!("{heard} of {workers} answered"));
+                };
+                heard += 1;
+                let stats: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+                for endpoint in stats["endpoints"].as_array().unwrap() {
+                    if endpoint["name"] == name {
+                        total += endpoint["num_requests"].as_u64().unwrap();
+                    }
+                }
             }
-        }
-    }
-    total
+            Ok(total)
+        },
+    )
+    .await
+}
+
+/// Waits until the workers' STATS count at least `calls` calls of `name`
+/// and returns the count: a worker counts a call just after answering it,
+/// so the count of the last calls may trail their answers a little.
+async fn requests_counted(
+    nats: &async_nats::Client,
+    name: &str,
+    workers: usize,
+    calls: u64,
+) -> u64 {
+    wharf::testing::eventually(
+        "the workers' STATS to count every call",
+        Duration::from_secs(30),
+        || async {
+            let counted = requests_in_stats(nats, name, workers).await;
+            if counted >= calls {
+                Ok(counted)
+            } else {
+                Err(format!("{counted} of {calls} counted"))
+            }
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,7 +115,7 @@ async fn concurrent_calls_travel_in_batches_each_with_its_own_answer() {
     let take_batches = subjects::batch_call("wharf", "itest", "take", take::SPEC.sig);
     let (stop_add, add_counter) = count_messages(client.nats(), add_batches).await;
     let (stop_take, take_counter) = count_messages(client.nats(), take_batches).await;
-    let before = requests_in_stats(client.nats(), "add").await;
+    let before = requests_in_stats(client.nats(), "add", 2).await;
 
     // A lone call goes out alone.
     assert_eq!(add::call(&client, 1, 2).await.unwrap(), 3);
@@ -127,7 +162,7 @@ async fn concurrent_calls_travel_in_batches_each_with_its_own_answer() {
         "{calls} concurrent calls of take went in {take_messages} batches"
     );
     // STATS count calls, not messages.
-    let after = requests_in_stats(client.nats(), "add").await;
+    let after = requests_counted(client.nats(), "add", 2, before + calls + 1).await;
     assert_eq!(after - before, calls + 1, "STATS of add count every call");
 }
 
@@ -311,7 +346,7 @@ async fn concurrent_durable_calls_are_stored_in_batches_and_each_is_collected_by
     );
     // Every call ran once and counts as a call in the workers' STATS
     // (the first call, and the two rounds).
-    assert!(requests_in_stats(client.nats(), "add").await > calls);
+    requests_counted(client.nats(), "add", 2, calls + 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

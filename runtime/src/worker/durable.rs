@@ -454,6 +454,9 @@ async fn process(
         endpoint
             .send_reply(to, Some(with_call_id(headers, &id)), body.clone())
             .await;
+        // Counted once answered: its processing time is the call's, not
+        // the caller's round trip to confirm it.
+        endpoint.record(started, outcome.as_ref().err());
         if confirmed.await.unwrap_or(false) {
             within.kept.lock().unwrap().push((id, code, codec, body));
         } else {
@@ -463,7 +466,6 @@ async fn process(
                 return Settle::Nak;
             }
         }
-        endpoint.record(started, outcome.as_ref().err());
         return Settle::Ack;
     }
     // Stored before the reply and the ack: a caller that misses the reply
