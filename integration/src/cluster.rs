@@ -160,7 +160,20 @@ impl Cluster {
 
     /// Freezes node `i`: it keeps its connections but answers nothing.
     pub async fn pause(&self, i: usize) {
-        self.nodes[i].container.pause().await.expect("docker pause");
+        // The kernel's cgroup freezer gives up on a busy container now and
+        // then ("unable to freeze"; runc thaws it again): asked again.
+        wharf::testing::eventually(
+            "docker pause to freeze the node",
+            Duration::from_secs(20),
+            || async {
+                self.nodes[i]
+                    .container
+                    .pause()
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await
     }
 
     /// Thaws node `i`.
