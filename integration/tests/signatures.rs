@@ -107,7 +107,21 @@ async fn callers_of_two_signatures_each_reach_their_own_workers() {
     }
 
     // The old build gone, an old caller fails naming both signatures.
+    // (Gone once the server has dropped its subscriptions: a call sent
+    // before that reaches the dead worker and fails as `worker_lost`.)
     old.kill();
+    let old_subject = versioned::SPEC.signed_subject("wharf");
+    wharf::testing::eventually(
+        "the server to drop the killed worker's subscriptions",
+        Duration::from_secs(30),
+        || async {
+            match client.nats().request(old_subject.clone(), "".into()).await {
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
     let error = versioned::request(1)
         .client(&client)
         .timeout(Duration::from_secs(10))
