@@ -46,20 +46,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ..Default::default()
             })
             .await?;
-        // On a cluster the new bucket's stream is made on its node a moment
-        // after the meta leader says it exists: until then a put finds no
-        // stream, and is made again.
+        // On a cluster a bucket just made is reachable from every server a
+        // moment later: until then a put finds no stream, and is made again.
         let reference: bytes::Bytes = serde_json::to_vec(&stored)?.into();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match kv.put("greeting", reference.clone()).await {
-                Ok(_) => return Ok(()),
-                Err(_) if std::time::Instant::now() < deadline => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
+        wharf::testing::eventually(
+            "the new bucket to take the reference",
+            std::time::Duration::from_secs(10),
+            || async {
+                kv.put("greeting", reference.clone())
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
+        return Ok(());
     }
     if mode == "traced" {
         let times: usize = std::env::args().nth(2).unwrap_or_default().parse()?;
