@@ -247,6 +247,59 @@ pub async fn chunks(run: String, count: u64, size: u32) -> wharf::Stream<bytes::
     }))
 }
 
+/// Reads a stream argument of byte items, pausing `pause_ms` after each;
+/// with a `run`, it tells [`produced_subject`] each index it read, and
+/// [`tree_subject`] (level 1) when it starts and stops. Returns the items
+/// and bytes read; an error item is returned as `<kind>: <message>`.
+#[wharf::microservice(service = "itest", timeout = "600s")]
+pub async fn read_bytes(
+    run: String,
+    pause_ms: u64,
+    items: wharf::Stream<bytes::Bytes>,
+) -> Result<(u64, u64), String> {
+    let _stopped = (!run.is_empty()).then(|| Stopped::start(&run, 1));
+    let mut items = items;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    while let Some(item) = items.next().await {
+        let item = item.map_err(|e| format!("{}: {}", e.kind().as_str(), e.message()))?;
+        if !item.iter().all(|b| *b == count as u8) {
+            return Err(format!("item {count} does not hold its index"));
+        }
+        if !run.is_empty() {
+            tell(&produced_subject(&run), count.to_string());
+        }
+        count += 1;
+        bytes += item.len() as u64;
+        if pause_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        }
+    }
+    Ok((count, bytes))
+}
+
+/// The first of `items` above `limit`, read no further than that.
+#[wharf::microservice(service = "itest")]
+pub async fn first_above(limit: i64, items: wharf::Stream<i64>) -> Option<i64> {
+    let mut items = items;
+    while let Some(Ok(n)) = items.next().await {
+        if n > limit {
+            return Some(n);
+        }
+    }
+    None
+}
+
+/// The sum of `items`; an error item is returned as `<kind>: <message>`.
+#[wharf::microservice(service = "itest")]
+pub async fn sum_all(items: wharf::Stream<i64>) -> Result<i64, String> {
+    let mut items = items;
+    let mut sum = 0;
+    while let Some(item) = items.next().await {
+        sum += item.map_err(|e| format!("{}: {}", e.kind().as_str(), e.message()))?;
+    }
+    Ok(sum)
+}
+
 /// Counts down from `from` to 0, an item at a time; with `fail_at`, the
 /// stream ends with an error instead of that item.
 #[wharf::microservice(service = "itest")]

@@ -26,7 +26,7 @@ async fn a_deployment_runs_under_the_permissions_wharf_auth_writes() {
     let services = format!(
         "[[service]]\nname = \"itest\"\ncommand = [\"{}\", \"worker\"]\nmin = 1\nmax = 1\n\
          env = {{ NATS_USER = \"worker-itest\", NATS_PASSWORD = \"pw-worker-itest\", WHARF_INBOX_PREFIX = \"_INBOX.worker-itest\" }}\n\
-         [[caller]]\nname = \"web\"\nfunctions = [\"itest.add\", \"itest.countdown\"]\n",
+         [[caller]]\nname = \"web\"\nfunctions = [\"itest.add\", \"itest.countdown\", \"itest.sum_all\"]\n",
         svc.display()
     );
     // Read from the binary, as `wharf auth` does: the worker may take
@@ -92,6 +92,11 @@ async fn a_deployment_runs_under_the_permissions_wharf_auth_writes() {
         .collect()
         .await;
     assert_eq!(counted, (0..=40).rev().collect::<Vec<u32>>());
+    // A stream argument: grants to the caller's inbox, items to the worker's.
+    let sum = wharf_integration::sum_all::call(&web, wharf::Stream::iter(1..=100))
+        .await
+        .unwrap();
+    assert_eq!(sum, 5050);
     // Only those functions.
     let error = wharf_integration::whoami::request()
         .client(&web)

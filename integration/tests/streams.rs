@@ -1,15 +1,19 @@
-//! Streamed results against a real nats-server and worker process: items
-//! arrive in order, a slow reader pauses the producer (credit), an error
-//! mid-stream ends the stream with it, dropping the stream cancels the
-//! producer, and bad input (an item that does not decode, a stream call
-//! without credit) gets a clear error.
+//! Streamed results and stream arguments against a real nats-server and
+//! worker process: items arrive in order, a slow reader pauses the
+//! producer (credit) in either direction, an error mid-stream ends the
+//! stream with it, dropping the stream cancels the producer, and bad input
+//! (an item that does not decode, a stream call without its header) gets a
+//! clear error.
 
 use futures_util::StreamExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use wharf::testing::NatsServer;
-use wharf::{Client, ErrorKind};
+use wharf::{CallError, Client, ErrorKind};
 use wharf_integration::{
-    add, chunks, countdown, produced_subject, spawn_worker, tree_subject, wait_for_workers,
+    add, chunks, countdown, first_above, produced_subject, read_bytes, spawn_worker, sum_all,
+    tree_subject, wait_for_workers,
 };
 
 /// The indices `produced` tells until it has been quiet for `quiet`: what
@@ -211,4 +215,269 @@ async fn an_item_that_does_not_decode_and_a_call_without_credit_get_clear_errors
         .collect()
         .await;
     assert_eq!(all, [1, 0]);
+}
+
+/// The credit a worker grants for a stream argument (docs/protocol.md).
+const INPUT_CREDIT: u64 = 32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_argument_arrives_whole_and_a_slow_function_pauses_its_caller() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = spawn_worker(&server.url());
+    wait_for_workers(&client, 1).await;
+    let run = "input";
+    let mut read = client
+        .nats()
+        .subscribe(produced_subject(run))
+        .await
+        .unwrap();
+    client.nats().flush().await.unwrap();
+
+    // The caller's items are made as they are pulled: `made` says how far
+    // the caller's stream got.
+    const COUNT: u64 = 300;
+    let made = Arc::new(AtomicU64::new(0));
+    let making = made.clone();
+    let items = wharf::Stream::new(futures_util::stream::iter(0..COUNT).map(move |i| {
+        making.store(i + 1, Ordering::SeqCst);
+        bytes::Bytes::from(vec![i as u8; 512])
+    }));
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { read_bytes::call(&client, run.to_owned(), 5, items).await }
+    });
+    // The function reads an item every 5 ms; the caller must never be more
+    // than the credit ahead of what it has read.
+    let mut furthest_ahead = 0;
+    let mut seen = 0u64;
+    while seen < COUNT {
+        let message = tokio::time::timeout(Duration::from_secs(30), read.next())
+            .await
+            .expect("the function reads on")
+            .unwrap();
+        let index: u64 = String::from_utf8_lossy(&message.payload).parse().unwrap();
+        seen += 1;
+        let ahead = made.load(Ordering::SeqCst).saturating_sub(index + 1);
+        furthest_ahead = furthest_ahead.max(ahead);
+    }
+    assert!(
+        furthest_ahead <= INPUT_CREDIT + 4,
+        "the caller made {furthest_ahead} items more than the function had read (credit {INPUT_CREDIT})"
+    );
+    let (count, bytes) = call.await.unwrap().unwrap();
+    assert_eq!(
+        (count, bytes),
+        (COUNT, COUNT * 512),
+        "every item arrived once"
+    );
+    println!("REPORT stream argument: {COUNT} items, the caller at most {furthest_ahead} ahead of the function");
+
+    // Through a request (options), and run in this process.
+    let items = wharf::Stream::iter((0..3u8).map(|i| bytes::Bytes::from(vec![i; 2])));
+    let done = read_bytes::request(String::new(), 0, items)
+        .client(&client)
+        .timeout(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(done, (3, 6));
+    let local =
+        read_bytes::local(String::new(), 0, wharf::Stream::iter([bytes::Bytes::new()])).await;
+    assert_eq!(local, Ok((1, 0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_may_stop_reading_and_a_failing_stream_argument_reaches_it() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = spawn_worker(&server.url());
+    wait_for_workers(&client, 1).await;
+
+    // A stream far longer than the function reads: the reply comes when the
+    // function is done, and the caller stops sending.
+    let pulled = Arc::new(AtomicU64::new(0));
+    let pulling = pulled.clone();
+    let endless = wharf::Stream::new(futures_util::stream::iter(0..i64::MAX).map(move |n| {
+        pulling.fetch_add(1, Ordering::SeqCst);
+        n
+    }));
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        first_above::call(&client, 100, endless),
+    )
+    .await
+    .expect("the call ends once the function stops reading")
+    .unwrap();
+    assert_eq!(first, Some(101));
+    let pulled = pulled.load(Ordering::SeqCst);
+    assert!(
+        pulled <= 102 + INPUT_CREDIT,
+        "the caller pulled {pulled} items for a function that read 102"
+    );
+    // An empty stream, read to its end.
+    let none = first_above::call(&client, 0, wharf::Stream::iter(Vec::<i64>::new())).await;
+    assert_eq!(none.unwrap(), None);
+
+    // The caller's stream fails after three items: the function reads the
+    // error after them.
+    let failing = wharf::Stream::from_results(futures_util::stream::iter(
+        (0..3u8)
+            .map(|i| Ok(bytes::Bytes::from(vec![i; 4])))
+            .chain([Err(wharf::Error::new(ErrorKind::Application, "disk gone"))]),
+    ));
+    let error = read_bytes::call(&client, String::new(), 0, failing)
+        .await
+        .unwrap_err();
+    let CallError::Application(message) = error else {
+        panic!("the function's own error, got {error:?}");
+    };
+    assert!(
+        message.starts_with("application: ")
+            && message.contains("after 3 items")
+            && message.contains("disk gone"),
+        "{message}"
+    );
+
+    // A caller dropped mid-stream cancels the call: the function stops,
+    // and the worker serves on.
+    let run = "dropped-input";
+    let mut events = client.nats().subscribe(tree_subject(run)).await.unwrap();
+    client.nats().flush().await.unwrap();
+    let slow = wharf::Stream::new(
+        futures_util::stream::iter(0..u64::MAX).map(|i| bytes::Bytes::from(vec![i as u8; 8])),
+    );
+    // Boxed, so that dropping it drops the call (a pinned local would live on).
+    let mut call = Box::pin(read_bytes::call(&client, run.to_owned(), 50, slow));
+    let mut started = false;
+    while !started {
+        tokio::select! {
+            _ = &mut call => panic!("an endless stream argument's call cannot end"),
+            event = events.next() => {
+                started = String::from_utf8_lossy(&event.unwrap().payload).starts_with("started 1 ");
+            }
+        }
+    }
+    drop(call);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .expect("the function of a dropped call stops within 10 s")
+            .unwrap();
+        if String::from_utf8_lossy(&event.payload).starts_with("stopped 1 ") {
+            break;
+        }
+    }
+    assert_eq!(add::call(&client, 2, 3).await.unwrap(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_caller_sends_a_stream_argument_by_the_protocol_and_bad_items_are_named() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let _worker = spawn_worker(&server.url());
+    wait_for_workers(&client, 1).await;
+    let nats = client.nats().clone();
+    let subject = sum_all::SPEC.subject("wharf");
+    let json = || {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Content-Type", "application/json");
+        headers
+    };
+
+    // Without Wharf-Stream-Input: a 400 that names the header.
+    let plain = nats
+        .request_with_headers(subject.clone(), json(), "{}".into())
+        .await
+        .unwrap();
+    let code = plain
+        .headers
+        .as_ref()
+        .unwrap()
+        .get("Nats-Service-Error-Code");
+    assert_eq!(code.unwrap().as_str(), "400");
+    let body: serde_json::Value = serde_json::from_slice(&plain.payload).unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("Wharf-Stream-Input"),
+        "{body}"
+    );
+
+    // By the protocol, in JSON: the request, the grant, items, the end.
+    let call = |items: Vec<&'static str>| {
+        let (nats, subject) = (nats.clone(), subject.clone());
+        async move {
+            let inbox = nats.new_inbox();
+            let mut answers = nats.subscribe(inbox.clone()).await.unwrap();
+            let mut headers = json();
+            headers.insert("Wharf-Stream-Input", "1");
+            nats.publish_with_reply_and_headers(subject, inbox, headers, "{}".into())
+                .await
+                .unwrap();
+            let grant = answers.next().await.unwrap();
+            let grant_headers = grant.headers.as_ref().expect("a grant has headers");
+            let credit: u64 = grant_headers
+                .get("Wharf-Stream-Credit")
+                .unwrap()
+                .as_str()
+                .parse()
+                .unwrap();
+            assert!(credit >= items.len() as u64);
+            let to = grant_headers
+                .get("Wharf-Stream-Items-To")
+                .unwrap()
+                .as_str()
+                .to_owned();
+            for (index, item) in items.iter().enumerate() {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Wharf-Stream-Item", index.to_string());
+                nats.publish_with_headers(to.clone(), headers, item.to_string().into())
+                    .await
+                    .unwrap();
+            }
+            let mut end = async_nats::HeaderMap::new();
+            end.insert("Wharf-Stream-End", items.len().to_string());
+            nats.publish_with_headers(to, end, bytes::Bytes::new())
+                .await
+                .unwrap();
+            loop {
+                let answer = answers.next().await.unwrap();
+                if answer
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Wharf-Stream-Items-To"))
+                    .is_none()
+                {
+                    return answer;
+                }
+            }
+        }
+    };
+    let reply = call(vec!["3", "9", "12"]).await;
+    assert!(reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+        .is_none());
+    assert_eq!(&reply.payload[..], b"24");
+
+    // Item 1 does not decode as an i64: the function reads a 400-kind
+    // error naming it, and answers with it.
+    let reply = call(vec!["1", "\"x\"", "7"]).await;
+    let code = reply
+        .headers
+        .as_ref()
+        .unwrap()
+        .get("Nats-Service-Error-Code");
+    assert_eq!(code.unwrap().as_str(), "422");
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("bad_request: item 1 of the stream argument"),
+        "{body}"
+    );
+    // The worker serves on.
+    assert_eq!(add::call(&client, 1, 1).await.unwrap(), 2);
 }

@@ -68,6 +68,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
             ));
         }
     }
+    check_stream_arg(&func, &shape, &options)?;
     let ident = func.sig.ident.unraw().to_string();
     let token_safe = ident
         .chars()
@@ -81,6 +82,32 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenS
     Ok(generate(&func, &shape, &options))
 }
 
+/// A stream argument is read as the worker grants credit: one per
+/// function, in an async function whose calls are plain.
+fn check_stream_arg(func: &ItemFn, shape: &Shape, options: &Options) -> syn::Result<()> {
+    let mut streams = shape.args.iter().filter(|arg| arg.stream.is_some());
+    let Some(first) = streams.next() else {
+        return Ok(());
+    };
+    let why = if let Some(second) = streams.next() {
+        return Err(syn::Error::new_spanned(
+            &second.ty,
+            "a function takes at most one `Stream<T>` argument: send the items of both in one stream of a type that holds either",
+        ));
+    } else if func.sig.asyncness.is_none() {
+        "a function that takes a stream reads it with `.await`: make it an `async fn`"
+    } else if options.durable {
+        "a durable call's arguments are stored whole, so one cannot be a stream: take the items as one value (a `Vec`), or drop `durable`"
+    } else if options.stateful {
+        "stateful functions cannot take a stream yet: take the items as one value (a `Vec`)"
+    } else if shape.stream.is_some() {
+        "a function cannot yet both take and return a stream: return the result as one value, or take the input as one value (a `Vec`)"
+    } else {
+        return Ok(());
+    };
+    Err(syn::Error::new_spanned(&first.ty, why))
+}
+
 /// One argument: its plain name (patterns are rejected) and type.
 struct Arg {
     name: Ident,
@@ -88,6 +115,9 @@ struct Arg {
     /// `S` of a `State<S>` argument, which the worker supplies from the
     /// transaction rather than the caller over the wire.
     state: Option<Type>,
+    /// `T` of a `wharf::Stream<T>` argument, whose items follow the
+    /// request rather than travel in it.
+    stream: Option<Type>,
 }
 
 /// What the signature says, validated.
@@ -153,10 +183,15 @@ impl Shape {
                     if state.is_none() {
                         check_wire_type(&typed.ty, "argument")?;
                     }
+                    let stream = match state {
+                        None => stream_item(&typed.ty),
+                        Some(_) => None,
+                    };
                     args.push(Arg {
                         name,
                         ty: (*typed.ty).clone(),
                         state,
+                        stream,
                     });
                 }
             }
@@ -446,14 +481,31 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
     let client = Ident::new("__wharf_client", Span::call_site());
     let incoming = Ident::new("__wharf_incoming", Span::call_site());
 
-    // What travels on the wire; `State<S>` arguments come from the worker.
+    // What travels in the request; `State<S>` arguments come from the
+    // worker, a `Stream<T>` argument's items follow the request.
     let wire: Vec<&Arg> = shape
+        .args
+        .iter()
+        .filter(|arg| arg.state.is_none() && arg.stream.is_none())
+        .collect();
+    let names: Vec<&Ident> = wire.iter().map(|arg| &arg.name).collect();
+    let types: Vec<&Type> = wire.iter().map(|arg| &arg.ty).collect();
+    // What the caller passes: every argument but the state.
+    let callers: Vec<&Arg> = shape
         .args
         .iter()
         .filter(|arg| arg.state.is_none())
         .collect();
-    let names: Vec<&Ident> = wire.iter().map(|arg| &arg.name).collect();
-    let types: Vec<&Type> = wire.iter().map(|arg| &arg.ty).collect();
+    let caller_names: Vec<&Ident> = callers.iter().map(|arg| &arg.name).collect();
+    let caller_types: Vec<&Type> = callers.iter().map(|arg| &arg.ty).collect();
+    let stream_arg = shape
+        .args
+        .iter()
+        .find_map(|arg| Some((&arg.name, arg.stream.as_ref()?)));
+    let stream_let = stream_arg.map(|(name, item)| {
+        let span = item.span();
+        quote_spanned!(span=> let #name = #incoming.input::<#item>().await?;)
+    });
     let all_names: Vec<&Ident> = shape.args.iter().map(|arg| &arg.name).collect();
     let state_lets: Vec<TokenStream> = shape
         .args
@@ -560,25 +612,34 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
          `request(..)` sets per-call options{}; `Args` is the wire form of the arguments and `SPEC` the description.",
         if shape.stream.is_some() {
             " (`credit(n)` among them) and is awaited to open the stream"
+        } else if stream_arg.is_some() {
+            ""
         } else {
             ", `collect(call_id)` picks up a durable call's result"
         }
     );
     let hidden = quote!(#[doc(hidden)] #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals, clippy::too_many_arguments)]);
     let new_args = quote!(#args_struct { #(#names),* });
+    let with_stream = stream_arg.map(|(input, _)| quote!(.with_stream(#input)));
     let span = ident.span();
     let stub_sig = quote_spanned! {span=>
-        #vis async fn #ident(#(#names: #types),*) -> #stub_output
+        #vis async fn #ident(#(#caller_names: #caller_types),*) -> #stub_output
     };
     // A stream is opened rather than sent, and has no stored result to collect.
-    let (global_body, client_body, collect_fn, collect_use) = match &shape.stream {
-        Some(item) => (
+    let (global_body, client_body, collect_fn, collect_use) = match (&shape.stream, stream_arg) {
+        (_, Some((input, item))) => (
+            quote!(::wharf::__private::call_with_stream_global::<#args_struct, #returns, #item>(&#spec, #new_args, #input).await),
+            quote!(::wharf::__private::call_with_stream::<#args_struct, #returns, #item>(#client, &#spec, #new_args, #input).await),
+            quote!(),
+            quote!(),
+        ),
+        (Some(item), None) => (
             quote!(::wharf::__private::open_stream_global::<#args_struct, #item>(&#spec, #new_args).await),
             quote!(::wharf::__private::open_stream::<#args_struct, #item>(#client, &#spec, #new_args).await),
             quote!(),
             quote!(),
         ),
-        None => (
+        (None, None) => (
             quote!(::wharf::__private::call_global::<#args_struct, #returns>(&#spec, #new_args).await),
             quote!(::wharf::__private::call::<#args_struct, #returns>(#client, &#spec, #new_args).await),
             quote! {
@@ -646,6 +707,7 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
         fn #handler(#incoming: ::wharf::__private::Incoming) -> ::wharf::__private::HandlerFuture {
             ::std::boxed::Box::pin(async move {
                 let #args_struct { #(#names),* } = #incoming.decode::<#args_struct>()?;
+                #stream_let
                 #(#state_lets)*
                 let __wharf_out = #run;
                 #reply
@@ -661,14 +723,14 @@ fn generate(func: &ItemFn, shape: &Shape, options: &Options) -> TokenStream {
 
         #(#cfg)*
         #hidden
-        #vis async fn #call(#client: &::wharf::Client, #(#names: #types),*) -> #stub_output {
+        #vis async fn #call(#client: &::wharf::Client, #(#caller_names: #caller_types),*) -> #stub_output {
             #client_body
         }
 
         #(#cfg)*
         #hidden
-        #vis fn #request(#(#names: #types),*) -> ::wharf::Request<#args_struct, #returns> {
-            ::wharf::Request::new(&#spec, #new_args)
+        #vis fn #request(#(#caller_names: #caller_types),*) -> ::wharf::Request<#args_struct, #returns> {
+            ::wharf::Request::new(&#spec, #new_args) #with_stream
         }
 
         #collect_fn

@@ -111,7 +111,7 @@ impl Incoming {
     /// sent. An item that is an error ends the stream with that error.
     pub async fn stream<T: Serialize>(&self, mut items: crate::Stream<T>) -> Result<Bytes, Fault> {
         let spec = self.spec;
-        let Some(out) = &self.stream else {
+        let Some(out) = self.stream.as_ref().filter(|out| out.ask.credit > 0) else {
             return Err(Fault::new(
                 ErrorKind::BadRequest,
                 format!(
@@ -190,6 +190,32 @@ impl Incoming {
         }
         drop(credits);
         self.reply(&sent)
+    }
+
+    /// The function's stream argument: items arrive as the worker grants
+    /// credit for them, so a caller sending faster than the function reads
+    /// is paused (docs/protocol.md, "Stream arguments").
+    pub async fn input<T: DeserializeOwned + Send + 'static>(
+        &self,
+    ) -> Result<crate::Stream<T>, Fault> {
+        let spec = self.spec;
+        let Some(out) = self.stream.as_ref().filter(|out| out.ask.input) else {
+            return Err(Fault::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "`{}.{}` takes a stream argument: send the request with header Wharf-Stream-Input: 1 and send the items when granted (docs/protocol.md, \"Stream arguments\")",
+                    spec.service, spec.name
+                ),
+            ));
+        };
+        crate::worker::stream_arg::open(
+            &out.nats,
+            self.codec,
+            spec,
+            out.ask.reply.clone(),
+            self.deadline_ms,
+        )
+        .await
     }
 
     /// Runs a sync function on the blocking pool, off the async threads.

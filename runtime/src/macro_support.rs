@@ -6,7 +6,9 @@ pub use crate::handler::{HandlerFuture, Incoming, Registration};
 pub use crate::metrics::set_counting as set_metrics_counting;
 #[cfg(feature = "otel")]
 pub use crate::otel::set_exporting as set_span_export;
-pub use crate::request::{call, call_global, open_stream, open_stream_global};
+pub use crate::request::{
+    call, call_global, call_with_stream, call_with_stream_global, open_stream, open_stream_global,
+};
 pub use crate::spec::SubjectCache;
 pub use inventory;
 pub use serde;

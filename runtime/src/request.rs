@@ -5,6 +5,7 @@
 use crate::boxed::out_of_line;
 use crate::client::call::{CallOptions, CallState};
 use crate::client::returns::{Reply, Returns};
+use crate::client::stream_arg::Encoded;
 use crate::client::{global, Client};
 use crate::durable::caller::Pending;
 use crate::error::{Error, ErrorKind};
@@ -16,6 +17,7 @@ use crate::txn::transaction::{current, Transaction};
 use crate::wire::codec::Codec;
 use crate::wire::reply::instance;
 use async_nats::Message;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::future::{Future, IntoFuture};
@@ -43,8 +45,13 @@ pub struct Request<A, R> {
     options: CallOptions,
     /// The transaction the call is made in, when the request names one.
     txn: Option<Transaction>,
+    /// The items of a stream argument, encoded once the codec is known.
+    input: Option<StreamArg>,
     returns: PhantomData<fn() -> R>,
 }
+
+/// A stream argument waiting for its call's codec.
+type StreamArg = Box<dyn FnOnce(Codec) -> Encoded + Send>;
 
 impl<A: Serialize, R> Request<A, R> {
     /// A request for `spec` with encoded-later arguments `args`.
@@ -55,8 +62,32 @@ impl<A: Serialize, R> Request<A, R> {
             client: None,
             options: CallOptions::default(),
             txn: None,
+            input: None,
             returns: PhantomData,
         }
+    }
+
+    /// Sends `items` as the function's stream argument (generated stubs of
+    /// functions that take a [`Stream<T>`]).
+    #[doc(hidden)]
+    pub fn with_stream<T: Serialize + Send + 'static>(mut self, items: Stream<T>) -> Self {
+        let path = self.spec.path;
+        self.input = Some(Box::new(move |codec: Codec| {
+            items
+                .map(move |item| {
+                    let item = item?;
+                    codec.encode(&item).map_err(|e| {
+                        Error::new(
+                            ErrorKind::Codec,
+                            format!(
+                                "an item of the stream argument of `{path}` cannot be encoded: {e}"
+                            ),
+                        )
+                    })
+                })
+                .boxed()
+        }));
+        self
     }
 
     /// Sends through `client` instead of the one [`crate::init`] set up.
@@ -105,6 +136,9 @@ impl<A: Serialize, R: Returns> Request<A, R> {
     /// result: [`Pending::wait`] collects it, here or, through
     /// `<function>::collect(id)`, in any other process.
     pub async fn start(mut self) -> Result<Pending<R>, Error> {
+        if self.input.is_some() {
+            return Err(durable_stream(self.spec));
+        }
         if self.spec.stateful {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -160,8 +194,19 @@ impl<A: Serialize, R: Returns> Request<A, R> {
         let span = call.span(self.spec);
         let started = Instant::now();
         let prepared = client.prepare(self.spec, &self.args, &self.options, &call)?;
+        let input = self.input.take();
         let answer = async {
-            if self.options.durable.unwrap_or(self.spec.durable) {
+            if let Some(input) = input {
+                if self.options.durable == Some(true) {
+                    return Err(durable_stream(self.spec));
+                }
+                let items = input(self.options.codec);
+                let (message, attempts) = out_of_line(|| {
+                    client.call_with_stream(self.spec, prepared, call, &self.options, items)
+                })
+                .await?;
+                Ok((message, self.options.codec, attempts))
+            } else if self.options.durable.unwrap_or(self.spec.durable) {
                 // Boxed: the durable path's future is large, and inline it
                 // would be moved with every plain call's future as well.
                 let (client, spec, options) = (&client, self.spec, &self.options);
@@ -312,6 +357,44 @@ pub async fn call<A: Serialize, R: Returns>(
     );
     let (message, _) = answer?;
     R::decode(spec, options.codec, &message)
+}
+
+/// Calls `spec`, whose stream argument is `items`, through `client` with
+/// default options (generated stubs).
+#[doc(hidden)]
+pub async fn call_with_stream<A: Serialize, R: Returns, T: Serialize + Send + 'static>(
+    client: &Client,
+    spec: &'static FnSpec,
+    args: A,
+    items: Stream<T>,
+) -> Result<R::Value, R::Err> {
+    Request::<A, R>::new(spec, args)
+        .with_stream(items)
+        .client(client)
+        .send()
+        .await
+}
+
+/// Calls `spec` with a stream argument through the client set up by
+/// [`crate::init`].
+#[doc(hidden)]
+pub async fn call_with_stream_global<A: Serialize, R: Returns, T: Serialize + Send + 'static>(
+    spec: &'static FnSpec,
+    args: A,
+    items: Stream<T>,
+) -> Result<R::Value, R::Err> {
+    call_with_stream::<A, R, T>(global()?, spec, args, items).await
+}
+
+/// A durable call's arguments are stored whole, so a stream cannot be one.
+fn durable_stream(spec: &FnSpec) -> Error {
+    Error::new(
+        ErrorKind::Config,
+        format!(
+            "`{}` takes a stream argument, whose items are sent as the worker reads them: it cannot be called durably",
+            spec.path
+        ),
+    )
 }
 
 /// Notes how a call ended (`ok`, the kind of the error reply, or the kind

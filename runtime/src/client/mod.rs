@@ -13,6 +13,7 @@ pub(crate) mod connection;
 pub(crate) mod denials;
 pub(crate) mod returns;
 pub(crate) mod stream;
+pub(crate) mod stream_arg;
 
 use crate::boxed::out_of_line;
 use crate::error::{Error, ErrorKind};

@@ -14,7 +14,7 @@ use crate::wire::headers::{STREAM_CREDIT, STREAM_CREDIT_TO, STREAM_ITEM};
 use crate::wire::reply::{remote_failure, status_code};
 use crate::wire::request::{self, Prepared};
 use crate::wire::subjects;
-use async_nats::{Message, StatusCode, Subject, Subscriber};
+use async_nats::{HeaderName, Message, StatusCode, Subject, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
@@ -39,54 +39,9 @@ impl Client {
         call: CallState,
         options: &CallOptions,
     ) -> Result<Stream<T>, Error> {
-        if prepared.payload.len() > self.spill_at() {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!(
-                    "call to `{}` not sent: its request is {} bytes, more than one message holds; a stream call does not spill its arguments: pass large values by reference (wharf::put)",
-                    spec.path,
-                    prepared.payload.len()
-                ),
-            ));
-        }
         let credit = options.credit.unwrap_or(DEFAULT_CREDIT);
-        let policy = options.retry.unwrap_or(spec.retry);
-        let (tried, prepared) = (&call, &prepared);
-        let opened = with_retries(
-            &policy,
-            spec.idempotent,
-            tried.deadline,
-            |attempt| {
-                let prepared = if attempt == 1 {
-                    prepared.clone()
-                } else {
-                    request::with_attempt(prepared, options.codec, attempt)
-                };
-                // The subject of the caller's signature first, then, when
-                // no worker serves it, the plain one (as for a plain call).
-                async move {
-                    let again = prepared.clone();
-                    match self
-                        .open_once(spec, tried, prepared, options.codec, credit, true)
-                        .await
-                    {
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                ErrorKind::NoResponders | ErrorKind::PermissionDenied
-                            ) =>
-                        {
-                            self.open_once(spec, tried, again, options.codec, credit, false)
-                                .await
-                        }
-                        outcome => outcome,
-                    }
-                }
-            },
-            |failure| spec.observe_retry(failure),
-        )
-        .await;
-        let (opened, _) = opened.map_err(|(failure, tries)| annotate(failure, tries))?;
+        let ask = (STREAM_CREDIT, credit.to_string());
+        let (opened, _) = self.open(spec, prepared, &call, options, ask).await?;
         let reader = Reader {
             client: self.clone(),
             spec,
@@ -111,6 +66,66 @@ impl Client {
         )))
     }
 
+    /// Tries a stream call as its retry policy allows until a worker
+    /// answers: the request carries header `ask`, which says what stream
+    /// it has. Returns the answer and the tries it took.
+    pub(super) async fn open(
+        &self,
+        spec: &'static FnSpec,
+        prepared: Prepared,
+        call: &CallState,
+        options: &CallOptions,
+        ask: (HeaderName, String),
+    ) -> Result<(Opened, u32), Error> {
+        if prepared.payload.len() > self.spill_at() {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "call to `{}` not sent: its request is {} bytes, more than one message holds; a stream call does not spill its arguments: pass large values by reference (wharf::put)",
+                    spec.path,
+                    prepared.payload.len()
+                ),
+            ));
+        }
+        let policy = options.retry.unwrap_or(spec.retry);
+        let (prepared, ask) = (&prepared, &ask);
+        with_retries(
+            &policy,
+            spec.idempotent,
+            call.deadline,
+            |attempt| {
+                let prepared = if attempt == 1 {
+                    prepared.clone()
+                } else {
+                    request::with_attempt(prepared, options.codec, attempt)
+                };
+                // The subject of the caller's signature first, then, when
+                // no worker serves it, the plain one (as for a plain call).
+                async move {
+                    let again = prepared.clone();
+                    match self
+                        .open_once(spec, call, prepared, options.codec, ask, true)
+                        .await
+                    {
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                ErrorKind::NoResponders | ErrorKind::PermissionDenied
+                            ) =>
+                        {
+                            self.open_once(spec, call, again, options.codec, ask, false)
+                                .await
+                        }
+                        outcome => outcome,
+                    }
+                }
+            },
+            |failure| spec.observe_retry(failure),
+        )
+        .await
+        .map_err(|(failure, tries)| annotate(failure, tries))
+    }
+
     /// One try: the request, sent with its reply on a new inbox, and the
     /// first message that answers it.
     async fn open_once(
@@ -119,7 +134,7 @@ impl Client {
         call: &CallState,
         prepared: Prepared,
         codec: Codec,
-        credit: u64,
+        ask: &(HeaderName, String),
         signed: bool,
     ) -> Result<Opened, Error> {
         let subject = if signed {
@@ -152,7 +167,7 @@ impl Client {
             .await
             .map_err(|e| connection_failed(&e))?;
         let mut headers = prepared.headers.unwrap_or_default();
-        headers.insert(STREAM_CREDIT, credit.to_string());
+        headers.insert(ask.0.clone(), ask.1.as_str());
         let losses = self.connection().losses();
         nats.publish_with_reply_and_headers(subject.clone(), inbox, headers, prepared.payload)
             .await
@@ -197,17 +212,17 @@ impl Client {
 }
 
 /// A try that a worker answered.
-struct Opened {
-    subscriber: Subscriber,
-    first: Message,
-    losses: u64,
+pub(super) struct Opened {
+    pub(super) subscriber: Subscriber,
+    pub(super) first: Message,
+    pub(super) losses: u64,
 }
 
 /// Cancels a call dropped while it is armed (a future that never finished).
-struct Armed<'a>(bool, &'a Client, &'static FnSpec, &'a CallState);
+pub(super) struct Armed<'a>(pub(super) bool, &'a Client, &'static FnSpec, &'a CallState);
 
 impl<'a> Armed<'a> {
-    fn new(client: &'a Client, spec: &'static FnSpec, call: &'a CallState) -> Armed<'a> {
+    pub(super) fn new(client: &'a Client, spec: &'static FnSpec, call: &'a CallState) -> Armed<'a> {
         Armed(true, client, spec, call)
     }
 }
@@ -223,7 +238,7 @@ impl Drop for Armed<'_> {
 /// The next message on a stream's inbox, within the call's deadline; one
 /// that takes a while is watched like any call (its connection, and probes
 /// that the worker still holds it).
-async fn receive(
+pub(super) async fn receive(
     client: &Client,
     spec: &'static FnSpec,
     call: &CallState,

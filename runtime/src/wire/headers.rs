@@ -46,6 +46,15 @@ pub const STREAM_CREDIT: HeaderName = HeaderName::from_static("Wharf-Stream-Cred
 pub const STREAM_ITEM: HeaderName = HeaderName::from_static("Wharf-Stream-Item");
 /// On a stream's first item: the subject the caller grants credit on.
 pub const STREAM_CREDIT_TO: HeaderName = HeaderName::from_static("Wharf-Stream-Credit-To");
+/// A call to a function taking a stream argument: `1`, the caller sends
+/// the items once the worker grants credit for them.
+pub const STREAM_INPUT: HeaderName = HeaderName::from_static("Wharf-Stream-Input");
+/// On a worker's grant for a stream argument: the subject the caller
+/// sends the items (and the end) to.
+pub const STREAM_ITEMS_TO: HeaderName = HeaderName::from_static("Wharf-Stream-Items-To");
+/// The end of a stream argument: the number of items sent. A payload, when
+/// there is one, says why the caller's stream failed.
+pub const STREAM_END: HeaderName = HeaderName::from_static("Wharf-Stream-End");
 /// Reply header: `<instance id> <pid> <host>` of the serving worker.
 pub const INSTANCE: HeaderName = HeaderName::from_static("Wharf-Instance");
 /// Objects service `put`: the object's type name (default `bytes`).

@@ -175,38 +175,61 @@ pub(crate) struct CallMeta {
     pub(crate) stream: Option<Box<StreamAsk>>,
 }
 
-/// What a caller of a streaming function asks for (`Wharf-Stream-Credit`).
+/// What a call with a stream asks for: `Wharf-Stream-Credit` for a
+/// streamed result, `Wharf-Stream-Input` for a stream argument.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StreamAsk {
-    /// The items the worker may send before the caller grants more.
+    /// The items the worker may send before the caller grants more; 0 when
+    /// the call does not ask for a streamed result.
     pub(crate) credit: u64,
-    /// The caller's inbox, which every item and the final reply go to.
+    /// The caller sends the items of a stream argument when granted.
+    pub(crate) input: bool,
+    /// The caller's inbox, which every item, grant and the final reply go to.
     pub(crate) reply: async_nats::Subject,
 }
 
 /// The stream a request asks for, if any; a credit that is not a number is
 /// a bad request.
 fn stream_ask(message: &Message) -> Result<Option<Box<StreamAsk>>, String> {
-    let Some(credit) = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::STREAM_CREDIT))
-    else {
+    let header = |name| message.headers.as_ref().and_then(|h| h.get(name));
+    let (credit, input) = (
+        header(headers::STREAM_CREDIT),
+        header(headers::STREAM_INPUT),
+    );
+    if credit.is_none() && input.is_none() {
         return Ok(None);
+    }
+    let credit = match credit {
+        None => 0,
+        Some(credit) => {
+            let credit = credit.as_str().trim();
+            credit
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    format!("header Wharf-Stream-Credit must be a number of items above 0, got `{credit}`")
+                })?
+        }
     };
-    let credit = credit.as_str().trim();
-    let credit = credit
-        .parse::<u64>()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            format!("header Wharf-Stream-Credit must be a number of items above 0, got `{credit}`")
-        })?;
+    let input = match input.map(|value| value.as_str().trim()) {
+        None => false,
+        Some("1") => true,
+        Some(other) => {
+            return Err(format!(
+                "header Wharf-Stream-Input must be `1` (the caller sends the stream argument's items when granted), got `{other}`"
+            ))
+        }
+    };
     let reply = message
         .reply
         .clone()
         .ok_or("a stream call needs a reply subject: publish it as a request")?;
-    Ok(Some(Box::new(StreamAsk { credit, reply })))
+    Ok(Some(Box::new(StreamAsk {
+        credit,
+        input,
+        reply,
+    })))
 }
 
 /// The spilled-arguments object a request names, if any.
