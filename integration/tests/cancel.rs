@@ -2,8 +2,10 @@
 //! processes: a call tree of depth 3 over three workers stops at every
 //! level when its caller drops the top call (the last level a sync
 //! function that sees `wharf::cancelled()`), a call whose deadline passes
-//! is stopped on its worker, and a durable call is cancelled by id while
-//! it runs and before it reaches a worker.
+//! is stopped on its worker, a cancelled call's slot goes at once to the
+//! call queued behind it, cancels of unknown calls change nothing, and a
+//! durable call is cancelled by id while it runs and before it reaches a
+//! worker.
 
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,7 +13,8 @@ use std::time::Duration;
 use wharf::testing::NatsServer;
 use wharf::{Client, ErrorKind};
 use wharf_integration::{
-    hold, sleep_ms, spawn_worker, spawn_worker_with, tree, tree_subject, wait_for_workers,
+    add, hold, sleep_ms, spawn_worker, spawn_worker_with, tree, tree_leaf, tree_subject,
+    wait_for_workers,
 };
 
 /// What the levels of one tree told: pid by level, for starts and stops.
@@ -159,6 +162,90 @@ async fn a_call_whose_deadline_passes_is_stopped_on_its_worker() {
     )
     .await;
     assert_eq!(seen.started.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_frees_its_slot_for_the_queued_one_and_stray_cancels_change_nothing() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    // One slot: a second call waits in the worker's backlog.
+    let _worker = spawn_worker_with(&server.url(), &[("WHARF_CONCURRENCY", "1")]);
+    wait_for_workers(&client, 1).await;
+    let nats = client.nats();
+
+    // Cancels of calls no worker holds, and ones that do not read: ignored,
+    // and the worker serves on.
+    let long_id = "x".repeat(60_000);
+    for junk in [
+        "",
+        "no_such_call",
+        "a b  c",
+        "\u{0}\u{7f}",
+        long_id.as_str(),
+    ] {
+        nats.publish("wharf._cancel.itest", junk.to_owned().into())
+            .await
+            .unwrap();
+    }
+    nats.flush().await.unwrap();
+    assert_eq!(add::call(&client, 1, 2).await.unwrap(), 3);
+
+    // A call that holds the only slot until it is cancelled (at most 60 s),
+    // and one queued behind it.
+    let run = "slot";
+    let mut events = nats.subscribe(tree_subject(run)).await.unwrap();
+    nats.flush().await.unwrap();
+    let holder = tokio::spawn({
+        let client = client.clone();
+        async move { tree_leaf::call(&client, run.to_owned()).await }
+    });
+    let mut seen = Seen::default();
+    seen.until(
+        &mut events,
+        Duration::from_secs(30),
+        "the holder to start",
+        |s| !s.started.is_empty(),
+    )
+    .await;
+    let queued = tokio::spawn({
+        let client = client.clone();
+        async move { sleep_ms::call(&client, 1).await }
+    });
+    // The queued call cannot start while the holder runs (a window to
+    // look in, not a wait for a condition).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !queued.is_finished(),
+        "the second call waited for the only slot"
+    );
+    holder.abort();
+    // Its slot is free at once: the queued call runs long before the
+    // holder's minute is up.
+    let ran = tokio::time::timeout(Duration::from_secs(20), queued)
+        .await
+        .expect("the queued call runs once the holder is cancelled")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ran, 1);
+    seen.until(
+        &mut events,
+        Duration::from_secs(10),
+        "the holder to see it was cancelled",
+        |s| !s.stopped.is_empty(),
+    )
+    .await;
+    // Counted once, the stray cancels not at all.
+    wharf::testing::eventually(
+        "STATS to count one cancelled call",
+        Duration::from_secs(20),
+        || async {
+            match cancelled_in_stats(&client).await {
+                1 => Ok(()),
+                counted => Err(format!("{counted} cancelled")),
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
