@@ -508,3 +508,46 @@ async fn top_shows_services_instances_and_decisions_live() {
         }
     });
 }
+
+#[tokio::test]
+async fn status_shows_each_instance_with_its_version_and_signatures() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let client = Client::connect(&url).await.unwrap();
+    let worker = Worker::new(&client).start().await.unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    // Each function with the first 8 digits of its signature hash.
+    let add_sig = format!("add:{}", &add::SPEC.sig_hex()[..8]);
+    let even_sig = format!("even:{}", &even::SPEC.sig_hex()[..8]);
+    let row = eventually(
+        "`wharf status` to list the worker",
+        Duration::from_secs(30),
+        || async {
+            let out = wharf(&url, &["status"]).await;
+            let stdout = text(&out.stdout);
+            stdout
+                .lines()
+                .find(|line| line.contains(worker.instance()))
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{stdout}{}", text(&out.stderr)))
+        },
+    )
+    .await;
+    assert!(row.starts_with("cli "), "{row}");
+    assert!(row.contains(&format!(" {version} ")), "{row}");
+    assert!(row.contains(&add_sig) && row.contains(&even_sig), "{row}");
+
+    // The same, whole, for scripts.
+    let out = wharf(&url, &["status", "--json"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let instances: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let beat = instances
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|beat| beat["instance"] == worker.instance())
+        .expect("the worker is listed");
+    assert_eq!(beat["version"], version);
+    assert_eq!(beat["signatures"]["cli.add"], add::SPEC.sig_hex());
+    assert_eq!(beat["signatures"]["cli.even"], even::SPEC.sig_hex());
+}
