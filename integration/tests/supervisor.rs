@@ -1225,3 +1225,106 @@ async fn a_rollout_whose_new_instances_fail_stops_and_the_old_version_keeps_serv
     assert_eq!(versioned::call(&scene.client, 7).await.unwrap(), "v1 7");
     scene.down().await;
 }
+
+/// A `wharf.toml` of two `itest` instances whose environment holds
+/// `ROLL=<roll>`: a changed value is a new revision.
+fn env_config(scene: &Scene, roll: &str) -> std::path::PathBuf {
+    let path = scene.dir.path().join("wharf.toml");
+    let text = format!(
+        "[broker]\nurl = \"{}\"\n\n[[service]]\nname = \"itest\"\ncommand = [\"{}\", \"worker\"]\nmin = 2\nmax = 2\nenv = {{ ROLL = \"{roll}\" }}\n",
+        scene.server.url(),
+        svc_binary().display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_of_a_changed_env_waits_for_open_transactions_on_the_old_instances() {
+    let mut scene = Scene::new(Runs::Processes).await.unwrap();
+    let path = env_config(&scene, "a");
+    let supervisor = scene.supervise_file(&path);
+    let first = scene
+        .wait_for("2 instances", Duration::from_secs(60), |live| {
+            live.len() == 2
+        })
+        .await;
+    let old = revision_of(&first[0]).to_owned();
+    let old_pids: HashSet<u32> = first.iter().map(|b| b.pid).collect();
+    // Transactions open on both old instances.
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        let tx = scene.client.transaction().await.unwrap();
+        let (total, pid) = accumulate::request(1, 0).transaction(&tx).await.unwrap();
+        open.push((tx, pid, total));
+    }
+    let owners: HashSet<u32> = open.iter().map(|(_, pid, _)| *pid).collect();
+    assert!(owners.len() == 2, "transactions on one instance only");
+
+    // Only the environment changes: a new revision, rolled out on SIGHUP.
+    env_config(&scene, "b");
+    signal(supervisor, libc::SIGHUP);
+    // The transactions stay in use while the rollout goes on; it must wait
+    // for them, not kill their instance. Rounds go on until an old
+    // instance drains with transactions open, and for 5 s after.
+    let started = Instant::now();
+    let mut quiescing_since: Option<Instant> = None;
+    let mut rounds = 0;
+    while quiescing_since.is_none_or(|at| at.elapsed() < Duration::from_secs(5)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no old instance quiesced within 2 minutes: {}",
+            scene.seen_so_far(&scene.live().await)
+        );
+        for (tx, pid, total) in &mut open {
+            let (now, served) = accumulate::request(1, 0).transaction(tx).await.unwrap();
+            *total += 1;
+            assert_eq!(
+                (now, served),
+                (*total, *pid),
+                "transaction {} broke",
+                tx.id()
+            );
+        }
+        rounds += 1;
+        if quiescing_since.is_none() {
+            let all = wharf::supervisor::instances(&scene.client).await.unwrap();
+            if all
+                .iter()
+                .any(|b| b.draining && b.transactions > 0 && old_pids.contains(&b.pid))
+            {
+                quiescing_since = Some(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        scene.events_of("killed").is_empty(),
+        "a quiescing instance was killed: {:?}",
+        scene.events_of("killed")
+    );
+    // The transactions end; the rollout finishes: two new instances.
+    for (tx, _, _) in open {
+        tx.end().await.unwrap();
+    }
+    let rolled = scene
+        .wait_for(
+            "2 instances of the new revision",
+            Duration::from_secs(120),
+            |live| live.len() == 2 && live.iter().all(|b| revision_of(b) != old),
+        )
+        .await;
+    assert!(rolled.iter().all(|b| !old_pids.contains(&b.pid)));
+    let events = scene
+        .wait_for_events("rollout", 2, Duration::from_secs(30))
+        .await;
+    assert!(
+        events.iter().any(|e| e.reason.starts_with("done")),
+        "{events:?}"
+    );
+    assert!(scene.events_of("killed").is_empty());
+    wharf_integration::report_line(format!(
+        "REPORT env rollout of a stateful service: 20 open transactions kept through {rounds} rounds while their instances quiesced, then 2 instances of the new revision; 0 calls failed"
+    ));
+    scene.down().await;
+}
