@@ -671,6 +671,95 @@ async fn a_swarm_service_scales_with_load_drains_what_it_removes_and_replaces_a_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_service_rolls_to_a_changed_env_with_no_failed_call() {
+    if svc_image().is_none() {
+        return;
+    }
+    // Declared first, so it is dropped last: after the scene removed the
+    // Swarm service.
+    let _swarm = SwarmMode::enter();
+    let mut scene = Scene::new(Runs::Swarm).await.unwrap();
+    let extra = |roll: &str| format!("min = 2\nmax = 2\nenv = {{ ROLL = \"{roll}\" }}");
+    let supervisor = scene.supervise(&extra("a"));
+    let first = scene
+        .wait_for("2 Swarm tasks", Duration::from_secs(90), |live| {
+            live.len() == 2
+        })
+        .await;
+    let old = revision_of(&first[0]).to_owned();
+    assert!(!old.is_empty() && first.iter().all(|b| revision_of(b) == old));
+    // Plain calls (not idempotent) all through the rollout: Swarm starts
+    // each new task before it stops an old one, which drains on SIGTERM.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, stop) = (scene.client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut calls, mut failures) = (0i64, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match wharf_integration::add::call(&client, calls, 1).await {
+                        Ok(sum) if sum == calls + 1 => {}
+                        other => failures.push(format!("{other:?}")),
+                    }
+                    calls += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (calls, failures)
+            })
+        })
+        .collect();
+    // Only the environment changes: a new revision, rolled out on SIGHUP.
+    config(
+        scene.dir.path(),
+        &scene.server.url(),
+        Runs::Swarm,
+        &extra("b"),
+    );
+    signal(supervisor, libc::SIGHUP);
+    let rolled = scene
+        .wait_for(
+            "2 Swarm tasks of the new revision",
+            Duration::from_secs(180),
+            |live| live.len() == 2 && live.iter().all(|b| revision_of(b) != old),
+        )
+        .await;
+    let old_tasks: HashSet<&str> = first.iter().map(|b| b.instance.as_str()).collect();
+    assert!(rolled
+        .iter()
+        .all(|b| !old_tasks.contains(b.instance.as_str())));
+    // The old tasks are gone, not only draining.
+    eventually(
+        "the old Swarm tasks to leave",
+        Duration::from_secs(60),
+        || async {
+            let all = wharf::supervisor::instances(&scene.client).await.unwrap();
+            match all.iter().find(|b| revision_of(b) == old) {
+                Some(beat) => Err(format!("{} still beats", beat.instance)),
+                None => Ok(()),
+            }
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut calls, mut failures) = (0, Vec::new());
+    for caller in callers {
+        let (made, failed) = caller.await.unwrap();
+        calls += made;
+        failures.extend(failed);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {calls} calls failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    wharf_integration::report_line(format!(
+        "REPORT swarm rollout of a changed env: 2 tasks replaced under {calls} plain calls, 0 failed"
+    ));
+    scene.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_from_a_killed_leader_without_duplicates() {
     let mut scene = Scene::new(Runs::Processes).await.unwrap();
     scene.supervise("min = 2\nmax = 2");
