@@ -20,6 +20,8 @@
 //! with `--features otel`) the same with wharf's spans exported over OTLP at
 //! 1% sampling (worker and caller), to `OTEL_EXPORTER_OTLP_ENDPOINT` or, when
 //! that is unset, to the receiver of integration/python/otlp_receiver.py.
+//! `--routing` measures what routing by signature costs: plain calls, one
+//! message each, on the signature's subject against the plain subject.
 //! `--cancel` measures cancellation: a call tree of depth 3 over three
 //! worker processes, dropped at the top once its last level runs, timed
 //! until every level has told the caller it stopped.
@@ -138,11 +140,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("--otel") => return comparison(Secured::Otel).await,
         Some("--cancel") => return cancel_latency().await,
         Some("--durable") => return durable_against_plain().await,
+        Some("--routing") => return routing_against_plain_subject().await,
         Some("--serial") => return serial_profile(args.next()).await,
         None => (false, false, false),
         Some(other) => {
             return Err(format!(
-                "unknown argument `{other}`; use --quick, --focus, --stateful, --serial, --durable, --cancel, --tls, --auth, --metrics, --otel or nothing"
+                "unknown argument `{other}`; use --quick, --focus, --stateful, --serial, --durable, --routing, --cancel, --tls, --auth, --metrics, --otel or nothing"
             )
             .into())
         }
@@ -1015,6 +1018,58 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
     }
     println!();
     println!("rounds: {ROUNDS}, {CALLS} interleaved calls per side per round, then {} calls per side alone for the costs, medians over rounds", CALLS / 5);
+    Ok(())
+}
+
+/// Plain calls on their signature's subject (what every wharf caller
+/// sends) against the same calls on the plain subject, both one message
+/// per call (no coalescing), at 16 and 256 in flight from one process to
+/// one worker, alternating which goes first: what routing by signature
+/// costs, in one run.
+async fn routing_against_plain_subject() -> Result<(), Box<dyn std::error::Error>> {
+    const ROUNDS: usize = 7;
+    const CALLS: usize = 30_000;
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let nats = async_nats::connect(&url).await?;
+    let client = wharf::Client::connect(&url).await?;
+    let mut worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
+    wait_until_served(&nats, &client, &[Side::Wharf]).await?;
+    let pids = [server.pid(), worker.id(), std::process::id()];
+    let signed = client.without_coalescing();
+    let plain = client.without_signature_routing();
+    // [in flight][signed, plain]: calls/s and worker CPU µs per call.
+    let mut rows: [[Vec<[f64; 2]>; 2]; 2] = Default::default();
+    for round in 0..ROUNDS {
+        eprintln!("round {} of {ROUNDS}", round + 1);
+        for (slot, in_flight) in [16, 256].into_iter().enumerate() {
+            let mut sides = [(0, &signed), (1, &plain)];
+            sides.rotate_left(round % 2);
+            for (side, client) in sides {
+                let (rate, cpu) =
+                    measure(Side::Wharf, &nats, client, CALLS, in_flight, &pids).await?;
+                rows[slot][side].push([rate, cpu[1]]);
+            }
+        }
+    }
+    stop(&mut worker);
+    println!("plain calls, one message each, {ROUNDS} rounds of {CALLS} calls per side:");
+    println!("| in flight, metric | plain subject | signature's subject | signature / plain | per-round ratio, min to max |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (slot, in_flight) in [16, 256].into_iter().enumerate() {
+        let column =
+            |side: usize, i: usize| rows[slot][side].iter().map(|r| r[i]).collect::<Vec<f64>>();
+        for (label, i) in [("calls/s", 0), ("CPU µs/call, worker", 1)] {
+            println!(
+                "{}",
+                ratio_row(
+                    &format!("{in_flight}, {label}"),
+                    &column(1, i),
+                    &column(0, i)
+                )
+            );
+        }
+    }
     Ok(())
 }
 

@@ -404,6 +404,11 @@ impl Client {
         codec: Codec,
         txn: Option<&TxnRoute>,
     ) -> Result<Message, Error> {
+        if !self.routes_by_signature() {
+            return self
+                .try_subject(spec, call, prepared, codec, txn, false)
+                .await;
+        }
         // Kept for the plain subject (a reference count, not a copy).
         let again = prepared.clone();
         match self

@@ -58,6 +58,8 @@ struct Inner {
     durable: tokio::sync::OnceCell<Box<dyn Any + Send + Sync>>,
     /// False for a client made by [`Client::without_coalescing`].
     coalescing: bool,
+    /// False for a client made by [`Client::without_signature_routing`].
+    routing: bool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -187,6 +189,7 @@ impl Client {
                 coalescer,
                 durable: tokio::sync::OnceCell::new(),
                 coalescing: true,
+                routing: true,
             }),
         }
     }
@@ -222,6 +225,21 @@ impl Client {
             .expect("just made")
             .coalescing = false;
         client
+    }
+
+    /// This client, with its plain calls sent on each function's plain
+    /// subject rather than its signature's, one message each: calls as a
+    /// worker of any build takes them, which is what routing by signature
+    /// costs when measured against this in one process.
+    pub fn without_signature_routing(&self) -> Client {
+        let mut client = self.without_coalescing();
+        Arc::get_mut(&mut client.inner).expect("just made").routing = false;
+        client
+    }
+
+    /// Whether plain calls go to the subject of their signature first.
+    pub(crate) fn routes_by_signature(&self) -> bool {
+        self.inner.routing
     }
 
     /// Whether calls through this client may travel in batches (plain and
