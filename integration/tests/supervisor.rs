@@ -1417,3 +1417,63 @@ async fn a_rollout_of_a_changed_env_waits_for_open_transactions_on_the_old_insta
     ));
     scene.down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_whose_new_instance_hangs_is_stopped_and_the_old_version_keeps_serving() {
+    let mut scene = Scene::new(Runs::Processes).await.unwrap();
+    let path = versioned_config(&scene, &svc_binary());
+    let supervisor = scene.supervise_file(&path);
+    let first = scene
+        .wait_for("2 instances", Duration::from_secs(60), |live| {
+            live.len() == 2
+        })
+        .await;
+    let known: HashSet<String> = first.iter().map(|b| b.instance.clone()).collect();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let callers = versioned_callers(&scene.client, 8, false, &stopped);
+    // A new build that starts and never becomes ready (no heartbeat).
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        &format!("command = [\"{}\", \"worker\"]", svc_binary().display()),
+        "command = [\"/bin/sleep\", \"3600\"]",
+    );
+    std::fs::write(&path, text).unwrap();
+    signal(supervisor, libc::SIGHUP);
+    let failed = scene
+        .wait_for_events("rollout-failed", 1, Duration::from_secs(90))
+        .await;
+    assert!(
+        failed[0].reason.contains("never became ready")
+            && failed[0].reason.contains("keeps serving"),
+        "{failed:?}"
+    );
+    // The hung instance was killed; the old ones were left alone.
+    let hung = scene.events_of("hung");
+    assert!(
+        hung.iter()
+            .all(|e| e.instance.as_ref().is_some_and(|i| !known.contains(i))),
+        "{hung:?}"
+    );
+    assert!(!hung.is_empty(), "the hung instance was killed");
+    for kind in ["drain", "drained", "killed", "exited", "stop"] {
+        let touched: Vec<_> = scene
+            .events_of(kind)
+            .into_iter()
+            .filter(|e| e.instance.as_ref().is_some_and(|i| known.contains(i)))
+            .collect();
+        assert!(
+            touched.is_empty(),
+            "an old instance was touched: {touched:?}"
+        );
+    }
+    scene
+        .wait_for("both old instances live", Duration::from_secs(30), |live| {
+            live.iter().filter(|b| known.contains(&b.instance)).count() == 2
+        })
+        .await;
+    let calls = settle_callers("the callers", stop, callers).await;
+    wharf_integration::report_line(format!(
+        "REPORT rollout to a hung build: stopped with \"{}\"; {calls} calls to the old version, 0 failed",
+        failed[0].reason
+    ));
+    scene.down().await;
+}
