@@ -943,6 +943,7 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
         return Ok(());
     }
     let mut results = Samples::default();
+    const MESSAGES: &str = "messages per call through the server, in and out";
     const COSTS: [[&str; 3]; 3] = [
         [
             "context switches per call, server",
@@ -972,9 +973,15 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
         for side in order {
             let pids = [server.pid(), run.pid_of(side), std::process::id()];
             let before = pids.map(Costs::of);
+            let (received, sent) = server.messages()?;
             for _ in 0..CALLS / 5 {
                 side.call(nats, client).await.map_err(|e| e.to_string())?;
             }
+            let (received_now, sent_now) = server.messages()?;
+            results.record(
+                format!("{MESSAGES}|{}", side.name()),
+                (received_now - received + sent_now - sent) as f64 / (CALLS / 5) as f64,
+            );
             for ((pid, before), names) in pids.into_iter().zip(before).zip(COSTS) {
                 for (name, value) in names
                     .into_iter()
@@ -1009,7 +1016,10 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
     println!();
     println!("| per serial call, each side alone | raw async-nats, task | raw async-nats, inline | wharf | raw caller, wharf worker |");
     println!("| --- | ---: | ---: | ---: | ---: |");
-    for costs in COSTS {
+    for costs in [[MESSAGES; 1].as_slice()]
+        .into_iter()
+        .chain(COSTS.iter().map(|c| c.as_slice()))
+    {
         for name in costs {
             let [task, inline, ours, half] =
                 names.map(|side| median(&of(format!("{name}|{side}"))));
