@@ -208,7 +208,7 @@ impl Incoming {
                 ),
             ));
         };
-        crate::worker::stream_arg::open(
+        crate::stream::inlet::open(
             &out.nats,
             self.codec,
             spec,
@@ -216,6 +216,7 @@ impl Incoming {
             self.deadline_ms,
         )
         .await
+        .map_err(Fault::from)
     }
 
     /// Runs a sync function on the blocking pool, off the async threads.

@@ -7,8 +7,8 @@
 //!
 //! A call passes through stages, one file each: `intake` takes and admits
 //! it, `dispatch` runs it, `reply` answers; `idempotent`, `stateful` and
-//! `durable` are the paths of those kinds of calls; `stream_arg` takes a
-//! stream argument's items; `cancel` stops the calls their callers gave up; `start` sets it all up
+//! `durable` are the paths of those kinds of calls; `cancel` stops the
+//! calls their callers gave up; `start` sets it all up
 //! and drains it; `endpoint` holds what they share.
 
 pub(crate) mod cancel;
@@ -23,7 +23,6 @@ pub(crate) mod reply;
 pub(crate) mod start;
 pub(crate) mod stateful;
 pub(crate) mod stores;
-pub(crate) mod stream_arg;
 
 pub use crate::settings::{DEFAULT_CONCURRENCY, MAX_CONCURRENCY};
 pub use start::{RunningWorker, Worker};

@@ -4,7 +4,8 @@
 //! On the worker the items are pulled from the function's stream only as
 //! the caller grants credit for them, so a slow reader pauses the producer;
 //! on the caller the same type yields the items as they arrive. The wire
-//! form is in docs/protocol.md, "Streams".
+//! form is in docs/protocol.md, "Streams". `inlet` is the worker's side
+//! of a stream argument: what a function that takes a `Stream<T>` reads.
 
 use crate::error::{Error, ErrorKind};
 use futures_util::stream::BoxStream;
@@ -13,6 +14,8 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+pub(crate) mod inlet;
 
 /// How often a caller repeats its latest grant while it holds a stream,
 /// whether or not it reads: a grant lost on the way is made good, and the

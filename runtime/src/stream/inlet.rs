@@ -5,7 +5,6 @@
 //! (docs/protocol.md, "Stream arguments").
 
 use crate::error::{Error, ErrorKind};
-use crate::handler::Fault;
 use crate::spec::FnSpec;
 use crate::stream::Stream;
 use crate::wire::codec::Codec;
@@ -34,9 +33,9 @@ pub(crate) async fn open<T: DeserializeOwned + Send + 'static>(
     spec: &'static FnSpec,
     reply: Subject,
     deadline_ms: u64,
-) -> Result<Stream<T>, Fault> {
+) -> Result<Stream<T>, Error> {
     let failed = |e: &dyn std::fmt::Display| {
-        Fault::new(
+        Error::new(
             ErrorKind::Connection,
             format!(
                 "the stream argument of `{}.{}` cannot be taken: {e}",
