@@ -944,6 +944,21 @@ async fn a_crash_looping_service_is_backed_off_not_restarted_hot() {
     scene.down().await;
 }
 
+/// One call on each open transaction: each is served by the instance that
+/// owns it, with its running total one up.
+async fn use_transactions(open: &mut [(wharf::Transaction, u32, u64)]) {
+    for (tx, pid, total) in open {
+        let (now, served) = accumulate::request(1, 0).transaction(tx).await.unwrap();
+        *total += 1;
+        assert_eq!(
+            (now, served),
+            (*total, *pid),
+            "transaction {} broke",
+            tx.id()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_supervised_scale_down_waits_for_open_transactions() {
     let mut scene = Scene::new(Runs::Processes).await.unwrap();
@@ -985,16 +1000,7 @@ async fn a_supervised_scale_down_waits_for_open_transactions() {
             "no scale-down within 3 minutes: {}",
             scene.seen_so_far(&scene.live().await)
         );
-        for (tx, pid, total) in &mut open {
-            let (now, served) = accumulate::request(1, 0).transaction(tx).await.unwrap();
-            *total += 1;
-            assert_eq!(
-                (now, served),
-                (*total, *pid),
-                "transaction {} broke",
-                tx.id()
-            );
-        }
+        use_transactions(&mut open).await;
         rounds += 1;
         // Spaced calls: the transactions stay in use without flooding.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1365,16 +1371,7 @@ async fn a_rollout_of_a_changed_env_waits_for_open_transactions_on_the_old_insta
             "no old instance quiesced within 2 minutes: {}",
             scene.seen_so_far(&scene.live().await)
         );
-        for (tx, pid, total) in &mut open {
-            let (now, served) = accumulate::request(1, 0).transaction(tx).await.unwrap();
-            *total += 1;
-            assert_eq!(
-                (now, served),
-                (*total, *pid),
-                "transaction {} broke",
-                tx.id()
-            );
-        }
+        use_transactions(&mut open).await;
         rounds += 1;
         if quiescing_since.is_none() {
             let all = wharf::supervisor::instances(&scene.client).await.unwrap();

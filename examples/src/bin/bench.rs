@@ -1031,6 +1031,19 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
     Ok(())
 }
 
+/// A server and one wharf worker process, with a raw and a wharf
+/// connection to the server, once the worker answers.
+async fn one_worker(
+) -> Result<(NatsServer, async_nats::Client, wharf::Client, Child), Box<dyn std::error::Error>> {
+    let server = NatsServer::start()?;
+    let url = server.url();
+    let nats = async_nats::connect(&url).await?;
+    let client = wharf::Client::connect(&url).await?;
+    let worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
+    wait_until_served(&nats, &client, &[Side::Wharf]).await?;
+    Ok((server, nats, client, worker))
+}
+
 /// Plain calls on their signature's subject (what every wharf caller
 /// sends) against the same calls on the plain subject, both one message
 /// per call (no coalescing), at 16 and 256 in flight from one process to
@@ -1039,12 +1052,7 @@ async fn serial_profile(alone: Option<String>) -> Result<(), Box<dyn std::error:
 async fn routing_against_plain_subject() -> Result<(), Box<dyn std::error::Error>> {
     const ROUNDS: usize = 7;
     const CALLS: usize = 30_000;
-    let server = NatsServer::start()?;
-    let url = server.url();
-    let nats = async_nats::connect(&url).await?;
-    let client = wharf::Client::connect(&url).await?;
-    let mut worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
-    wait_until_served(&nats, &client, &[Side::Wharf]).await?;
+    let (server, nats, client, mut worker) = one_worker().await?;
     let pids = [server.pid(), worker.id(), std::process::id()];
     let signed = client.without_coalescing();
     let plain = client.without_signature_routing();
@@ -1090,12 +1098,7 @@ async fn routing_against_plain_subject() -> Result<(), Box<dyn std::error::Error
 async fn durable_against_plain() -> Result<(), Box<dyn std::error::Error>> {
     const ROUNDS: usize = 7;
     const CALLS: usize = 30_000;
-    let server = NatsServer::start()?;
-    let url = server.url();
-    let nats = async_nats::connect(&url).await?;
-    let client = wharf::Client::connect(&url).await?;
-    let mut worker = spawn_self(&url, &[], &[("WHARF_ROLE", "worker")])?;
-    wait_until_served(&nats, &client, &[Side::Wharf]).await?;
+    let (server, nats, client, mut worker) = one_worker().await?;
     Side::Durable
         .call(&nats, &client)
         .await
