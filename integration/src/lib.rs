@@ -277,6 +277,39 @@ pub async fn read_bytes(
     Ok((count, bytes))
 }
 
+/// Where a [`read_in_steps`] call of `run` waits to be told to read on.
+pub fn go_subject(run: &str) -> String {
+    format!("itest.go.{run}")
+}
+
+/// Reads a stream argument of byte items `step` at a time: after each
+/// step it tells [`produced_subject`] of `run` how many it read, then waits
+/// for a message on [`go_subject`]. Returns the number read.
+#[wharf::microservice(service = "itest", timeout = "120s")]
+pub async fn read_in_steps(
+    run: String,
+    step: u64,
+    items: wharf::Stream<bytes::Bytes>,
+) -> Result<u64, String> {
+    let nats = wharf::client().map_err(|e| e.to_string())?.nats().clone();
+    let mut go = nats
+        .subscribe(go_subject(&run))
+        .await
+        .map_err(|e| e.to_string())?;
+    nats.flush().await.map_err(|e| e.to_string())?;
+    let mut items = items;
+    let mut count = 0u64;
+    while let Some(item) = items.next().await {
+        item.map_err(|e| e.to_string())?;
+        count += 1;
+        if count % step.max(1) == 0 {
+            tell(&produced_subject(&run), count.to_string());
+            go.next().await;
+        }
+    }
+    Ok(count)
+}
+
 /// The first of `items` above `limit`, read no further than that.
 #[wharf::microservice(service = "itest")]
 pub async fn first_above(limit: i64, items: wharf::Stream<i64>) -> Option<i64> {

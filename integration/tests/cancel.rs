@@ -10,7 +10,7 @@
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-use wharf::testing::NatsServer;
+use wharf::testing::{eventually, NatsServer};
 use wharf::{Client, ErrorKind};
 use wharf_integration::{
     add, hold, sleep_ms, spawn_worker, spawn_worker_with, tree, tree_leaf, tree_subject,
@@ -211,9 +211,21 @@ async fn a_cancelled_call_frees_its_slot_for_the_queued_one_and_stray_cancels_ch
         let client = client.clone();
         async move { sleep_ms::call(&client, 1).await }
     });
-    // The queued call cannot start while the holder runs (a window to
-    // look in, not a wait for a condition).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The queued call waits in the worker's backlog while the holder runs.
+    eventually(
+        "the worker to report the second call waiting",
+        Duration::from_secs(30),
+        || async {
+            let beats = wharf::supervisor::instances(&client)
+                .await
+                .map_err(|e| e.to_string())?;
+            match beats.iter().map(|b| b.backlog).max() {
+                Some(1) => Ok(()),
+                other => Err(format!("backlog {other:?}")),
+            }
+        },
+    )
+    .await;
     assert!(
         !queued.is_finished(),
         "the second call waited for the only slot"
@@ -235,7 +247,7 @@ async fn a_cancelled_call_frees_its_slot_for_the_queued_one_and_stray_cancels_ch
     )
     .await;
     // Counted once, the stray cancels not at all.
-    wharf::testing::eventually(
+    eventually(
         "STATS to count one cancelled call",
         Duration::from_secs(20),
         || async {

@@ -9,11 +9,11 @@ use futures_util::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wharf::testing::NatsServer;
+use wharf::testing::{eventually, NatsServer};
 use wharf::{CallError, Client, ErrorKind};
 use wharf_integration::{
-    add, chunks, countdown, first_above, produced_subject, read_bytes, spawn_worker, sum_all,
-    tree_subject, wait_for_workers,
+    add, chunks, countdown, first_above, go_subject, produced_subject, read_bytes, read_in_steps,
+    spawn_worker, sum_all, tree_subject, wait_for_workers,
 };
 
 /// The indices `produced` tells until it has been quiet for `quiet`: what
@@ -243,32 +243,52 @@ async fn a_stream_argument_arrives_whole_and_a_slow_function_pauses_its_caller()
         making.store(i + 1, Ordering::SeqCst);
         bytes::Bytes::from(vec![i as u8; 512])
     }));
+    // The function reads STEP items at a time and then waits to be told
+    // to go on: while it waits, the caller may have made at most what the
+    // worker granted for what was read, the credit beyond it.
+    const STEP: u64 = 50;
     let call = tokio::spawn({
         let client = client.clone();
-        async move { read_bytes::call(&client, run.to_owned(), 5, items).await }
+        async move { read_in_steps::call(&client, run.to_owned(), STEP, items).await }
     });
-    // The function reads an item every 5 ms; the caller must never be more
-    // than the credit ahead of what it has read.
     let mut furthest_ahead = 0;
-    let mut seen = 0u64;
-    while seen < COUNT {
+    for step in 1..=COUNT / STEP {
         let message = tokio::time::timeout(Duration::from_secs(30), read.next())
             .await
             .expect("the function reads on")
             .unwrap();
-        let index: u64 = String::from_utf8_lossy(&message.payload).parse().unwrap();
-        seen += 1;
-        let ahead = made.load(Ordering::SeqCst).saturating_sub(index + 1);
-        furthest_ahead = furthest_ahead.max(ahead);
+        let count: u64 = String::from_utf8_lossy(&message.payload).parse().unwrap();
+        assert_eq!(count, step * STEP);
+        // What the caller made settles once it has used the credit.
+        let settled = eventually(
+            "the caller to stop making items",
+            Duration::from_secs(20),
+            || async {
+                let before = made.load(Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let after = made.load(Ordering::SeqCst);
+                if before == after {
+                    Ok(after)
+                } else {
+                    Err(format!("{before} then {after} made"))
+                }
+            },
+        )
+        .await;
+        assert!(
+            settled <= count + INPUT_CREDIT,
+            "the caller made {settled} items for a function that had read {count} (credit {INPUT_CREDIT})"
+        );
+        furthest_ahead = furthest_ahead.max(settled - count);
+        client
+            .nats()
+            .publish(go_subject(run), bytes::Bytes::new())
+            .await
+            .unwrap();
     }
-    assert!(
-        furthest_ahead <= INPUT_CREDIT + 4,
-        "the caller made {furthest_ahead} items more than the function had read (credit {INPUT_CREDIT})"
-    );
-    let (count, bytes) = call.await.unwrap().unwrap();
     assert_eq!(
-        (count, bytes),
-        (COUNT, COUNT * 512),
+        call.await.unwrap().unwrap(),
+        COUNT,
         "every item arrived once"
     );
     println!("REPORT stream argument: {COUNT} items, the caller at most {furthest_ahead} ahead of the function");
@@ -476,6 +496,53 @@ async fn a_foreign_caller_sends_a_stream_argument_by_the_protocol_and_bad_items_
     let error = body["error"].as_str().unwrap();
     assert!(
         error.starts_with("bad_request: item 1 of the stream argument"),
+        "{body}"
+    );
+
+    // A caller that goes silent after one item (no keepalive, as a dead
+    // process): the worker repeats its grant while it waits, then takes the
+    // caller for gone and the call ends, its slot free.
+    let inbox = nats.new_inbox();
+    let mut answers = nats.subscribe(inbox.clone()).await.unwrap();
+    let mut headers = json();
+    headers.insert("Wharf-Stream-Input", "1");
+    nats.publish_with_reply_and_headers(subject.clone(), inbox, headers, "{}".into())
+        .await
+        .unwrap();
+    let grant = answers.next().await.unwrap();
+    let to = grant
+        .headers
+        .as_ref()
+        .unwrap()
+        .get("Wharf-Stream-Items-To")
+        .unwrap()
+        .as_str()
+        .to_owned();
+    let mut item = async_nats::HeaderMap::new();
+    item.insert("Wharf-Stream-Item", "0");
+    nats.publish_with_headers(to, item, "5".into())
+        .await
+        .unwrap();
+    let mut grants = 1;
+    let reply = loop {
+        let answer = tokio::time::timeout(Duration::from_secs(60), answers.next())
+            .await
+            .expect("the worker gives a silent caller up")
+            .unwrap();
+        match answer
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Wharf-Stream-Items-To"))
+        {
+            Some(_) => grants += 1,
+            None => break answer,
+        }
+    };
+    assert!(grants >= 2, "the worker repeated its grant while it waited");
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        body["error"].as_str().unwrap().starts_with("cancelled: ")
+            && body["error"].as_str().unwrap().contains("taken for gone"),
         "{body}"
     );
     // The worker serves on.

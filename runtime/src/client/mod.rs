@@ -196,8 +196,9 @@ impl Client {
 
     /// The same connection with another subject prefix.
     pub fn with_prefix(&self, prefix: impl Into<String>) -> Client {
-        // The same connection: the same credentials and refusals.
-        Client::new(
+        // The same connection: the same credentials and refusals, and the
+        // same way of sending calls.
+        let mut client = Client::new(
             self.inner.nats.clone(),
             self.inner.url.clone(),
             prefix.into(),
@@ -205,7 +206,11 @@ impl Client {
             self.inner.denials.clone(),
             self.inner.connection.clone(),
             self.inner.coalescer.clone(),
-        )
+        );
+        let inner = Arc::get_mut(&mut client.inner).expect("just made");
+        inner.coalescing = self.inner.coalescing;
+        inner.routing = self.inner.routing;
+        client
     }
 
     /// The same connection, with calls made through it going out one
@@ -227,10 +232,10 @@ impl Client {
         client
     }
 
-    /// This client, with its plain calls sent on each function's plain
-    /// subject rather than its signature's, one message each: calls as a
-    /// worker of any build takes them, which is what routing by signature
-    /// costs when measured against this in one process.
+    /// The same connection, with plain calls sent one message each on each
+    /// function's plain subject instead of its signature's subject. Calls
+    /// made both ways in one process show what routing by signature costs
+    /// (`bench -- --routing`).
     pub fn without_signature_routing(&self) -> Client {
         let mut client = self.without_coalescing();
         Arc::get_mut(&mut client.inner).expect("just made").routing = false;

@@ -9,6 +9,7 @@ use super::stream::{receive, Armed, Opened};
 use super::Client;
 use crate::error::{Error, ErrorKind};
 use crate::spec::FnSpec;
+use crate::stream::KEEPALIVE;
 use crate::wire::headers::{STREAM_CREDIT, STREAM_END, STREAM_INPUT, STREAM_ITEM, STREAM_ITEMS_TO};
 use crate::wire::request::Prepared;
 use async_nats::{HeaderMap, Message, Subject};
@@ -80,6 +81,9 @@ impl Client {
                 _ = tokio::time::sleep_until(call.deadline.into()) => {
                     return Err(call.deadline_passed(spec, &spec.subject(self.prefix())));
                 }
+                // Quiet (a slow producer, no credit, or the function at
+                // work): the worker hears that the caller is still there.
+                _ = tokio::time::sleep(KEEPALIVE) => outlet.keepalive(self).await,
             }
         }
     }
@@ -116,6 +120,14 @@ impl Outlet {
             self.to = Some(Subject::from(to.as_str()));
         }
         true
+    }
+
+    /// An empty message without headers to the worker's items subject,
+    /// which it ignores but for knowing the caller is there.
+    async fn keepalive(&self, client: &Client) {
+        if let (Some(to), true) = (&self.to, self.open) {
+            let _ = client.nats().publish(to.clone(), Bytes::new()).await;
+        }
     }
 
     /// Sends the stream's next item, or its end (with why, when the

@@ -6,24 +6,23 @@
 
 use crate::error::{Error, ErrorKind};
 use crate::spec::FnSpec;
-use crate::stream::Stream;
+use crate::stream::{Stream, KEEPALIVE};
 use crate::wire::codec::Codec;
 use crate::wire::headers::{STREAM_CREDIT, STREAM_END, STREAM_ITEM, STREAM_ITEMS_TO};
 use async_nats::{HeaderMap, Message, Subject, Subscriber};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The items a caller may send before the worker grants more: as for a
 /// streamed result (`client::stream::DEFAULT_CREDIT`), enough that credit
 /// never stalls a fast function, few enough to bound memory.
 pub(crate) const CREDIT: u64 = 32;
 
-/// How long a call without a deadline waits for its caller's next message
-/// before it takes the caller for gone. A call with a deadline waits until
-/// then (the caller cancels it before, when it gives up).
-const IDLE_GIVE_UP: Duration = Duration::from_secs(60);
+/// How long the worker waits without a message from the caller (items or
+/// its keepalive, every [`KEEPALIVE`]) before it takes the caller for gone.
+const GIVE_UP: Duration = Duration::from_secs(15);
 
 /// Subscribes for the items, grants the first credit and returns the stream
 /// the function reads.
@@ -109,6 +108,15 @@ impl<T: DeserializeOwned> Inlet<T> {
                     .map(|value| value.as_str().trim().to_owned())
             };
             if let Some(index) = header(STREAM_ITEM) {
+                if self.next >= self.granted {
+                    break Some(Err(Error::new(
+                        ErrorKind::BadRequest,
+                        format!(
+                            "the caller of `{}.{}` sent item {index} of its stream argument beyond the {} items granted: send only what Wharf-Stream-Credit allows",
+                            self.spec.service, self.spec.name, self.granted
+                        ),
+                    )));
+                }
                 if index.parse() != Ok(self.next) {
                     break Some(Err(self.lost(format!(
                         "item {} was lost on the way (the next message was item {index})",
@@ -143,7 +151,7 @@ impl<T: DeserializeOwned> Inlet<T> {
             )
         })?;
         self.next += 1;
-        if self.granted - self.next <= CREDIT / 2 {
+        if self.granted.saturating_sub(self.next) <= CREDIT / 2 {
             self.granted = self.next + CREDIT;
             if let Err(e) = self.grant().await {
                 self.done = true;
@@ -164,7 +172,7 @@ impl<T: DeserializeOwned> Inlet<T> {
                     self.spec.service,
                     self.spec.name,
                     self.next,
-                    String::from_utf8_lossy(&message.payload)
+                    String::from_utf8_lossy(&message.payload).trim_end()
                 ),
             )));
         }
@@ -184,35 +192,55 @@ impl<T: DeserializeOwned> Inlet<T> {
         }
     }
 
-    /// The caller's next message, until the call's deadline (or, without
-    /// one, a long quiet spell).
+    /// The caller's next message, until the call's deadline. While it
+    /// waits, the latest grant is repeated every [`KEEPALIVE`] (a grant
+    /// lost on the way is made good); a caller that sends nothing, not even
+    /// its keepalive, for [`GIVE_UP`] is taken for gone.
     async fn receive(&mut self) -> Result<Message, Error> {
-        let wait = match self.deadline_ms {
-            0 => IDLE_GIVE_UP,
+        let deadline = match self.deadline_ms {
+            0 => None,
             deadline_ms => {
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_millis() as u64;
-                Duration::from_millis(deadline_ms.saturating_sub(now))
+                Some(Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now)))
             }
         };
-        match tokio::time::timeout(wait, self.subscriber.next()).await {
-            Ok(Some(message)) => Ok(message),
-            Ok(None) => Err(self.lost("the worker lost its subscription".to_owned())),
-            Err(_) => Err(Error::new(
-                ErrorKind::DeadlineExceeded,
+        let quiet_since = Instant::now();
+        loop {
+            let mut tick = Instant::now() + KEEPALIVE;
+            if let Some(deadline) = deadline {
+                tick = tick.min(deadline);
+            }
+            match tokio::time::timeout_at(tick.into(), self.subscriber.next()).await {
+                Ok(Some(message)) => return Ok(message),
+                Ok(None) => return Err(self.lost("the worker lost its subscription".to_owned())),
+                Err(_) => {}
+            }
+            let why = if deadline.is_some_and(|d| Instant::now() >= d) {
+                (
+                    ErrorKind::DeadlineExceeded,
+                    "the call's deadline passed while it waited for the next item",
+                )
+            } else if quiet_since.elapsed() >= GIVE_UP {
+                (
+                    ErrorKind::Cancelled,
+                    "its caller sent nothing for 15 s, not even a keepalive, and is taken for gone",
+                )
+            } else {
+                if let Err(e) = self.grant().await {
+                    return Err(self.lost(format!("credit cannot be granted: {e}")));
+                }
+                continue;
+            };
+            return Err(Error::new(
+                why.0,
                 format!(
                     "the stream argument of `{}.{}` stopped after {} items: {}",
-                    self.spec.service,
-                    self.spec.name,
-                    self.next,
-                    match self.deadline_ms {
-                        0 => "its caller sent nothing for 60 s and is taken for gone",
-                        _ => "the call's deadline passed while it waited for the next item",
-                    }
+                    self.spec.service, self.spec.name, self.next, why.1
                 ),
-            )),
+            ));
         }
     }
 
