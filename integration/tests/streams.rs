@@ -548,3 +548,47 @@ async fn a_foreign_caller_sends_a_stream_argument_by_the_protocol_and_bad_items_
     // The worker serves on.
     assert_eq!(add::call(&client, 1, 1).await.unwrap(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_it_reads_a_stream_argument_fails_the_call_long_before_its_deadline()
+{
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let mut worker = spawn_worker(&server.url());
+    wait_for_workers(&client, 1).await;
+    let run = "killed-reader";
+    let mut read = client
+        .nats()
+        .subscribe(produced_subject(run))
+        .await
+        .unwrap();
+    client.nats().flush().await.unwrap();
+    let endless = wharf::Stream::new(
+        futures_util::stream::iter(0..u64::MAX).map(|i| bytes::Bytes::from(vec![i as u8; 64])),
+    );
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { read_in_steps::call(&client, run.to_owned(), 10, endless).await }
+    });
+    // Once the function has read its first 10 items (and waits), its
+    // worker dies.
+    tokio::time::timeout(Duration::from_secs(30), read.next())
+        .await
+        .expect("the function reads")
+        .unwrap();
+    worker.kill();
+    // The caller, out of credit, probes for the call and finds it gone:
+    // it fails long before the call's 120 s deadline.
+    let failed = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the caller notices the lost worker")
+        .unwrap()
+        .unwrap_err();
+    let CallError::Remote(error) = failed else {
+        panic!("a wharf error, got {failed:?}");
+    };
+    assert!(
+        matches!(error.kind(), ErrorKind::WorkerLost | ErrorKind::Connection),
+        "{error}"
+    );
+}
