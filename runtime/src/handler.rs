@@ -20,6 +20,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Arguments of at least this many bytes are decoded with the runtime
+/// told that the thread blocks: decoding takes milliseconds per MiB (far
+/// more in a debug build), and the worker's other tasks, its answers to
+/// the probes of callers among them, must run meanwhile.
+const LARGE_PAYLOAD: usize = 1 << 20;
+
+/// Runs `f`, which blocks for a while, letting a multi-threaded runtime
+/// move this thread's other tasks elsewhere; on another runtime, as it is.
+fn off_the_queue<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The future a generated handler returns.
 #[doc(hidden)]
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, Fault>> + Send>>;
@@ -53,7 +68,13 @@ const CREDIT_GIVE_UP: Duration = Duration::from_secs(15);
 impl Incoming {
     /// Decodes the arguments; failure is a 400 naming the function.
     pub fn decode<A: DeserializeOwned>(&self) -> Result<A, Fault> {
-        self.codec.decode_args(&self.payload).map_err(|e| {
+        let decode = || self.codec.decode_args::<A>(&self.payload);
+        let decoded = if self.payload.len() >= LARGE_PAYLOAD {
+            off_the_queue(decode)
+        } else {
+            decode()
+        };
+        decoded.map_err(|e| {
             Fault::new(
                 ErrorKind::BadRequest,
                 format!(
