@@ -18,7 +18,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Arguments of at least this many bytes are decoded with the runtime
 /// told that the thread blocks: decoding takes milliseconds per MiB (far
@@ -59,11 +58,6 @@ pub struct StreamOut {
     pub(crate) nats: async_nats::Client,
     pub(crate) ask: Box<StreamAsk>,
 }
-
-/// How long a stream waits for credit before it takes its caller for gone.
-/// A caller that reads slowly repeats its grant every
-/// [`crate::stream::KEEPALIVE`], so only a vanished one goes this long.
-const CREDIT_GIVE_UP: Duration = Duration::from_secs(15);
 
 impl Incoming {
     /// Decodes the arguments; failure is a 400 naming the function.
@@ -162,7 +156,7 @@ impl Incoming {
                 granted = granted.max(read_credit(&grant.payload));
             }
             while sent >= granted {
-                match tokio::time::timeout(CREDIT_GIVE_UP, credits.next()).await {
+                match tokio::time::timeout(crate::stream::GIVE_UP, credits.next()).await {
                     Ok(Some(grant)) => granted = granted.max(read_credit(&grant.payload)),
                     Ok(None) => {
                         return Err(failed(
@@ -175,7 +169,7 @@ impl Incoming {
                             ErrorKind::Cancelled,
                             format!(
                                 "stopped after {sent} items: its caller granted no credit for {} s and is taken for gone",
-                                CREDIT_GIVE_UP.as_secs()
+                                crate::stream::GIVE_UP.as_secs()
                             ),
                         ))
                     }

@@ -6,7 +6,7 @@
 
 use crate::error::{Error, ErrorKind};
 use crate::spec::FnSpec;
-use crate::stream::{Stream, KEEPALIVE};
+use crate::stream::{Stream, GIVE_UP, KEEPALIVE};
 use crate::wire::codec::Codec;
 use crate::wire::headers::{STREAM_CREDIT, STREAM_END, STREAM_ITEM, STREAM_ITEMS_TO};
 use async_nats::{HeaderMap, Message, Subject, Subscriber};
@@ -19,10 +19,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// streamed result (`client::stream::DEFAULT_CREDIT`), enough that credit
 /// never stalls a fast function, few enough to bound memory.
 pub(crate) const CREDIT: u64 = 32;
-
-/// How long the worker waits without a message from the caller (items or
-/// its keepalive, every [`KEEPALIVE`]) before it takes the caller for gone.
-const GIVE_UP: Duration = Duration::from_secs(15);
 
 /// Subscribes for the items, grants the first credit and returns the stream
 /// the function reads.
@@ -221,12 +217,15 @@ impl<T: DeserializeOwned> Inlet<T> {
             let why = if deadline.is_some_and(|d| Instant::now() >= d) {
                 (
                     ErrorKind::DeadlineExceeded,
-                    "the call's deadline passed while it waited for the next item",
+                    "the call's deadline passed while it waited for the next item".to_owned(),
                 )
             } else if quiet_since.elapsed() >= GIVE_UP {
                 (
                     ErrorKind::Cancelled,
-                    "its caller sent nothing for 15 s, not even a keepalive, and is taken for gone",
+                    format!(
+                        "its caller sent nothing for {} s, not even a keepalive, and is taken for gone",
+                        GIVE_UP.as_secs()
+                    ),
                 )
             } else {
                 if let Err(e) = self.grant().await {

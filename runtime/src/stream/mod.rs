@@ -23,6 +23,12 @@ pub(crate) mod inlet;
 /// is still there.
 pub(crate) const KEEPALIVE: Duration = Duration::from_secs(5);
 
+/// How long the worker's side of a stream (a result waiting for credit, an
+/// argument waiting for items) goes without a word from the caller before
+/// it takes the caller for gone: a few [`KEEPALIVE`]s, so only a vanished
+/// caller is silent this long.
+pub(crate) const GIVE_UP: Duration = Duration::from_secs(15);
+
 /// A stream of `T` returned by a microservice: items arrive at the caller
 /// as the worker produces them, with credit-based flow control, and an
 /// error ends the stream with that error.
