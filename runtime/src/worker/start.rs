@@ -158,6 +158,17 @@ impl Worker {
         let mut served_metrics = Vec::new();
         let mut services = Vec::new();
         for (service_name, regs) in by_service {
+            // Probes and cancels are answered before the first call can
+            // arrive: the endpoints below take calls as each subscribes,
+            // while the rest of the service is still being set up (a
+            // JetStream consumer per function, each a round trip), and a
+            // call probed then with no answer would fail as lost.
+            probes.push(Discovery(
+                answer_probes(&nats, &prefix, service_name, shared.clone()).await?,
+            ));
+            probes.push(Discovery(
+                answer_cancels(&nats, &prefix, service_name, shared.clone()).await?,
+            ));
             let stream = if jetstream {
                 Some(streams::calls_stream(&js, &prefix, service_name).await?)
             } else {
@@ -271,12 +282,6 @@ impl Worker {
                 tasks.spawn(endpoint.clone().serve(signed, stopped.clone(), Via::Signed));
                 tasks.spawn(endpoint.serve(subscriber, stopped.clone(), Via::Plain));
             }
-            probes.push(Discovery(
-                answer_probes(&nats, &prefix, service_name, shared.clone()).await?,
-            ));
-            probes.push(Discovery(
-                answer_cancels(&nats, &prefix, service_name, shared.clone()).await?,
-            ));
             services.push(service_name.to_owned());
             let info = micro::ServiceInfo {
                 name: service_name.to_owned(),
