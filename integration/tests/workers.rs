@@ -94,6 +94,70 @@ async fn sigterm_drains_calls_in_flight() {
     assert!(status.success(), "a drained worker exits cleanly: {status}");
 }
 
+/// A drained worker that keeps being sent calls at a steady rate, too few
+/// to reach its leave's first message limit soon and too many for a quiet
+/// spell, still leaves the queue group and finishes what it took: none of
+/// the calls (not idempotent, so none retried) fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_drained_under_steady_calls_leaves_and_loses_none() {
+    let server = NatsServer::start().unwrap();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let first = spawn_worker(&server.url());
+    let _second = spawn_worker(&server.url());
+    wait_for_workers(&client, 2).await;
+    // About 50 calls a second reach each worker, one message each (not
+    // coalesced, whose batches come in bursts with quiet between), out of
+    // step with each other.
+    let uncoalesced = client.without_coalescing();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let callers: Vec<_> = (0..8)
+        .map(|i| {
+            let (client, stopped) = (uncoalesced.clone(), stopped.clone());
+            let ms = 70 + 3 * i;
+            tokio::spawn(async move {
+                let (mut calls, mut failures) = (0u64, Vec::new());
+                while !*stopped.borrow() {
+                    match sleep_ms::call(&client, ms).await {
+                        Ok(slept) if slept == ms => {}
+                        other => failures.push(format!("{other:?}")),
+                    }
+                    calls += 1;
+                }
+                (calls, failures)
+            })
+        })
+        .collect();
+    wharf::testing::eventually(
+        "calls in flight on both workers",
+        Duration::from_secs(30),
+        || async {
+            match in_flight(&client, "itest").await {
+                n if n >= 4 => Ok(()),
+                n => Err(format!("{n} in flight")),
+            }
+        },
+    )
+    .await;
+    wharf_integration::signal(first.pid(), libc::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(60), first.exit_status())
+        .await
+        .expect("the drained worker exits");
+    assert!(status.success(), "a drained worker exits cleanly: {status}");
+    stop.send(true).unwrap();
+    let (mut calls, mut failures) = (0, Vec::new());
+    for caller in callers {
+        let (made, failed) = caller.await.unwrap();
+        calls += made;
+        failures.extend(failed);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {calls} calls failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
 #[tokio::test]
 async fn a_worker_logs_json_lines_when_asked_and_refuses_an_unknown_format() {
     let server = NatsServer::start().unwrap();

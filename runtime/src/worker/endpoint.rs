@@ -317,6 +317,26 @@ impl Endpoint {
     }
 }
 
+/// A round trip through the server on `nats`: a message to a fresh inbox
+/// of its own, waited for (at most `limit`). The server writes to a
+/// connection in order, so once it is back every message the server
+/// routed to this connection before it read ours has been delivered to
+/// its subscription. (async-nats's `flush` only empties the write buffer.)
+/// False when it did not come back in time.
+pub(crate) async fn round_trip(nats: &async_nats::Client, limit: Duration) -> bool {
+    let inbox = nats.new_inbox();
+    let Ok(mut echo) = nats.subscribe(inbox.clone()).await else {
+        return false;
+    };
+    if nats.publish(inbox, Bytes::new()).await.is_err() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(limit, futures_util::StreamExt::next(&mut echo)).await,
+        Ok(Some(_))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 //! to the stage that serves it.
 
 use super::dispatch::{admit, batch_entry, read_request};
-use super::endpoint::{Admission, Endpoint, Stop};
+use super::endpoint::{round_trip, Admission, Endpoint, Stop};
 use super::reply::ReplyTo;
 use crate::boxed::out_of_line;
 use crate::error::ErrorKind;
@@ -23,12 +23,177 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
-/// Calls a draining endpoint may still be sent, beyond those it has taken:
-/// more than can be in flight between the server and the endpoint loop.
+/// Calls a draining endpoint may still be sent, beyond those it has taken,
+/// until its first tightening: more than can be in flight between the
+/// server and the endpoint loop.
 const DRAIN_HEADROOM: u64 = 1024;
 
 /// How long a draining endpoint waits without a call before it leaves.
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
+
+/// How often a draining endpoint that still takes calls lowers its limit
+/// to what its rate of calls brings in a few round trips.
+const DRAIN_TIGHTEN: Duration = Duration::from_millis(300);
+
+/// Round trips' worth of calls, at the rate seen since the drain began, a
+/// tightened limit leaves room for: calls the server routes here after
+/// the measuring round trip and before it reads the new limit.
+const TIGHTEN_ROUND_TRIPS: f64 = 8.0;
+
+/// A subscription leaving its queue group, without losing a call.
+///
+/// A plain UNSUB (or async-nats's drain) drops the subscription at once on
+/// the client, and calls the server routed here before it read the UNSUB
+/// are thrown away. An UNSUB with a message limit makes server and client
+/// stop at the same count, so every call the server sends still arrives
+/// and is served. The limit starts at [`DRAIN_HEADROOM`], which a busy
+/// endpoint soon reaches; one that takes calls at a trickle would not (and
+/// would hold the drain until its grace ran out, with calls running), so
+/// every [`DRAIN_TIGHTEN`] the limit is lowered to the calls delivered so
+/// far (known exactly after a round trip to the server) plus what
+/// [`TIGHTEN_ROUND_TRIPS`] round trips bring at the rate seen. One that
+/// takes none for [`DRAIN_QUIET`], checked by a round trip too, leaves
+/// outright. What is left to chance is a burst of more calls than that
+/// room within one round trip, or a call in the round trip after a quiet
+/// spell: NATS core offers no leave that is exact.
+struct Leaving {
+    /// When the drain began, and the calls taken by then.
+    since: std::time::Instant,
+    taken_before: u64,
+    /// The message limit last sent.
+    limit: u64,
+    next_tighten: std::time::Instant,
+    /// Calls read off the subscription while tightening, to be taken next.
+    read: std::collections::VecDeque<async_nats::Message>,
+    /// The subscription ended while tightening: its limit was reached.
+    ended: bool,
+}
+
+/// What a leaving subscription gives the intake loop next.
+enum Step {
+    /// A call to take, or `None`: the limit was reached.
+    Call(Option<async_nats::Message>),
+    /// It left the queue group with nothing on its way.
+    Left,
+}
+
+impl Leaving {
+    /// Starts leaving, with `taken` calls taken so far.
+    async fn start(subscriber: &mut async_nats::Subscriber, taken: u64) -> Self {
+        let limit = taken + DRAIN_HEADROOM;
+        let _ = subscriber.unsubscribe_after(limit).await;
+        let now = std::time::Instant::now();
+        Self {
+            since: now,
+            taken_before: taken,
+            limit,
+            next_tighten: now + DRAIN_TIGHTEN,
+            read: Default::default(),
+            ended: false,
+        }
+    }
+
+    /// The next call, `taken` calls having been taken so far.
+    async fn next(
+        &mut self,
+        nats: &async_nats::Client,
+        subscriber: &mut async_nats::Subscriber,
+        taken: u64,
+    ) -> Step {
+        loop {
+            if let Some(message) = self.read.pop_front() {
+                return Step::Call(Some(message));
+            }
+            if self.ended {
+                return Step::Call(None);
+            }
+            let now = std::time::Instant::now();
+            if now >= self.next_tighten {
+                self.tighten(nats, subscriber, taken).await;
+                continue;
+            }
+            let wait = DRAIN_QUIET.min(self.next_tighten - now);
+            match tokio::time::timeout(wait, subscriber.next()).await {
+                Ok(message) => return Step::Call(message),
+                Err(_) if wait < DRAIN_QUIET => continue,
+                Err(_) => match confirm_quiet(nats, subscriber).await {
+                    Quiet::Yes => {
+                        let _ = subscriber.unsubscribe().await;
+                        return Step::Left;
+                    }
+                    Quiet::No(message) => return Step::Call(message),
+                    Quiet::Unsure => continue,
+                },
+            }
+        }
+    }
+
+    /// Lowers the limit: after a round trip every call routed here before
+    /// the server read it has been delivered, and reading them off the
+    /// subscription counts them.
+    async fn tighten(
+        &mut self,
+        nats: &async_nats::Client,
+        subscriber: &mut async_nats::Subscriber,
+        taken: u64,
+    ) {
+        self.next_tighten = std::time::Instant::now() + DRAIN_TIGHTEN;
+        let sent = std::time::Instant::now();
+        if !round_trip(nats, DRAIN_TIGHTEN).await {
+            return;
+        }
+        let round_trip = sent.elapsed();
+        while let Some(message) = futures_util::FutureExt::now_or_never(subscriber.next()) {
+            match message {
+                Some(message) => self.read.push_back(message),
+                None => {
+                    self.ended = true;
+                    return;
+                }
+            }
+        }
+        let delivered = taken + self.read.len() as u64;
+        let rate = (delivered - self.taken_before) as f64 / self.since.elapsed().as_secs_f64();
+        let room = (rate * round_trip.as_secs_f64() * TIGHTEN_ROUND_TRIPS).ceil() as u64 + 2;
+        if delivered + room < self.limit {
+            self.limit = delivered + room;
+            let _ = subscriber.unsubscribe_after(self.limit).await;
+        }
+    }
+}
+
+/// What a round trip to the server says of a draining subscription that
+/// seemed quiet.
+enum Quiet {
+    /// Nothing was on its way: it may leave.
+    Yes,
+    /// A call was on its way (or the subscription ended): the drain goes on.
+    No(Option<async_nats::Message>),
+    /// The server did not answer in time.
+    Unsure,
+}
+
+/// A draining subscription seemed quiet, but a starved process can miss
+/// calls the server already sent: its timer fires before the connection
+/// reads them. A round trip to the server settles it: every call routed
+/// here before the server read ours has been delivered by its return.
+async fn confirm_quiet(
+    nats: &async_nats::Client,
+    subscriber: &mut async_nats::Subscriber,
+) -> Quiet {
+    if nats.connection_state() != async_nats::connection::State::Connected {
+        // Nothing more can arrive on a connection that is down.
+        return Quiet::Yes;
+    }
+    if !round_trip(nats, DRAIN_QUIET).await {
+        // Too slow to tell; the drain's grace bounds the waiting.
+        return Quiet::Unsure;
+    }
+    match futures_util::FutureExt::now_or_never(subscriber.next()) {
+        None => Quiet::Yes,
+        Some(message) => Quiet::No(message),
+    }
+}
 
 /// Which of an endpoint's subjects a subscription takes calls from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,23 +220,20 @@ impl Endpoint {
     ) {
         let endpoint = self;
         let direct = via == Via::Owner;
-        let mut stopping = false;
-        // Messages taken from the subscription, for a lossless leave (below).
+        let mut leaving: Option<Leaving> = None;
+        // Messages taken from the subscription, for a lossless leave.
         let mut received: u64 = 0;
         // Made once, not per message: this loop is the hot path.
         let stop_signal = stop.changed();
         tokio::pin!(stop_signal);
         loop {
-            let message = if stopping {
-                // Under load the server's count reaches the limit and the
-                // stream ends; with no load, a quiet spell means nothing is
-                // in flight, and the subscription is dropped outright.
-                match tokio::time::timeout(DRAIN_QUIET, subscriber.next()).await {
-                    Ok(message) => message,
-                    Err(_) => {
-                        let _ = subscriber.unsubscribe().await;
-                        return;
-                    }
+            let message = if let Some(leave) = &mut leaving {
+                match leave
+                    .next(&endpoint.shared.nats, &mut subscriber, received)
+                    .await
+                {
+                    Step::Call(message) => message,
+                    Step::Left => return,
                 }
             } else {
                 tokio::select! {
@@ -79,15 +241,7 @@ impl Endpoint {
                     // intake must still end when a drain begins.
                     biased;
                     _ = &mut stop_signal => {
-                        stopping = true;
-                        // Leave the queue group without losing a call. A
-                        // plain UNSUB (or async-nats's drain) drops the
-                        // subscription at once, and calls the server routed
-                        // here before it saw the UNSUB are thrown away. An
-                        // UNSUB with a message limit makes server and client
-                        // stop at the same count, so every call the server
-                        // sends still arrives and is served.
-                        let _ = subscriber.unsubscribe_after(received + DRAIN_HEADROOM).await;
+                        leaving = Some(Leaving::start(&mut subscriber, received).await);
                         continue;
                     }
                     message = subscriber.next() => message,

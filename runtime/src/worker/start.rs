@@ -608,11 +608,7 @@ async fn refused_subscription(
     if served.is_empty() {
         return Ok(());
     }
-    let inbox = nats.new_inbox();
-    if let Ok(mut echo) = nats.subscribe(inbox.clone()).await {
-        let _ = nats.publish(inbox, Bytes::new()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), echo.next()).await;
-    }
+    super::endpoint::round_trip(nats, Duration::from_secs(5)).await;
     let any_refused = futures_util::future::select_all(
         served
             .iter()
