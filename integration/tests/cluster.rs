@@ -152,18 +152,26 @@ async fn leader_of(client: &Client, stream: &str) -> usize {
 /// How many times each of `calls` durable calls ran (0: never).
 async fn runs(client: &Client, calls: &[u64]) -> BTreeMap<u64, u64> {
     let js = async_nats::jetstream::new(client.nats().clone());
-    let kv = js.get_key_value(TALLY_BUCKET).await.unwrap();
+    // Read from the stream's leader: a KV get is a direct get, which any
+    // replica answers, and one that rejoined after the fault may not have
+    // caught up yet (a count read there as absent is not a lost call).
+    let stream = js
+        .get_stream_no_info(format!("KV_{TALLY_BUCKET}"))
+        .await
+        .unwrap();
     let mut runs = BTreeMap::new();
     for n in calls {
         let count = eventually(
             &format!("the run count of call {n}"),
             Duration::from_secs(30),
             || {
-                let kv = kv.clone();
+                let stream = stream.clone();
                 async move {
-                    match kv.get(n.to_string()).await {
-                        Ok(Some(v)) => Ok(String::from_utf8_lossy(&v).parse().unwrap_or(0)),
-                        Ok(None) => Ok(0),
+                    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+                    let subject = format!("$KV.{TALLY_BUCKET}.{n}");
+                    match stream.get_last_raw_message_by_subject(&subject).await {
+                        Ok(m) => Ok(String::from_utf8_lossy(&m.payload).parse().unwrap_or(0)),
+                        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
                         Err(e) => Err(e.to_string()),
                     }
                 }
