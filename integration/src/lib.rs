@@ -450,6 +450,31 @@ async fn count_run(n: u64) -> Result<(), Box<dyn std::error::Error + Send + Sync
     Ok(())
 }
 
+/// Stops callers (each returns the calls it made and its failures) and
+/// sums what they did; panics on any failure, `what` naming the callers.
+pub async fn settle_callers(
+    what: &str,
+    stop: tokio::sync::watch::Sender<bool>,
+    callers: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
+) -> u64 {
+    stop.send(true).unwrap();
+    let mut calls = 0;
+    let mut failures = Vec::new();
+    for caller in callers {
+        let (made, failed) = caller.await.unwrap();
+        calls += made;
+        failures.extend(failed);
+    }
+    assert!(calls > 0, "{what} made calls");
+    assert!(
+        failures.is_empty(),
+        "{what}: {} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    calls
+}
+
 /// Path of the `svc` binary. Cargo builds it with this crate's tests, next
 /// to the `deps/` folder the test executables run from.
 pub fn svc_binary() -> PathBuf {

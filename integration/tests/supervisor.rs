@@ -1110,30 +1110,6 @@ fn versioned_callers(
         .collect()
 }
 
-/// Stops callers and sums what they did; panics on any failure.
-async fn settle_callers(
-    what: &str,
-    stop: tokio::sync::watch::Sender<bool>,
-    callers: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
-) -> u64 {
-    stop.send(true).unwrap();
-    let mut calls = 0;
-    let mut failures = Vec::new();
-    for caller in callers {
-        let (made, failed) = caller.await.unwrap();
-        calls += made;
-        failures.extend(failed);
-    }
-    assert!(calls > 0, "{what} made calls");
-    assert!(
-        failures.is_empty(),
-        "{what}: {} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    calls
-}
-
 fn revision_of(beat: &Heartbeat) -> &str {
     beat.revision.as_deref().unwrap_or("")
 }
@@ -1222,14 +1198,16 @@ async fn a_changed_signature_rolls_out_and_back_under_mixed_load_with_no_failed_
             |live| live.len() == 3 && live.iter().filter(|b| revision_of(b) == v1).count() == 2,
         )
         .await;
-    let new_calls = settle_callers("the new build's callers", stop_new, new_callers).await;
+    let new_calls =
+        wharf_integration::settle_callers("the new build's callers", stop_new, new_callers).await;
     // Its callers gone, the last v2 instance drains too.
     scene
         .wait_for("only v1", Duration::from_secs(60), |live| {
             live.len() == 2 && live.iter().all(|b| revision_of(b) == v1)
         })
         .await;
-    let old_calls = settle_callers("the old build's callers", stop_old, old_callers).await;
+    let old_calls =
+        wharf_integration::settle_callers("the old build's callers", stop_old, old_callers).await;
     let done = scene
         .wait_for_events("rollout", 5, Duration::from_secs(30))
         .await;
@@ -1304,7 +1282,7 @@ async fn a_rollout_whose_new_instances_fail_stops_and_the_old_version_keeps_serv
             live.iter().filter(|b| known.contains(&b.instance)).count() == 2
         })
         .await;
-    settle_callers("the callers", stop, callers).await;
+    wharf_integration::settle_callers("the callers", stop, callers).await;
     // A file that does not parse is refused, and says why.
     std::fs::write(&path, "[[service]]\nname = \"itest\"\nmin = 5\nmax = 2\n").unwrap();
     signal(supervisor, libc::SIGHUP);
@@ -1467,7 +1445,7 @@ async fn a_rollout_whose_new_instance_hangs_is_stopped_and_the_old_version_keeps
             live.iter().filter(|b| known.contains(&b.instance)).count() == 2
         })
         .await;
-    let calls = settle_callers("the callers", stop, callers).await;
+    let calls = wharf_integration::settle_callers("the callers", stop, callers).await;
     wharf_integration::report_line(format!(
         "REPORT rollout to a hung build: stopped with \"{}\"; {calls} calls to the old version, 0 failed",
         failed[0].reason

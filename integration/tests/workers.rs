@@ -143,19 +143,7 @@ async fn a_worker_drained_under_steady_calls_leaves_and_loses_none() {
         .await
         .expect("the drained worker exits");
     assert!(status.success(), "a drained worker exits cleanly: {status}");
-    stop.send(true).unwrap();
-    let (mut calls, mut failures) = (0, Vec::new());
-    for caller in callers {
-        let (made, failed) = caller.await.unwrap();
-        calls += made;
-        failures.extend(failed);
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {calls} calls failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    wharf_integration::settle_callers("the callers", stop, callers).await;
 }
 
 #[tokio::test]
