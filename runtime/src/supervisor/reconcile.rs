@@ -307,10 +307,23 @@ impl Supervisor {
     /// releases the lease.
     pub(crate) async fn shutdown(&mut self) {
         // A renewal that failed (a lost quorum, a timeout) leaves the lease
-        // unsure; one more try tells whether it still holds, so a stopping
-        // leader does not leave its instances to no one.
-        if self.lease_revision.is_some() && !self.is_leader() {
+        // unsure; a few more tries (each bounded) tell whether it still
+        // holds, so a stopping leader does not leave its instances to no one.
+        for attempt in 0..3 {
+            if self.lease_revision.is_none() || self.is_leader() {
+                break;
+            }
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
             self.hold_lease().await;
+        }
+        if !self.is_leader() {
+            // Not acting (standing by, or its lease unsure): what it ran is
+            // the leader's to drain or adopt, and waiting on instances it
+            // may not drain would only hold up its exit.
+            self.managed.clear();
+            return;
         }
         // Services an orchestrator runs are removed there; their instances
         // drain on the way out.

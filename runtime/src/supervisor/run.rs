@@ -89,26 +89,22 @@ impl Supervisor {
         self.hold_lease().await;
         self.note_for_metrics();
         if !self.is_leader() {
-            if was_leader {
+            // Said once per spell of standing by. A lease that lapsed
+            // between two ticks (a slow round) is unsure, not lost.
+            if was_leader || !self.standing_by {
                 let why = if self.lease_revision.is_some() {
                     // Perhaps still ours: it acts again once a renewal is
                     // confirmed, keeping its instances.
                     "its lease could not be renewed in time (cut off from the JetStream quorum?): it stops acting until it is".to_owned()
-                } else {
+                } else if was_leader {
                     "lost the lease to another supervisor".to_owned()
-                };
-                self.event(None, EventKind::Standby, None, why).await;
-            } else if !self.standing_by {
-                self.event(
-                    None,
-                    EventKind::Standby,
-                    None,
+                } else {
                     format!(
                         "supervisor {} stands by: another supervisor holds the lease",
                         self.id
-                    ),
-                )
-                .await;
+                    )
+                };
+                self.event(None, EventKind::Standby, None, why).await;
             }
             self.standing_by = true;
             return;
