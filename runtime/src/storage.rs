@@ -91,9 +91,12 @@ pub(crate) async fn stream(
     }
     config.num_replicas = layout.replicas;
     config.placement = layout.placement.clone();
-    js.get_or_create_stream(config)
+    let stream = js
+        .get_or_create_stream(config)
         .await
-        .map_err(|e| created_failed("stream", &name, &layout, e))
+        .map_err(|e| created_failed("stream", &name, &layout, e))?;
+    made(js, &name, &layout).await;
+    Ok(stream)
 }
 
 /// Finds KV bucket `config.bucket`, or creates it with the layout; an
@@ -113,14 +116,16 @@ pub(crate) async fn key_value(
     }
     config.num_replicas = layout.replicas;
     config.placement = layout.placement.clone();
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
+    let store = match js.create_key_value(config).await {
+        Ok(store) => store,
         // Another process created it meanwhile.
         Err(e) => match js.get_key_value(&name).await {
-            Ok(store) => Ok(store),
-            Err(_) => Err(created_failed("KV bucket", &name, &layout, e)),
+            Ok(store) => store,
+            Err(_) => return Err(created_failed("KV bucket", &name, &layout, e)),
         },
-    }
+    };
+    made(js, &stream, &layout).await;
+    Ok(store)
 }
 
 /// Finds Object Store bucket `config.bucket`, or creates it with the
@@ -140,12 +145,23 @@ pub(crate) async fn object_store(
     }
     config.num_replicas = layout.replicas;
     config.placement = layout.placement.clone();
-    match js.create_object_store(config).await {
-        Ok(store) => Ok(store),
+    let store = match js.create_object_store(config).await {
+        Ok(store) => store,
         Err(e) => match js.get_object_store(&name).await {
-            Ok(store) => Ok(store),
-            Err(_) => Err(created_failed("Object Store bucket", &name, &layout, e)),
+            Ok(store) => store,
+            Err(_) => return Err(created_failed("Object Store bucket", &name, &layout, e)),
         },
+    };
+    made(js, &stream, &layout).await;
+    Ok(store)
+}
+
+/// After stream `name` was made: a replicated one answers writes only once
+/// its replicas have elected a leader, and a first write sent sooner (an
+/// object put, a durable call) fails; so this waits until it has one.
+async fn made(js: &jetstream::Context, name: &str, layout: &Layout) {
+    if layout.replicas > 1 {
+        settle(js, name, layout.replicas).await;
     }
 }
 
@@ -248,8 +264,8 @@ async fn raise(js: &jetstream::Context, name: &str, layout: &Layout) -> Result<(
 }
 
 /// Waits (a while at most) until stream `name` has a leader and its other
-/// `replicas - 1` peers are current: right after a raise it elects again,
-/// and writes meanwhile time out.
+/// `replicas - 1` peers are current: right after it is made or raised it
+/// elects, and writes meanwhile fail or time out.
 async fn settle(js: &jetstream::Context, name: &str, replicas: usize) {
     let until = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     while tokio::time::Instant::now() < until {
