@@ -179,7 +179,18 @@ impl Scene {
 
     /// Live (fresh, not draining) instances of `itest`.
     async fn live(&self) -> Vec<Heartbeat> {
-        let all = wharf::supervisor::instances(&self.client).await.unwrap();
+        // A read that fails (JetStream slow to answer under load) is tried
+        // again rather than taken for no instances.
+        let all = eventually(
+            "the instances to be read",
+            Duration::from_secs(10),
+            || async {
+                wharf::supervisor::instances(&self.client)
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
         let live: Vec<Heartbeat> = all
             .into_iter()
             .filter(|b| b.services.iter().any(|s| s == "itest") && !b.draining)
@@ -732,7 +743,9 @@ async fn a_swarm_service_rolls_to_a_changed_env_with_no_failed_call() {
         "the old Swarm tasks to leave",
         Duration::from_secs(60),
         || async {
-            let all = wharf::supervisor::instances(&scene.client).await.unwrap();
+            let all = wharf::supervisor::instances(&scene.client)
+                .await
+                .map_err(|e| e.to_string())?;
             match all.iter().find(|b| revision_of(b) == old) {
                 Some(beat) => Err(format!("{} still beats", beat.instance)),
                 None => Ok(()),
@@ -1015,7 +1028,9 @@ async fn a_supervised_scale_down_waits_for_open_transactions() {
         "drained instances waiting for their transactions",
         Duration::from_secs(30),
         || async {
-            let all = wharf::supervisor::instances(&scene.client).await.unwrap();
+            let all = wharf::supervisor::instances(&scene.client)
+                .await
+                .map_err(|e| e.to_string())?;
             let quiescing: Vec<Heartbeat> = all
                 .iter()
                 .filter(|b| b.draining && b.transactions > 0)
@@ -1037,7 +1052,9 @@ async fn a_supervised_scale_down_waits_for_open_transactions() {
         "the drained instances to leave",
         Duration::from_secs(60),
         || async {
-            let all = wharf::supervisor::instances(&scene.client).await.unwrap();
+            let all = wharf::supervisor::instances(&scene.client)
+                .await
+                .map_err(|e| e.to_string())?;
             if all.iter().all(|b| !b.draining) && all.len() == 1 {
                 Ok(())
             } else {
@@ -1352,7 +1369,10 @@ async fn a_rollout_of_a_changed_env_waits_for_open_transactions_on_the_old_insta
         use_transactions(&mut open).await;
         rounds += 1;
         if quiescing_since.is_none() {
-            let all = wharf::supervisor::instances(&scene.client).await.unwrap();
+            // A failed read is tried again next round.
+            let all = wharf::supervisor::instances(&scene.client)
+                .await
+                .unwrap_or_default();
             if all
                 .iter()
                 .any(|b| b.draining && b.transactions > 0 && old_pids.contains(&b.pid))
