@@ -303,8 +303,8 @@ impl Supervisor {
         .await;
     }
 
-    /// Drains every instance this supervisor runs, waits for them, and
-    /// releases the lease.
+    /// When it leads: drains every instance this supervisor runs, waits for
+    /// them, and releases the lease. Otherwise it has nothing to do.
     pub(crate) async fn shutdown(&mut self) {
         // A renewal that failed (a lost quorum, a timeout) leaves the lease
         // unsure; a few more tries (each bounded) tell whether it still
