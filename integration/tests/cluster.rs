@@ -156,7 +156,7 @@ async fn runs(client: &Client, calls: &[u64]) -> BTreeMap<u64, u64> {
     // replica answers, and one that rejoined after the fault may not have
     // caught up yet (a count read there as absent is not a lost call).
     let stream = js
-        .get_stream_no_info(format!("KV_{TALLY_BUCKET}"))
+        .get_stream_no_info(wharf::wire::subjects::kv_stream(TALLY_BUCKET))
         .await
         .unwrap();
     let mut runs = BTreeMap::new();
@@ -168,7 +168,7 @@ async fn runs(client: &Client, calls: &[u64]) -> BTreeMap<u64, u64> {
                 let stream = stream.clone();
                 async move {
                     use async_nats::jetstream::stream::LastRawMessageErrorKind;
-                    let subject = format!("$KV.{TALLY_BUCKET}.{n}");
+                    let subject = wharf::wire::subjects::kv_key(TALLY_BUCKET, &n.to_string());
                     match stream.get_last_raw_message_by_subject(&subject).await {
                         Ok(m) => Ok(String::from_utf8_lossy(&m.payload).parse().unwrap_or(0)),
                         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),

@@ -166,25 +166,24 @@ pub async fn supervise_file(path: &std::path::Path) -> Result<(), Error> {
 pub async fn instances(client: &Client) -> Result<Vec<Heartbeat>, Error> {
     let js = jetstream::new(client.nats().clone());
     let store = heartbeat::instances_bucket(&js).await?;
-    let mut keys = store.keys().await.map_err(|e| {
-        Error::new(ErrorKind::Connection, format!("cannot list instances: {e}")).with_source(e)
-    })?;
     // A key or heartbeat that cannot be read is an error, not an instance
     // left out: a status that silently misses one would mislead.
-    let unreadable = |what: String, e: &dyn std::fmt::Display| {
+    let unreadable = |what: &str, e: &dyn std::fmt::Display| {
         Error::new(
             ErrorKind::Connection,
             format!("cannot read {what} from KV `{}`: {e}; try again once JetStream answers (`nats kv ls {}`)", subjects::INSTANCES_BUCKET, subjects::INSTANCES_BUCKET),
         )
     };
+    let list = "the list of instances";
+    let mut keys = store.keys().await.map_err(|e| unreadable(list, &e))?;
     let mut out = Vec::new();
     while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| unreadable("the list of instances".to_owned(), &e))?;
+        let key = key.map_err(|e| unreadable(list, &e))?;
         let value = match store.get(&key).await {
             Ok(Some(value)) => value,
             // Gone (drained, or its heartbeat expired) since it was listed.
             Ok(None) => continue,
-            Err(e) => return Err(unreadable(format!("instance `{key}`'s heartbeat"), &e)),
+            Err(e) => return Err(unreadable(&format!("instance `{key}`'s heartbeat"), &e)),
         };
         // A value that is no heartbeat (put there by another program) is
         // no instance.
