@@ -208,8 +208,22 @@ async fn ready_turns_503_on_the_drain_role_and_the_call_in_flight_completes() {
     // Without an instance to drain, the drain role says what is missing.
     let (unnamed, unnamed_log) = spawn_svc_logged(&["drain"], &env[..1]);
     assert!(!unnamed.exit_status().await.success());
-    let said = unnamed_log.lock().unwrap().join("\n");
-    assert!(said.contains("WHARF_INSTANCE_ID is not set"), "{said}");
+    // Its stderr is read by a thread that may not have caught up yet.
+    eventually(
+        "the drain role to say what is missing",
+        Duration::from_secs(10),
+        || {
+            let said = unnamed_log.lock().unwrap().join("\n");
+            async move {
+                if said.contains("WHARF_INSTANCE_ID is not set") {
+                    Ok(())
+                } else {
+                    Err(format!("it said: {said:?}"))
+                }
+            }
+        },
+    )
+    .await;
     // The preStop hook: the same program, in the drain role, with the
     // worker's environment.
     let (drain, drain_log) = spawn_svc_logged(
